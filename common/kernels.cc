@@ -1,0 +1,440 @@
+// CPU kernels (see kernels.h). This file is compiled once per SIMD target: foreach_target.h
+// re-includes it with HWY_TARGET set to each target Highway can build for (SSSE3, SSE4, AVX2,
+// AVX-512, plus a portable fallback), and HWY_DYNAMIC_DISPATCH picks the best one the running
+// CPU supports. No -march flag is needed and the binary runs on any x86-64.
+#include "common/kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "common/kernels.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+// foreach_target.h must come before these.
+#include "hwy/contrib/math/math-inl.h"
+#include "hwy/highway.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace moe::kernels {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Every loop below runs full vectors of `df`, then the remaining n % Lanes(df) elements with
+// one-lane vectors of `d1`: the same conversions and arithmetic, and no load or store past the
+// end of a span (masked loads of 16-bit lanes are emulated by full loads on some targets).
+using D1 = hn::CappedTag<float, 1>;
+
+// Loads Lanes(df) weights starting at p, widened to f32.
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadWidened(DF df, const float* HWY_RESTRICT p) {
+  return hn::LoadU(df, p);
+}
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadWidened(DF df, const hwy::bfloat16_t* HWY_RESTRICT p) {
+  const hn::Rebind<hwy::bfloat16_t, DF> dbf;
+  return hn::PromoteTo(df, hn::LoadU(dbf, p));
+}
+template <class DF>
+HWY_INLINE hn::Vec<DF> LoadWidened(DF df, const hwy::float16_t* HWY_RESTRICT p) {
+#if HWY_TARGET >= HWY_SSE4 || defined(HWY_DISABLE_F16C)
+  // No F16C: Highway 1.0.3's emulated PromoteTo turns inf/NaN into finite values. Exact
+  // widening instead: the 15 magnitude bits shifted into an f32 and scaled by 2^(127-15)
+  // give every finite half (subnormals included); exponent 31 becomes inf/NaN.
+  const hn::RebindToUnsigned<DF> du;
+  const hn::Rebind<uint16_t, DF> du16;
+  const auto h = hn::PromoteTo(du, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p)));
+  const auto magnitude = hn::ShiftLeft<13>(hn::And(h, hn::Set(du, 0x7fffu)));
+  const auto finite = hn::Mul(hn::BitCast(df, magnitude), hn::Set(df, 0x1.0p112f));
+  const auto exp_max = hn::Set(du, 0x7c00u);
+  const auto inf_nan = hn::BitCast(df, hn::Or(magnitude, hn::Set(du, 0x7f800000u)));
+  const auto is_inf_nan = hn::RebindMask(df, hn::Eq(hn::And(h, exp_max), exp_max));
+  const auto sign = hn::BitCast(df, hn::ShiftLeft<16>(hn::And(h, hn::Set(du, 0x8000u))));
+  return hn::Or(hn::IfThenElse(is_inf_nan, inf_nan, finite), sign);
+#else
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  return hn::PromoteTo(df, hn::LoadU(dh, p));
+#endif
+}
+
+// One MatMul tile: y[t, r] = W[r, :] . x[t, :] for kRows consecutive weight rows and kTokens
+// tokens. Each weight vector is loaded and widened once and used for kTokens FMAs; each x vector
+// is used for kRows FMAs. kRows * kTokens independent accumulators hide FMA latency.
+// w: [kRows, cols] rows w_stride apart. x: [kTokens, cols] rows x_stride apart.
+// y: [kTokens, >= kRows] rows y_stride apart.
+template <size_t kRows, size_t kTokens, typename WT>
+HWY_INLINE void MatMulTile(const WT* HWY_RESTRICT w, size_t w_stride,
+                           const float* HWY_RESTRICT x, size_t x_stride, size_t cols,
+                           float* HWY_RESTRICT y, size_t y_stride) {
+  const hn::ScalableTag<float> df;
+  const size_t lanes = hn::Lanes(df);
+  hn::Vec<decltype(df)> acc[kRows][kTokens];
+  for (size_t r = 0; r < kRows; ++r) {
+    for (size_t t = 0; t < kTokens; ++t) acc[r][t] = hn::Zero(df);
+  }
+  size_t c = 0;
+  for (; c + lanes <= cols; c += lanes) {
+    hn::Vec<decltype(df)> wv[kRows];
+    for (size_t r = 0; r < kRows; ++r) wv[r] = LoadWidened(df, w + r * w_stride + c);
+    for (size_t t = 0; t < kTokens; ++t) {
+      const auto xv = hn::LoadU(df, x + t * x_stride + c);
+      for (size_t r = 0; r < kRows; ++r) acc[r][t] = hn::MulAdd(wv[r], xv, acc[r][t]);
+    }
+  }
+  const D1 d1;
+  hn::Vec<D1> tail[kRows][kTokens];
+  for (size_t r = 0; r < kRows; ++r) {
+    for (size_t t = 0; t < kTokens; ++t) tail[r][t] = hn::Zero(d1);
+  }
+  for (; c < cols; ++c) {
+    for (size_t r = 0; r < kRows; ++r) {
+      const auto wv = LoadWidened(d1, w + r * w_stride + c);
+      for (size_t t = 0; t < kTokens; ++t) {
+        tail[r][t] = hn::MulAdd(wv, hn::LoadU(d1, x + t * x_stride + c), tail[r][t]);
+      }
+    }
+  }
+  for (size_t r = 0; r < kRows; ++r) {
+    for (size_t t = 0; t < kTokens; ++t) {
+      y[t * y_stride + r] =
+          hn::GetLane(hn::SumOfLanes(df, acc[r][t])) + hn::GetLane(tail[r][t]);
+    }
+  }
+}
+
+// Rows per MatMulTile: kRows * kTokens accumulators + kRows weights + 1 x vector must fit in
+// the register file (16 vectors up to AVX2, 32 with AVX-512).
+template <size_t kTokens>
+constexpr size_t TileRows() {
+#if HWY_TARGET <= HWY_AVX3
+  return 4;
+#else
+  return kTokens <= 2 ? 4 : 2;
+#endif
+}
+
+// Rows [row_begin, row_end) for kTokens tokens.
+template <size_t kTokens, typename WT>
+HWY_INLINE void MatMulTokenTile(const WT* HWY_RESTRICT w, size_t w_stride, size_t cols,
+                                const float* HWY_RESTRICT x, size_t x_stride,
+                                float* HWY_RESTRICT y, size_t y_stride, size_t row_begin,
+                                size_t row_end) {
+  constexpr size_t kRows = TileRows<kTokens>();
+  size_t r = row_begin;
+  for (; r + kRows <= row_end; r += kRows) {
+    MatMulTile<kRows, kTokens>(w + r * w_stride, w_stride, x, x_stride, cols, y + r, y_stride);
+  }
+  for (; r < row_end; ++r) {
+    MatMulTile<1, kTokens>(w + r * w_stride, w_stride, x, x_stride, cols, y + r, y_stride);
+  }
+}
+
+constexpr size_t kTokenTile = 4;
+
+// Rows [row_begin, row_end) for all tokens, kTokenTile tokens at a time. The caller keeps the
+// row range small enough to stay in cache, so weights come from memory once per call.
+template <typename WT>
+HWY_INLINE void MatMulRowsT(const WeightMatrix& wm, const float* HWY_RESTRICT x,
+                            size_t x_stride, size_t tokens, float* HWY_RESTRICT y,
+                            size_t y_stride, size_t row_begin, size_t row_end) {
+  const WT* w = static_cast<const WT*>(wm.data);
+  const size_t w_stride = static_cast<size_t>(wm.row_stride);
+  const size_t cols = static_cast<size_t>(wm.cols);
+  for (size_t t = 0; t < tokens; t += kTokenTile) {
+    const float* xt = x + t * x_stride;
+    float* yt = y + t * y_stride;
+    switch (std::min(kTokenTile, tokens - t)) {
+      case 1:
+        MatMulTokenTile<1>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
+        break;
+      case 2:
+        MatMulTokenTile<2>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
+        break;
+      case 3:
+        MatMulTokenTile<3>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
+        break;
+      default:
+        MatMulTokenTile<4>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
+        break;
+    }
+  }
+}
+
+void MatMulRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
+                float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  const size_t xs = static_cast<size_t>(x_stride), ys = static_cast<size_t>(y_stride);
+  const size_t nt = static_cast<size_t>(tokens);
+  const size_t rb = static_cast<size_t>(row_begin), re = static_cast<size_t>(row_end);
+  switch (w.dtype) {
+    case DType::kF32:
+      MatMulRowsT<float>(w, x, xs, nt, y, ys, rb, re);
+      break;
+    case DType::kF16:
+      MatMulRowsT<hwy::float16_t>(w, x, xs, nt, y, ys, rb, re);
+      break;
+    case DType::kBF16:
+      MatMulRowsT<hwy::bfloat16_t>(w, x, xs, nt, y, ys, rb, re);
+      break;
+  }
+}
+
+template <typename ST>
+HWY_INLINE void ConvertT(const ST* HWY_RESTRICT src, size_t n, float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  size_t i = 0;
+  for (; i + hn::Lanes(df) <= n; i += hn::Lanes(df)) {
+    hn::StoreU(LoadWidened(df, src + i), df, out + i);
+  }
+  for (; i < n; ++i) hn::StoreU(LoadWidened(d1, src + i), d1, out + i);
+}
+
+void Convert16ToF32(const void* src, DType dtype, int64_t n, float* out) {
+  if (dtype == DType::kBF16) {
+    ConvertT(static_cast<const hwy::bfloat16_t*>(src), static_cast<size_t>(n), out);
+  } else {
+    ConvertT(static_cast<const hwy::float16_t*>(src), static_cast<size_t>(n), out);
+  }
+}
+
+float DotImpl(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, int64_t n64) {
+  const size_t n = static_cast<size_t>(n64);
+  const hn::ScalableTag<float> df;
+  const size_t lanes = hn::Lanes(df);
+  auto sum0 = hn::Zero(df);
+  auto sum1 = hn::Zero(df);
+  size_t i = 0;
+  for (; i + 2 * lanes <= n; i += 2 * lanes) {
+    sum0 = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), sum0);
+    sum1 = hn::MulAdd(hn::LoadU(df, a + i + lanes), hn::LoadU(df, b + i + lanes), sum1);
+  }
+  for (; i + lanes <= n; i += lanes) {
+    sum0 = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), sum0);
+  }
+  const D1 d1;
+  auto tail = hn::Zero(d1);
+  for (; i < n; ++i) tail = hn::MulAdd(hn::LoadU(d1, a + i), hn::LoadU(d1, b + i), tail);
+  return hn::GetLane(hn::SumOfLanes(df, hn::Add(sum0, sum1))) + hn::GetLane(tail);
+}
+
+void AxpyImpl(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n64) {
+  const size_t n = static_cast<size_t>(n64);
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  const auto va = hn::Set(df, a);
+  size_t i = 0;
+  for (; i + hn::Lanes(df) <= n; i += hn::Lanes(df)) {
+    hn::StoreU(hn::MulAdd(va, hn::LoadU(df, x + i), hn::LoadU(df, y + i)), df, y + i);
+  }
+  for (; i < n; ++i) {
+    hn::StoreU(hn::MulAdd(hn::Set(d1, a), hn::LoadU(d1, x + i), hn::LoadU(d1, y + i)), d1, y + i);
+  }
+}
+
+// out = (x * scale) * weight, the order of LlamaRMSNorm's two multiplies. out may equal x.
+void ScaleMulImpl(const float* x, float scale, const float* weight, size_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  size_t i = 0;
+  for (; i + hn::Lanes(df) <= n; i += hn::Lanes(df)) {
+    const auto v = hn::Mul(hn::LoadU(df, x + i), hn::Set(df, scale));
+    hn::StoreU(hn::Mul(v, hn::LoadU(df, weight + i)), df, out + i);
+  }
+  for (; i < n; ++i) {
+    const auto v = hn::Mul(hn::LoadU(d1, x + i), hn::Set(d1, scale));
+    hn::StoreU(hn::Mul(v, hn::LoadU(d1, weight + i)), d1, out + i);
+  }
+}
+
+void RmsNormImpl(const float* x, const float* weight, int64_t tokens, int64_t n64, float eps,
+                 float* out) {
+  const size_t n = static_cast<size_t>(n64);
+  for (int64_t t = 0; t < tokens; ++t) {
+    const float* xt = x + t * n64;
+    const float sum_sq = DotImpl(xt, xt, n64);
+    // transformers: hidden_states * torch.rsqrt(variance + eps), variance = mean(x^2) in f32.
+    const float scale = 1.0f / std::sqrt(sum_sq / static_cast<float>(n) + eps);
+    ScaleMulImpl(xt, scale, weight, n, out + t * n64);
+  }
+}
+
+void RopeSplitHalfImpl(float* HWY_RESTRICT x, int64_t heads, int64_t head_dim,
+                       const float* HWY_RESTRICT cos, const float* HWY_RESTRICT sin) {
+  const size_t half = static_cast<size_t>(head_dim / 2);
+  const auto rotate = [&](auto d, float* lo, float* hi, size_t i) {
+    const auto x0 = hn::LoadU(d, lo + i);
+    const auto x1 = hn::LoadU(d, hi + i);
+    const auto c = hn::LoadU(d, cos + i);
+    const auto s = hn::LoadU(d, sin + i);
+    hn::StoreU(hn::NegMulAdd(x1, s, hn::Mul(x0, c)), d, lo + i);
+    hn::StoreU(hn::MulAdd(x0, s, hn::Mul(x1, c)), d, hi + i);
+  };
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* lo = x + h * head_dim;
+    float* hi = lo + half;
+    size_t i = 0;
+    for (; i + hn::Lanes(df) <= half; i += hn::Lanes(df)) rotate(df, lo, hi, i);
+    for (; i < half; ++i) rotate(d1, lo, hi, i);
+  }
+}
+
+void SiluMulImpl(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t n64) {
+  const size_t n = static_cast<size_t>(n64);
+  // silu(g) * u = g / (1 + exp(-g)) * u. hn::Exp is only valid up to ~88 (f32 overflow), so
+  // -g is clamped there: for g < -88 the result is below 1e-35 * |g * u| instead of 0.
+  const auto silu_mul = [&](auto d, size_t i) {
+    const auto g = hn::LoadU(d, gate + i);
+    const auto e = hn::Exp(d, hn::Min(hn::Neg(g), hn::Set(d, 88.0f)));
+    const auto denom = hn::Add(hn::Set(d, 1.0f), e);
+    hn::StoreU(hn::Mul(hn::Div(g, denom), hn::LoadU(d, up + i)), d, gate + i);
+  };
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  size_t i = 0;
+  for (; i + hn::Lanes(df) <= n; i += hn::Lanes(df)) silu_mul(df, i);
+  for (; i < n; ++i) silu_mul(d1, i);
+}
+
+void SoftmaxImpl(float* HWY_RESTRICT x, int64_t n64) {
+  const size_t n = static_cast<size_t>(n64);
+  const hn::ScalableTag<float> df;
+  const D1 d1;
+  const size_t lanes = hn::Lanes(df);
+  size_t i = 0;
+  auto vmax = hn::Set(df, -INFINITY);
+  for (; i + lanes <= n; i += lanes) vmax = hn::Max(vmax, hn::LoadU(df, x + i));
+  float max = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  for (; i < n; ++i) max = std::max(max, x[i]);
+
+  // exp(x - max) in place, summed. hn::Exp returns 0 for -inf (and anything below -104).
+  auto vsum = hn::Zero(df);
+  auto tail_sum = hn::Zero(d1);
+  for (i = 0; i + lanes <= n; i += lanes) {
+    const auto e = hn::Exp(df, hn::Sub(hn::LoadU(df, x + i), hn::Set(df, max)));
+    hn::StoreU(e, df, x + i);
+    vsum = hn::Add(vsum, e);
+  }
+  for (; i < n; ++i) {
+    const auto e = hn::Exp(d1, hn::Sub(hn::LoadU(d1, x + i), hn::Set(d1, max)));
+    hn::StoreU(e, d1, x + i);
+    tail_sum = hn::Add(tail_sum, e);
+  }
+  const float inv_sum =
+      1.0f / (hn::GetLane(hn::SumOfLanes(df, vsum)) + hn::GetLane(tail_sum));
+  for (i = 0; i + lanes <= n; i += lanes) {
+    hn::StoreU(hn::Mul(hn::LoadU(df, x + i), hn::Set(df, inv_sum)), df, x + i);
+  }
+  for (; i < n; ++i) x[i] *= inv_sum;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace moe::kernels
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace moe::kernels {
+
+HWY_EXPORT(MatMulRows);
+HWY_EXPORT(Convert16ToF32);
+HWY_EXPORT(DotImpl);
+HWY_EXPORT(AxpyImpl);
+HWY_EXPORT(RmsNormImpl);
+HWY_EXPORT(RopeSplitHalfImpl);
+HWY_EXPORT(SiluMulImpl);
+HWY_EXPORT(SoftmaxImpl);
+
+namespace {
+
+// Below this many multiply-adds a MatMul runs on the calling thread: waking the OpenMP team
+// costs a few microseconds, which small (test-sized) matrices don't repay.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 18;
+
+// Rows per work item: about this many weight bytes, so that a block stays in L2 while every
+// token tile streams over it (the weights are read from memory once), and there are many
+// blocks to balance across threads.
+constexpr int64_t kBlockBytes = int64_t{64} << 10;
+constexpr int64_t kMinBlockRows = 4;  // rows per MatMulTile with few tokens
+
+}  // namespace
+
+void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
+            int64_t y_stride) {
+  if (tokens <= 0 || w.rows <= 0) return;
+  const int64_t row_bytes = std::max<int64_t>(1, w.cols * static_cast<int64_t>(DTypeSize(w.dtype)));
+  // A multiple of kMinBlockRows, so that blocks split into whole 4-row tiles.
+  const int64_t block_rows =
+      std::max<int64_t>(1, kBlockBytes / row_bytes / kMinBlockRows) * kMinBlockRows;
+  const int64_t blocks = (w.rows + block_rows - 1) / block_rows;
+  const bool parallel = blocks > 1 && w.rows * w.cols * tokens >= kMinParallelMacs;
+  const auto matmul_rows = HWY_DYNAMIC_DISPATCH(MatMulRows);
+  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
+  // second engine) then delays the call by one block rather than by its whole static share.
+#pragma omp parallel for schedule(dynamic) if (parallel)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t row_begin = b * block_rows;
+    const int64_t row_end = std::min(w.rows, row_begin + block_rows);
+    matmul_rows(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
+  }
+}
+
+void ConvertToF32(const void* src, DType dtype, int64_t n, float* out) {
+  if (n <= 0) return;
+  if (dtype == DType::kF32) {
+    std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  HWY_DYNAMIC_DISPATCH(Convert16ToF32)(src, dtype, n, out);
+}
+
+float Dot(const float* a, const float* b, int64_t n) {
+  return HWY_DYNAMIC_DISPATCH(DotImpl)(a, b, n);
+}
+
+void Axpy(float a, const float* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AxpyImpl)(a, x, y, n);
+}
+
+void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps,
+             float* out) {
+  HWY_DYNAMIC_DISPATCH(RmsNormImpl)(x, weight, tokens, n, eps, out);
+}
+
+void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos,
+                   const float* sin) {
+  HWY_DYNAMIC_DISPATCH(RopeSplitHalfImpl)(x, heads, head_dim, cos, sin);
+}
+
+void SiluMul(float* gate, const float* up, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(SiluMulImpl)(gate, up, n);
+}
+
+void Softmax(float* x, int64_t n) {
+  if (n <= 0) return;
+  HWY_DYNAMIC_DISPATCH(SoftmaxImpl)(x, n);
+}
+
+void TopK(const float* x, int64_t n, int64_t k, int32_t* indices, float* values) {
+  // Insertion into the sorted prefix [0, count): x[i] goes after every kept value >= x[i], so
+  // among equal values the earlier index stays first. O(n * k); the router has n = 8, k = 2.
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = x[i];
+    if (count == k && !(v > values[k - 1])) continue;
+    int64_t pos = std::min(count, k - 1);
+    while (pos > 0 && v > values[pos - 1]) {
+      values[pos] = values[pos - 1];
+      indices[pos] = indices[pos - 1];
+      --pos;
+    }
+    values[pos] = v;
+    indices[pos] = static_cast<int32_t>(i);
+    if (count < k) ++count;
+  }
+}
+
+}  // namespace moe::kernels
+#endif  // HWY_ONCE

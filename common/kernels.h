@@ -1,0 +1,77 @@
+// CPU compute kernels: Highway SIMD (runtime-dispatched to the best target the CPU has) and
+// OpenMP across rows. Weights are read in their stored dtype (F32, F16, BF16) and widened to
+// f32 in registers; activations and accumulators are f32.
+//
+// Contract for every kernel: pointers are non-null unless the size is 0, input and output
+// spans do not overlap unless stated, no alignment is required. Kernels never allocate on the
+// hot path and never fail: shapes are validated once at model load.
+#ifndef MOE_COMMON_KERNELS_H_
+#define MOE_COMMON_KERNELS_H_
+
+#include <cstdint>
+
+#include "common/dtype.h"
+
+namespace moe::kernels {
+
+// A weight matrix in row-major order: `rows` rows of `cols` elements of `dtype`, rows
+// `row_stride` elements apart (row_stride >= cols; usually == cols).
+struct WeightMatrix {
+  const void* data = nullptr;
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;
+};
+
+// y[t, r] = sum_c W[r, c] * x[t, c] for t < tokens, r < W.rows.
+// x: [tokens, W.cols] f32, rows x_stride apart. y: [tokens, W.rows] f32, rows y_stride apart.
+// Every weight row is read once per call however many tokens there are (decode batches are
+// memory-bound); parallel over output rows on OpenMP threads once rows * cols * tokens is large
+// enough to repay waking them (small matrices run on the calling thread). y must not overlap x
+// or the weights. Thread-safe: concurrent calls share no state (but each may start its own
+// OpenMP team, so callers running many MatMuls in parallel should expect oversubscription).
+// Accumulates in f32: |error| is about 1e-6 * sum_c |W[r, c] * x[t, c]|.
+void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
+            int64_t y_stride);
+
+// Convenience: dense x [tokens, cols] -> y [tokens, rows].
+inline void MatMul(const WeightMatrix& w, const float* x, int64_t tokens, float* y) {
+  MatMul(w, x, w.cols, tokens, y, w.rows);
+}
+
+// out[i] = float(src[i]) for i < n.
+void ConvertToF32(const void* src, DType dtype, int64_t n, float* out);
+
+// Dot product of two f32 vectors.
+float Dot(const float* a, const float* b, int64_t n);
+
+// y[i] += a * x[i].
+void Axpy(float a, const float* x, float* y, int64_t n);
+
+// Per row t < tokens of x [tokens, n]: out = x * rsqrt(mean(x^2) + eps) * weight.
+// Sum of squares in f32 as transformers' LlamaRMSNorm/MixtralRMSNorm. out may equal x.
+void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps,
+             float* out);
+
+// Rotary embedding, split-half layout (transformers' rotate_half): for each of `heads` heads of
+// `head_dim` in x (heads contiguous), element i < head_dim/2 pairs with i + head_dim/2:
+//   x[i]      = x[i] * cos[i] - x[i + h] * sin[i]
+//   x[i + h]  = x[i + h] * cos[i] + x[i] * sin[i]
+// cos/sin: [head_dim / 2] for this token's position. In place.
+void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
+
+// gate[i] = silu(gate[i]) * up[i], silu(v) = v / (1 + exp(-v)). In place on gate.
+void SiluMul(float* gate, const float* up, int64_t n);
+
+// In-place numerically stable softmax over x[0, n) (the max is subtracted first). -inf entries
+// (masked positions) become exactly 0; if every entry is -inf the result is NaN, as in torch.
+void Softmax(float* x, int64_t n);
+
+// The k largest values of x[0, n), in descending order; ties go to the lower index (the order
+// torch.topk gives on CPU for Mixtral's router). REQUIRES: 1 <= k <= n.
+void TopK(const float* x, int64_t n, int64_t k, int32_t* indices, float* values);
+
+}  // namespace moe::kernels
+
+#endif  // MOE_COMMON_KERNELS_H_

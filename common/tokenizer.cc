@@ -1,0 +1,452 @@
+#include "common/tokenizer.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <optional>
+#include <system_error>
+#include <utility>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "common/sentencepiece_model.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace moe {
+namespace {
+
+using json = nlohmann::json;
+
+constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";          // "▁" U+2581
+constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";      // U+FFFD
+constexpr std::string_view kDefaultUnkSurface = " \xE2\x81\x87 ";  // SentencePiece's " ⁇ "
+
+absl::StatusOr<std::string> ReadFile(const std::filesystem::path& path) {
+  std::error_code error;
+  if (!std::filesystem::is_regular_file(path, error)) {
+    return absl::InvalidArgumentError(absl::StrCat(path.string(), ": not a regular file"));
+  }
+  std::ifstream in(path, std::ios::binary);
+  std::string contents((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (!in.is_open() || in.bad()) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot read ", path.string()));
+  }
+  return contents;
+}
+
+// nullopt when `path` does not exist.
+absl::StatusOr<std::optional<json>> ReadJson(const std::filesystem::path& path) {
+  std::error_code error;
+  if (!std::filesystem::exists(path, error)) return std::nullopt;
+  MOE_ASSIGN_OR_RETURN(const std::string text, ReadFile(path));
+  json parsed = json::parse(text, /*cb=*/nullptr, /*allow_exceptions=*/false);
+  if (parsed.is_discarded() || !parsed.is_object()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path.string(), ": malformed JSON (expected an object)"));
+  }
+  return parsed;
+}
+
+std::string Dump(const json& value) {
+  return value.dump(/*indent=*/-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
+}
+
+absl::StatusOr<int32_t> TokenId(const json& value, std::string_view where, int32_t vocab_size) {
+  if (!value.is_number_integer() || value.get<int64_t>() < 0 ||
+      value.get<int64_t>() >= vocab_size) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        std::string(where), ": expected a token id in [0, ", vocab_size, "), got ", Dump(value)));
+  }
+  return static_cast<int32_t>(value.get<int64_t>());
+}
+
+// The ids under `key` of `config` (an int, or a list of ints when `allow_list`); nullopt when
+// the key is absent or null.
+absl::StatusOr<std::optional<std::vector<int32_t>>> TokenIds(const json& config,
+                                                             const std::string& key,
+                                                             const std::filesystem::path& file,
+                                                             bool allow_list, int32_t vocab_size) {
+  const auto it = config.find(key);
+  if (it == config.end() || it->is_null()) return std::nullopt;
+  const std::string where = absl::StrCat(file.string(), ": ", key);
+  std::vector<int32_t> ids;
+  if (allow_list && it->is_array()) {
+    if (it->empty()) return absl::InvalidArgumentError(absl::StrCat(where, ": empty list"));
+    for (const json& element : *it) {
+      MOE_ASSIGN_OR_RETURN(const int32_t id, TokenId(element, where, vocab_size));
+      ids.push_back(id);
+    }
+  } else {
+    MOE_ASSIGN_OR_RETURN(const int32_t id, TokenId(*it, where, vocab_size));
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+// The byte of a byte-fallback piece "<0xNN>" (SentencePiece's ByteToPiece), or -1.
+int PieceByte(std::string_view piece) {
+  if (piece.size() != 6 || !piece.starts_with("<0x") || piece.back() != '>') return -1;
+  int value = 0;
+  for (const char c : piece.substr(3, 2)) {
+    const int digit = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                             : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
+}
+
+// Length of the valid UTF-8 character at the start of `s` (1-4), 0 when `s` is a proper prefix
+// of a valid character, -1 when no continuation can make it valid. "Valid" is SentencePiece's
+// DecodeUTF8 (util.cc): shortest form, no surrogates, at most U+10FFFF.
+int Utf8CharLength(std::string_view s) {
+  const auto b0 = static_cast<uint8_t>(s[0]);
+  if (b0 < 0x80) return 1;
+  int length = 0;
+  uint8_t lo = 0x80, hi = 0xBF;  // allowed range of the second byte
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    length = 2;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    length = 3;
+    if (b0 == 0xE0) lo = 0xA0;  // overlong below U+0800
+    if (b0 == 0xED) hi = 0x9F;  // surrogates U+D800..DFFF
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    length = 4;
+    if (b0 == 0xF0) lo = 0x90;  // overlong below U+10000
+    if (b0 == 0xF4) hi = 0x8F;  // above U+10FFFF
+  } else {
+    return -1;
+  }
+  const size_t present = std::min<size_t>(length, s.size());
+  for (size_t i = 1; i < present; ++i) {
+    const auto b = static_cast<uint8_t>(s[i]);
+    if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return -1;
+  }
+  return s.size() >= static_cast<size_t>(length) ? length : 0;
+}
+
+// Moves the complete characters at the front of `*pending` to `out`; an invalid byte becomes
+// U+FFFD, as does each byte of an incomplete character when `final` (the byte run has ended).
+// Returns whether anything was appended.
+// `text` with every "▁" replaced by `replacement`.
+std::string ReplaceSpaceSymbol(std::string_view text, std::string_view replacement) {
+  std::string result;
+  result.reserve(text.size());
+  for (size_t pos = 0; pos < text.size();) {
+    if (text.substr(pos).starts_with(kSpaceSymbol)) {
+      result.append(replacement);
+      pos += kSpaceSymbol.size();
+    } else {
+      result.push_back(text[pos++]);
+    }
+  }
+  return result;
+}
+
+bool DrainBytes(bool final, std::string* pending, std::string* out) {
+  const std::string_view bytes = *pending;
+  size_t pos = 0;
+  while (pos < bytes.size()) {
+    const int length = Utf8CharLength(bytes.substr(pos));
+    if (length > 0) {
+      out->append(bytes.substr(pos, length));
+      pos += length;
+    } else if (length == 0 && !final) {
+      break;
+    } else {
+      out->append(kReplacementChar);
+      ++pos;
+    }
+  }
+  pending->erase(0, pos);
+  return pos > 0;
+}
+
+struct SpecialIds {
+  int32_t bos = -1;
+  std::vector<int32_t> eos;
+};
+
+// BOS/EOS ids: the first of generation_config.json and config.json that names them wins; the
+// model's own ids are the fallback.
+absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir,
+                                          const SentencePieceModel& model) {
+  std::optional<std::vector<int32_t>> bos, eos;
+  for (const char* name : {"generation_config.json", "config.json"}) {
+    const std::filesystem::path path = dir / name;
+    MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(path));
+    if (!config) continue;
+    if (!bos) {
+      MOE_ASSIGN_OR_RETURN(
+          bos, TokenIds(*config, "bos_token_id", path, /*allow_list=*/false, model.piece_size()));
+    }
+    if (!eos) {
+      MOE_ASSIGN_OR_RETURN(
+          eos, TokenIds(*config, "eos_token_id", path, /*allow_list=*/true, model.piece_size()));
+    }
+  }
+  if (!bos && model.bos_id() >= 0) bos = std::vector<int32_t>{model.bos_id()};
+  if (!eos && model.eos_id() >= 0) eos = std::vector<int32_t>{model.eos_id()};
+  if (!bos || !eos) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        dir.string(), ": no ", bos ? "eos" : "bos",
+        "_token_id in generation_config.json or config.json, and tokenizer.model defines none"));
+  }
+  return SpecialIds{bos->front(), *std::move(eos)};
+}
+
+// tokenizer_config.json's "legacy"; true when absent or null, as in transformers.
+absl::StatusOr<bool> ReadLegacy(const std::filesystem::path& dir) {
+  const std::filesystem::path path = dir / "tokenizer_config.json";
+  MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(path));
+  if (!config) return true;
+  const auto it = config->find("legacy");
+  if (it == config->end() || it->is_null()) return true;
+  if (!it->is_boolean()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path.string(), ": legacy: expected a bool, got ", Dump(*it)));
+  }
+  return it->get<bool>();
+}
+
+}  // namespace
+
+Tokenizer::~Tokenizer() = default;
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& model_dir) {
+  std::unique_ptr<Tokenizer> tokenizer(new Tokenizer());
+  MOE_RETURN_IF_ERROR(tokenizer->Init(model_dir));
+  return tokenizer;
+}
+
+absl::Status Tokenizer::Init(const std::string& model_dir) {
+  const std::filesystem::path dir(model_dir);
+  const std::filesystem::path model_path = dir / "tokenizer.model";
+  std::error_code error_code;
+  if (!std::filesystem::exists(model_path, error_code)) {
+    return absl::NotFoundError(absl::StrCat("tokenizer model not found: ", model_path.string()));
+  }
+  MOE_ASSIGN_OR_RETURN(const std::string serialized, ReadFile(model_path));
+  std::string error;
+  sp_ = SentencePieceModel::FromSerialized(serialized, &error);
+  if (sp_ == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(model_path.string(), ": not a SentencePiece model: ", error));
+  }
+  MOE_ASSIGN_OR_RETURN(SpecialIds special_ids, ReadSpecialIds(dir, *sp_));
+  bos_id_ = special_ids.bos;
+  eos_ids_ = std::move(special_ids.eos);
+  MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(dir));
+
+  // The special tokens of transformers' LlamaTokenizer: split out of the text on Encode.
+  for (const int32_t id : {sp_->unk_id(), sp_->bos_id(), sp_->eos_id()}) {
+    if (id >= 0) special_tokens_.emplace_back(sp_->IdToPiece(id), id);
+  }
+  if (sp_->unk_id() >= 0) {
+    unk_prefix_length_ = sp_->EncodeWithoutDummyPrefix(sp_->IdToPiece(sp_->unk_id())).size();
+  }
+  // SentencePiece's decoder strips the "▁" of the first piece when the processor adds a dummy
+  // prefix or removes extra whitespace. transformers builds the processor with add_dummy_prefix
+  // off when legacy=False.
+  remove_extra_whitespaces_ = sp_->remove_extra_whitespaces();
+  consume_bos_ws_ = (legacy_ && sp_->add_dummy_prefix()) || remove_extra_whitespaces_;
+  return BuildPieceTable(model_path.string());
+}
+
+absl::Status Tokenizer::BuildPieceTable(const std::string& model_path) {
+  // Decode drops the special tokens (skip_special_tokens=True); the configured BOS/EOS ids too,
+  // which are the same ids for Llama models.
+  std::vector<int32_t> skipped = {sp_->unk_id(), sp_->bos_id(), sp_->eos_id(), bos_id_};
+  skipped.insert(skipped.end(), eos_ids_.begin(), eos_ids_.end());
+  pieces_.resize(sp_->piece_size());
+  for (int32_t id = 0; id < sp_->piece_size(); ++id) {
+    const std::string& text = sp_->IdToPiece(id);
+    Piece& piece = pieces_[id];
+    piece.skipped = std::find(skipped.begin(), skipped.end(), id) != skipped.end();
+    piece.leading_space = text.starts_with(kSpaceSymbol);
+    if (sp_->IsControl(id)) {
+      piece.kind = PieceKind::kControl;
+    } else if (sp_->IsUnknown(id)) {
+      piece.kind = PieceKind::kUnknown;
+      piece.surface = std::string(kDefaultUnkSurface);
+    } else if (sp_->IsByte(id)) {
+      const int byte = PieceByte(text);
+      if (byte < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(model_path, ": byte piece ", id, " is \"", text, "\""));
+      }
+      piece.kind = PieceKind::kByte;
+      piece.byte = static_cast<uint8_t>(byte);
+    } else {
+      piece.surface = ReplaceSpaceSymbol(text, " ");
+    }
+  }
+  return absl::OkStatus();
+}
+
+int32_t Tokenizer::vocab_size() const { return sp_->piece_size(); }
+
+bool Tokenizer::IsEos(int32_t id) const {
+  return std::find(eos_ids_.begin(), eos_ids_.end(), id) != eos_ids_.end();
+}
+
+std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_bos) const {
+  std::vector<int32_t> ids;
+  if (add_bos && bos_id_ >= 0) ids.push_back(bos_id_);
+  if (!text.empty()) EncodeText(text, &ids);
+  return ids;
+}
+
+// transformers' LlamaTokenizer.tokenize: PreTrainedTokenizer.tokenize splits the special
+// tokens' strings out of the text and hands each stretch between them to _tokenize.
+void Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* ids) const {
+  std::string prefixed;
+  if (!legacy_) {
+    // legacy=False: "▁" in the text counts as a space, and the text gets a "▁" prefix that the
+    // processor (add_dummy_prefix off) would not add itself.
+    prefixed = std::string(kSpaceSymbol) + ReplaceSpaceSymbol(text, " ");
+    text = prefixed;
+  }
+  const size_t first = ids->size();
+  bool second_is_special = false;
+  auto encode_chunk = [&](std::string_view chunk) {
+    if (chunk.empty()) return;
+    std::vector<int> chunk_ids;
+    if (legacy_) {
+      chunk_ids = sp_->Encode(chunk);
+    } else if (chunk.starts_with(kSpaceSymbol) || chunk.starts_with(' ')) {
+      // LlamaTokenizer._tokenize encodes unk_token + chunk and drops the unk token's ids, so
+      // that the leading "▁" is kept as a word boundary.
+      std::string with_unk = sp_->IdToPiece(std::max(sp_->unk_id(), 0));
+      with_unk.append(chunk);
+      chunk_ids = sp_->EncodeWithoutDummyPrefix(with_unk);
+      if (chunk_ids.size() >= unk_prefix_length_) {
+        chunk_ids.erase(chunk_ids.begin(), chunk_ids.begin() + unk_prefix_length_);
+      }
+    } else {
+      chunk_ids = sp_->EncodeWithoutDummyPrefix(chunk);
+    }
+    ids->insert(ids->end(), chunk_ids.begin(), chunk_ids.end());
+  };
+
+  size_t chunk_begin = 0;
+  for (size_t pos = 0; pos < text.size();) {
+    // The longest special token starting at `pos` (transformers' Trie.split).
+    const std::pair<std::string, int32_t>* match = nullptr;
+    for (const auto& special : special_tokens_) {
+      if (text.substr(pos).starts_with(special.first) &&
+          (match == nullptr || special.first.size() > match->first.size())) {
+        match = &special;
+      }
+    }
+    if (match == nullptr) {
+      ++pos;
+      continue;
+    }
+    encode_chunk(text.substr(chunk_begin, pos - chunk_begin));
+    if (ids->size() == first + 1) second_is_special = true;
+    ids->push_back(match->second);
+    pos += match->first.size();
+    chunk_begin = pos;
+  }
+  encode_chunk(text.substr(chunk_begin));
+
+  // legacy=False: a lone "▁" before a leading special token is dropped.
+  if (!legacy_ && second_is_special && sp_->IdToPiece((*ids)[first]) == kSpaceSymbol) {
+    ids->erase(ids->begin() + first);
+  }
+}
+
+std::string Tokenizer::Decode(std::span<const int32_t> ids) const {
+  std::string text;
+  DecodeState state;
+  for (const int32_t id : ids) DecodeAppend(id, &state, &text);
+  DecodeFlush(&state, &text);
+  return text;
+}
+
+// transformers' _decode drops the special tokens, then convert_tokens_to_string strips "▁" from
+// the first token's string and hands the token strings to SentencePiece's Decode (the
+// add_dummy_prefix-off processor when legacy=False). This follows that token by token.
+void Tokenizer::DecodeAppend(int32_t id, DecodeState* state, std::string* out) const {
+  if (id < 0 || id >= static_cast<int32_t>(pieces_.size())) return;
+  const Piece& piece = pieces_[id];
+  if (piece.skipped) return;
+  if (!state->first_token_done) {
+    state->first_token_done = true;
+    if (piece.leading_space) {
+      DecodeFirstToken(sp_->IdToPiece(id), state, out);
+      return;
+    }
+  }
+  if (piece.kind == PieceKind::kByte) {
+    state->pending_bytes.push_back(static_cast<char>(piece.byte));
+    if (DrainBytes(/*final=*/false, &state->pending_bytes, out)) state->text_empty = false;
+    return;
+  }
+  DecodeNonByte(piece.kind, piece.surface, piece.leading_space, state, out);
+}
+
+// The first token's string minus its "▁" is looked up again in the vocabulary, as
+// SentencePiece's Decode(pieces) does: a string that is no piece decodes as itself, "▁"s
+// included (e.g. "▁▁▁▁▁" when "▁▁▁▁▁▁" is a piece and "▁▁▁▁▁" is not).
+void Tokenizer::DecodeFirstToken(std::string_view piece, DecodeState* state,
+                                 std::string* out) const {
+  const std::string_view rest = piece.substr(kSpaceSymbol.size());
+  const int id = sp_->PieceToId(rest);
+  const Piece& info = pieces_[id];
+  if (info.kind == PieceKind::kByte) {
+    state->pending_bytes.push_back(static_cast<char>(info.byte));
+    if (DrainBytes(/*final=*/false, &state->pending_bytes, out)) state->text_empty = false;
+  } else if (info.kind == PieceKind::kUnknown && rest != sp_->IdToPiece(id)) {
+    DecodeNonByte(PieceKind::kUnknown, rest, /*leading_space=*/false, state, out);
+  } else {
+    DecodeNonByte(info.kind, info.surface, info.leading_space, state, out);
+  }
+}
+
+// SentencePieceProcessor::Decode (sentencepiece_processor.cc, >= 0.2.0) for one non-byte piece:
+// the byte run before it ends, and while nothing has been output the piece's leading "▁" may be
+// consumed (is_bos_ws / bos_ws_seen), which matters only when consume_bos_ws_.
+void Tokenizer::DecodeNonByte(PieceKind kind, std::string_view surface, bool leading_space,
+                              DecodeState* state, std::string* out) const {
+  if (DrainBytes(/*final=*/true, &state->pending_bytes, out)) state->text_empty = false;
+  if (state->bos_ws_seen || !state->text_empty) state->bos_ws_open = false;
+  bool consumed = false;
+  if (kind == PieceKind::kControl) {
+    surface = {};
+  } else if (kind == PieceKind::kNormal && state->bos_ws_open && consume_bos_ws_ && leading_space) {
+    surface.remove_prefix(1);  // the " " that "▁" became
+    consumed = true;
+  }
+  state->bos_ws_seen = consumed && !remove_extra_whitespaces_;
+  if (!surface.empty()) {
+    out->append(surface);
+    state->text_empty = false;
+  }
+}
+
+void Tokenizer::DecodeFlush(DecodeState* state, std::string* out) const {
+  if (DrainBytes(/*final=*/true, &state->pending_bytes, out)) state->text_empty = false;
+}
+
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer)
+    : tokenizer_(tokenizer) {}
+
+std::string IncrementalDetokenizer::Add(int32_t id) {
+  std::string delta;
+  tokenizer_->DecodeAppend(id, &state_, &delta);
+  return delta;
+}
+
+std::string IncrementalDetokenizer::Finish() {
+  std::string delta;
+  tokenizer_->DecodeFlush(&state_, &delta);
+  return delta;
+}
+
+}  // namespace moe

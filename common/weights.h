@@ -1,0 +1,115 @@
+// Model weights, validated once at load against the config so the forward pass has no error
+// paths. Matrices stay in the checkpoint's dtype in read-only mappings; the small vectors the
+// hot loop reads per token (norms, router) are widened to f32 copies.
+//
+// Both on-disk MoE layouts load:
+//   classic (mergekit-moe, transformers < 5):
+//     model.layers.{i}.block_sparse_moe.gate.weight            [experts, hidden]
+//     model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight  [ffn, hidden]   (gate)
+//     model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight  [ffn, hidden]   (up)
+//     model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight  [hidden, ffn]   (down)
+//   fused (transformers v5, new mergekit):
+//     model.layers.{i}.mlp.gate.weight                         [experts, hidden]
+//     model.layers.{i}.mlp.experts.gate_up_proj                [experts, 2*ffn, hidden]
+//                                                               rows [0, ffn) = w1, [ffn, 2ffn) = w3
+//     model.layers.{i}.mlp.experts.down_proj                   [experts, hidden, ffn]
+// Dense Llama/Mistral checkpoints (mlp.{gate,up,down}_proj) load as expert 0 of one.
+#ifndef MOE_COMMON_WEIGHTS_H_
+#define MOE_COMMON_WEIGHTS_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/kernels.h"
+#include "common/model_config.h"
+#include "common/safetensors.h"
+
+namespace moe {
+
+using kernels::WeightMatrix;
+
+// One expert's SwiGLU FFN: w2(silu(w1 x) * w3 x).
+struct ExpertWeights {
+  WeightMatrix w1;  // [ffn, hidden]
+  WeightMatrix w3;  // [ffn, hidden]
+  WeightMatrix w2;  // [hidden, ffn]
+};
+
+// Everything of one layer except the experts.
+struct LayerWeights {
+  std::vector<float> input_norm;           // [hidden]
+  WeightMatrix q_proj;                     // [heads * head_dim, hidden]
+  WeightMatrix k_proj;                     // [kv_heads * head_dim, hidden]
+  WeightMatrix v_proj;                     // [kv_heads * head_dim, hidden]
+  WeightMatrix o_proj;                     // [hidden, heads * head_dim]
+  std::vector<float> post_attention_norm;  // [hidden]
+  std::vector<float> router;               // [experts, hidden]; empty for dense models
+};
+
+// What to load. Default: everything.
+struct WeightsOptions {
+  // Embeddings, attention, norms, router, lm_head (what the coordinator needs).
+  bool load_shared = true;
+  // Experts [expert_begin, expert_end) of every layer; expert_end < 0 means "to the last".
+  // An empty range loads no expert (the coordinator of a cluster).
+  int64_t expert_begin = 0;
+  int64_t expert_end = -1;
+};
+
+class ModelWeights {
+ public:
+  // Maps and validates the requested tensors of the checkpoint in `model_dir`. Errors name the
+  // tensor and say what was expected, e.g. "tensor model.layers.3.self_attn.q_proj.weight:
+  // expected [2048, 2048] BF16, got [2048, 1024] BF16". Only requested tensors are mapped.
+  static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(const std::string& model_dir,
+                                                            const ModelConfig& config,
+                                                            const WeightsOptions& options);
+  // Same over an already opened store (the store must outlive the weights).
+  static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(
+      std::shared_ptr<TensorStore> store, const ModelConfig& config, const WeightsOptions& options);
+
+  const ModelConfig& config() const { return config_; }
+  DType dtype() const { return dtype_; }  // the dtype of the matrices (one per checkpoint)
+
+  // Shared weights; REQUIRES: options.load_shared.
+  const WeightMatrix& embed_tokens() const { return embed_tokens_; }  // [vocab, hidden]
+  const std::vector<float>& final_norm() const { return final_norm_; }  // [hidden]
+  const WeightMatrix& lm_head() const { return lm_head_; }  // [vocab, hidden] (tied or not)
+  const LayerWeights& layer(int64_t i) const { return layers_[i]; }
+
+  // Hosted experts.
+  int64_t expert_begin() const { return expert_begin_; }
+  int64_t expert_end() const { return expert_end_; }
+  bool HostsExpert(int64_t expert) const { return expert >= expert_begin_ && expert < expert_end_; }
+  // REQUIRES: HostsExpert(expert).
+  const ExpertWeights& expert(int64_t layer, int64_t expert) const {
+    return experts_[layer * (expert_end_ - expert_begin_) + (expert - expert_begin_)];
+  }
+
+  // Bytes of checkpoint tensors mapped by this load.
+  uint64_t mapped_tensor_bytes() const { return store_->mapped_tensor_bytes(); }
+  // Bytes of the hosted experts' matrices.
+  uint64_t expert_bytes() const;
+
+ private:
+  class Loader;
+  ModelWeights() = default;
+
+  ModelConfig config_;
+  DType dtype_ = DType::kF32;
+  std::shared_ptr<TensorStore> store_;
+  WeightMatrix embed_tokens_;
+  std::vector<float> final_norm_;
+  WeightMatrix lm_head_;
+  std::vector<LayerWeights> layers_;
+  int64_t expert_begin_ = 0;
+  int64_t expert_end_ = 0;
+  std::vector<ExpertWeights> experts_;  // [layer][expert - expert_begin]
+};
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_WEIGHTS_H_

@@ -1,0 +1,233 @@
+#include "coordinator/engine.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/kernels.h"
+#include "common/status_macros.h"
+
+namespace moe {
+
+absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weights,
+                                                       ExpertTransport* transport,
+                                                       const EngineOptions& options) {
+  if (weights->embed_tokens().data == nullptr) {
+    return absl::InvalidArgumentError("the engine needs the shared (non-expert) weights loaded");
+  }
+  return std::unique_ptr<Engine>(new Engine(weights, transport, options));
+}
+
+Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
+               const EngineOptions& options)
+    : weights_(weights),
+      transport_(transport),
+      config_(weights->config()),
+      kv_cache_(weights->config(), options.kv_cache) {
+  // RoPE tables as transformers builds them (f32): inv_freq[i] = 1 / theta^(2i / head_dim),
+  // angle = position * inv_freq[i].
+  const int64_t half = config_.head_dim / 2;
+  const int64_t positions = config_.max_position_embeddings;
+  rope_cos_.resize(positions * half);
+  rope_sin_.resize(positions * half);
+  for (int64_t i = 0; i < half; ++i) {
+    const float inv_freq =
+        1.0f / std::pow(static_cast<float>(config_.rope_theta),
+                        static_cast<float>(2 * i) / static_cast<float>(config_.head_dim));
+    for (int64_t p = 0; p < positions; ++p) {
+      const float angle = static_cast<float>(p) * inv_freq;
+      rope_cos_[p * half + i] = std::cos(angle);
+      rope_sin_[p * half + i] = std::sin(angle);
+    }
+  }
+  scores_.resize(static_cast<size_t>(omp_get_max_threads()) * positions);
+}
+
+absl::Status Engine::Validate(std::span<const StepInput> inputs) {
+  if (inputs.empty()) return absl::InvalidArgumentError("empty batch");
+  for (const StepInput& in : inputs) {
+    if (in.tokens.empty()) return absl::InvalidArgumentError("a sequence has no tokens to add");
+    const int64_t end = in.seq->length + static_cast<int64_t>(in.tokens.size());
+    if (end > config_.max_position_embeddings) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "sequence of ", end, " tokens exceeds the model's max_position_embeddings (",
+          config_.max_position_embeddings, ")"));
+    }
+    for (int32_t id : in.tokens) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "token id ", id, " is outside the vocabulary [0, ", config_.vocab_size, ")"));
+      }
+    }
+  }
+  // Reserve KV blocks; on failure give back what this step took so no state changes.
+  std::vector<size_t> before;
+  before.reserve(inputs.size());
+  for (const StepInput& in : inputs) before.push_back(in.seq->blocks.blocks.size());
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const StepInput& in = inputs[i];
+    absl::Status s = kv_cache_.Reserve(&in.seq->blocks, in.seq->length + in.tokens.size());
+    if (!s.ok()) {
+      for (size_t j = 0; j <= i; ++j) {
+        BlockTable extra;
+        auto& blocks = inputs[j].seq->blocks.blocks;
+        extra.blocks.assign(blocks.begin() + before[j], blocks.end());
+        blocks.resize(before[j]);
+        kv_cache_.Release(&extra);
+      }
+      return s;
+    }
+  }
+  return absl::OkStatus();
+}
+
+void Engine::EnsureScratch(int64_t rows) {
+  if (static_cast<int64_t>(row_input_.size()) >= rows) return;
+  const int64_t hidden = config_.hidden_size;
+  row_input_.resize(rows);
+  row_position_.resize(rows);
+  x_.resize(rows * hidden);
+  xn_.resize(rows * hidden);
+  q_.resize(rows * config_.q_dim());
+  k_.resize(rows * config_.kv_dim());
+  v_.resize(rows * config_.kv_dim());
+  attn_.resize(rows * config_.q_dim());
+  proj_.resize(rows * hidden);
+  router_logits_.resize(rows * config_.num_local_experts);
+}
+
+// Scaled dot-product attention of every row against its sequence's cached keys and values
+// (causal; with sliding_window W a query at position p sees keys (p - W, p]).
+void Engine::Attention(int64_t layer, std::span<const StepInput> inputs) {
+  const int64_t heads = config_.num_attention_heads;
+  const int64_t group = heads / config_.num_key_value_heads;
+  const int64_t d = config_.head_dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const int64_t window = config_.sliding_window;
+  const int64_t rows = rows_;
+  const int64_t positions = config_.max_position_embeddings;
+#pragma omp parallel for collapse(2) schedule(static) if (rows * heads > 8)
+  for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const BlockTable& table = inputs[row_input_[t]].seq->blocks;
+      const int64_t pos = row_position_[t];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
+      const int64_t kv_offset = (h / group) * d;
+      const float* q = &q_[(t * heads + h) * d];
+      float* scores = &scores_[omp_get_thread_num() * positions];
+      for (int64_t p = first; p <= pos; ++p) {
+        scores[p - first] = kernels::Dot(q, kv_cache_.Key(layer, table, p) + kv_offset, d) * scale;
+      }
+      kernels::Softmax(scores, pos - first + 1);
+      float* out = &attn_[(t * heads + h) * d];
+      std::fill(out, out + d, 0.0f);
+      for (int64_t p = first; p <= pos; ++p) {
+        kernels::Axpy(scores[p - first], kv_cache_.Value(layer, table, p) + kv_offset, out, d);
+      }
+    }
+  }
+}
+
+absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
+  const LayerWeights& w = weights_->layer(layer);
+  const int64_t hidden = config_.hidden_size;
+  const int64_t kv_dim = config_.kv_dim();
+  const int64_t half = config_.head_dim / 2;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+
+  // attention rmsnorm; q, k, v projections: [rows, q_dim], [rows, kv_dim] x2
+  kernels::RmsNorm(x_.data(), w.input_norm.data(), rows_, hidden, eps, xn_.data());
+  kernels::MatMul(w.q_proj, xn_.data(), rows_, q_.data());
+  kernels::MatMul(w.k_proj, xn_.data(), rows_, k_.data());
+  kernels::MatMul(w.v_proj, xn_.data(), rows_, v_.data());
+  // rotary embedding on q and k; k and v into the cache
+  for (int64_t t = 0; t < rows_; ++t) {
+    const float* cos = &rope_cos_[row_position_[t] * half];
+    const float* sin = &rope_sin_[row_position_[t] * half];
+    kernels::RopeSplitHalf(&q_[t * config_.q_dim()], config_.num_attention_heads,
+                           config_.head_dim, cos, sin);
+    kernels::RopeSplitHalf(&k_[t * kv_dim], config_.num_key_value_heads, config_.head_dim, cos,
+                           sin);
+    const BlockTable& table = inputs[row_input_[t]].seq->blocks;
+    std::memcpy(kv_cache_.Key(layer, table, row_position_[t]), &k_[t * kv_dim],
+                kv_dim * sizeof(float));
+    std::memcpy(kv_cache_.Value(layer, table, row_position_[t]), &v_[t * kv_dim],
+                kv_dim * sizeof(float));
+  }
+  Attention(layer, inputs);
+  // output projection and residual
+  kernels::MatMul(w.o_proj, attn_.data(), rows_, proj_.data());
+  for (int64_t i = 0; i < rows_ * hidden; ++i) x_[i] += proj_[i];
+
+  // moe rmsnorm; router: softmax over all experts -> top-k -> renormalize
+  kernels::RmsNorm(x_.data(), w.post_attention_norm.data(), rows_, hidden, eps, xn_.data());
+  if (config_.is_moe) {
+    const WeightMatrix router{w.router.data(), DType::kF32, config_.num_local_experts, hidden,
+                              hidden};
+    kernels::MatMul(router, xn_.data(), rows_, router_logits_.data());
+    RouteTokens(router_logits_.data(), rows_, config_.num_local_experts,
+                config_.num_experts_per_tok, &routing_);
+  } else {
+    RouteDense(rows_, &routing_);
+  }
+  if (observer_ != nullptr) observer_->OnRouting(layer, routing_);
+  // experts (wherever they live) and residual
+  MOE_RETURN_IF_ERROR(transport_->Exchange(layer, routing_, xn_.data(), proj_.data()));
+  for (int64_t i = 0; i < rows_ * hidden; ++i) x_[i] += proj_[i];
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
+  MOE_RETURN_IF_ERROR(Validate(inputs));
+  int64_t rows = 0;
+  int64_t out_rows = 0;
+  for (const StepInput& in : inputs) {
+    rows += static_cast<int64_t>(in.tokens.size());
+    out_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
+  }
+  EnsureScratch(rows);
+  rows_ = rows;
+  const int64_t hidden = config_.hidden_size;
+  // embeddings
+  int64_t r = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    for (size_t j = 0; j < inputs[i].tokens.size(); ++j, ++r) {
+      row_input_[r] = static_cast<int32_t>(i);
+      row_position_[r] = inputs[i].seq->length + static_cast<int64_t>(j);
+      const WeightMatrix& embed = weights_->embed_tokens();
+      const auto* row = static_cast<const uint8_t*>(embed.data) +
+                        inputs[i].tokens[j] * embed.row_stride * DTypeSize(embed.dtype);
+      kernels::ConvertToF32(row, embed.dtype, hidden, &x_[r * hidden]);
+    }
+  }
+  for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
+    absl::Status s = Layer(layer, inputs);
+    if (!s.ok()) return s;  // lengths unchanged; the blocks stay reserved with the sequences
+  }
+  // final norm on the rows that need logits, then lm_head: [out_rows, vocab]
+  int64_t o = 0;
+  r = 0;
+  for (const StepInput& in : inputs) {
+    const int64_t n = static_cast<int64_t>(in.tokens.size());
+    const int64_t first = in.all_logits ? 0 : n - 1;
+    for (int64_t j = first; j < n; ++j, ++o) {
+      kernels::RmsNorm(&x_[(r + j) * hidden], weights_->final_norm().data(), 1, hidden,
+                       static_cast<float>(config_.rms_norm_eps), &xn_[o * hidden]);
+    }
+    r += n;
+  }
+  logits->resize(out_rows * config_.vocab_size);
+  kernels::MatMul(weights_->lm_head(), xn_.data(), out_rows, logits->data());
+  for (const StepInput& in : inputs) in.seq->length += static_cast<int64_t>(in.tokens.size());
+  return absl::OkStatus();
+}
+
+void Engine::Release(SequenceState* seq) {
+  kv_cache_.Release(&seq->blocks);
+  seq->length = 0;
+}
+
+}  // namespace moe

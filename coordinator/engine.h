@@ -1,0 +1,106 @@
+// The coordinator's forward pass over a batch of sequences: embeddings, attention with the
+// paged KV cache, the router, the MoE block through an ExpertTransport, final norm and lm_head.
+// Mirrors transformers' MixtralForCausalLM / LlamaForCausalLM:
+//   h = embed(tokens)
+//   per layer: h += o_proj(attn(rope(q), rope(k), v))  on rmsnorm(h)
+//              h += sum_k w_k * expert_k(rmsnorm(h))   (router softmax -> top-k -> renormalize)
+//   logits = lm_head(rmsnorm(h))
+#ifndef MOE_COORDINATOR_ENGINE_H_
+#define MOE_COORDINATOR_ENGINE_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/weights.h"
+#include "coordinator/expert_transport.h"
+#include "coordinator/kv_cache.h"
+#include "coordinator/router.h"
+
+namespace moe {
+
+struct EngineOptions {
+  KvCacheOptions kv_cache;
+};
+
+// A sequence's state in the engine: its KV blocks and how many positions are cached.
+struct SequenceState {
+  BlockTable blocks;
+  int64_t length = 0;
+};
+
+// One sequence's part of a step: append `tokens` at positions [seq->length, ...).
+struct StepInput {
+  SequenceState* seq = nullptr;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;  // logits for every token (tests); else only for the last
+};
+
+// Observes routing decisions (e.g. expert-load counters). Called once per layer per step.
+class RoutingObserver {
+ public:
+  virtual ~RoutingObserver() = default;
+  virtual void OnRouting(int64_t layer, const Routing& routing) = 0;
+};
+
+// Not thread-safe: one Step at a time (it owns the KV cache and scratch buffers).
+class Engine {
+ public:
+  // `weights` (shared weights loaded) and `transport` must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<Engine>> Create(const ModelWeights* weights,
+                                                        ExpertTransport* transport,
+                                                        const EngineOptions& options);
+
+  // Runs the inputs through the model as one batch. On success each sequence's length grows
+  // by its token count and `logits` holds [rows, vocab] where rows = sum over inputs of
+  // (all_logits ? tokens : 1), in input order. INVALID_ARGUMENT for token ids outside the
+  // vocabulary, empty inputs or positions beyond max_position_embeddings; RESOURCE_EXHAUSTED
+  // when the KV cache is full; the transport's error if the experts fail. On error no
+  // sequence's length changes.
+  absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits);
+
+  // Frees the sequence's KV blocks and resets it.
+  void Release(SequenceState* seq);
+
+  const ModelConfig& config() const { return config_; }
+  const KvCache& kv_cache() const { return kv_cache_; }
+  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
+
+ private:
+  Engine(const ModelWeights* weights, ExpertTransport* transport, const EngineOptions& options);
+  absl::Status Validate(std::span<const StepInput> inputs);
+  void EnsureScratch(int64_t rows);
+  void Attention(int64_t layer, std::span<const StepInput> inputs);
+  absl::Status Layer(int64_t layer, std::span<const StepInput> inputs);
+
+  // Constant after construction.
+  const ModelWeights* weights_;
+  ExpertTransport* transport_;
+  ModelConfig config_;
+  std::vector<float> rope_cos_;  // [max_position, head_dim / 2]
+  std::vector<float> rope_sin_;
+
+  KvCache kv_cache_;
+  RoutingObserver* observer_ = nullptr;
+
+  // Per-step row bookkeeping and scratch, grown to the largest step seen.
+  int64_t rows_ = 0;
+  std::vector<int32_t> row_input_;     // input index of each row
+  std::vector<int64_t> row_position_;  // position of each row
+  std::vector<float> x_;               // [rows, hidden] residual stream
+  std::vector<float> xn_;              // [rows, hidden] normed
+  std::vector<float> q_;               // [rows, q_dim]
+  std::vector<float> k_;               // [rows, kv_dim]
+  std::vector<float> v_;               // [rows, kv_dim]
+  std::vector<float> attn_;            // [rows, q_dim]
+  std::vector<float> proj_;            // [rows, hidden]
+  std::vector<float> router_logits_;   // [rows, experts]
+  std::vector<float> scores_;          // [threads, max_position]
+  Routing routing_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_COORDINATOR_ENGINE_H_

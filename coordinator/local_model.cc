@@ -1,0 +1,38 @@
+#include "coordinator/local_model.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+
+namespace moe {
+
+absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelOptions& options) {
+  if (options.in_process_workers < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("in-process workers must be >= 1, got ", options.in_process_workers));
+  }
+  std::unique_ptr<LocalModel> m(new LocalModel());
+  MOE_ASSIGN_OR_RETURN(m->config_, LoadModelConfig(options.model_dir));
+  if (options.load_tokenizer) {
+    MOE_ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::Load(options.model_dir));
+  }
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::Open(options.model_dir));
+  m->store_ = std::move(store);
+  WeightsOptions shared;
+  shared.expert_end = 0;  // experts are loaded by the in-process workers
+  MOE_ASSIGN_OR_RETURN(m->weights_, ModelWeights::Load(m->store_, m->config_, shared));
+  LOG(INFO) << "loaded shared weights of " << options.model_dir << " ("
+            << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts
+            << " experts, top-" << m->config_.num_experts_per_tok << ", "
+            << DTypeName(m->weights_->dtype()) << ")";
+  const Placement placement =
+      Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
+  MOE_ASSIGN_OR_RETURN(m->transport_,
+                       InProcessTransport::Create(m->store_, m->config_, placement));
+  MOE_ASSIGN_OR_RETURN(m->engine_,
+                       Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));
+  LOG(INFO) << "mapped " << m->store_->mapped_tensor_bytes() / (1 << 20) << " MiB of tensors";
+  return m;
+}
+
+}  // namespace moe

@@ -1,0 +1,38 @@
+// Mixtral routing (transformers' MixtralSparseMoeBlock): softmax over ALL experts in f32, top-k
+// (ties: lowest expert id), then the k weights divided by their sum. A dense model is one
+// expert of weight 1.
+#ifndef MOE_COORDINATOR_ROUTER_H_
+#define MOE_COORDINATOR_ROUTER_H_
+
+#include <cstdint>
+#include <vector>
+
+namespace moe {
+
+// Top-k routing of a batch of tokens: token t uses experts[t * top_k + j] with weight
+// weights[t * top_k + j], j < top_k, in descending weight order.
+struct Routing {
+  int64_t tokens = 0;
+  int64_t top_k = 0;
+  std::vector<int32_t> experts;
+  std::vector<float> weights;
+
+  void Resize(int64_t token_count, int64_t k) {
+    tokens = token_count;
+    top_k = k;
+    experts.resize(token_count * k);
+    weights.resize(token_count * k);
+  }
+};
+
+// logits: [tokens, expert_count] router logits, overwritten with the probabilities.
+// REQUIRES: 1 <= top_k <= expert_count.
+void RouteTokens(float* logits, int64_t tokens, int64_t expert_count, int64_t top_k,
+                 Routing* routing);
+
+// Every token to expert 0 with weight 1 (dense models).
+void RouteDense(int64_t tokens, Routing* routing);
+
+}  // namespace moe
+
+#endif  // MOE_COORDINATOR_ROUTER_H_

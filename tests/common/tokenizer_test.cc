@@ -1,0 +1,409 @@
+#include "common/tokenizer.h"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "common/sentencepiece_model.h"
+#include "nlohmann/json.hpp"
+
+namespace moe {
+namespace {
+
+// Reference produced by transformers 4.57.6's slow LlamaTokenizer (legacy=True, sentencepiece
+// 0.2.3) on tokenizer.model; see the README in that directory.
+constexpr char kTokenizerDir[] = "tests/testdata/tokenizer";
+constexpr char kReplacement[] = "\xEF\xBF\xBD";  // U+FFFD
+constexpr char kSpaceSymbol[] = "\xE2\x96\x81";  // "▁", SentencePiece's word boundary
+
+struct Case {
+  std::string text;
+  std::vector<int32_t> ids;
+  std::string decoded;
+};
+
+std::string ReadFile(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+void WriteFile(const std::filesystem::path& path, const std::string& contents) {
+  std::ofstream(path, std::ios::binary) << contents;
+}
+
+std::vector<Case> LoadCases() {
+  const nlohmann::json cases =
+      nlohmann::json::parse(ReadFile(std::filesystem::path(kTokenizerDir) / "cases.json"));
+  std::vector<Case> result;
+  for (const auto& c : cases) {
+    result.push_back({c.at("text").get<std::string>(), c.at("ids").get<std::vector<int32_t>>(),
+                      c.at("decoded").get<std::string>()});
+  }
+  return result;
+}
+
+// Strict UTF-8 (RFC 3629): shortest form, no surrogates, at most U+10FFFF, nothing truncated.
+bool IsValidUtf8(const std::string& s) {
+  for (size_t i = 0; i < s.size();) {
+    const auto b0 = static_cast<unsigned char>(s[i]);
+    size_t length = 0;
+    unsigned char lo = 0x80, hi = 0xBF;
+    if (b0 < 0x80) {
+      length = 1;
+    } else if (b0 >= 0xC2 && b0 <= 0xDF) {
+      length = 2;
+    } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+      length = 3;
+      lo = b0 == 0xE0 ? 0xA0 : 0x80;
+      hi = b0 == 0xED ? 0x9F : 0xBF;
+    } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+      length = 4;
+      lo = b0 == 0xF0 ? 0x90 : 0x80;
+      hi = b0 == 0xF4 ? 0x8F : 0xBF;
+    } else {
+      return false;
+    }
+    if (i + length > s.size()) return false;
+    for (size_t k = 1; k < length; ++k) {
+      const auto b = static_cast<unsigned char>(s[i + k]);
+      if (b < (k == 1 ? lo : 0x80) || b > (k == 1 ? hi : 0xBF)) return false;
+    }
+    i += length;
+  }
+  return true;
+}
+
+class TokenizerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto tokenizer = Tokenizer::Load(kTokenizerDir);
+    ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+    tokenizer_ = std::move(tokenizer).value().release();
+    std::string error;
+    model_ = SentencePieceModel::FromSerialized(
+                 ReadFile(std::filesystem::path(kTokenizerDir) / "tokenizer.model"), &error)
+                 .release();
+    ASSERT_NE(model_, nullptr) << error;
+  }
+  void SetUp() override {
+    ASSERT_NE(tokenizer_, nullptr);
+    ASSERT_NE(model_, nullptr);
+  }
+  static void TearDownTestSuite() {
+    delete tokenizer_;
+    delete model_;
+  }
+
+  static int32_t Id(const std::string& piece) {
+    const int id = model_->PieceToId(piece);
+    EXPECT_NE(id, model_->unk_id()) << piece << " is not in the test vocabulary";
+    return id;
+  }
+
+  // Feeds `ids` one at a time; returns the deltas, Finish()'s last.
+  static std::vector<std::string> Stream(const std::vector<int32_t>& ids) {
+    IncrementalDetokenizer detokenizer(tokenizer_);
+    std::vector<std::string> deltas;
+    for (const int32_t id : ids) deltas.push_back(detokenizer.Add(id));
+    deltas.push_back(detokenizer.Finish());
+    return deltas;
+  }
+
+  static std::string Join(const std::vector<std::string>& parts) {
+    std::string joined;
+    for (const auto& part : parts) joined += part;
+    return joined;
+  }
+
+  static Tokenizer* tokenizer_;
+  static SentencePieceModel* model_;
+};
+
+Tokenizer* TokenizerTest::tokenizer_ = nullptr;
+SentencePieceModel* TokenizerTest::model_ = nullptr;
+
+TEST_F(TokenizerTest, ModelProperties) {
+  EXPECT_EQ(tokenizer_->vocab_size(), 1000);
+  EXPECT_EQ(tokenizer_->bos_id(), 1);
+  EXPECT_EQ(tokenizer_->eos_ids(), std::vector<int32_t>{2});
+  EXPECT_TRUE(tokenizer_->IsEos(2));
+  EXPECT_FALSE(tokenizer_->IsEos(1));
+  EXPECT_TRUE(tokenizer_->legacy());  // tokenizer_config.json: "legacy": true
+}
+
+TEST_F(TokenizerTest, EncodeMatchesTransformers) {
+  const std::vector<Case> cases = LoadCases();
+  ASSERT_GE(cases.size(), 50u);
+  for (const Case& c : cases) {
+    EXPECT_EQ(tokenizer_->Encode(c.text), c.ids) << "text: \"" << c.text << "\"";
+  }
+}
+
+TEST_F(TokenizerTest, EncodeWithoutBos) {
+  const std::vector<int32_t> with_bos = tokenizer_->Encode("hello");
+  ASSERT_FALSE(with_bos.empty());
+  EXPECT_EQ(with_bos.front(), 1);
+  EXPECT_EQ(tokenizer_->Encode("hello", /*add_bos=*/false),
+            std::vector<int32_t>(with_bos.begin() + 1, with_bos.end()));
+  EXPECT_TRUE(tokenizer_->Encode("", /*add_bos=*/false).empty());
+}
+
+TEST_F(TokenizerTest, DecodeMatchesTransformers) {
+  for (const Case& c : LoadCases()) {
+    EXPECT_EQ(tokenizer_->Decode(c.ids), c.decoded) << "text: \"" << c.text << "\"";
+  }
+}
+
+// Expectations from transformers 4.57.6 (legacy=True) decode(ids, skip_special_tokens=True) on
+// hand-made id sequences.
+TEST_F(TokenizerTest, DecodeEdgeCasesMatchTransformers) {
+  const int32_t f0 = Id("<0xF0>"), x9f = Id("<0x9F>"), x99 = Id("<0x99>"), x82 = Id("<0x82>");
+  const int32_t space = Id(kSpaceSymbol);
+  const int32_t the = Id(std::string(kSpaceSymbol) + "the");
+  const int32_t a = Id("a");
+  auto decode = [](const std::vector<int32_t>& ids) { return tokenizer_->Decode(ids); };
+  const std::string r = kReplacement;
+  // A character split by a non-byte token: each stray byte is one U+FFFD, as in SentencePiece
+  // (not one per maximal invalid subsequence, as Python's errors="replace" would give).
+  EXPECT_EQ(decode({a, f0, x9f, the, x99, x82}), "a" + r + r + " the" + r + r);
+  // Overlong "/" (2 bytes), a surrogate (3 bytes), then a valid encoding of U+FFFD itself.
+  EXPECT_EQ(decode({Id("<0xC0>"), Id("<0xAF>"), Id("<0xED>"), Id("<0xA0>"), Id("<0x80>"),
+                    Id("<0xEF>"), Id("<0xBF>"), Id("<0xBD>")}),
+            r + r + r + r + r + r);
+  EXPECT_EQ(decode({f0, x9f, x99, x82, the}), "\xF0\x9F\x99\x82 the");
+  // Special tokens are skipped wherever they are; the first remaining token loses its "▁", and
+  // with legacy=True SentencePiece then strips one more when that token was a lone "▁".
+  EXPECT_EQ(decode({1, the, 2, the, 0}), "the the");
+  EXPECT_EQ(decode({1, space, the}), "the");
+  EXPECT_EQ(decode({space, space, the}), " the");
+  // Out-of-range ids are skipped (transformers would raise).
+  EXPECT_EQ(decode({-1, the, 1000}), "the");
+  EXPECT_EQ(decode({}), "");
+}
+
+TEST_F(TokenizerTest, IncrementalDeltasConcatenateToDecode) {
+  for (const Case& c : LoadCases()) {
+    // Generated ids carry no BOS; feed the prompt ids without it and with it.
+    for (const size_t skip : {size_t{0}, size_t{1}}) {
+      const std::vector<int32_t> ids(c.ids.begin() + std::min(skip, c.ids.size()), c.ids.end());
+      const std::vector<std::string> deltas = Stream(ids);
+      for (const std::string& delta : deltas) {
+        EXPECT_TRUE(IsValidUtf8(delta)) << "text: \"" << c.text << "\"";
+      }
+      EXPECT_EQ(Join(deltas), tokenizer_->Decode(ids)) << "text: \"" << c.text << "\"";
+      EXPECT_EQ(Join(deltas), c.decoded) << "text: \"" << c.text << "\"";
+    }
+  }
+}
+
+TEST_F(TokenizerTest, IncrementalHoldsBackEmojiSplitOverByteTokens) {
+  const std::vector<int32_t> ids = tokenizer_->Encode("the \xF0\x9F\x99\x82 the", false);
+  // "▁the ▁ <0xF0> <0x9F> <0x99> <0x82> ▁the"
+  const auto first_byte = std::find(ids.begin(), ids.end(), Id("<0xF0>"));
+  ASSERT_NE(first_byte, ids.end());
+  const size_t i = first_byte - ids.begin();
+  ASSERT_LE(i + 4, ids.size());
+  ASSERT_EQ(ids[i + 3], Id("<0x82>"));
+
+  const std::vector<std::string> deltas = Stream(ids);
+  EXPECT_EQ(deltas[0], "the");  // the first token's "▁" is not shown
+  EXPECT_EQ(deltas[i - 1], " ");
+  EXPECT_EQ(deltas[i], "");
+  EXPECT_EQ(deltas[i + 1], "");
+  EXPECT_EQ(deltas[i + 2], "");
+  EXPECT_EQ(deltas[i + 3], "\xF0\x9F\x99\x82");
+  EXPECT_EQ(deltas[i + 4], " the");
+  EXPECT_EQ(deltas.back(), "");
+}
+
+TEST_F(TokenizerTest, IncrementalFlushesIncompleteCharacterAsReplacement) {
+  const int32_t f0 = Id("<0xF0>"), x9f = Id("<0x9F>"), the = Id(std::string(kSpaceSymbol) + "the");
+  {
+    IncrementalDetokenizer detokenizer(tokenizer_);
+    EXPECT_EQ(detokenizer.Add(the), "the");
+    EXPECT_EQ(detokenizer.Add(f0), "");
+    EXPECT_EQ(detokenizer.Add(x9f), "");
+    EXPECT_EQ(detokenizer.Finish(), std::string(kReplacement) + kReplacement);
+  }
+  {
+    // The byte run ends at a non-byte token: the stray bytes come out with it.
+    IncrementalDetokenizer detokenizer(tokenizer_);
+    EXPECT_EQ(detokenizer.Add(f0), "");
+    EXPECT_EQ(detokenizer.Add(x9f), "");
+    EXPECT_EQ(detokenizer.Add(the), std::string(kReplacement) + kReplacement + " the");
+    EXPECT_EQ(detokenizer.Finish(), "");
+  }
+  {
+    // A byte that can start no character is emitted at once.
+    IncrementalDetokenizer detokenizer(tokenizer_);
+    EXPECT_EQ(detokenizer.Add(Id("<0xFF>")), kReplacement);
+    EXPECT_EQ(detokenizer.Add(Id("<0x41>")), "A");
+  }
+}
+
+TEST_F(TokenizerTest, IncrementalSkipsSpecialTokens) {
+  const int32_t the = Id(std::string(kSpaceSymbol) + "the");
+  IncrementalDetokenizer detokenizer(tokenizer_);
+  EXPECT_EQ(detokenizer.Add(1), "");
+  EXPECT_EQ(detokenizer.Add(the), "the");
+  EXPECT_EQ(detokenizer.Add(the), " the");
+  EXPECT_EQ(detokenizer.Add(2), "");
+  EXPECT_EQ(detokenizer.Finish(), "");
+}
+
+// --- Loading --------------------------------------------------------------------------------
+
+class TokenizerLoadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = std::filesystem::path(::testing::TempDir()) /
+           (std::string("tokenizer_load_test_") +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+
+  void CopyModel() {
+    std::filesystem::copy_file(std::filesystem::path(kTokenizerDir) / "tokenizer.model",
+                               dir_ / "tokenizer.model");
+  }
+
+  std::filesystem::path dir_;
+};
+
+TEST_F(TokenizerLoadTest, MissingModelIsNotFound) {
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_FALSE(tokenizer.ok());
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_NE(tokenizer.status().message().find((dir_ / "tokenizer.model").string()),
+            std::string::npos)
+      << tokenizer.status();
+}
+
+TEST_F(TokenizerLoadTest, CorruptModelIsInvalidArgument) {
+  const std::string model = ReadFile(std::filesystem::path(kTokenizerDir) / "tokenizer.model");
+  for (const std::string& contents :
+       {std::string("this is not a sentencepiece model\n"), std::string(),
+        model.substr(0, model.size() / 2), std::string(64, '\xFF')}) {
+    WriteFile(dir_ / "tokenizer.model", contents);
+    const auto tokenizer = Tokenizer::Load(dir_.string());
+    ASSERT_FALSE(tokenizer.ok()) << "contents size " << contents.size();
+    EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(tokenizer.status().message().find("tokenizer.model"), std::string::npos);
+  }
+}
+
+TEST_F(TokenizerLoadTest, SpecialIdsFallBackToTheModel) {
+  CopyModel();
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_EQ((*tokenizer)->bos_id(), 1);
+  EXPECT_EQ((*tokenizer)->eos_ids(), std::vector<int32_t>{2});
+  EXPECT_TRUE((*tokenizer)->legacy());  // no tokenizer_config.json: transformers' default
+}
+
+TEST_F(TokenizerLoadTest, SpecialIdsFromConfigJson) {
+  CopyModel();
+  WriteFile(dir_ / "config.json", R"({"bos_token_id": 5, "eos_token_id": 7, "vocab_size": 1000})");
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_EQ((*tokenizer)->bos_id(), 5);
+  EXPECT_EQ((*tokenizer)->eos_ids(), std::vector<int32_t>{7});
+  EXPECT_EQ((*tokenizer)->Encode("the").front(), 5);
+  EXPECT_TRUE((*tokenizer)->IsEos(7));
+  EXPECT_FALSE((*tokenizer)->IsEos(2));
+}
+
+TEST_F(TokenizerLoadTest, GenerationConfigWinsAndEosMayBeAList) {
+  CopyModel();
+  WriteFile(dir_ / "config.json", R"({"bos_token_id": 5, "eos_token_id": 7})");
+  WriteFile(dir_ / "generation_config.json", R"({"eos_token_id": [2, 9], "bos_token_id": null})");
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_TRUE(tokenizer.ok()) << tokenizer.status();
+  EXPECT_EQ((*tokenizer)->bos_id(), 5);  // absent (null) in generation_config.json
+  EXPECT_EQ((*tokenizer)->eos_ids(), (std::vector<int32_t>{2, 9}));
+  EXPECT_TRUE((*tokenizer)->IsEos(2));
+  EXPECT_TRUE((*tokenizer)->IsEos(9));
+  EXPECT_FALSE((*tokenizer)->IsEos(7));
+}
+
+TEST_F(TokenizerLoadTest, MalformedJsonNamesTheFile) {
+  CopyModel();
+  WriteFile(dir_ / "generation_config.json", R"({"eos_token_id": [2, )");
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_FALSE(tokenizer.ok());
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tokenizer.status().message().find("generation_config.json"), std::string::npos)
+      << tokenizer.status();
+}
+
+TEST_F(TokenizerLoadTest, BadTokenIdsAreInvalidArgument) {
+  CopyModel();
+  for (const char* config :
+       {R"({"eos_token_id": 1000})", R"({"eos_token_id": [2, "x"]})", R"({"bos_token_id": -1})",
+        R"({"eos_token_id": []})", R"({"bos_token_id": [1]})"}) {
+    WriteFile(dir_ / "config.json", config);
+    const auto tokenizer = Tokenizer::Load(dir_.string());
+    ASSERT_FALSE(tokenizer.ok()) << config;
+    EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument) << config;
+    EXPECT_NE(tokenizer.status().message().find("config.json"), std::string::npos)
+        << tokenizer.status();
+  }
+}
+
+// legacy=False (tokenizer_config.json). Expectations from transformers 4.57.6's slow
+// LlamaTokenizer(legacy=False) on the same tokenizer.model.
+TEST_F(TokenizerLoadTest, NonLegacyMatchesTransformers) {
+  CopyModel();
+  WriteFile(dir_ / "tokenizer_config.json", R"({"legacy": false, "add_bos_token": true})");
+  const auto loaded = Tokenizer::Load(dir_.string());
+  ASSERT_TRUE(loaded.ok()) << loaded.status();
+  const Tokenizer& tokenizer = **loaded;
+  EXPECT_FALSE(tokenizer.legacy());
+  const std::vector<Case> cases = {
+      {" ", {1, 924, 924}, " "},
+      {"  hello", {1, 924, 924, 298, 291, 927}, "  hello"},
+      {" leading and trailing ",
+       {1, 924, 583, 341, 285, 271, 666, 879, 285, 924},
+       " leading and trailing "},
+      // No dummy prefix after a special token unless the text has a space there.
+      {"text with <s> inside and </s> too",
+       {1, 259, 925, 963, 926, 350, 924, 1, 295, 932, 576, 271, 924, 2, 277, 927},
+       "text with  inside and  too"},
+      {"</s> x", {1, 2, 924, 963}, "x"},
+      // The "▁" before a leading special token is dropped.
+      {"<s>hello", {1, 1, 260, 291, 927}, "hello"},
+      {std::string(kSpaceSymbol) + "already" + kSpaceSymbol + "has" + kSpaceSymbol + "underline",
+       {1, 924, 471, 266, 789, 443, 309, 748, 935, 887},
+       " already has underline"},
+      {"hello", {1, 298, 291, 927}, "hello"},
+      {"", {1}, ""},
+  };
+  for (const Case& c : cases) {
+    EXPECT_EQ(tokenizer.Encode(c.text), c.ids) << "text: \"" << c.text << "\"";
+    EXPECT_EQ(tokenizer.Decode(c.ids), c.decoded) << "text: \"" << c.text << "\"";
+    IncrementalDetokenizer detokenizer(&tokenizer);
+    std::string streamed;
+    for (const int32_t id : c.ids) streamed += detokenizer.Add(id);
+    streamed += detokenizer.Finish();
+    EXPECT_EQ(streamed, c.decoded) << "text: \"" << c.text << "\"";
+  }
+}
+
+TEST_F(TokenizerLoadTest, NonBoolLegacyIsInvalidArgument) {
+  CopyModel();
+  WriteFile(dir_ / "tokenizer_config.json", R"({"legacy": "no"})");
+  const auto tokenizer = Tokenizer::Load(dir_.string());
+  ASSERT_FALSE(tokenizer.ok());
+  EXPECT_EQ(tokenizer.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(tokenizer.status().message().find("tokenizer_config.json"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace moe

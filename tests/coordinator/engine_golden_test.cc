@@ -1,0 +1,174 @@
+// Golden tests: the engine against transformers. Each fixture under tests/testdata/models/ was
+// written by tools/fixtures/gen_models.py together with the logits and greedy tokens that
+// transformers computed in float32 from the same stored weights.
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/model_config.h"
+#include "common/safetensors.h"
+#include "coordinator/generator.h"
+#include "coordinator/local_model.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace moe {
+namespace {
+
+constexpr char kModels[] = "tests/testdata/models/";
+
+struct Expected {
+  std::vector<int32_t> prompt;
+  std::vector<int32_t> greedy;
+  std::vector<float> logits;         // [prompt, vocab]
+  std::vector<float> decode_logits;  // [greedy, vocab]
+};
+
+Expected LoadExpected(const std::string& dir) {
+  Expected e;
+  auto text = ReadFileToString(dir + "/expected.json");
+  EXPECT_TRUE(text.ok()) << text.status();
+  auto j = nlohmann::json::parse(*text);
+  e.prompt = j["prompt_ids"].get<std::vector<int32_t>>();
+  e.greedy = j["greedy_ids"].get<std::vector<int32_t>>();
+  auto store = TensorStore::OpenFiles({dir + "/expected.safetensors"});
+  EXPECT_TRUE(store.ok()) << store.status();
+  for (auto [name, out] : {std::pair{"logits", &e.logits}, {"decode_logits", &e.decode_logits}}) {
+    auto t = (*store)->Map(name);
+    EXPECT_TRUE(t.ok()) << t.status();
+    const float* f = static_cast<const float*>(t->data);
+    out->assign(f, f + t->info->num_elements);
+  }
+  return e;
+}
+
+// max |a - ref| <= 1e-3 * max |ref| over a row of logits.
+void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what) {
+  float max_ref = 0, max_diff = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    max_ref = std::max(max_ref, std::fabs(ref[i]));
+    max_diff = std::max(max_diff, std::fabs(got[i] - ref[i]));
+  }
+  EXPECT_LE(max_diff, 1e-3f * max_ref) << what << ": max |diff| " << max_diff << " vs max |ref| "
+                                       << max_ref;
+}
+
+struct Case {
+  std::string fixture;
+  int64_t workers;
+};
+
+class GoldenTest : public ::testing::TestWithParam<Case> {
+ protected:
+  void SetUp() override {
+    dir_ = std::string(kModels) + GetParam().fixture;
+    LocalModelOptions options;
+    options.model_dir = dir_;
+    options.in_process_workers = GetParam().workers;
+    auto m = LocalModel::Create(options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+    expected_ = LoadExpected(dir_);
+  }
+  std::string dir_;
+  std::unique_ptr<LocalModel> model_;
+  Expected expected_;
+};
+
+TEST_P(GoldenTest, PrefillLogitsMatchTransformersAtEveryPosition) {
+  const int64_t vocab = model_->config().vocab_size;
+  SequenceState seq;
+  StepInput in{&seq, expected_.prompt, /*all_logits=*/true};
+  std::vector<float> logits;
+  ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
+  ASSERT_EQ(logits.size(), expected_.logits.size());
+  for (size_t p = 0; p < expected_.prompt.size(); ++p) {
+    ExpectLogitsNear(&logits[p * vocab], &expected_.logits[p * vocab], vocab,
+                     "position " + std::to_string(p));
+  }
+  model_->engine()->Release(&seq);
+}
+
+TEST_P(GoldenTest, DecodeLogitsMatchTransformersStepByStep) {
+  const int64_t vocab = model_->config().vocab_size;
+  SequenceState seq;
+  StepInput in{&seq, expected_.prompt, false};
+  std::vector<float> logits;
+  ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
+  for (size_t i = 0; i < expected_.greedy.size(); ++i) {
+    ExpectLogitsNear(logits.data(), &expected_.decode_logits[i * vocab], vocab,
+                     "decode step " + std::to_string(i));
+    in = {&seq, {&expected_.greedy[i], 1}, false};
+    ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
+  }
+  model_->engine()->Release(&seq);
+}
+
+TEST_P(GoldenTest, GreedyTokensEqualTransformers) {
+  GenerationRequest r;
+  r.prompt = expected_.prompt;
+  r.params.max_tokens = static_cast<int64_t>(expected_.greedy.size());
+  r.params.ignore_eos = true;
+  auto out = Generate(model_->engine(), model_->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  EXPECT_EQ((*out)[0].tokens, expected_.greedy);
+  EXPECT_EQ((*out)[0].finish, FinishReason::kLength);
+  EXPECT_EQ(model_->engine()->kv_cache().used_blocks(), 0);
+}
+
+TEST_P(GoldenTest, BatchedSequencesEqualSolo) {
+  // The prompt and two shorter prefixes of it decode together; each must get what it gets alone.
+  std::vector<GenerationRequest> requests(3);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const size_t len = expected_.prompt.size() - 5 * i;
+    requests[i].prompt.assign(expected_.prompt.begin(), expected_.prompt.begin() + len);
+    requests[i].params.max_tokens = 8 + 2 * i;
+    requests[i].params.ignore_eos = true;
+  }
+  auto batched = Generate(model_->engine(), model_->tokenizer(), requests, nullptr);
+  ASSERT_TRUE(batched.ok()) << batched.status();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    auto solo = Generate(model_->engine(), model_->tokenizer(), {&requests[i], 1}, nullptr);
+    ASSERT_TRUE(solo.ok());
+    EXPECT_EQ((*batched)[i].tokens, (*solo)[0].tokens) << "request " << i;
+  }
+  EXPECT_EQ(std::vector<int32_t>((*batched)[0].tokens),
+            std::vector<int32_t>(expected_.greedy.begin(), expected_.greedy.begin() + 8));
+}
+
+std::vector<Case> Cases() {
+  std::vector<Case> cases;
+  for (const char* f : {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
+                        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta",
+                        "llama_dense"}) {
+    cases.push_back({f, 1});
+  }
+  // Uneven expert splits over in-process workers must not change the result.
+  cases.push_back({"mixtral_3e_sliding_bf16", 2});
+  cases.push_back({"mixtral_32e_gqa_fp16", 3});
+  cases.push_back({"mixtral_8e_top3_no_rope_theta", 3});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest, ::testing::ValuesIn(Cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return info.param.fixture + "_w" + std::to_string(info.param.workers);
+                         });
+
+TEST(GoldenConfigTest, MissingRopeThetaTakesMixtralDefault) {
+  auto c = LoadModelConfig(std::string(kModels) + "mixtral_8e_top3_no_rope_theta");
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->rope_theta, 1e6);
+}
+
+TEST(GoldenConfigTest, SlidingWindowShorterThanPrompt) {
+  auto c = LoadModelConfig(std::string(kModels) + "mixtral_3e_sliding_bf16");
+  ASSERT_TRUE(c.ok()) << c.status();
+  const Expected e = LoadExpected(std::string(kModels) + "mixtral_3e_sliding_bf16");
+  EXPECT_GT(c->sliding_window, 0);
+  EXPECT_LT(c->sliding_window, static_cast<int64_t>(e.prompt.size()));
+}
+
+}  // namespace
+}  // namespace moe
