@@ -1,0 +1,100 @@
+// Runs the real moe-cli binary: bad input exits non-zero with a message a user can act on;
+// good input streams text.
+#include <sys/wait.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testutil/checkpoint_writer.h"
+
+namespace moe {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kFixture[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
+
+struct Result {
+  int exit_code;
+  std::string output;  // stdout + stderr
+};
+
+Result RunCli(const std::string& args) {
+  const std::string cmd = std::string(MOE_CLI_PATH) + " " + args + " 2>&1";
+  FILE* pipe = popen(cmd.c_str(), "r");
+  Result r{-1, ""};
+  if (pipe == nullptr) return r;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), pipe)) > 0) r.output.append(buf.data(), n);
+  const int status = pclose(pipe);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::string CopyFixture(const std::string& name) {
+  const std::string dir = testing::TempDir(name);
+  for (const auto& f : std::filesystem::directory_iterator(kFixture)) {
+    std::filesystem::copy(f.path(), dir + "/" + f.path().filename().string());
+  }
+  return dir;
+}
+
+TEST(MoeCliTest, StreamsACompletion) {
+  Result r = RunCli(std::string("generate --model ") + kFixture +
+                    " --prompt 'We hold' --max-tokens 8 --ignore-eos");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_THAT(r.output, HasSubstr("We hold"));
+  EXPECT_THAT(r.output, HasSubstr("8 generated, finish: length"));
+}
+
+TEST(MoeCliTest, MissingModelDirectory) {
+  Result r = RunCli("generate --model /nonexistent/model --prompt hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("moe-cli: error: cannot open /nonexistent/model/config.json"));
+}
+
+TEST(MoeCliTest, MissingTokenizer) {
+  const std::string dir = CopyFixture("notok");
+  std::filesystem::remove(dir + "/tokenizer.model");
+  Result r = RunCli("generate --model " + dir + " --prompt hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("tokenizer.model"));
+}
+
+TEST(MoeCliTest, TruncatedWeights) {
+  const std::string dir = CopyFixture("trunc");
+  std::filesystem::resize_file(dir + "/model.safetensors",
+                               std::filesystem::file_size(dir + "/model.safetensors") - 100);
+  Result r = RunCli("generate --model " + dir + " --prompt hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("model.safetensors"));
+  EXPECT_THAT(r.output, HasSubstr("truncated"));
+}
+
+TEST(MoeCliTest, PromptLongerThanContext) {
+  std::string prompt;
+  for (int i = 0; i < 300; ++i) prompt += "liberty ";
+  Result r = RunCli(std::string("generate --model ") + kFixture + " --prompt '" + prompt + "'");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("max_position_embeddings"));
+}
+
+TEST(MoeCliTest, BadSamplingParameter) {
+  Result r = RunCli(std::string("generate --model ") + kFixture + " --prompt hi --top-p 1.5");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("top_p"));
+}
+
+TEST(MoeCliTest, UsageWithoutSubcommand) {
+  Result r = RunCli("");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.output, HasSubstr("moe-cli generate --model DIR"));
+}
+
+}  // namespace
+}  // namespace moe
