@@ -1,0 +1,73 @@
+#include "common/rpc/rpc_util.h"
+
+#include <cstring>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+
+grpc::Status ToGrpcStatus(const absl::Status& status) {
+  if (status.ok()) return grpc::Status::OK;
+  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
+}
+
+absl::Status FromGrpcStatus(const grpc::Status& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
+}
+
+moecluster::v1::DType ToProtoDType(DType dtype) {
+  switch (dtype) {
+    case DType::kF32:
+      return moecluster::v1::DTYPE_F32;
+    case DType::kF16:
+      return moecluster::v1::DTYPE_F16;
+    case DType::kBF16:
+      return moecluster::v1::DTYPE_BF16;
+  }
+  return moecluster::v1::DTYPE_UNSPECIFIED;
+}
+
+void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out) {
+  out->set_dtype(moecluster::v1::DTYPE_F32);
+  out->clear_shape();
+  out->add_shape(rows);
+  out->add_shape(cols);
+  out->mutable_data()->assign(reinterpret_cast<const char*>(data),
+                              static_cast<size_t>(rows * cols) * sizeof(float));
+}
+
+absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, int64_t rows,
+                                             int64_t cols, const char* what) {
+  if (t.dtype() != moecluster::v1::DTYPE_F32) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": dtype must be F32, got ",
+                                                   moecluster::v1::DType_Name(t.dtype())));
+  }
+  if (t.shape_size() != 2 || t.shape(0) != rows || t.shape(1) != cols) {
+    std::string shape;
+    for (int64_t d : t.shape()) absl::StrAppend(&shape, shape.empty() ? "" : ", ", d);
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected shape [", rows, ", ", cols, "], got [", shape, "]"));
+  }
+  const uint64_t expected = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * 4;
+  if (t.data().size() != expected) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": ", t.data().size(),
+                                                   " bytes for shape [", rows, ", ", cols,
+                                                   "] F32, expected ", expected));
+  }
+  return reinterpret_cast<const float*>(t.data().data());
+}
+
+absl::Status ValidateListenAddress(const std::string& address, const char* flag) {
+  const size_t colon = address.rfind(':');
+  uint32_t port = 0;
+  if (colon == std::string::npos || colon == 0 ||
+      !absl::SimpleAtoi(address.substr(colon + 1), &port) || port > 65535) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", flag, " must be HOST:PORT (e.g. 127.0.0.1:50051), got \"", address, "\""));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace moe

@@ -1,0 +1,35 @@
+// Glue shared by the gRPC services of the coordinator and the expert worker: status conversion,
+// tensors on the wire, and serving a process's ready line.
+#ifndef MOE_COMMON_RPC_RPC_UTIL_H_
+#define MOE_COMMON_RPC_RPC_UTIL_H_
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/dtype.h"
+#include "grpcpp/grpcpp.h"
+#include "moecluster/v1/expert.pb.h"
+
+namespace moe {
+
+grpc::Status ToGrpcStatus(const absl::Status& status);
+absl::Status FromGrpcStatus(const grpc::Status& status);
+
+moecluster::v1::DType ToProtoDType(DType dtype);
+
+// Fills `out` with a [rows, cols] F32 tensor copied from `data`.
+void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out);
+
+// Checks that `t` is an F32 tensor of shape [rows, cols] whose byte length is rows * cols * 4
+// (every field untrusted); `what` names it in errors. Returns a pointer into t's bytes.
+absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, int64_t rows,
+                                             int64_t cols, const char* what);
+
+// Parses "HOST:PORT" (PORT may be 0). INVALID_ARGUMENT naming the flag otherwise.
+absl::Status ValidateListenAddress(const std::string& address, const char* flag);
+
+}  // namespace moe
+
+#endif  // MOE_COMMON_RPC_RPC_UTIL_H_
