@@ -434,8 +434,15 @@ void Tokenizer::DecodeFlush(DecodeState* state, std::string* out) const {
   if (DrainBytes(/*final=*/true, &state->pending_bytes, out)) state->text_empty = false;
 }
 
-IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer)
-    : tokenizer_(tokenizer) {}
+IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer, bool continuation)
+    : tokenizer_(tokenizer) {
+  if (continuation) {
+    // As if text had been output already: no first-token or leading-"▁" stripping.
+    state_.first_token_done = true;
+    state_.text_empty = false;
+    state_.bos_ws_open = false;
+  }
+}
 
 std::string IncrementalDetokenizer::Add(int32_t id) {
   std::string delta;

@@ -114,10 +114,15 @@ class Tokenizer {
 // incomplete character are held back until the character completes, a non-byte token arrives
 // (they then become U+FFFD, one per byte, as in Decode) or Finish() is called. O(1) amortized per
 // token. Not thread-safe; one per sequence.
+//
+// With `continuation`, the ids continue text that is already there (a prompt), so the first
+// token keeps its leading space: for a prompt "that" and a first token "▁all" the first delta is
+// " all", as vLLM and OpenAI-style APIs stream it; the deltas then equal
+// Decode(prompt + generated) minus Decode(prompt) for ordinary text.
 class IncrementalDetokenizer {
  public:
   // `tokenizer` must outlive this object.
-  explicit IncrementalDetokenizer(const Tokenizer* tokenizer);
+  explicit IncrementalDetokenizer(const Tokenizer* tokenizer, bool continuation = false);
   // Appends `id` and returns the text that became final.
   std::string Add(int32_t id);
   // Returns whatever is still held back (an incomplete character decodes as U+FFFD per byte).

@@ -6,6 +6,7 @@
 #define MOE_COORDINATOR_EXPERT_TRANSPORT_H_
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -23,6 +24,8 @@ struct Placement {
   static Placement Contiguous(int64_t expert_count, int64_t worker_count);
   // The worker hosting `expert`, or -1.
   int64_t WorkerOf(int64_t expert) const;
+  // expert id -> worker index for experts [0, expert_count); -1 where none hosts it.
+  std::vector<int32_t> WorkerTable(int64_t expert_count) const;
 };
 
 // What one worker receives for one layer: the rows of the tokens routed to its experts (each
@@ -38,7 +41,10 @@ struct WorkerDispatch {
 // Splits a routing by worker. Buffers are reused across calls (no allocation once warm).
 class DispatchPlan {
  public:
-  void Build(const Routing& routing, const Placement& placement);
+  // worker_of_expert[e]: the worker that serves expert e this step (REQUIRES: every routed
+  // expert maps to a worker in [0, worker_count)).
+  void Build(const Routing& routing, std::span<const int32_t> worker_of_expert,
+             int64_t worker_count);
   const std::vector<WorkerDispatch>& workers() const { return workers_; }
 
  private:

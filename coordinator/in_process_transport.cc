@@ -25,8 +25,15 @@ int64_t Placement::WorkerOf(int64_t expert) const {
   return -1;
 }
 
-void DispatchPlan::Build(const Routing& routing, const Placement& placement) {
-  workers_.resize(placement.ranges.size());
+std::vector<int32_t> Placement::WorkerTable(int64_t expert_count) const {
+  std::vector<int32_t> table(expert_count);
+  for (int64_t e = 0; e < expert_count; ++e) table[e] = static_cast<int32_t>(WorkerOf(e));
+  return table;
+}
+
+void DispatchPlan::Build(const Routing& routing, std::span<const int32_t> worker_of_expert,
+                         int64_t worker_count) {
+  workers_.resize(worker_count);
   for (WorkerDispatch& w : workers_) {
     w.tokens.clear();
     w.offsets.assign(1, 0);
@@ -35,7 +42,7 @@ void DispatchPlan::Build(const Routing& routing, const Placement& placement) {
   for (int64_t t = 0; t < routing.tokens; ++t) {
     for (int64_t j = 0; j < routing.top_k; ++j) {
       const int32_t expert = routing.experts[t * routing.top_k + j];
-      WorkerDispatch& w = workers_[placement.WorkerOf(expert)];
+      WorkerDispatch& w = workers_[worker_of_expert[expert]];
       // Open this token's row on the worker the first time one of its experts lands there.
       if (w.tokens.empty() || w.tokens.back() != t) {
         w.tokens.push_back(static_cast<int32_t>(t));
@@ -51,7 +58,6 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
     std::shared_ptr<TensorStore> store, const ModelConfig& config, const Placement& placement) {
   std::unique_ptr<InProcessTransport> t(new InProcessTransport());
   t->hidden_ = config.hidden_size;
-  t->placement_ = placement;
   for (const auto& [begin, end] : placement.ranges) {
     WeightsOptions options;
     options.load_shared = false;
@@ -62,8 +68,9 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
     w.ffn = std::make_unique<ExpertFfn>(w.weights.get());
     t->workers_.push_back(std::move(w));
   }
+  t->worker_table_ = placement.WorkerTable(config.num_local_experts);
   for (int64_t e = 0; e < config.num_local_experts; ++e) {
-    if (placement.WorkerOf(e) < 0) {
+    if (t->worker_table_[e] < 0) {
       return absl::InvalidArgumentError(absl::StrCat("placement hosts no worker for expert ", e));
     }
   }
@@ -72,7 +79,7 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
 
 absl::Status InProcessTransport::Exchange(int64_t layer, const Routing& routing, const float* x,
                                           float* out) {
-  plan_.Build(routing, placement_);
+  plan_.Build(routing, worker_table_, static_cast<int64_t>(workers_.size()));
   std::fill(out, out + routing.tokens * hidden_, 0.0f);
   for (size_t wi = 0; wi < workers_.size(); ++wi) {
     const WorkerDispatch& d = plan_.workers()[wi];

@@ -36,7 +36,7 @@ class InProcessTransport : public ExpertTransport {
   InProcessTransport() = default;
 
   int64_t hidden_ = 0;
-  Placement placement_;
+  std::vector<int32_t> worker_table_;  // expert -> worker
   std::vector<Worker> workers_;
   DispatchPlan plan_;
   std::vector<float> rows_;     // gathered input rows of one worker

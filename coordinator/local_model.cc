@@ -25,13 +25,18 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
             << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts
             << " experts, top-" << m->config_.num_experts_per_tok << ", "
             << DTypeName(m->weights_->dtype()) << ")";
-  const Placement placement =
-      Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
-  MOE_ASSIGN_OR_RETURN(m->transport_,
-                       InProcessTransport::Create(m->store_, m->config_, placement));
+  if (options.transport_factory) {
+    MOE_ASSIGN_OR_RETURN(m->transport_, options.transport_factory(m->config_, *m->store_));
+  } else {
+    const Placement placement =
+        Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
+    MOE_ASSIGN_OR_RETURN(m->transport_,
+                         InProcessTransport::Create(m->store_, m->config_, placement));
+  }
   MOE_ASSIGN_OR_RETURN(m->engine_,
                        Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));
-  LOG(INFO) << "mapped " << m->store_->mapped_tensor_bytes() / (1 << 20) << " MiB of tensors";
+  LOG(INFO) << "mapped " << m->store_->mapped_tensor_count() << " tensors ("
+            << m->store_->mapped_tensor_bytes() / 1048576.0 << " MiB)";
   return m;
 }
 

@@ -1,8 +1,10 @@
-// A whole model in this process: config, tokenizer, shared weights, in-process expert workers
-// and the engine, wired together. What `moe-cli generate --model` and `moe-bench` run.
+// A model's coordinator side wired together: config, tokenizer, shared weights, the transport
+// to the experts (in-process workers by default) and the engine. What `moe-cli generate
+// --model`, `moe-bench` and `moe-coordinator` run.
 #ifndef MOE_COORDINATOR_LOCAL_MODEL_H_
 #define MOE_COORDINATOR_LOCAL_MODEL_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -15,9 +17,15 @@
 
 namespace moe {
 
+// Builds the transport to the experts once config and tensor headers are known (e.g. a
+// GrpcTransport to remote workers). Unset: in-process workers.
+using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<ExpertTransport>>(
+    const ModelConfig& config, const TensorStore& store)>;
+
 struct LocalModelOptions {
   std::string model_dir;           // Hugging Face layout: config.json, *.safetensors, tokenizer
   int64_t in_process_workers = 1;  // expert slices (contiguous placement), >= 1
+  TransportFactory transport_factory;  // overrides in_process_workers when set
   bool load_tokenizer = true;      // false for benchmarks on checkpoints without one
   EngineOptions engine;
 };
@@ -32,7 +40,8 @@ class LocalModel {
   const ModelWeights& weights() const { return *weights_; }
   // nullptr when loaded with load_tokenizer = false.
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
-  InProcessTransport* transport() { return transport_.get(); }
+  ExpertTransport* transport() { return transport_.get(); }
+  const TensorStore& store() const { return *store_; }
 
  private:
   LocalModel() = default;
@@ -40,7 +49,7 @@ class LocalModel {
   std::shared_ptr<TensorStore> store_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ModelWeights> weights_;
-  std::unique_ptr<InProcessTransport> transport_;
+  std::unique_ptr<ExpertTransport> transport_;
   std::unique_ptr<Engine> engine_;
 };
 

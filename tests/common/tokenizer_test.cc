@@ -407,3 +407,31 @@ TEST_F(TokenizerLoadTest, NonBoolLegacyIsInvalidArgument) {
 
 }  // namespace
 }  // namespace moe
+
+namespace moe {
+namespace {
+
+// A continuation keeps the first token's leading space: prompt + deltas reads like
+// Decode(prompt + generated).
+TEST(IncrementalDetokenizerContinuationTest, KeepsLeadingSpaceOfFirstToken) {
+  auto tok = Tokenizer::Load("tests/testdata/tokenizer");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::vector<int32_t> prompt = (*tok)->Encode("We hold these");
+  const std::vector<int32_t> all = (*tok)->Encode("We hold these truths to be self-evident");
+  ASSERT_TRUE(std::equal(prompt.begin(), prompt.end(), all.begin()));
+  IncrementalDetokenizer plain(tok->get());
+  IncrementalDetokenizer cont(tok->get(), /*continuation=*/true);
+  std::string plain_text, cont_text;
+  for (size_t i = prompt.size(); i < all.size(); ++i) {
+    plain_text += plain.Add(all[i]);
+    cont_text += cont.Add(all[i]);
+  }
+  plain_text += plain.Finish();
+  cont_text += cont.Finish();
+  EXPECT_EQ(plain_text, "truths to be self-evident");
+  EXPECT_EQ(cont_text, " truths to be self-evident");
+  EXPECT_EQ((*tok)->Decode(prompt) + cont_text, (*tok)->Decode(all));
+}
+
+}  // namespace
+}  // namespace moe

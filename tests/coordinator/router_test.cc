@@ -65,7 +65,7 @@ TEST(DispatchPlanTest, EachTokenOncePerWorkerWithItsPairs) {
   r.experts = {0, 1, /*t1*/ 3, 0, /*t2*/ 2, 3};
   r.weights = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f};
   DispatchPlan plan;
-  plan.Build(r, Placement::Contiguous(4, 2));
+  plan.Build(r, Placement::Contiguous(4, 2).WorkerTable(4), 2);
   const WorkerDispatch& w0 = plan.workers()[0];
   const WorkerDispatch& w1 = plan.workers()[1];
   EXPECT_THAT(w0.tokens, ElementsAre(0, 1));
@@ -76,7 +76,7 @@ TEST(DispatchPlanTest, EachTokenOncePerWorkerWithItsPairs) {
   EXPECT_THAT(w1.offsets, ElementsAre(0, 1, 3));
   // Rebuilding reuses the plan and forgets the previous step.
   RouteDense(2, &r);
-  plan.Build(r, Placement::Contiguous(1, 1));
+  plan.Build(r, Placement::Contiguous(1, 1).WorkerTable(1), 1);
   ASSERT_EQ(plan.workers().size(), 1u);
   EXPECT_THAT(plan.workers()[0].tokens, ElementsAre(0, 1));
 }
