@@ -13,7 +13,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "common/kernels.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
-// foreach_target.h must come before these.
+// After foreach_target.h, so that they are re-included per target too.
 #include "hwy/contrib/math/math-inl.h"
 #include "hwy/highway.h"
 
@@ -59,15 +59,27 @@ HWY_INLINE hn::Vec<DF> LoadWidened(DF df, const hwy::float16_t* HWY_RESTRICT p) 
 #endif
 }
 
-// One MatMul tile: y[t, r] = W[r, :] . x[t, :] for kRows consecutive weight rows and kTokens
-// tokens. Each weight vector is loaded and widened once and used for kTokens FMAs; each x vector
-// is used for kRows FMAs. kRows * kTokens independent accumulators hide FMA latency.
-// w: [kRows, cols] rows w_stride apart. x: [kTokens, cols] rows x_stride apart.
-// y: [kTokens, >= kRows] rows y_stride apart.
+// The operands of one MatMul, typed. w: [rows, cols] rows w_stride apart. x: [tokens, cols]
+// rows x_stride apart. y: [tokens, rows] rows y_stride apart.
+template <typename WT>
+struct MatMulOperands {
+  const WT* w;
+  size_t w_stride;
+  size_t cols;
+  const float* x;
+  size_t x_stride;
+  float* y;
+  size_t y_stride;
+};
+
+// One tile: y[t0 + t, r0 + r] = W[r0 + r, :] . x[t0 + t, :] for r < kRows, t < kTokens. Each
+// weight vector is loaded and widened once and used for kTokens FMAs; each x vector is used for
+// kRows FMAs. kRows * kTokens independent accumulators hide FMA latency.
 template <size_t kRows, size_t kTokens, typename WT>
-HWY_INLINE void MatMulTile(const WT* HWY_RESTRICT w, size_t w_stride,
-                           const float* HWY_RESTRICT x, size_t x_stride, size_t cols,
-                           float* HWY_RESTRICT y, size_t y_stride) {
+HWY_INLINE void MatMulTile(const MatMulOperands<WT>& op, size_t r0, size_t t0) {
+  const WT* HWY_RESTRICT w = op.w + r0 * op.w_stride;
+  const float* HWY_RESTRICT x = op.x + t0 * op.x_stride;
+  const size_t cols = op.cols;
   const hn::ScalableTag<float> df;
   const size_t lanes = hn::Lanes(df);
   hn::Vec<decltype(df)> acc[kRows][kTokens];
@@ -77,9 +89,9 @@ HWY_INLINE void MatMulTile(const WT* HWY_RESTRICT w, size_t w_stride,
   size_t c = 0;
   for (; c + lanes <= cols; c += lanes) {
     hn::Vec<decltype(df)> wv[kRows];
-    for (size_t r = 0; r < kRows; ++r) wv[r] = LoadWidened(df, w + r * w_stride + c);
+    for (size_t r = 0; r < kRows; ++r) wv[r] = LoadWidened(df, w + r * op.w_stride + c);
     for (size_t t = 0; t < kTokens; ++t) {
-      const auto xv = hn::LoadU(df, x + t * x_stride + c);
+      const auto xv = hn::LoadU(df, x + t * op.x_stride + c);
       for (size_t r = 0; r < kRows; ++r) acc[r][t] = hn::MulAdd(wv[r], xv, acc[r][t]);
     }
   }
@@ -90,22 +102,26 @@ HWY_INLINE void MatMulTile(const WT* HWY_RESTRICT w, size_t w_stride,
   }
   for (; c < cols; ++c) {
     for (size_t r = 0; r < kRows; ++r) {
-      const auto wv = LoadWidened(d1, w + r * w_stride + c);
+      const auto wv = LoadWidened(d1, w + r * op.w_stride + c);
       for (size_t t = 0; t < kTokens; ++t) {
-        tail[r][t] = hn::MulAdd(wv, hn::LoadU(d1, x + t * x_stride + c), tail[r][t]);
+        tail[r][t] = hn::MulAdd(wv, hn::LoadU(d1, x + t * op.x_stride + c), tail[r][t]);
       }
     }
   }
+  float* HWY_RESTRICT y = op.y + t0 * op.y_stride + r0;
   for (size_t r = 0; r < kRows; ++r) {
     for (size_t t = 0; t < kTokens; ++t) {
-      y[t * y_stride + r] =
-          hn::GetLane(hn::SumOfLanes(df, acc[r][t])) + hn::GetLane(tail[r][t]);
+      y[t * op.y_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[r][t])) + hn::GetLane(tail[r][t]);
     }
   }
 }
 
-// Rows per MatMulTile: kRows * kTokens accumulators + kRows weights + 1 x vector must fit in
-// the register file (16 vectors up to AVX2, 32 with AVX-512).
+// Tokens per tile: kTokenTile rows of x (32 KiB at 2048 columns) stay in L1 while a tile runs.
+// Tiles of 8 tokens measured slower on AVX-512: x then spills to L2.
+constexpr size_t kTokenTile = 4;
+
+// Rows per tile: kRows * kTokens accumulators + kRows weights + 1 x vector must fit in the
+// register file (16 vectors up to AVX2, 32 with AVX-512).
 template <size_t kTokens>
 constexpr size_t TileRows() {
 #if HWY_TARGET <= HWY_AVX3
@@ -115,67 +131,56 @@ constexpr size_t TileRows() {
 #endif
 }
 
-// Rows [row_begin, row_end) for kTokens tokens.
+// Rows [row_begin, row_end) for tokens [t0, t0 + kTokens).
 template <size_t kTokens, typename WT>
-HWY_INLINE void MatMulTokenTile(const WT* HWY_RESTRICT w, size_t w_stride, size_t cols,
-                                const float* HWY_RESTRICT x, size_t x_stride,
-                                float* HWY_RESTRICT y, size_t y_stride, size_t row_begin,
+HWY_INLINE void MatMulTokenTile(const MatMulOperands<WT>& op, size_t t0, size_t row_begin,
                                 size_t row_end) {
   constexpr size_t kRows = TileRows<kTokens>();
   size_t r = row_begin;
-  for (; r + kRows <= row_end; r += kRows) {
-    MatMulTile<kRows, kTokens>(w + r * w_stride, w_stride, x, x_stride, cols, y + r, y_stride);
-  }
-  for (; r < row_end; ++r) {
-    MatMulTile<1, kTokens>(w + r * w_stride, w_stride, x, x_stride, cols, y + r, y_stride);
-  }
+  for (; r + kRows <= row_end; r += kRows) MatMulTile<kRows, kTokens>(op, r, t0);
+  for (; r < row_end; ++r) MatMulTile<1, kTokens>(op, r, t0);
 }
 
-constexpr size_t kTokenTile = 4;
+// MatMulTokenTile<n> for a run-time n <= kTokens.
+template <size_t kTokens, typename WT>
+HWY_INLINE void MatMulTokenTileN(const MatMulOperands<WT>& op, size_t t0, size_t n,
+                                 size_t row_begin, size_t row_end) {
+  if constexpr (kTokens > 1) {
+    if (n < kTokens) return MatMulTokenTileN<kTokens - 1>(op, t0, n, row_begin, row_end);
+  }
+  MatMulTokenTile<kTokens>(op, t0, row_begin, row_end);
+}
 
 // Rows [row_begin, row_end) for all tokens, kTokenTile tokens at a time. The caller keeps the
 // row range small enough to stay in cache, so weights come from memory once per call.
 template <typename WT>
-HWY_INLINE void MatMulRowsT(const WeightMatrix& wm, const float* HWY_RESTRICT x,
-                            size_t x_stride, size_t tokens, float* HWY_RESTRICT y,
-                            size_t y_stride, size_t row_begin, size_t row_end) {
-  const WT* w = static_cast<const WT*>(wm.data);
-  const size_t w_stride = static_cast<size_t>(wm.row_stride);
-  const size_t cols = static_cast<size_t>(wm.cols);
-  for (size_t t = 0; t < tokens; t += kTokenTile) {
-    const float* xt = x + t * x_stride;
-    float* yt = y + t * y_stride;
-    switch (std::min(kTokenTile, tokens - t)) {
-      case 1:
-        MatMulTokenTile<1>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
-        break;
-      case 2:
-        MatMulTokenTile<2>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
-        break;
-      case 3:
-        MatMulTokenTile<3>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
-        break;
-      default:
-        MatMulTokenTile<4>(w, w_stride, cols, xt, x_stride, yt, y_stride, row_begin, row_end);
-        break;
-    }
+HWY_INLINE void MatMulRowsT(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
+                            float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  const MatMulOperands<WT> op = {.w = static_cast<const WT*>(w.data),
+                                 .w_stride = static_cast<size_t>(w.row_stride),
+                                 .cols = static_cast<size_t>(w.cols),
+                                 .x = x,
+                                 .x_stride = static_cast<size_t>(x_stride),
+                                 .y = y,
+                                 .y_stride = static_cast<size_t>(y_stride)};
+  const size_t n = static_cast<size_t>(tokens);
+  for (size_t t = 0; t < n; t += kTokenTile) {
+    MatMulTokenTileN<kTokenTile>(op, t, std::min(kTokenTile, n - t), static_cast<size_t>(row_begin),
+                                 static_cast<size_t>(row_end));
   }
 }
 
-void MatMulRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
-                float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
-  const size_t xs = static_cast<size_t>(x_stride), ys = static_cast<size_t>(y_stride);
-  const size_t nt = static_cast<size_t>(tokens);
-  const size_t rb = static_cast<size_t>(row_begin), re = static_cast<size_t>(row_end);
+void MatMulRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
+                int64_t y_stride, int64_t row_begin, int64_t row_end) {
   switch (w.dtype) {
     case DType::kF32:
-      MatMulRowsT<float>(w, x, xs, nt, y, ys, rb, re);
+      MatMulRowsT<float>(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
       break;
     case DType::kF16:
-      MatMulRowsT<hwy::float16_t>(w, x, xs, nt, y, ys, rb, re);
+      MatMulRowsT<hwy::float16_t>(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
       break;
     case DType::kBF16:
-      MatMulRowsT<hwy::bfloat16_t>(w, x, xs, nt, y, ys, rb, re);
+      MatMulRowsT<hwy::bfloat16_t>(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
       break;
   }
 }
@@ -323,8 +328,7 @@ void SoftmaxImpl(float* HWY_RESTRICT x, int64_t n64) {
     hn::StoreU(e, d1, x + i);
     tail_sum = hn::Add(tail_sum, e);
   }
-  const float inv_sum =
-      1.0f / (hn::GetLane(hn::SumOfLanes(df, vsum)) + hn::GetLane(tail_sum));
+  const float inv_sum = 1.0f / (hn::GetLane(hn::SumOfLanes(df, vsum)) + hn::GetLane(tail_sum));
   for (i = 0; i + lanes <= n; i += lanes) {
     hn::StoreU(hn::Mul(hn::LoadU(df, x + i), hn::Set(df, inv_sum)), df, x + i);
   }
@@ -349,9 +353,10 @@ HWY_EXPORT(SoftmaxImpl);
 
 namespace {
 
-// Below this many multiply-adds a MatMul runs on the calling thread: waking the OpenMP team
-// costs a few microseconds, which small (test-sized) matrices don't repay.
-constexpr int64_t kMinParallelMacs = int64_t{1} << 18;
+// Below this many multiply-adds (~50-100 us on one core) a MatMul runs on the calling thread:
+// waking the OpenMP team costs microseconds (far more when a core is busy with something
+// else), which small (test-sized) matrices don't repay.
+constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
 
 // Rows per work item: about this many weight bytes, so that a block stays in L2 while every
 // token tile streams over it (the weights are read from memory once), and there are many
@@ -369,16 +374,20 @@ void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tok
   const int64_t block_rows =
       std::max<int64_t>(1, kBlockBytes / row_bytes / kMinBlockRows) * kMinBlockRows;
   const int64_t blocks = (w.rows + block_rows - 1) / block_rows;
-  const bool parallel = blocks > 1 && w.rows * w.cols * tokens >= kMinParallelMacs;
   const auto matmul_rows = HWY_DYNAMIC_DISPATCH(MatMulRows);
-  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
-  // second engine) then delays the call by one block rather than by its whole static share.
-#pragma omp parallel for schedule(dynamic) if (parallel)
-  for (int64_t b = 0; b < blocks; ++b) {
+  const auto run_block = [&](int64_t b) {
     const int64_t row_begin = b * block_rows;
     const int64_t row_end = std::min(w.rows, row_begin + block_rows);
     matmul_rows(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
+  };
+  if (blocks == 1 || w.rows * w.cols * tokens < kMinParallelMacs) {
+    for (int64_t b = 0; b < blocks; ++b) run_block(b);
+    return;
   }
+  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
+  // second engine) then delays the call by one block rather than by its whole static share.
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t b = 0; b < blocks; ++b) run_block(b);
 }
 
 void ConvertToF32(const void* src, DType dtype, int64_t n, float* out) {
@@ -403,8 +412,7 @@ void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, flo
   HWY_DYNAMIC_DISPATCH(RmsNormImpl)(x, weight, tokens, n, eps, out);
 }
 
-void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos,
-                   const float* sin) {
+void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin) {
   HWY_DYNAMIC_DISPATCH(RopeSplitHalfImpl)(x, heads, head_dim, cos, sin);
 }
 

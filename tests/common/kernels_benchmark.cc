@@ -42,8 +42,7 @@ Problem MakeProblem(DType dtype, int64_t rows, int64_t cols, int64_t tokens) {
   p.x.resize(static_cast<size_t>(tokens * cols));
   for (float& v : p.x) v = dist(rng);
   p.y.resize(static_cast<size_t>(tokens * rows));
-  p.w = {.data = p.weights.data(), .dtype = dtype, .rows = rows, .cols = cols,
-         .row_stride = cols};
+  p.w = {.data = p.weights.data(), .dtype = dtype, .rows = rows, .cols = cols, .row_stride = cols};
   return p;
 }
 

@@ -44,8 +44,8 @@ struct TestMatrix {
   WeightMatrix w;
 };
 
-TestMatrix MakeMatrix(DType dtype, int64_t rows, int64_t cols, int64_t row_stride,
-                      int64_t offset, uint32_t seed) {
+TestMatrix MakeMatrix(DType dtype, int64_t rows, int64_t cols, int64_t row_stride, int64_t offset,
+                      uint32_t seed) {
   TestMatrix m;
   const size_t n = static_cast<size_t>(rows * row_stride);
   const size_t elem = DTypeSize(dtype);
@@ -57,8 +57,7 @@ TestMatrix MakeMatrix(DType dtype, int64_t rows, int64_t cols, int64_t row_strid
       std::memcpy(base + i * 4, &m.values[i], 4);
       continue;
     }
-    const uint16_t bits =
-        dtype == DType::kBF16 ? F32ToBF16(m.values[i]) : F32ToF16(m.values[i]);
+    const uint16_t bits = dtype == DType::kBF16 ? F32ToBF16(m.values[i]) : F32ToF16(m.values[i]);
     m.values[i] = dtype == DType::kBF16 ? BF16ToF32(bits) : F16ToF32(bits);
     std::memcpy(base + i * 2, &bits, 2);
   }
@@ -124,7 +123,7 @@ TEST_P(KernelTest, MatMulSmallShapes) {
   for (DType dtype : {DType::kF32, DType::kF16, DType::kBF16}) {
     for (bool strided : {false, true}) {
       for (int64_t cols : {1, 3, 100, 200, 1000}) {
-        for (int64_t rows : {1, 3, 100}) {  // 100 x 1000 x 3 tokens runs in parallel
+        for (int64_t rows : {1, 3, 100}) {  // 100 x 1000 x 17 runs in parallel
           for (int64_t tokens : kTokenCounts) CheckMatMul(dtype, rows, cols, tokens, strided);
         }
       }
@@ -154,21 +153,21 @@ TEST_P(MatMulTest, MatchesNaiveLoop) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    AllDTypes, MatMulTest,
-    ::testing::Combine(::testing::Values(DType::kF32, DType::kF16, DType::kBF16),
-                       ::testing::Bool()),
-    [](const auto& info) {
-      return std::string(DTypeName(std::get<0>(info.param))) +
-             (std::get<1>(info.param) ? "Strided" : "Dense");
-    });
+INSTANTIATE_TEST_SUITE_P(AllDTypes, MatMulTest,
+                         ::testing::Combine(::testing::Values(DType::kF32, DType::kF16,
+                                                              DType::kBF16),
+                                            ::testing::Bool()),
+                         [](const auto& info) {
+                           return std::string(DTypeName(std::get<0>(info.param))) +
+                                  (std::get<1>(info.param) ? "Strided" : "Dense");
+                         });
 
 TEST_P(KernelTest, MatMulDenseOverloadAndExactValues) {
   // W = [[1, 2, 3], [-1, 0.5, 4]] in BF16 (exact); x = [[1, 1, 1], [2, 0, -1]].
-  const std::vector<uint16_t> w_bits = {F32ToBF16(1), F32ToBF16(2),   F32ToBF16(3),
+  const std::vector<uint16_t> w_bits = {F32ToBF16(1),  F32ToBF16(2),   F32ToBF16(3),
                                         F32ToBF16(-1), F32ToBF16(0.5), F32ToBF16(4)};
-  const WeightMatrix w{.data = w_bits.data(), .dtype = DType::kBF16, .rows = 2, .cols = 3,
-                       .row_stride = 3};
+  const WeightMatrix w{
+      .data = w_bits.data(), .dtype = DType::kBF16, .rows = 2, .cols = 3, .row_stride = 3};
   const std::vector<float> x = {1, 1, 1, 2, 0, -1};
   std::vector<float> y(4, 0);
   MatMul(w, x.data(), 2, y.data());
