@@ -134,48 +134,56 @@ std::unique_ptr<sentencepiece::SentencePieceProcessor> LoadProcessor(const std::
 
 }  // namespace
 
-SentencePieceModel::SentencePieceModel() = default;
-SentencePieceModel::~SentencePieceModel() = default;
-
-std::unique_ptr<SentencePieceModel> SentencePieceModel::FromSerialized(
-    const std::string& serialized, std::string* error) {
-  const std::optional<NormalizerFlags> flags = ReadNormalizerFlags(serialized);
-  if (!flags) {
-    *error = "not a serialized SentencePiece ModelProto";
-    return nullptr;
+class SentencePieceModelImpl final : public SentencePieceModel {
+ public:
+  static SentencePieceModel* Create(const std::string& serialized, std::string* error) {
+    const std::optional<NormalizerFlags> flags = ReadNormalizerFlags(serialized);
+    if (!flags) {
+      *error = "not a serialized SentencePiece ModelProto";
+      return nullptr;
+    }
+    std::unique_ptr<SentencePieceModelImpl> model(new SentencePieceModelImpl());
+    model->add_dummy_prefix_ = flags->add_dummy_prefix;
+    model->remove_extra_whitespaces_ = flags->remove_extra_whitespaces;
+    model->processor_ = LoadProcessor(serialized, error);
+    if (model->processor_ == nullptr) return nullptr;
+    model->processor_no_prefix_ = LoadProcessor(WithoutDummyPrefix(serialized), error);
+    if (model->processor_no_prefix_ == nullptr) return nullptr;
+    return model.release();
   }
-  std::unique_ptr<SentencePieceModel> model(new SentencePieceModel());
-  model->add_dummy_prefix_ = flags->add_dummy_prefix;
-  model->remove_extra_whitespaces_ = flags->remove_extra_whitespaces;
-  model->processor_ = LoadProcessor(serialized, error);
-  if (model->processor_ == nullptr) return nullptr;
-  model->processor_no_prefix_ = LoadProcessor(WithoutDummyPrefix(serialized), error);
-  if (model->processor_no_prefix_ == nullptr) return nullptr;
-  return model;
-}
 
-std::vector<int> SentencePieceModel::Encode(std::string_view text) const {
-  return processor_->EncodeAsIds(text);
-}
+  std::vector<int> Encode(std::string_view text) const override {
+    return processor_->EncodeAsIds(text);
+  }
+  std::vector<int> EncodeWithoutDummyPrefix(std::string_view text) const override {
+    return processor_no_prefix_->EncodeAsIds(text);
+  }
+  int piece_size() const override { return processor_->GetPieceSize(); }
+  const std::string& IdToPiece(int id) const override { return processor_->IdToPiece(id); }
+  int PieceToId(std::string_view piece) const override { return processor_->PieceToId(piece); }
+  bool IsControl(int id) const override { return processor_->IsControl(id); }
+  bool IsUnknown(int id) const override { return processor_->IsUnknown(id); }
+  bool IsByte(int id) const override { return processor_->IsByte(id); }
+  int unk_id() const override { return processor_->unk_id(); }
+  int bos_id() const override { return processor_->bos_id(); }
+  int eos_id() const override { return processor_->eos_id(); }
+  bool add_dummy_prefix() const override { return add_dummy_prefix_; }
+  bool remove_extra_whitespaces() const override { return remove_extra_whitespaces_; }
 
-std::vector<int> SentencePieceModel::EncodeWithoutDummyPrefix(std::string_view text) const {
-  return processor_no_prefix_->EncodeAsIds(text);
-}
+ private:
+  SentencePieceModelImpl() = default;
 
-int SentencePieceModel::piece_size() const { return processor_->GetPieceSize(); }
-
-const std::string& SentencePieceModel::IdToPiece(int id) const { return processor_->IdToPiece(id); }
-
-int SentencePieceModel::PieceToId(std::string_view piece) const {
-  return processor_->PieceToId(piece);
-}
-
-bool SentencePieceModel::IsControl(int id) const { return processor_->IsControl(id); }
-bool SentencePieceModel::IsUnknown(int id) const { return processor_->IsUnknown(id); }
-bool SentencePieceModel::IsByte(int id) const { return processor_->IsByte(id); }
-
-int SentencePieceModel::unk_id() const { return processor_->unk_id(); }
-int SentencePieceModel::bos_id() const { return processor_->bos_id(); }
-int SentencePieceModel::eos_id() const { return processor_->eos_id(); }
+  // The model as stored, and the same model with add_dummy_prefix = false.
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
+  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_no_prefix_;
+  bool add_dummy_prefix_ = true;
+  bool remove_extra_whitespaces_ = true;
+};
 
 }  // namespace moe
+
+// Looked up by name (kSentencePieceFactorySymbol) after dlopen.
+extern "C" __attribute__((visibility("default"))) moe::SentencePieceModel* moe_spm_from_serialized(
+    const std::string& serialized, std::string* error) {
+  return moe::SentencePieceModelImpl::Create(serialized, error);
+}

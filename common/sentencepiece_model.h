@@ -1,9 +1,16 @@
 // A std-only view of a SentencePiece model (tokenizer.model).
 //
-// SentencePiece 0.1.97's sentencepiece_processor.h declares its own absl::string_view, which
-// clashes with Abseil's, so that header is included only by sentencepiece_model.cc (compiled in
-// its own object library that sees no Abseil header). Everything else talks to SentencePiece
-// through this class, whose interface uses only the standard library.
+// Debian's libsentencepiece (0.1.97) cannot share a process with the rest of our stack as an
+// ordinary dependency:
+//  - its sentencepiece_processor.h declares its own absl::string_view, which clashes with
+//    Abseil's, so the header is included only by sentencepiece_model.cc, which sees no Abseil;
+//  - it embeds its own protobuf-lite 3.14 runtime under the usual google::protobuf names, so in
+//    a process that also links libprotobuf 3.21 (gRPC) its symbols get interposed and it aborts
+//    at load ("compiled against version 3.14.0").
+// So sentencepiece_model.cc is built into a small shared library (libmoe_spm.so, next to the
+// binaries in build/lib) that FromSerialized() loads with dlopen(RTLD_LOCAL | RTLD_DEEPBIND):
+// SentencePiece then binds to its own embedded protobuf, and we only ever call it through this
+// std-only virtual interface.
 #ifndef MOE_COMMON_SENTENCEPIECE_MODEL_H_
 #define MOE_COMMON_SENTENCEPIECE_MODEL_H_
 
@@ -12,10 +19,6 @@
 #include <string_view>
 #include <vector>
 
-namespace sentencepiece {
-class SentencePieceProcessor;
-}  // namespace sentencepiece
-
 namespace moe {
 
 // Thread-safety: immutable after FromSerialized(); all methods may be called concurrently.
@@ -23,45 +26,45 @@ class SentencePieceModel {
  public:
   // Parses a serialized ModelProto (the bytes of a tokenizer.model file). Returns nullptr and
   // sets *error (which must not be null) when the bytes are not a usable model.
+  // Loads libmoe_spm.so on first use (an error names the paths tried).
   static std::unique_ptr<SentencePieceModel> FromSerialized(const std::string& serialized,
                                                             std::string* error);
-  ~SentencePieceModel();
+  virtual ~SentencePieceModel() = default;
 
   // Ids of `text` with the model's own normalizer settings (so with the dummy-prefix "▁" when
   // the model has add_dummy_prefix, as SentencePiece's own Encode does).
-  std::vector<int> Encode(std::string_view text) const;
+  virtual std::vector<int> Encode(std::string_view text) const = 0;
   // Ids of `text` with add_dummy_prefix forced off, every other setting as in the model. This is
   // the processor transformers' LlamaTokenizer builds when legacy=False.
-  std::vector<int> EncodeWithoutDummyPrefix(std::string_view text) const;
+  virtual std::vector<int> EncodeWithoutDummyPrefix(std::string_view text) const = 0;
 
-  int piece_size() const;
+  virtual int piece_size() const = 0;
   // REQUIRES: 0 <= id < piece_size().
-  const std::string& IdToPiece(int id) const;
+  virtual const std::string& IdToPiece(int id) const = 0;
   // unk_id() when `piece` is not in the vocabulary.
-  int PieceToId(std::string_view piece) const;
+  virtual int PieceToId(std::string_view piece) const = 0;
   // Piece types. REQUIRES: 0 <= id < piece_size().
-  bool IsControl(int id) const;
-  bool IsUnknown(int id) const;
-  bool IsByte(int id) const;
+  virtual bool IsControl(int id) const = 0;
+  virtual bool IsUnknown(int id) const = 0;
+  virtual bool IsByte(int id) const = 0;
 
   // -1 when the model defines no such piece.
-  int unk_id() const;
-  int bos_id() const;
-  int eos_id() const;
+  virtual int unk_id() const = 0;
+  virtual int bos_id() const = 0;
+  virtual int eos_id() const = 0;
 
   // NormalizerSpec settings of the model as stored (before any override).
-  bool add_dummy_prefix() const { return add_dummy_prefix_; }
-  bool remove_extra_whitespaces() const { return remove_extra_whitespaces_; }
+  virtual bool add_dummy_prefix() const = 0;
+  virtual bool remove_extra_whitespaces() const = 0;
 
- private:
-  SentencePieceModel();
-
-  // The model as stored, and the same model with add_dummy_prefix = false.
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_;
-  std::unique_ptr<sentencepiece::SentencePieceProcessor> processor_no_prefix_;
-  bool add_dummy_prefix_ = true;
-  bool remove_extra_whitespaces_ = true;
+ protected:
+  SentencePieceModel() = default;
 };
+
+// The shim's entry point, looked up with dlsym: FromSerialized without the loading.
+using SentencePieceFactory = SentencePieceModel* (*)(const std::string& serialized,
+                                                     std::string* error);
+inline constexpr char kSentencePieceFactorySymbol[] = "moe_spm_from_serialized";
 
 }  // namespace moe
 

@@ -173,7 +173,7 @@ absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
   } else {
     RouteDense(rows_, &routing_);
   }
-  if (observer_ != nullptr) observer_->OnRouting(layer, routing_);
+  for (RoutingObserver* observer : observers_) observer->OnRouting(layer, routing_);
   // experts (wherever they live) and residual
   MOE_RETURN_IF_ERROR(transport_->Exchange(layer, routing_, xn_.data(), proj_.data()));
   for (int64_t i = 0; i < rows_ * hidden; ++i) x_[i] += proj_[i];

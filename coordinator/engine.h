@@ -66,7 +66,9 @@ class Engine {
 
   const ModelConfig& config() const { return config_; }
   const KvCache& kv_cache() const { return kv_cache_; }
-  void set_routing_observer(RoutingObserver* observer) { observer_ = observer; }
+  // Observers see every layer's routing of every step, in the order added. Not owned.
+  void AddRoutingObserver(RoutingObserver* observer) { observers_.push_back(observer); }
+  void RemoveRoutingObserver(RoutingObserver* observer) { std::erase(observers_, observer); }
 
  private:
   Engine(const ModelWeights* weights, ExpertTransport* transport, const EngineOptions& options);
@@ -83,7 +85,7 @@ class Engine {
   std::vector<float> rope_sin_;
 
   KvCache kv_cache_;
-  RoutingObserver* observer_ = nullptr;
+  std::vector<RoutingObserver*> observers_;
 
   // Per-step row bookkeeping and scratch, grown to the largest step seen.
   int64_t rows_ = 0;

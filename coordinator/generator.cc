@@ -4,6 +4,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "coordinator/scheduler.h"
 
 namespace moe {
 
@@ -91,51 +92,99 @@ std::string StopMatcher::Flush() {
   return out;
 }
 
+SequenceDecoder::SequenceDecoder(const GenerationRequest* request, const Tokenizer* tokenizer,
+                                 int32_t vocab_size)
+    : request_(request),
+      tokenizer_(tokenizer),
+      sampler_(request->params.sampling, vocab_size),
+      detokenizer_(tokenizer, /*continuation=*/true),
+      stop_(request->params.stop) {
+  // Sized once so that Advance() only appends.
+  history_.reserve(request->prompt.size() + request->params.max_tokens);
+  history_.assign(request->prompt.begin(), request->prompt.end());
+  output_.tokens.reserve(request->params.max_tokens);
+}
+
+std::span<const int32_t> SequenceDecoder::NextInput() const {
+  if (output_.tokens.empty()) return request_->prompt;
+  return {&history_.back(), 1};
+}
+
+std::string SequenceDecoder::Advance(float* logits) {
+  const int32_t token = sampler_.Sample(logits, history_);
+  history_.push_back(token);
+  output_.tokens.push_back(token);
+  std::string delta = Detokenize(token);
+  if (!finished() && IsPastLimit()) output_.finish = FinishReason::kLength;
+  if (finished() && output_.finish != FinishReason::kStop) {
+    // The sequence ended otherwise: release what the detokenizer and the matcher hold back (a
+    // stop string can still complete in it).
+    bool stopped = false;
+    delta += stop_.Add(detokenizer_.Finish(), &stopped);
+    if (stopped) output_.finish = FinishReason::kStop;
+    delta += stop_.Flush();
+  }
+  if (finished()) output_.text = stop_.text();
+  return delta;
+}
+
+std::string SequenceDecoder::Detokenize(int32_t token) {
+  if (!request_->params.ignore_eos && tokenizer_->IsEos(token)) {
+    output_.finish = FinishReason::kEos;
+    return "";
+  }
+  bool stopped = false;
+  std::string delta = stop_.Add(detokenizer_.Add(token), &stopped);
+  if (stopped) output_.finish = FinishReason::kStop;
+  return delta;
+}
+
+bool SequenceDecoder::IsPastLimit() const {
+  return static_cast<int64_t>(output_.tokens.size()) >= request_->params.max_tokens;
+}
+
 namespace {
 
-struct ActiveSequence {
-  ActiveSequence(const GenerationRequest& r, int32_t vocab, const Tokenizer* tokenizer)
-      : request(&r), sampler(r.params.sampling, vocab), detokenizer(tokenizer),
-        stop(r.params.stop), history(r.prompt) {}
-  const GenerationRequest* request;
-  SequenceState state;
-  Sampler sampler;
-  IncrementalDetokenizer detokenizer;
-  StopMatcher stop;
-  std::vector<int32_t> history;  // prompt + generated
-  GenerationOutput output;
-  bool done = false;
+// Forwards one request's tokens to the caller's callback and keeps its output or error.
+class CollectingSink : public GenerationSink {
+ public:
+  CollectingSink(size_t index, const TokenCallback* on_token, GenerationOutput* output,
+                 absl::Status* first_error)
+      : index_(index), on_token_(on_token), output_(output), first_error_(first_error) {}
+
+  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
+                const TokenRoutes*) override {
+    if (!*on_token_) return;
+    // The text belongs with the last token.
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      (*on_token_)(index_, tokens[i], i + 1 == tokens.size() ? text : std::string_view());
+    }
+  }
+  void OnFinished(const absl::Status& status, const GenerationOutput& output) override {
+    if (status.ok()) {
+      *output_ = output;
+    } else if (first_error_->ok()) {
+      *first_error_ = status;
+    }
+  }
+
+ private:
+  size_t index_;
+  const TokenCallback* on_token_;
+  GenerationOutput* output_;
+  absl::Status* first_error_;
 };
 
-// Samples and appends the next token; returns the text delta to stream.
-std::string Advance(ActiveSequence* s, const Tokenizer* tokenizer, float* logits) {
-  const int32_t token = s->sampler.Sample(logits, s->history);
-  s->history.push_back(token);
-  s->output.tokens.push_back(token);
-  const GenerationParams& p = s->request->params;
-  std::string delta;
-  if (!p.ignore_eos && tokenizer->IsEos(token)) {
-    s->output.finish = FinishReason::kEos;
-  } else {
-    bool stopped = false;
-    delta = s->stop.Add(s->detokenizer.Add(token), &stopped);
-    if (stopped) s->output.finish = FinishReason::kStop;
+// Everything admitted at once: all prompts prefill in the first step, as a batch run expects.
+SchedulerOptions BatchOptions(std::span<const GenerationRequest> requests) {
+  SchedulerOptions options;
+  options.max_running = static_cast<int64_t>(requests.size());
+  options.max_waiting = options.max_running;
+  options.max_step_tokens = 0;
+  for (const GenerationRequest& r : requests) {
+    options.max_step_tokens += static_cast<int64_t>(r.prompt.size());
   }
-  if (s->output.finish == FinishReason::kNone &&
-      static_cast<int64_t>(s->output.tokens.size()) >= p.max_tokens) {
-    s->output.finish = FinishReason::kLength;
-  }
-  if (s->output.finish != FinishReason::kNone && s->output.finish != FinishReason::kStop) {
-    bool stopped = false;
-    delta += s->stop.Add(s->detokenizer.Finish(), &stopped);
-    if (stopped) s->output.finish = FinishReason::kStop;
-    delta += s->stop.Flush();
-  }
-  if (s->output.finish != FinishReason::kNone) {
-    s->output.text = s->stop.text();
-    s->done = true;
-  }
-  return delta;
+  return options;
 }
 
 }  // namespace
@@ -143,45 +192,29 @@ std::string Advance(ActiveSequence* s, const Tokenizer* tokenizer, float* logits
 absl::StatusOr<std::vector<GenerationOutput>> Generate(Engine* engine, const Tokenizer* tokenizer,
                                                        std::span<const GenerationRequest> requests,
                                                        const TokenCallback& on_token) {
-  const ModelConfig& config = engine->config();
   for (const GenerationRequest& r : requests) {
-    MOE_RETURN_IF_ERROR(ValidateGenerationRequest(r, config));
+    MOE_RETURN_IF_ERROR(ValidateGenerationRequest(r, engine->config()));
   }
-  std::vector<std::unique_ptr<ActiveSequence>> seqs;
-  for (const GenerationRequest& r : requests) {
-    seqs.push_back(std::make_unique<ActiveSequence>(r, config.vocab_size, tokenizer));
+  if (requests.empty()) return std::vector<GenerationOutput>();
+  std::vector<GenerationOutput> outputs(requests.size());
+  absl::Status first_error;
+  std::vector<CollectingSink> sinks;  // outlive the scheduler, which may finish requests
+  sinks.reserve(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    sinks.emplace_back(i, &on_token, &outputs[i], &first_error);
   }
-  std::vector<StepInput> inputs;
-  std::vector<size_t> owners;
-  std::vector<float> logits;
-  absl::Status status;
-  while (status.ok()) {
-    inputs.clear();
-    owners.clear();
-    for (size_t i = 0; i < seqs.size(); ++i) {
-      ActiveSequence& s = *seqs[i];
-      if (s.done) continue;
-      // First step: the whole prompt; then the last generated token.
-      std::span<const int32_t> tokens =
-          s.output.tokens.empty() ? std::span<const int32_t>(s.request->prompt)
-                                  : std::span<const int32_t>(&s.history.back(), 1);
-      inputs.push_back({&s.state, tokens, false});
-      owners.push_back(i);
+  {
+    Scheduler scheduler(engine, tokenizer, BatchOptions(requests));
+    for (size_t i = 0; i < requests.size(); ++i) {
+      GenerationRequest request = requests[i];
+      request.params.trace_routing = false;
+      absl::StatusOr<uint64_t> id = scheduler.Submit(std::move(request), &sinks[i]);
+      if (!id.ok()) return id.status();
     }
-    if (inputs.empty()) break;
-    status = engine->Step(inputs, &logits);
-    if (!status.ok()) break;
-    for (size_t j = 0; j < owners.size(); ++j) {
-      ActiveSequence& s = *seqs[owners[j]];
-      const std::string delta = Advance(&s, tokenizer, &logits[j * config.vocab_size]);
-      if (on_token) on_token(owners[j], s.output.tokens.back(), delta);
-      if (s.done) engine->Release(&s.state);
+    while (first_error.ok() && scheduler.StepOnce()) {
     }
-  }
-  for (auto& s : seqs) engine->Release(&s->state);
-  if (!status.ok()) return status;
-  std::vector<GenerationOutput> outputs;
-  for (auto& s : seqs) outputs.push_back(std::move(s->output));
+  }  // the scheduler frees whatever is left
+  if (!first_error.ok()) return first_error;
   return outputs;
 }
 

@@ -1,6 +1,6 @@
-// Text generation on top of the engine: prefill every prompt as one batch, then decode all
-// unfinished sequences together, one token each per step; sampling, incremental detokenizing,
-// stop on EOS, stop strings or max_tokens.
+// Text generation on top of the engine: the request and output types, the per-sequence logic
+// (SequenceDecoder: sampling, incremental detokenizing, stop on EOS, stop strings or max_tokens)
+// and Generate(), a synchronous batch run on a Scheduler (coordinator/scheduler.h).
 #ifndef MOE_COORDINATOR_GENERATOR_H_
 #define MOE_COORDINATOR_GENERATOR_H_
 
@@ -27,6 +27,7 @@ struct GenerationParams {
   int64_t max_tokens = 128;        // >= 1; prompt + max_tokens must fit max_position_embeddings
   std::vector<std::string> stop;   // generation ends before the first occurrence of any
   bool ignore_eos = false;         // keep going past EOS (benchmarks, fixtures)
+  bool trace_routing = false;      // report each token's expert routing (TokenRoutes)
 };
 
 struct GenerationRequest {
@@ -38,6 +39,16 @@ struct GenerationOutput {
   std::vector<int32_t> tokens;     // generated ids (EOS included when it ended the sequence)
   std::string text;                // detokenized, stop string excluded
   FinishReason finish = FinishReason::kNone;
+};
+
+// The experts that produced generated tokens: for token t, layer l and choice j < top_k, expert
+// experts[(t * layers + l) * top_k + j] with weight weights[same index], in descending weight
+// order (weights of one layer sum to 1). The row is the one whose logits gave token t.
+struct TokenRoutes {
+  int64_t layers = 0;
+  int64_t top_k = 0;
+  std::vector<int32_t> experts;  // [tokens, layers, top_k]
+  std::vector<float> weights;    // [tokens, layers, top_k]
 };
 
 // OK or INVALID_ARGUMENT naming the parameter (empty prompt, max_tokens < 1 or past the
@@ -62,11 +73,57 @@ class StopMatcher {
   size_t emitted_ = 0;   // bytes of text_ already returned
 };
 
+// One sequence's generation logic, shared by every driver of the engine: picks each next token
+// from the logits of the sequence's last row with a Sampler seeded from the request, detokenizes
+// incrementally (IncrementalDetokenizer, then StopMatcher) and ends the sequence on EOS (unless
+// ignore_eos), a stop string or max_tokens. It never touches the engine: the driver feeds
+// NextInput() to Engine::Step and the resulting logits row to Advance().
+// Not thread-safe; one per sequence.
+class SequenceDecoder {
+ public:
+  // REQUIRES: ValidateGenerationRequest(*request, config).ok() and vocab_size ==
+  // config.vocab_size. `request` and `tokenizer` must outlive this object.
+  SequenceDecoder(const GenerationRequest* request, const Tokenizer* tokenizer,
+                  int32_t vocab_size);
+  SequenceDecoder(const SequenceDecoder&) = delete;
+  SequenceDecoder& operator=(const SequenceDecoder&) = delete;
+
+  // The tokens the engine must append next: the whole prompt before the first Advance(), then
+  // the last generated token. Valid until the next Advance().
+  std::span<const int32_t> NextInput() const;
+  // Samples the next token from `logits` (vocab_size floats, overwritten), appends it and
+  // returns the text that became final (may be empty). Once finished() the returned text
+  // includes everything held back. REQUIRES: !finished().
+  std::string Advance(float* logits);
+
+  bool finished() const { return output_.finish != FinishReason::kNone; }
+  // Generated tokens so far; text and finish reason once finished().
+  const GenerationOutput& output() const { return output_; }
+
+ private:
+  // Sets the finish reason (if any) after `token` and returns its text delta.
+  std::string Detokenize(int32_t token);
+  bool IsPastLimit() const;
+
+  const GenerationRequest* request_;
+  const Tokenizer* tokenizer_;
+  Sampler sampler_;
+  IncrementalDetokenizer detokenizer_;
+  StopMatcher stop_;
+  std::vector<int32_t> history_;  // prompt + generated
+  GenerationOutput output_;
+};
+
 // Called for each generated token with the text that became final (may be empty).
 using TokenCallback = std::function<void(size_t request_index, int32_t token, std::string_view delta)>;
 
-// Runs `requests` to completion as one batch. Each request's tokens are exactly what it would
-// get alone (sampling is per sequence and seeded). On error every sequence's KV blocks are freed.
+// Runs `requests` to completion on a Scheduler without its thread: every prompt is prefilled in
+// the first step, then all unfinished sequences decode together. Each request's tokens are
+// exactly what it would get alone (sampling is per sequence and seeded). Errors: the first
+// invalid request's INVALID_ARGUMENT before anything runs, else the first request's failure
+// (RESOURCE_EXHAUSTED when the KV cache is full, the transport's error); then every sequence's
+// KV blocks are freed. trace_routing is ignored (the callback carries no routes). The engine
+// must not be driven by anything else meanwhile.
 absl::StatusOr<std::vector<GenerationOutput>> Generate(Engine* engine, const Tokenizer* tokenizer,
                                                        std::span<const GenerationRequest> requests,
                                                        const TokenCallback& on_token);

@@ -64,7 +64,7 @@ int Run() {
   const ModelConfig& c = model.config();
   Engine* engine = model.engine();
   ExpertTouchCounter touched(c.num_hidden_layers);
-  engine->set_routing_observer(&touched);
+  engine->AddRoutingObserver(&touched);
 
   uint64_t shared_bytes = MatrixBytes(model.weights().lm_head());
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {

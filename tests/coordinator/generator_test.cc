@@ -85,7 +85,11 @@ TEST_F(GeneratorTest, StreamedDeltasConcatenateToTheText) {
   ASSERT_TRUE(out.ok()) << out.status();
   EXPECT_EQ((*out)[0].tokens.size(), 24u);
   EXPECT_EQ(streamed[0], (*out)[0].text);
-  EXPECT_EQ((*out)[0].text, model_->tokenizer()->Decode((*out)[0].tokens));
+  // The completion continues the prompt: prompt text + completion == Decode(prompt + tokens).
+  std::vector<int32_t> all = Request("We hold these truths", 1).prompt;
+  const std::string prompt_text = model_->tokenizer()->Decode(all);
+  all.insert(all.end(), (*out)[0].tokens.begin(), (*out)[0].tokens.end());
+  EXPECT_EQ(prompt_text + (*out)[0].text, model_->tokenizer()->Decode(all));
 }
 
 TEST_F(GeneratorTest, StopStringEndsGenerationBeforeIt) {

@@ -1,0 +1,114 @@
+#include "coordinator/coordinator_server.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/fingerprint.h"
+#include "common/rpc/rpc_util.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
+#include "grpcpp/ext/proto_server_reflection_plugin.h"
+#include "grpcpp/health_check_service_interface.h"
+
+namespace moe {
+
+namespace {
+constexpr char kServiceName[] = "moecluster.v1.Inference";
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Create(
+    const CoordinatorOptions& options) {
+  MOE_RETURN_IF_ERROR(ValidateListenAddress(options.listen, "listen"));
+  MOE_RETURN_IF_ERROR(ValidateSchedulerOptions(options.scheduler));
+  std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
+  MOE_RETURN_IF_ERROR(server->Start(options));
+  return server;
+}
+
+absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
+  LocalModelOptions model_options;
+  model_options.model_dir = options.model_dir;
+  model_options.in_process_workers = options.in_process_workers;
+  model_options.engine = options.engine;
+  if (!options.workers.empty()) {
+    model_options.transport_factory = [&](const ModelConfig& config, const TensorStore& store)
+        -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+      GrpcTransportOptions t;
+      t.worker_addresses = options.workers;
+      t.model_fingerprint = ModelFingerprint(config, store);
+      t.connect_timeout = options.worker_connect_timeout;
+      t.step_timeout = options.step_timeout;
+      MOE_ASSIGN_OR_RETURN(std::unique_ptr<GrpcTransport> transport,
+                           GrpcTransport::Create(config, t));
+      grpc_transport_ = transport.get();
+      return transport;
+    };
+  }
+  MOE_ASSIGN_OR_RETURN(model_, LocalModel::Create(model_options));
+  const ModelConfig& c = model_->config();
+  expert_load_ = std::make_unique<ExpertLoadCounter>(c.num_hidden_layers, c.num_local_experts);
+  model_->engine()->AddRoutingObserver(expert_load_.get());
+  scheduler_ = std::make_unique<Scheduler>(model_->engine(), model_->tokenizer(), options.scheduler);
+
+  InferenceServiceDeps deps;
+  deps.scheduler = scheduler_.get();
+  deps.tokenizer = model_->tokenizer();
+  deps.config = &model_->config();
+  deps.expert_load = expert_load_.get();
+  deps.dtype = std::string(DTypeName(model_->weights().dtype()));
+  deps.fingerprint = ModelFingerprint(c, model_->store());
+  const int64_t experts = c.num_local_experts;
+  GrpcTransport* transport = grpc_transport_;
+  deps.workers = [transport, experts]() {
+    if (transport != nullptr) return transport->Workers();
+    return std::vector<WorkerSnapshot>{{"in-process", true, 0, experts, ""}};
+  };
+  service_ = std::make_unique<InferenceService>(deps);
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(service_.get());
+  builder.SetMaxReceiveMessageSize(64 << 20);
+  server_ = builder.BuildAndStart();
+  if (server_ == nullptr || port == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen,
+                                               " (address in use or not local?)"));
+  }
+  address_ = absl::StrCat(options.listen.substr(0, options.listen.rfind(':')), ":", port);
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  auto set_health = [health](bool serving) {
+    health->SetServingStatus(serving);
+    health->SetServingStatus(kServiceName, serving);
+  };
+  if (grpc_transport_ != nullptr) {
+    grpc_transport_->set_on_health_change(set_health);
+    set_health(grpc_transport_->AllExpertsServed());
+  } else {
+    set_health(true);
+  }
+  scheduler_->Start();
+  LOG(INFO) << "coordinator serving " << options.model_dir << " on " << address_ << " with "
+            << (options.workers.empty() ? std::string("in-process experts")
+                                        : absl::StrCat(options.workers.size(), " expert workers"));
+  return absl::OkStatus();
+}
+
+void CoordinatorServer::Shutdown() {
+  if (server_ == nullptr || shut_down_) return;
+  shut_down_ = true;
+  if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
+  server_->GetHealthCheckService()->Shutdown();
+  // The scheduler keeps running while the server drains: calls still open at the deadline are
+  // cancelled, their handlers cancel their requests and return.
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  scheduler_.reset();  // fails anything left, before the engine it drives goes away
+}
+
+void CoordinatorServer::Wait() {
+  if (server_ != nullptr) server_->Wait();
+}
+
+CoordinatorServer::~CoordinatorServer() { Shutdown(); }
+
+}  // namespace moe

@@ -1,0 +1,65 @@
+// The coordinator process wired together: the model's shared weights and engine, the transport
+// to the expert workers (gRPC, or in-process), the continuous-batching scheduler, and a gRPC
+// server with the Inference API, grpc.health.v1.Health and server reflection.
+#ifndef MOE_COORDINATOR_COORDINATOR_SERVER_H_
+#define MOE_COORDINATOR_COORDINATOR_SERVER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "coordinator/expert_load.h"
+#include "coordinator/inference_service.h"
+#include "coordinator/local_model.h"
+#include "coordinator/scheduler.h"
+#include "grpcpp/grpcpp.h"
+
+namespace moe {
+
+struct CoordinatorOptions {
+  std::string model_dir;
+  // Expert workers (HOST:PORT). Empty: the experts run in this process (in_process_workers
+  // slices), the reference the distributed path must equal.
+  std::vector<std::string> workers;
+  int64_t in_process_workers = 1;
+  std::string listen = "127.0.0.1:50051";  // port 0 picks a free port
+  absl::Duration worker_connect_timeout = absl::Seconds(60);
+  absl::Duration step_timeout = absl::Seconds(10);
+  SchedulerOptions scheduler;
+  EngineOptions engine;
+};
+
+class CoordinatorServer {
+ public:
+  // Loads the model's non-expert weights, connects to and validates every worker (refusing to
+  // start, with a message naming what is wrong or missing), starts serving.
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Create(const CoordinatorOptions& options);
+  ~CoordinatorServer();
+
+  // The address actually bound (with the real port when listen asked for port 0).
+  const std::string& address() const { return address_; }
+  const LocalModel& model() const { return *model_; }
+  // Stops accepting calls, lets in-flight calls drain (5 s), then fails what is left and stops
+  // the scheduler. Idempotent.
+  void Shutdown();
+  void Wait();
+
+ private:
+  CoordinatorServer() = default;
+  absl::Status Start(const CoordinatorOptions& options);
+
+  std::unique_ptr<LocalModel> model_;
+  GrpcTransport* grpc_transport_ = nullptr;  // owned by model_; null when in-process
+  std::unique_ptr<ExpertLoadCounter> expert_load_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<InferenceService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::string address_;
+  bool shut_down_ = false;
+};
+
+}  // namespace moe
+
+#endif  // MOE_COORDINATOR_COORDINATOR_SERVER_H_

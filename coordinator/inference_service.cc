@@ -1,0 +1,209 @@
+#include "coordinator/inference_service.h"
+
+#include <deque>
+
+#include "absl/strings/str_cat.h"
+#include "common/rpc/rpc_util.h"
+#include "common/status_macros.h"
+
+namespace moe {
+
+namespace pb = moecluster::v1;
+
+namespace {
+
+pb::FinishReason ToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kLength:
+      return pb::FINISH_REASON_LENGTH;
+    case FinishReason::kStop:
+      return pb::FINISH_REASON_STOP;
+    case FinishReason::kEos:
+      return pb::FINISH_REASON_EOS;
+    case FinishReason::kNone:
+      break;
+  }
+  return pb::FINISH_REASON_UNSPECIFIED;
+}
+
+// Buffers a request's output between the scheduler thread and the gRPC handler thread.
+class StreamSink : public GenerationSink {
+ public:
+  explicit StreamSink(std::string request_id) : request_id_(std::move(request_id)) {}
+
+  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
+                const TokenRoutes* routes) override {
+    pb::GenerateResponse response;
+    pb::TokenDelta* delta = response.mutable_delta();
+    delta->set_text(std::string(text));
+    delta->mutable_token_ids()->Assign(tokens.begin(), tokens.end());
+    if (routes != nullptr) AppendRoutes(*routes, tokens, delta);
+    absl::MutexLock lock(&mu_);
+    queue_.push_back(std::move(response));
+  }
+
+  void OnFinished(const absl::Status& status, const GenerationOutput& output) override {
+    absl::MutexLock lock(&mu_);
+    status_ = status;
+    if (status.ok()) {
+      pb::GenerateResponse response;
+      pb::Final* final = response.mutable_final();
+      final->set_request_id(request_id_);
+      final->set_finish_reason(ToProto(output.finish));
+      final->set_text(output.text);
+      final->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(output.tokens.size()));
+      queue_.push_back(std::move(response));
+    }
+    finished_ = true;
+  }
+
+  // Waits up to `timeout` for output; moves it into `out`. Returns true once finished and
+  // drained.
+  bool Take(absl::Duration timeout, std::deque<pb::GenerateResponse>* out) {
+    absl::MutexLock lock(&mu_);
+    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || finished_; };
+    mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
+    out->swap(queue_);
+    queue_.clear();
+    return finished_;
+  }
+  absl::Status status() {
+    absl::MutexLock lock(&mu_);
+    return status_;
+  }
+
+ private:
+  static void AppendRoutes(const TokenRoutes& routes, std::span<const int32_t> tokens,
+                           pb::TokenDelta* delta) {
+    const int64_t per_token = routes.layers * routes.top_k;
+    for (size_t t = 0; t < tokens.size(); ++t) {
+      pb::TokenRoute* route = delta->add_routing();
+      route->set_token_id(tokens[t]);
+      for (int64_t l = 0; l < routes.layers; ++l) {
+        pb::LayerRoute* layer = route->add_layers();
+        for (int64_t k = 0; k < routes.top_k; ++k) {
+          const size_t i = t * per_token + l * routes.top_k + k;
+          layer->add_experts(routes.experts[i]);
+          layer->add_weights(routes.weights[i]);
+        }
+      }
+    }
+  }
+
+  const std::string request_id_;
+  absl::Mutex mu_;
+  std::deque<pb::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
+  bool finished_ ABSL_GUARDED_BY(mu_) = false;
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace
+
+absl::StatusOr<GenerationRequest> FromProto(const pb::GenerateRequest& r,
+                                            const Tokenizer& tokenizer,
+                                            int64_t default_max_tokens) {
+  GenerationRequest out;
+  if (r.has_prompt_ids()) {
+    out.prompt.assign(r.prompt_ids().ids().begin(), r.prompt_ids().ids().end());
+  } else if (!r.prompt().empty()) {
+    out.prompt = tokenizer.Encode(r.prompt());
+  }
+  if (out.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
+  out.params.max_tokens = r.has_max_tokens() ? r.max_tokens() : default_max_tokens;
+  if (out.params.max_tokens < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("max_tokens must be >= 1, got ", out.params.max_tokens));
+  }
+  SamplingParams& s = out.params.sampling;
+  if (r.has_temperature()) s.temperature = r.temperature();
+  if (r.has_top_p()) s.top_p = r.top_p();
+  if (r.has_top_k()) s.top_k = r.top_k();
+  if (r.has_repetition_penalty()) s.repetition_penalty = r.repetition_penalty();
+  if (r.has_seed()) s.seed = r.seed();
+  out.params.stop.assign(r.stop().begin(), r.stop().end());
+  out.params.ignore_eos = r.ignore_eos();
+  out.params.trace_routing = r.trace_routing();
+  return out;
+}
+
+grpc::Status InferenceService::Generate(grpc::ServerContext* context,
+                                        const pb::GenerateRequest* request,
+                                        grpc::ServerWriter<pb::GenerateResponse>* writer) {
+  auto converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
+  if (!converted.ok()) return ToGrpcStatus(converted.status());
+  const size_t prompt_tokens = converted->prompt.size();
+  StreamSink sink(request->request_id());
+  auto id = deps_.scheduler->Submit(std::move(*converted), &sink);
+  if (!id.ok()) return ToGrpcStatus(id.status());
+  std::deque<pb::GenerateResponse> batch;
+  bool cancelled = false;
+  // Poll for client cancellation between outputs: the sync API has no cancel callback.
+  for (bool finished = false; !finished;) {
+    finished = sink.Take(absl::Milliseconds(50), &batch);
+    for (pb::GenerateResponse& response : batch) {
+      if (response.has_final()) {
+        response.mutable_final()->mutable_usage()->set_prompt_tokens(
+            static_cast<uint32_t>(prompt_tokens));
+      }
+      if (!cancelled && !writer->Write(response)) cancelled = true;
+    }
+    batch.clear();
+    if (!cancelled && context->IsCancelled()) cancelled = true;
+    if (cancelled) deps_.scheduler->Cancel(*id);  // idempotent; OnFinished still arrives
+  }
+  return ToGrpcStatus(sink.status());
+}
+
+grpc::Status InferenceService::Tokenize(grpc::ServerContext*, const pb::TokenizeRequest* request,
+                                        pb::TokenizeResponse* response) {
+  for (int32_t id : deps_.tokenizer->Encode(request->text(), request->add_bos())) {
+    response->add_ids(id);
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status InferenceService::GetModelInfo(grpc::ServerContext*, const pb::GetModelInfoRequest*,
+                                            pb::ModelInfo* response) {
+  const ModelConfig& c = *deps_.config;
+  response->set_architecture(c.architecture);
+  response->set_vocab_size(static_cast<int32_t>(c.vocab_size));
+  response->set_hidden_size(static_cast<int32_t>(c.hidden_size));
+  response->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
+  response->set_num_experts(static_cast<int32_t>(c.num_local_experts));
+  response->set_experts_per_token(static_cast<int32_t>(c.num_experts_per_tok));
+  response->set_max_position_embeddings(static_cast<int32_t>(c.max_position_embeddings));
+  response->set_dtype(deps_.dtype);
+  response->set_fingerprint(deps_.fingerprint);
+  return grpc::Status::OK;
+}
+
+grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext*,
+                                                const pb::GetClusterStatusRequest*,
+                                                pb::ClusterStatus* response) {
+  std::vector<bool> served(deps_.config->num_local_experts, false);
+  for (const WorkerSnapshot& w : deps_.workers()) {
+    pb::WorkerStatus* s = response->add_workers();
+    s->set_address(w.address);
+    s->set_state(w.ready ? pb::WORKER_STATE_READY : pb::WORKER_STATE_UNAVAILABLE);
+    s->set_expert_begin(static_cast<int32_t>(w.expert_begin));
+    s->set_expert_end(static_cast<int32_t>(w.expert_end));
+    s->set_message(w.message);
+    for (int64_t e = w.expert_begin; e < w.expert_end && w.ready; ++e) served[e] = true;
+  }
+  response->set_serving(std::all_of(served.begin(), served.end(), [](bool b) { return b; }));
+  const auto load = deps_.expert_load->Snapshot();
+  for (size_t l = 0; l < load.size(); ++l) {
+    pb::ExpertLoad* layer = response->add_load();
+    layer->set_layer(static_cast<int32_t>(l));
+    layer->mutable_tokens()->Assign(load[l].begin(), load[l].end());
+  }
+  const Scheduler::Stats stats = deps_.scheduler->stats();
+  response->set_running_requests(static_cast<int32_t>(stats.running));
+  response->set_waiting_requests(static_cast<int32_t>(stats.waiting));
+  response->set_kv_cache_usage(stats.kv_total_blocks > 0 ? static_cast<double>(stats.kv_used_blocks) /
+                                                               stats.kv_total_blocks
+                                                         : 0.0);
+  return grpc::Status::OK;
+}
+
+}  // namespace moe

@@ -1,0 +1,61 @@
+// gRPC glue for the public Inference API: proto -> plain structs -> Scheduler -> proto.
+#ifndef MOE_COORDINATOR_INFERENCE_SERVICE_H_
+#define MOE_COORDINATOR_INFERENCE_SERVICE_H_
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/tokenizer.h"
+#include "coordinator/expert_load.h"
+#include "coordinator/scheduler.h"
+#include "coordinator/transport/grpc_transport.h"
+#include "moecluster/v1/inference.grpc.pb.h"
+
+namespace moe {
+
+// What the service reads; every pointer must outlive the service.
+struct InferenceServiceDeps {
+  Scheduler* scheduler = nullptr;
+  const Tokenizer* tokenizer = nullptr;
+  const ModelConfig* config = nullptr;
+  const ExpertLoadCounter* expert_load = nullptr;
+  std::string dtype;        // of the checkpoint's matrices
+  std::string fingerprint;  // of the checkpoint
+  // The expert workers as they stand now.
+  std::function<std::vector<WorkerSnapshot>()> workers;
+  int64_t default_max_tokens = 64;
+};
+
+// Converts a public request to the scheduler's form. INVALID_ARGUMENT naming the field for
+// what cannot be expressed (no prompt, max_tokens < 1); the rest is validated by the scheduler.
+absl::StatusOr<GenerationRequest> FromProto(const moecluster::v1::GenerateRequest& request,
+                                            const Tokenizer& tokenizer,
+                                            int64_t default_max_tokens);
+
+// Thread-safety: handlers run concurrently on gRPC's threads.
+class InferenceService final : public moecluster::v1::Inference::Service {
+ public:
+  explicit InferenceService(const InferenceServiceDeps& deps) : deps_(deps) {}
+
+  grpc::Status Generate(grpc::ServerContext* context,
+                        const moecluster::v1::GenerateRequest* request,
+                        grpc::ServerWriter<moecluster::v1::GenerateResponse>* writer) override;
+  grpc::Status Tokenize(grpc::ServerContext* context,
+                        const moecluster::v1::TokenizeRequest* request,
+                        moecluster::v1::TokenizeResponse* response) override;
+  grpc::Status GetModelInfo(grpc::ServerContext* context,
+                            const moecluster::v1::GetModelInfoRequest* request,
+                            moecluster::v1::ModelInfo* response) override;
+  grpc::Status GetClusterStatus(grpc::ServerContext* context,
+                                const moecluster::v1::GetClusterStatusRequest* request,
+                                moecluster::v1::ClusterStatus* response) override;
+
+ private:
+  InferenceServiceDeps deps_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_COORDINATOR_INFERENCE_SERVICE_H_

@@ -1,0 +1,70 @@
+// moe-coordinator: serves the public Inference API for a model whose experts live in expert
+// workers (or in this process). Prints "READY HOST:PORT" on stdout once serving.
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "common/flag_names.h"
+#include "common/signals.h"
+#include "coordinator/coordinator_server.h"
+#include "glog/logging.h"
+
+ABSL_FLAG(std::string, model, "", "Model directory (config.json, *.safetensors, tokenizer.model). "
+          "Only the non-expert weights are loaded when --workers is given.");
+ABSL_FLAG(std::vector<std::string>, workers, {},
+          "Comma-separated expert workers HOST:PORT. Empty: run the experts in this process.");
+ABSL_FLAG(int64_t, in_process_workers, 1, "Without --workers: in-process expert slices.");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to serve on (port 0: any free port).");
+ABSL_FLAG(int64_t, max_running, 16, "Sequences decoded together (continuous batching).");
+ABSL_FLAG(int64_t, max_waiting, 64, "Queued requests beyond this get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(int64_t, max_step_tokens, 512, "Token budget per engine step (decode + prefill).");
+ABSL_FLAG(int64_t, kv_cache_blocks, 0, "KV cache capacity in blocks of 16 tokens "
+          "(0: room for 8 full contexts).");
+ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(10),
+          "Deadline for every expert exchange; a worker that misses it fails the step.");
+ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
+          "How long to wait at start for every worker to answer.");
+
+int main(int argc, char** argv) {
+  moe::BlockTerminationSignals();
+  absl::SetProgramUsageMessage(
+      "moe-coordinator --model DIR --workers HOST:PORT[,HOST:PORT...] [--listen HOST:PORT]\n"
+      "Serves moecluster.v1.Inference; experts run in the workers (or in-process without "
+      "--workers). Flag names take dashes or underscores.");
+  std::vector<std::string> storage;
+  std::vector<char*> args = moe::NormalizeFlagNames(argc, argv, &storage);
+  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
+  FLAGS_logtostderr = true;
+  google::InitGoogleLogging(argv[0]);
+
+  moe::CoordinatorOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.workers = absl::GetFlag(FLAGS_workers);
+  options.in_process_workers = absl::GetFlag(FLAGS_in_process_workers);
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.scheduler.max_running = absl::GetFlag(FLAGS_max_running);
+  options.scheduler.max_waiting = absl::GetFlag(FLAGS_max_waiting);
+  options.scheduler.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
+  options.engine.kv_cache.num_blocks = absl::GetFlag(FLAGS_kv_cache_blocks);
+  options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
+  options.worker_connect_timeout = absl::GetFlag(FLAGS_worker_connect_timeout);
+  if (options.model_dir.empty()) {
+    std::fprintf(stderr, "moe-coordinator: error: --model is required (see --help)\n");
+    return 1;
+  }
+  auto server = moe::CoordinatorServer::Create(options);
+  if (!server.ok()) {
+    std::fprintf(stderr, "moe-coordinator: error: %s\n",
+                 std::string(server.status().message()).c_str());
+    return 1;
+  }
+  std::cout << "READY " << (*server)->address() << std::endl;
+  const int sig = moe::WaitForTerminationSignal();
+  LOG(INFO) << "signal " << sig << ": shutting down";
+  (*server)->Shutdown();
+  return 0;
+}

@@ -1,0 +1,197 @@
+#include "expert_worker/expert_service.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/expert_ffn.h"
+#include "common/rpc/rpc_util.h"
+
+namespace moe {
+namespace {
+
+namespace pb = moecluster::v1;
+
+// One Forward stream's compute and buffers (see the class comment on ExpertService).
+class StreamState {
+ public:
+  explicit StreamState(const ModelWeights* weights)
+      : weights_(weights),
+        ffn_(weights),
+        hidden_(weights->config().hidden_size),
+        // Never empty, so data() is never null even for a step of 0 rows.
+        x_(hidden_),
+        out_(hidden_),
+        last_row_(weights->expert_end() - weights->expert_begin()) {}
+
+  // Checks every field of `req` and, when all are well-formed, points batch_ at its rows
+  // (copied to an aligned buffer) and its (expert, weight) pairs. `req` must outlive Run().
+  absl::Status Decode(const pb::ForwardRequest& req) {
+    const int64_t layers = weights_->config().num_hidden_layers;
+    if (req.layer() < 0 || req.layer() >= layers) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", req.layer(), " is out of range [0, ", layers, ")"));
+    }
+    int64_t rows = 0;
+    absl::Status s = DecodeHidden(req.hidden(), &rows);
+    if (s.ok()) s = CheckRowOffsets(req, rows);
+    if (s.ok()) s = DecodeAssignments(req, rows);
+    if (!s.ok()) return s;
+    batch_.layer = req.layer();
+    batch_.rows = rows;
+    batch_.x = x_.data();
+    batch_.offsets = std::span<const int32_t>(req.row_offsets().data(), rows + 1);
+    batch_.assignments =
+        std::span<const ExpertAssignment>(assignments_.data(), req.experts_size());
+    // Everything ExpertFfn::Validate checks was checked above; kept as its documented contract.
+    return ffn_.Validate(batch_);
+  }
+
+  // Computes the batch of the last successful Decode into `response`.
+  void Run(uint64_t step, pb::ForwardResponse* response) {
+    out_.resize(static_cast<size_t>(batch_.rows * hidden_));
+    ffn_.Forward(batch_, out_.data());  // out: [rows, hidden]
+    response->set_step(step);
+    EncodeF32Tensor(out_.data(), batch_.rows, hidden_, response->mutable_output());
+  }
+
+ private:
+  // hidden: [rows, hidden_size] F32. Rows are bounded before any size is computed from them.
+  absl::Status DecodeHidden(const pb::Tensor& t, int64_t* rows) {
+    if (t.shape_size() != 2) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "hidden: shape must be [rows, ", hidden_, "], got ", t.shape_size(), " dimensions"));
+    }
+    *rows = t.shape(0);
+    if (*rows < 0 || *rows > kMaxForwardRows) {
+      return absl::InvalidArgumentError(absl::StrCat("hidden: shape[0] = ", *rows,
+                                                     " rows is outside [0, ", kMaxForwardRows,
+                                                     "] (the per-request limit)"));
+    }
+    auto data = DecodeF32Tensor(t, *rows, hidden_, "hidden");
+    if (!data.ok()) return data.status();
+    // Protobuf does not promise float alignment of bytes fields: copy.
+    x_.resize(static_cast<size_t>(*rows * hidden_));
+    std::memcpy(x_.data(), t.data().data(), t.data().size());
+    return absl::OkStatus();
+  }
+
+  // row_offsets: rows + 1 entries, 0 first, non-decreasing, experts_size last.
+  static absl::Status CheckRowOffsets(const pb::ForwardRequest& req, int64_t rows) {
+    const auto& off = req.row_offsets();
+    if (off.size() != rows + 1) {
+      return absl::InvalidArgumentError(absl::StrCat("row_offsets: expected rows + 1 = ",
+                                                     rows + 1, " entries for ", rows,
+                                                     " hidden rows, got ", off.size()));
+    }
+    if (off[0] != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("row_offsets[0] must be 0, got ", off[0]));
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      if (off[r + 1] < off[r]) {
+        return absl::InvalidArgumentError(absl::StrCat("row_offsets decrease at row ", r, ": ",
+                                                       off[r], " then ", off[r + 1]));
+      }
+    }
+    if (off[rows] != req.experts_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("row_offsets[", rows, "] = ", off[rows],
+                                                     " must equal experts_size ",
+                                                     req.experts_size()));
+    }
+    return absl::OkStatus();
+  }
+
+  // experts/weights: equal sizes, hosted experts, finite weights, each expert once per row.
+  // REQUIRES: CheckRowOffsets(req, rows).ok().
+  absl::Status DecodeAssignments(const pb::ForwardRequest& req, int64_t rows) {
+    if (req.experts_size() != req.weights_size()) {
+      return absl::InvalidArgumentError(absl::StrCat("experts_size ", req.experts_size(),
+                                                     " != weights_size ", req.weights_size()));
+    }
+    const int64_t begin = weights_->expert_begin();
+    if (assignments_.size() < static_cast<size_t>(req.experts_size())) {
+      assignments_.resize(req.experts_size());
+    }
+    // last_row_[e - begin]: the last row that listed expert e; O(1) duplicate check per pair.
+    std::fill(last_row_.begin(), last_row_.end(), -1);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int32_t i = req.row_offsets(r); i < req.row_offsets(r + 1); ++i) {
+        const int32_t e = req.experts(i);
+        const float w = req.weights(i);
+        if (!weights_->HostsExpert(e)) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "experts[", i, "] = ", e, " is not hosted here (this worker hosts experts ", begin,
+              "-", weights_->expert_end() - 1, ")"));
+        }
+        if (!std::isfinite(w)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("weights[", i, "] = ", w, " (expert ", e, ") is not finite"));
+        }
+        if (last_row_[e - begin] == r) {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "experts: row ", r, " lists expert ", e, " more than once (experts[", i, "])"));
+        }
+        last_row_[e - begin] = r;
+        assignments_[i] = {e, w};
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  const ModelWeights* weights_;
+  ExpertFfn ffn_;
+  const int64_t hidden_;
+  std::vector<float> x_;                       // [rows, hidden], aligned copy of the request's
+  std::vector<float> out_;                     // [rows, hidden]
+  std::vector<ExpertAssignment> assignments_;  // [experts_size]
+  std::vector<int64_t> last_row_;              // [hosted experts]
+  ExpertBatch batch_;
+};
+
+}  // namespace
+
+ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads)
+    : weights_(weights), fingerprint_(std::move(fingerprint)), threads_(threads) {}
+
+grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
+                                    pb::WorkerInfo* info) {
+  const ModelConfig& c = weights_->config();
+  info->set_model_fingerprint(fingerprint_);
+  info->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
+  info->set_num_experts(static_cast<int32_t>(c.num_local_experts));
+  info->set_hidden_size(static_cast<int32_t>(c.hidden_size));
+  info->set_expert_begin(static_cast<int32_t>(weights_->expert_begin()));
+  info->set_expert_end(static_cast<int32_t>(weights_->expert_end()));
+  info->set_weight_dtype(ToProtoDType(weights_->dtype()));
+  return grpc::Status::OK;
+}
+
+grpc::Status ExpertService::Forward(
+    grpc::ServerContext*, grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
+  // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
+  if (threads_ > 0) omp_set_num_threads(threads_);
+  StreamState state(weights_);
+  pb::ForwardRequest request;
+  pb::ForwardResponse response;
+  while (stream->Read(&request)) {
+    absl::Status s = state.Decode(request);
+    if (!s.ok()) {
+      return ToGrpcStatus(absl::Status(
+          s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
+    }
+    state.Run(request.step(), &response);
+    if (!stream->Write(response)) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "the client closed the Forward stream");
+    }
+  }
+  return grpc::Status::OK;
+}
+
+}  // namespace moe

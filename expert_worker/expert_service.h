@@ -1,0 +1,57 @@
+// The ExpertWorker gRPC service: proto -> plain ExpertBatch -> ExpertFfn -> proto.
+//
+// Every ForwardRequest is untrusted: before any compute the service checks the layer, the hidden
+// tensor (F32, shape [rows, hidden_size], exact byte length, rows <= kMaxForwardRows), the CSR
+// row_offsets (rows + 1 entries, starting at 0, non-decreasing, ending at experts_size),
+// experts_size == weights_size, every expert hosted here, every weight finite, and no row naming
+// an expert twice. The first violation ends the stream with INVALID_ARGUMENT, its message naming
+// the step and the field (e.g. "step 7: row_offsets[0] must be 0, got 1"); the server and its
+// other streams are unaffected.
+#ifndef MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
+#define MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
+
+#include <cstdint>
+#include <string>
+
+#include "common/weights.h"
+#include "moecluster/v1/expert.grpc.pb.h"
+
+namespace moe {
+
+// Most rows one ForwardRequest may carry (a bound checked before anything is allocated).
+inline constexpr int64_t kMaxForwardRows = int64_t{1} << 20;
+
+// Thread-safety: gRPC's sync server may run several Forward streams (and GetInfo calls) at once.
+// The service itself is immutable after construction; each Forward stream owns its ExpertFfn and
+// its buffers (ExpertFfn is not thread-safe and holds only scratch), so streams never share
+// mutable state and run in parallel. Buffers grow to the largest step seen on the stream and are
+// reused, so a steady stream allocates nothing per step.
+class ExpertService final : public moecluster::v1::ExpertWorker::Service {
+ public:
+  // `weights` (hosting the experts to serve; shared weights not needed) must outlive the service.
+  // `fingerprint` is ModelFingerprint of the checkpoint. `threads` > 0 sets the OpenMP team size
+  // each stream's compute uses; 0 keeps the OpenMP default (OMP_NUM_THREADS or all cores).
+  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads);
+
+  grpc::Status GetInfo(grpc::ServerContext* context,
+                       const moecluster::v1::GetInfoRequest* request,
+                       moecluster::v1::WorkerInfo* info) override;
+
+  // Answers each request in order with ForwardResponse{step, output [rows, hidden] F32}.
+  // Returns OK when the client closes its side; INVALID_ARGUMENT on a malformed request;
+  // CANCELLED when a response cannot be written (the client went away).
+  grpc::Status Forward(
+      grpc::ServerContext* context,
+      grpc::ServerReaderWriter<moecluster::v1::ForwardResponse, moecluster::v1::ForwardRequest>*
+          stream) override;
+
+ private:
+  // Constant after construction.
+  const ModelWeights* weights_;
+  const std::string fingerprint_;
+  const int threads_;
+};
+
+}  // namespace moe
+
+#endif  // MOE_EXPERT_WORKER_EXPERT_SERVICE_H_

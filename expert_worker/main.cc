@@ -1,0 +1,91 @@
+// moe-expert-worker: serves experts A..B of every layer of a checkpoint to a coordinator.
+//   moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]
+// Prints "READY <host:port>" on stdout once serving; SIGINT/SIGTERM shut it down (exit 0);
+// errors print "moe-expert-worker: error: <message>" on stderr (exit 1).
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/flags/usage_config.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "common/flag_names.h"
+#include "common/signals.h"
+#include "expert_worker/worker_server.h"
+#include "glog/logging.h"
+
+ABSL_FLAG(std::string, model, "", "Model directory (Hugging Face layout: config.json, *.safetensors).");
+ABSL_FLAG(std::string, experts, "all",
+          "Experts to host, the same ids in every layer: A-B is the INCLUSIVE range A..B "
+          "(0-3 = experts 0, 1, 2, 3), A a single expert, all every expert.");
+ABSL_FLAG(std::string, listen, "0.0.0.0:50061",
+          "HOST:PORT to serve on; port 0 picks a free port (the READY line shows it).");
+ABSL_FLAG(int32_t, threads, 0,
+          "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
+
+namespace {
+
+int Fail(const absl::Status& status) {
+  std::fprintf(stderr, "moe-expert-worker: error: %s\n", std::string(status.message()).c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Before any thread starts (gRPC, OpenMP): SIGINT/SIGTERM are then taken synchronously below.
+  moe::BlockTerminationSignals();
+
+  // --help lists this file's flags (Abseil's default matches only files named like the binary).
+  absl::FlagsUsageConfig usage;
+  usage.contains_help_flags = [](absl::string_view file) {
+    return absl::StrContains(file, "expert_worker/main.cc");
+  };
+  usage.contains_helpshort_flags = usage.contains_help_flags;
+  absl::SetFlagsUsageConfig(usage);
+  absl::SetProgramUsageMessage(
+      "serves a slice of a Mixtral checkpoint's experts to a coordinator.\n"
+      "  moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]\n"
+      "--experts A-B is inclusive: --experts 0-15 hosts experts 0..15 (16 experts) of every "
+      "layer.\nPrints \"READY <host:port>\" on stdout once serving. Flag names take dashes or "
+      "underscores.");
+  std::vector<std::string> storage;
+  std::vector<char*> normalized = moe::NormalizeFlagNames(argc, argv, &storage);
+  std::vector<char*> args =
+      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
+  FLAGS_logtostderr = true;
+  google::InitGoogleLogging(argv[0]);
+  if (args.size() != 1) {
+    return Fail(absl::InvalidArgumentError(
+        absl::StrCat("unexpected argument \"", args[1], "\" (run with --help for all flags)")));
+  }
+
+  absl::StatusOr<moe::ExpertRange> range = moe::ParseExpertRange(absl::GetFlag(FLAGS_experts));
+  if (!range.ok()) return Fail(range.status());
+  moe::WorkerOptions options;
+  options.model_dir = absl::GetFlag(FLAGS_model);
+  options.expert_begin = range->begin;
+  options.expert_end = range->end;
+  options.listen = absl::GetFlag(FLAGS_listen);
+  options.threads = absl::GetFlag(FLAGS_threads);
+  absl::StatusOr<std::unique_ptr<moe::WorkerServer>> server = moe::WorkerServer::Create(options);
+  if (!server.ok()) return Fail(server.status());
+  moe::WorkerServer& worker = **server;
+
+  LOG(INFO) << "serving " << options.model_dir << ": experts " << worker.expert_begin() << "-"
+            << worker.expert_end() - 1 << " of " << worker.config().num_local_experts
+            << " in each of " << worker.config().num_hidden_layers << " layers, "
+            << worker.mapped_expert_bytes() / double{1 << 20} << " MiB mapped, fingerprint "
+            << worker.fingerprint() << ", on " << worker.address();
+  std::printf("READY %s\n", worker.address().c_str());
+  std::fflush(stdout);
+
+  const int signal_number = moe::WaitForTerminationSignal();
+  LOG(INFO) << "signal " << signal_number << ": shutting down";
+  worker.Shutdown();
+  worker.Wait();
+  return 0;
+}

@@ -1,0 +1,106 @@
+// An expert worker: loads experts [expert_begin, expert_end) of every layer of a checkpoint
+// (and nothing else: no embeddings, attention or router) and serves them over gRPC as
+// moecluster.v1.ExpertWorker, plus the standard gRPC health service (grpc.health.v1.Health,
+// SERVING once started) and server reflection. Plaintext (insecure) transport: run it on a
+// private network (a Kubernetes pod network), as the coordinator's clients expect.
+#ifndef MOE_EXPERT_WORKER_WORKER_SERVER_H_
+#define MOE_EXPERT_WORKER_WORKER_SERVER_H_
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "common/weights.h"
+#include "expert_worker/expert_service.h"
+#include "grpcpp/grpcpp.h"
+
+namespace moe {
+
+// Largest ForwardRequest the server accepts (the gRPC default of 4 MiB is a few hundred rows at
+// hidden 4096). Clients must raise their own receive limit to match for large responses.
+inline constexpr int kMaxWorkerMessageBytes = 256 << 20;
+
+// Experts [begin, end) of every layer. end < 0 means "to the model's last expert".
+struct ExpertRange {
+  int64_t begin = 0;
+  int64_t end = -1;
+};
+
+// Parses an --experts value: "A-B" is the INCLUSIVE range A..B (so "0-3" = [0, 4)), "A" is the
+// single expert A (= [A, A + 1)), "all" is every expert ({0, -1}). INVALID_ARGUMENT for
+// anything else: non-numbers, negatives, reversed ranges ("3-1"). Bounds against the model's
+// expert count are checked by ResolveExpertRange once the config is known.
+absl::StatusOr<ExpertRange> ParseExpertRange(std::string_view spec);
+
+// `range` as concrete [begin, end) for a model of `num_experts` experts ("all" -> [0, n)).
+// INVALID_ARGUMENT when it is empty or reaches past the last expert, e.g. "--experts 0-40 is
+// outside the model's 32 experts (ids 0-31)".
+absl::StatusOr<ExpertRange> ResolveExpertRange(const ExpertRange& range, int64_t num_experts);
+
+struct WorkerOptions {
+  // Checkpoint directory (Hugging Face layout: config.json + *.safetensors).
+  std::string model_dir;
+  // Hosted experts [expert_begin, expert_end) of every layer; expert_end < 0 = to the last.
+  int64_t expert_begin = 0;
+  int64_t expert_end = -1;
+  // HOST:PORT to bind; port 0 picks a free port (see WorkerServer::port()).
+  std::string listen = "127.0.0.1:0";
+  // OpenMP threads per Forward stream; 0 = the OpenMP default (OMP_NUM_THREADS or all cores).
+  int threads = 0;
+};
+
+// Thread-safety: all methods may be called from any thread; Shutdown may race with Wait.
+class WorkerServer {
+ public:
+  // Loads the config, opens the checkpoint, maps and validates only the hosted experts'
+  // tensors, computes the model fingerprint and starts serving. Errors: INVALID_ARGUMENT for
+  // bad options (range, listen address, threads), NOT_FOUND / INVALID_ARGUMENT from the
+  // checkpoint naming the file or tensor, UNAVAILABLE when `listen` cannot be bound.
+  static absl::StatusOr<std::unique_ptr<WorkerServer>> Create(const WorkerOptions& options);
+  // Shuts down (if not yet) and waits.
+  ~WorkerServer();
+  WorkerServer(const WorkerServer&) = delete;
+  WorkerServer& operator=(const WorkerServer&) = delete;
+
+  // The bound port (the chosen one when listen had port 0).
+  int port() const { return port_; }
+  // listen's host with the bound port, e.g. "127.0.0.1:41235".
+  std::string address() const { return address_; }
+  const std::string& fingerprint() const { return fingerprint_; }
+  int64_t expert_begin() const { return weights_->expert_begin(); }
+  int64_t expert_end() const { return weights_->expert_end(); }
+  const ModelConfig& config() const { return weights_->config(); }
+  // Bytes of checkpoint tensors this process mapped. Only expert tensors are ever mapped, so
+  // this is the hosted experts' bytes (for the fused gate_up_proj/down_proj layout, whole fused
+  // tensors: the pages of experts not hosted are mapped but never touched).
+  uint64_t mapped_expert_bytes() const { return weights_->mapped_tensor_bytes(); }
+
+  // Marks the health service NOT_SERVING, stops accepting calls, lets in-flight calls finish
+  // for up to one second and then cancels them (a coordinator's Forward stream is long-lived
+  // and would otherwise hold shutdown forever). Idempotent.
+  void Shutdown();
+  // Blocks until the server has shut down (after Shutdown, from any thread).
+  void Wait();
+
+ private:
+  WorkerServer() = default;
+
+  // Constant after Create.
+  std::unique_ptr<ModelWeights> weights_;
+  std::string fingerprint_;
+  std::unique_ptr<ExpertService> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::string address_;
+
+  absl::Mutex mu_;
+  bool shut_down_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace moe
+
+#endif  // MOE_EXPERT_WORKER_WORKER_SERVER_H_

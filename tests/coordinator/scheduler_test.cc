@@ -1,0 +1,512 @@
+#include "coordinator/scheduler.h"
+
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/synchronization/blocking_counter.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "coordinator/local_model.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr char kFixture[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
+
+// Records everything a request receives. Thread-safe; `on_tokens` (if set) runs on the
+// scheduler's thread after each OnTokens, with the token count so far.
+class RecordingSink : public GenerationSink {
+ public:
+  explicit RecordingSink(absl::BlockingCounter* all_done = nullptr) : all_done_(all_done) {}
+
+  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
+                const TokenRoutes* routes) override {
+    size_t count;
+    {
+      absl::MutexLock lock(&mu_);
+      tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+      streamed_ += text;
+      if (routes != nullptr) routes_.push_back(*routes);
+      count = tokens_.size();
+    }
+    if (on_tokens) on_tokens(count);
+  }
+  void OnFinished(const absl::Status& status, const GenerationOutput& output) override {
+    {
+      absl::MutexLock lock(&mu_);
+      status_ = status;
+      output_ = output;
+      ++finished_;
+    }
+    done_.Notify();  // a second call would crash here: exactly once
+    if (all_done_ != nullptr) all_done_->DecrementCount();
+  }
+
+  void Wait() { done_.WaitForNotification(); }
+  bool done() const { return done_.HasBeenNotified(); }
+  absl::Status status() const {
+    absl::MutexLock lock(&mu_);
+    return status_;
+  }
+  GenerationOutput output() const {
+    absl::MutexLock lock(&mu_);
+    return output_;
+  }
+  std::vector<int32_t> tokens() const {
+    absl::MutexLock lock(&mu_);
+    return tokens_;
+  }
+  std::string streamed() const {
+    absl::MutexLock lock(&mu_);
+    return streamed_;
+  }
+  std::vector<TokenRoutes> routes() const {
+    absl::MutexLock lock(&mu_);
+    return routes_;
+  }
+
+  std::function<void(size_t tokens_so_far)> on_tokens;
+
+ private:
+  absl::BlockingCounter* all_done_;
+  mutable absl::Mutex mu_;
+  std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);
+  std::string streamed_ ABSL_GUARDED_BY(mu_);
+  std::vector<TokenRoutes> routes_ ABSL_GUARDED_BY(mu_);
+  absl::Status status_ ABSL_GUARDED_BY(mu_);
+  GenerationOutput output_ ABSL_GUARDED_BY(mu_);
+  int finished_ ABSL_GUARDED_BY(mu_) = 0;
+  absl::Notification done_;
+};
+
+// Counts the rows (tokens) of every engine step.
+class StepRowCounter : public RoutingObserver {
+ public:
+  void OnRouting(int64_t layer, const Routing& routing) override {
+    if (layer == 0) rows.push_back(routing.tokens);
+  }
+  std::vector<int64_t> rows;
+};
+
+// Forwards to another transport, failing one Exchange on request.
+class FailingTransport : public ExpertTransport {
+ public:
+  explicit FailingTransport(ExpertTransport* inner) : inner_(inner) {}
+  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
+                        float* out) override {
+    if (fail_in_ > 0 && --fail_in_ == 0) {
+      return absl::UnavailableError("expert worker x failed");
+    }
+    return inner_->Exchange(layer, routing, x, out);
+  }
+  // The n-th Exchange from now fails (n >= 1).
+  void FailAt(int n) { fail_in_ = n; }
+
+ private:
+  ExpertTransport* inner_;
+  int fail_in_ = 0;
+};
+
+struct Solo {
+  GenerationOutput output;
+  std::string streamed;
+};
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Load({}); }
+  void Load(const KvCacheOptions& kv) {
+    LocalModelOptions options;
+    options.model_dir = kFixture;
+    options.engine.kv_cache = kv;
+    auto m = LocalModel::Create(options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    model_ = std::move(*m);
+    engine_ = model_->engine();
+  }
+  const Tokenizer* tokenizer() { return model_->tokenizer(); }
+
+  GenerationRequest Request(const std::string& text, int64_t max_tokens) {
+    GenerationRequest r;
+    r.prompt = tokenizer()->Encode(text);
+    r.params.max_tokens = max_tokens;
+    r.params.ignore_eos = true;
+    return r;
+  }
+  // What the request gets alone.
+  Solo RunSolo(const GenerationRequest& r) {
+    Solo solo;
+    auto out = Generate(engine_, tokenizer(), {&r, 1},
+                        [&](size_t, int32_t, std::string_view d) { solo.streamed += d; });
+    EXPECT_TRUE(out.ok()) << out.status();
+    if (out.ok()) solo.output = (*out)[0];
+    return solo;
+  }
+  static void ExpectSameAsSolo(const RecordingSink& sink, const Solo& solo,
+                               const std::string& what) {
+    EXPECT_TRUE(sink.status().ok()) << what << ": " << sink.status();
+    EXPECT_EQ(sink.output().tokens, solo.output.tokens) << what;
+    EXPECT_EQ(sink.tokens(), solo.output.tokens) << what;
+    EXPECT_EQ(sink.output().text, solo.output.text) << what;
+    EXPECT_EQ(sink.streamed(), solo.streamed) << what;
+    EXPECT_EQ(sink.output().finish, solo.output.finish) << what;
+  }
+  static void RunUntilIdle(Scheduler* s) {
+    while (s->StepOnce()) {
+    }
+  }
+
+  // Eight requests with different prompts, lengths and sampling; one ends on a stop string.
+  std::vector<GenerationRequest> MixedRequests() {
+    const char* texts[] = {"We hold these truths", "Congress shall make no law", "Hi",
+                           "Four score and seven years ago our fathers",
+                           "When in the course of human events", "Liberty", "To be or not",
+                           "It was the best of times, it was the worst of times"};
+    std::vector<GenerationRequest> requests;
+    for (int i = 0; i < 8; ++i) {
+      requests.push_back(Request(texts[i], 4 + 3 * i));
+      if (i % 2 == 1) {
+        requests.back().params.sampling = {.temperature = 0.7f + 0.1f * i, .top_k = 20 * i,
+                                           .top_p = 0.9f, .repetition_penalty = 1.1f,
+                                           .seed = static_cast<uint64_t>(100 + i)};
+      }
+    }
+    // A stop string taken from request 4's own greedy text.
+    const std::string text = RunSolo(requests[4]).output.text;
+    EXPECT_GE(text.size(), 10u);
+    requests[4].params.stop = {text.substr(5, 3), "never appears"};
+    return requests;
+  }
+
+  std::unique_ptr<LocalModel> model_;
+  Engine* engine_ = nullptr;
+};
+
+TEST_F(SchedulerTest, RequestsJoinAndLeaveTheBatchAndGetTheirSoloTokens) {
+  const std::vector<GenerationRequest> requests = MixedRequests();
+  std::vector<Solo> solo;
+  for (const GenerationRequest& r : requests) solo.push_back(RunSolo(r));
+  EXPECT_EQ(solo[4].output.finish, FinishReason::kStop);
+
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 3});
+  std::vector<RecordingSink> sinks(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(scheduler.Submit(requests[i], &sinks[i]).ok());
+  }
+  EXPECT_EQ(scheduler.stats().waiting, 8);
+  int64_t steps_with_full_batch = 0;
+  while (scheduler.StepOnce()) {
+    const Scheduler::Stats stats = scheduler.stats();
+    EXPECT_LE(stats.running, 3);
+    if (stats.running == 3) ++steps_with_full_batch;
+  }
+  EXPECT_GT(steps_with_full_batch, 5);  // the batch was refilled as requests left
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(sinks[i].done());
+    ExpectSameAsSolo(sinks[i], solo[i], "request " + std::to_string(i));
+  }
+  const Scheduler::Stats stats = scheduler.stats();
+  EXPECT_EQ(stats.running, 0);
+  EXPECT_EQ(stats.waiting, 0);
+  EXPECT_EQ(stats.kv_used_blocks, 0);
+  EXPECT_EQ(stats.kv_total_blocks, engine_->kv_cache().num_blocks());
+}
+
+TEST_F(SchedulerTest, RequestSubmittedMidDecodeJoinsAndEqualsSolo) {
+  const GenerationRequest a = Request("We hold these truths", 20);
+  GenerationRequest b = Request("Congress shall make no law", 16);
+  b.params.sampling = {.temperature = 1.0f, .seed = 3};
+  const GenerationRequest c = Request("Four score and seven", 10);
+  const Solo solo_a = RunSolo(a), solo_b = RunSolo(b), solo_c = RunSolo(c);
+
+  Scheduler scheduler(engine_, tokenizer(), {});
+  RecordingSink sink_a, sink_b, sink_c;
+  ASSERT_TRUE(scheduler.Submit(a, &sink_a).ok());
+  ASSERT_TRUE(scheduler.Submit(b, &sink_b).ok());
+  for (int i = 0; i < 5; ++i) ASSERT_TRUE(scheduler.StepOnce());
+  EXPECT_EQ(sink_a.tokens().size(), 5u);
+  ASSERT_TRUE(scheduler.Submit(c, &sink_c).ok());
+  ASSERT_TRUE(scheduler.StepOnce());  // c's prefill alongside a's and b's decodes
+  EXPECT_EQ(sink_a.tokens().size(), 6u);
+  EXPECT_EQ(sink_c.tokens().size(), 1u);
+  RunUntilIdle(&scheduler);
+  ExpectSameAsSolo(sink_a, solo_a, "a");
+  ExpectSameAsSolo(sink_b, solo_b, "b");
+  ExpectSameAsSolo(sink_c, solo_c, "c");
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, FullQueueAndInvalidRequestsAreRefused) {
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 1, .max_waiting = 2});
+  RecordingSink ok1, ok2, refused;
+  ASSERT_TRUE(scheduler.Submit(Request("one", 3), &ok1).ok());
+  ASSERT_TRUE(scheduler.Submit(Request("two", 3), &ok2).ok());
+  auto full = scheduler.Submit(Request("three", 3), &refused);
+  EXPECT_EQ(full.status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_THAT(full.status().message(), HasSubstr("max_waiting = 2"));
+
+  GenerationRequest bad = Request("x", 3);
+  bad.params.sampling.temperature = -1;
+  auto invalid = scheduler.Submit(bad, &refused);
+  EXPECT_EQ(invalid.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(invalid.status().message(), HasSubstr("temperature"));
+  bad = Request("x", 0);
+  invalid = scheduler.Submit(bad, &refused);
+  EXPECT_EQ(invalid.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(invalid.status().message(), HasSubstr("max_tokens"));
+
+  RunUntilIdle(&scheduler);
+  EXPECT_TRUE(ok1.status().ok());
+  EXPECT_TRUE(ok2.status().ok());
+  EXPECT_FALSE(refused.done());  // refused requests never reach their sink
+
+  EXPECT_THAT(ValidateSchedulerOptions({.max_running = 0}).message(), HasSubstr("max_running"));
+  EXPECT_THAT(ValidateSchedulerOptions({.max_step_tokens = 0}).message(),
+              HasSubstr("max_step_tokens"));
+}
+
+TEST_F(SchedulerTest, CancelFreesTheBlocksAndLeavesOthersAlone) {
+  Load({.block_size = 64});  // each sequence here fits one block
+  const GenerationRequest a = Request("We hold these truths", 30);
+  const Solo solo_a = RunSolo(a);
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 2});
+  RecordingSink sink_a, sink_b, sink_c;
+  ASSERT_TRUE(scheduler.Submit(a, &sink_a).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(scheduler.StepOnce());
+  const int64_t before = scheduler.stats().kv_used_blocks;
+  EXPECT_EQ(before, 1);
+
+  auto b = scheduler.Submit(Request("Congress shall make no law", 30), &sink_b);
+  auto c = scheduler.Submit(Request("Liberty", 30), &sink_c);  // waits: max_running = 2
+  ASSERT_TRUE(b.ok() && c.ok());
+  // The client goes away after b's third token (from inside the sink, as a handler might).
+  sink_b.on_tokens = [&](size_t n) {
+    if (n == 3) scheduler.Cancel(*b);
+  };
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(scheduler.StepOnce());
+  EXPECT_EQ(scheduler.stats().kv_used_blocks, 2);
+  EXPECT_FALSE(sink_b.done());
+  scheduler.Cancel(*c);
+  scheduler.Cancel(*c);     // repeating is harmless
+  scheduler.Cancel(12345);  // unknown ids are ignored
+  ASSERT_TRUE(scheduler.StepOnce());
+  ASSERT_TRUE(sink_b.done());
+  ASSERT_TRUE(sink_c.done());
+  EXPECT_EQ(sink_b.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_EQ(sink_b.tokens().size(), 3u);
+  EXPECT_EQ(sink_c.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(sink_c.tokens().empty());
+  EXPECT_EQ(scheduler.stats().kv_used_blocks, before);
+  EXPECT_EQ(scheduler.stats().running, 1);
+  EXPECT_EQ(scheduler.stats().waiting, 0);
+  RunUntilIdle(&scheduler);
+  scheduler.Cancel(*b);  // finished: ignored
+  ExpectSameAsSolo(sink_a, solo_a, "a");
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, StepsStayWithinTheTokenBudgetExceptALoneLongPrompt) {
+  StepRowCounter counter;
+  engine_->AddRoutingObserver(&counter);
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 8, .max_step_tokens = 16});
+  std::vector<RecordingSink> sinks(6);
+  for (int i = 0; i < 5; ++i) {
+    GenerationRequest r;
+    r.prompt.assign(10, 100 + i);  // 10 tokens
+    r.params.max_tokens = 6;
+    ASSERT_TRUE(scheduler.Submit(r, &sinks[i]).ok());
+  }
+  GenerationRequest long_prompt;
+  long_prompt.prompt.assign(40, 7);
+  long_prompt.params.max_tokens = 3;
+  ASSERT_TRUE(scheduler.Submit(long_prompt, &sinks[5]).ok());
+  RunUntilIdle(&scheduler);
+  int over_budget = 0;
+  for (int64_t rows : counter.rows) {
+    if (rows <= 16) continue;
+    ++over_budget;
+    EXPECT_GE(rows, 40);     // the long prompt ...
+    EXPECT_LT(rows, 40 + 8);  // ... plus at most the decodes, no other prefill
+  }
+  EXPECT_EQ(over_budget, 1);
+  // One 10-token prefill per step at most: at least five steps before the long prompt ran.
+  EXPECT_GE(counter.rows.size(), 5u + 3u);
+  for (const RecordingSink& s : sinks) EXPECT_TRUE(s.status().ok()) << s.status();
+}
+
+TEST_F(SchedulerTest, TransportFailureFailsTheStepAndTheSchedulerGoesOn) {
+  FailingTransport transport(model_->transport());
+  auto engine = Engine::Create(&model_->weights(), &transport, {});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  engine_ = engine->get();
+  const GenerationRequest waiting = Request("Liberty", 8);
+  const GenerationRequest later = Request("Four score and seven", 8);
+  const Solo solo_waiting = RunSolo(waiting), solo_later = RunSolo(later);
+
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 2});
+  RecordingSink a, b, c, d;
+  ASSERT_TRUE(scheduler.Submit(Request("We hold these truths", 20), &a).ok());
+  ASSERT_TRUE(scheduler.Submit(Request("Congress shall", 20), &b).ok());
+  ASSERT_TRUE(scheduler.Submit(waiting, &c).ok());
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(scheduler.StepOnce());
+  transport.FailAt(2);  // the second layer of the next step
+  ASSERT_TRUE(scheduler.StepOnce());
+  for (RecordingSink* s : {&a, &b}) {
+    ASSERT_TRUE(s->done());
+    EXPECT_EQ(s->status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(s->status().message(), HasSubstr("expert worker x failed"));
+    EXPECT_EQ(s->tokens().size(), 3u);
+  }
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+  EXPECT_EQ(scheduler.stats().running, 0);
+  EXPECT_FALSE(c.done());
+  ASSERT_TRUE(scheduler.Submit(later, &d).ok());
+  RunUntilIdle(&scheduler);
+  ExpectSameAsSolo(c, solo_waiting, "waiting");
+  ExpectSameAsSolo(d, solo_later, "later");
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, KvCacheExhaustionFailsOnlyTheYoungest) {
+  Load({.block_size = 4, .num_blocks = 8});
+  const GenerationRequest a = Request("We hold these truths", 12);
+  const Solo solo_a = RunSolo(a);
+  Scheduler scheduler(engine_, tokenizer(), {});
+  RecordingSink sink_a, sink_b, too_long;
+  GenerationRequest huge;
+  huge.prompt.assign(40, 5);
+  auto refused = scheduler.Submit(huge, &too_long);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted);
+  ASSERT_TRUE(scheduler.Submit(a, &sink_a).ok());
+  ASSERT_TRUE(scheduler.Submit(Request("Congress shall make no law", 30), &sink_b).ok());
+  RunUntilIdle(&scheduler);
+  EXPECT_EQ(sink_b.status().code(), absl::StatusCode::kResourceExhausted);
+  ExpectSameAsSolo(sink_a, solo_a, "a");
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, ThreadedSubmitsFromManyThreads) {
+  const std::vector<GenerationRequest> requests = MixedRequests();
+  std::vector<Solo> solo;
+  for (const GenerationRequest& r : requests) solo.push_back(RunSolo(r));
+  Scheduler scheduler(engine_, tokenizer(), {.max_running = 3});
+  scheduler.Start();
+  absl::BlockingCounter all_done(static_cast<int>(requests.size()));
+  std::vector<std::unique_ptr<RecordingSink>> sinks;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    sinks.push_back(std::make_unique<RecordingSink>(&all_done));
+  }
+  std::vector<std::thread> clients;
+  for (size_t t = 0; t < 4; ++t) {
+    clients.emplace_back([&, t] {
+      for (size_t i = t; i < requests.size(); i += 4) {
+        EXPECT_TRUE(scheduler.Submit(requests[i], sinks[i].get()).ok());
+        (void)scheduler.stats();
+      }
+    });
+  }
+  for (std::thread& c : clients) c.join();
+  all_done.Wait();
+  scheduler.Stop();
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ExpectSameAsSolo(*sinks[i], solo[i], "request " + std::to_string(i));
+  }
+  EXPECT_EQ(scheduler.stats().running, 0);
+  EXPECT_EQ(scheduler.stats().kv_used_blocks, 0);
+}
+
+TEST_F(SchedulerTest, DestructionFinishesRequestsInFlight) {
+  std::vector<RecordingSink> sinks(3);
+  absl::Notification started;
+  sinks[0].on_tokens = [&](size_t n) {
+    if (n == 2) started.Notify();
+  };
+  {
+    Scheduler scheduler(engine_, tokenizer(), {.max_running = 2});
+    scheduler.Start();
+    for (RecordingSink& s : sinks) {
+      ASSERT_TRUE(scheduler.Submit(Request("We hold these truths", 200), &s).ok());
+    }
+    started.WaitForNotification();
+  }
+  for (const RecordingSink& s : sinks) {
+    ASSERT_TRUE(s.done());
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kUnavailable);
+    EXPECT_THAT(s.status().message(), HasSubstr("shutting down"));
+  }
+  EXPECT_TRUE(sinks[2].tokens().empty());  // never admitted
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, TraceRoutingReportsEachTokensExperts) {
+  GenerationRequest traced = Request("We hold these truths", 6);
+  traced.params.trace_routing = true;
+  const Solo solo = RunSolo(traced);
+  // The first token's routing is that of the prompt's last row.
+  class LastRow : public RoutingObserver {
+   public:
+    void OnRouting(int64_t, const Routing& routing) override {
+      const int64_t k = routing.top_k;
+      experts.insert(experts.end(), routing.experts.end() - k, routing.experts.end());
+    }
+    std::vector<int32_t> experts;  // [layers, top_k]
+  } last_row;
+  engine_->AddRoutingObserver(&last_row);
+  SequenceState seq;
+  const StepInput prefill{&seq, traced.prompt, false};
+  std::vector<float> logits;
+  ASSERT_TRUE(engine_->Step({&prefill, 1}, &logits).ok());
+  engine_->Release(&seq);
+  // Alone, then batched with another prompt prefilling and decoding alongside: the routes of
+  // the row that produced each token must not change.
+  std::vector<std::vector<TokenRoutes>> runs;
+  for (bool batched : {false, true}) {
+    Load({});  // a fresh engine: a scheduler that traced stays among its engine's observers
+    Scheduler scheduler(engine_, tokenizer(), {});
+    RecordingSink sink, other;
+    if (batched) {
+      ASSERT_TRUE(scheduler.Submit(Request("Congress shall make no law at all", 8), &other).ok());
+      ASSERT_TRUE(scheduler.StepOnce());
+    }
+    ASSERT_TRUE(scheduler.Submit(traced, &sink).ok());
+    RunUntilIdle(&scheduler);
+    ExpectSameAsSolo(sink, solo, batched ? "batched" : "alone");
+    EXPECT_TRUE(other.routes().empty());  // not asked for
+    runs.push_back(sink.routes());
+  }
+  const ModelConfig& c = model_->config();
+  ASSERT_EQ(runs[0].size(), solo.output.tokens.size());
+  EXPECT_EQ(runs[0][0].experts, last_row.experts);
+  for (size_t t = 0; t < runs[0].size(); ++t) {
+    const TokenRoutes& r = runs[0][t];
+    ASSERT_EQ(r.layers, c.num_hidden_layers);
+    ASSERT_EQ(r.top_k, c.num_experts_per_tok);
+    ASSERT_EQ(r.experts.size(), static_cast<size_t>(r.layers * r.top_k));
+    for (int64_t l = 0; l < r.layers; ++l) {
+      float sum = 0;
+      for (int64_t k = 0; k < r.top_k; ++k) {
+        const size_t i = l * r.top_k + k;
+        EXPECT_GE(r.experts[i], 0);
+        EXPECT_LT(r.experts[i], c.num_local_experts);
+        sum += r.weights[i];
+      }
+      EXPECT_NEAR(sum, 1.0f, 1e-5f) << "token " << t << " layer " << l;
+      EXPECT_NE(r.experts[l * r.top_k], r.experts[l * r.top_k + 1]);
+    }
+    EXPECT_EQ(r.experts, runs[1][t].experts) << "token " << t;
+    for (size_t i = 0; i < r.weights.size(); ++i) {
+      EXPECT_NEAR(r.weights[i], runs[1][t].weights[i], 1e-5f) << "token " << t;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,545 @@
+// The expert worker over real gRPC channels: GetInfo, bit-exact Forward against a local
+// ExpertFfn, rejection of every kind of malformed request (the worker never trusts the
+// coordinator's bytes), --experts parsing, the memory footprint of a slice, and the
+// moe-expert-worker binary's READY-line / signal / error contract.
+#include <signal.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/time/time.h"
+#include "common/expert_ffn.h"
+#include "common/fingerprint.h"
+#include "common/model_config.h"
+#include "common/rpc/rpc_util.h"
+#include "common/safetensors.h"
+#include "expert_worker/worker_server.h"
+#include "gmock/gmock.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "moecluster/v1/expert.grpc.pb.h"
+#include "tests/testutil/checkpoint_writer.h"
+#include "tests/testutil/subprocess.h"
+
+namespace moe {
+namespace {
+
+namespace pb = moecluster::v1;
+using ::testing::HasSubstr;
+
+// 32 experts, hidden 64, 2 layers, F16 weights, classic layout.
+constexpr char kFixture[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
+constexpr int64_t kHidden = 64;
+constexpr int64_t kBegin = 8;  // the suite's worker hosts experts 8..15
+constexpr int64_t kEnd = 16;
+
+std::unique_ptr<pb::ExpertWorker::Stub> Connect(const std::string& address) {
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(-1);
+  return pb::ExpertWorker::NewStub(
+      grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args));
+}
+
+std::unique_ptr<grpc::ClientContext> ContextWithDeadline() {
+  auto context = std::make_unique<grpc::ClientContext>();
+  context->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(20));
+  return context;
+}
+
+// One layer step in plain form.
+struct Step {
+  int64_t layer = 0;
+  int64_t rows = 0;
+  std::vector<float> x;  // [rows, hidden]
+  std::vector<int32_t> offsets;
+  std::vector<ExpertAssignment> assignments;
+};
+
+// Rows r % 3 == 0 have no expert here; others one or two distinct hosted experts.
+Step MakeStep(int64_t layer, int64_t rows, int seed) {
+  Step s;
+  s.layer = layer;
+  s.rows = rows;
+  s.x.resize(rows * kHidden);
+  for (size_t i = 0; i < s.x.size(); ++i) s.x[i] = std::sin(0.37f * i + seed);
+  s.offsets.push_back(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    if (r % 3 != 0) {
+      const int32_t e = static_cast<int32_t>(kBegin + (r * 5 + seed) % 8);
+      const float w = 0.25f + 0.05f * static_cast<float>((r + seed) % 7);
+      s.assignments.push_back({e, w});
+      if (r % 3 == 2) {
+        s.assignments.push_back({static_cast<int32_t>(kBegin + (r * 5 + seed + 3) % 8), 1 - w});
+      }
+    }
+    s.offsets.push_back(static_cast<int32_t>(s.assignments.size()));
+  }
+  return s;
+}
+
+pb::ForwardRequest ToRequest(uint64_t step_id, const Step& s) {
+  pb::ForwardRequest req;
+  req.set_step(step_id);
+  req.set_layer(static_cast<int32_t>(s.layer));
+  EncodeF32Tensor(s.x.data(), s.rows, kHidden, req.mutable_hidden());
+  for (int32_t o : s.offsets) req.add_row_offsets(o);
+  for (const ExpertAssignment& a : s.assignments) {
+    req.add_experts(a.expert);
+    req.add_weights(a.weight);
+  }
+  return req;
+}
+
+class ExpertServiceTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    WorkerOptions options;
+    options.model_dir = kFixture;
+    options.expert_begin = kBegin;
+    options.expert_end = kEnd;
+    auto server = WorkerServer::Create(options);
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+    auto config = LoadModelConfig(kFixture);
+    ASSERT_TRUE(config.ok()) << config.status();
+    WeightsOptions weights_options;
+    weights_options.load_shared = false;
+    weights_options.expert_begin = kBegin;
+    weights_options.expert_end = kEnd;
+    auto weights = ModelWeights::Load(kFixture, *config, weights_options);
+    ASSERT_TRUE(weights.ok()) << weights.status();
+    local_weights_ = weights->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete local_weights_;
+  }
+  void SetUp() override {
+    ASSERT_NE(server_, nullptr);
+    stub_ = Connect(server_->address());
+  }
+
+  // What a local ExpertFfn over the same experts computes: [rows, hidden].
+  static std::vector<float> LocalForward(const Step& s) {
+    ExpertFfn ffn(local_weights_);
+    ExpertBatch batch{s.layer, s.rows, s.x.data(), s.offsets, s.assignments};
+    EXPECT_TRUE(ffn.Validate(batch).ok());
+    std::vector<float> out(s.rows * kHidden + 1);
+    ffn.Forward(batch, out.data());
+    out.pop_back();
+    return out;
+  }
+
+  // Sends `req` on a fresh stream; the stream must end with INVALID_ARGUMENT and no response.
+  grpc::Status SendMalformed(const pb::ForwardRequest& req) {
+    auto context = ContextWithDeadline();
+    auto stream = stub_->Forward(context.get());
+    stream->Write(req);  // may fail once the server has already ended the stream
+    stream->WritesDone();
+    pb::ForwardResponse response;
+    EXPECT_FALSE(stream->Read(&response));
+    return stream->Finish();
+  }
+
+  static WorkerServer* server_;
+  static ModelWeights* local_weights_;
+  std::unique_ptr<pb::ExpertWorker::Stub> stub_;
+};
+
+WorkerServer* ExpertServiceTest::server_ = nullptr;
+ModelWeights* ExpertServiceTest::local_weights_ = nullptr;
+
+TEST_F(ExpertServiceTest, GetInfoDescribesTheSlice) {
+  auto context = ContextWithDeadline();
+  pb::WorkerInfo info;
+  grpc::Status status = stub_->GetInfo(context.get(), pb::GetInfoRequest(), &info);
+  ASSERT_TRUE(status.ok()) << status.error_message();
+  auto config = LoadModelConfig(kFixture);
+  auto store = TensorStore::Open(kFixture);
+  ASSERT_TRUE(config.ok() && store.ok());
+  EXPECT_EQ(info.model_fingerprint(), ModelFingerprint(*config, **store));
+  EXPECT_EQ(info.model_fingerprint().size(), 16u);
+  EXPECT_EQ(info.num_layers(), 2);
+  EXPECT_EQ(info.num_experts(), 32);
+  EXPECT_EQ(info.hidden_size(), 64);
+  EXPECT_EQ(info.expert_begin(), 8);
+  EXPECT_EQ(info.expert_end(), 16);
+  EXPECT_EQ(info.weight_dtype(), pb::DTYPE_F16);
+  EXPECT_GT(server_->port(), 0);
+  EXPECT_EQ(server_->address(), "127.0.0.1:" + std::to_string(server_->port()));
+}
+
+TEST_F(ExpertServiceTest, HealthServiceReportsServing) {
+  auto health = grpc::health::v1::Health::NewStub(
+      grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials()));
+  for (const char* service : {"", "moecluster.v1.ExpertWorker"}) {
+    auto context = ContextWithDeadline();
+    grpc::health::v1::HealthCheckRequest request;
+    request.set_service(service);
+    grpc::health::v1::HealthCheckResponse response;
+    ASSERT_TRUE(health->Check(context.get(), request, &response).ok()) << service;
+    EXPECT_EQ(response.status(), grpc::health::v1::HealthCheckResponse::SERVING) << service;
+  }
+}
+
+TEST_F(ExpertServiceTest, ForwardMatchesLocalExpertFfnBitForBitOverSeveralSteps) {
+  auto context = ContextWithDeadline();
+  auto stream = stub_->Forward(context.get());
+  const std::vector<Step> steps = {MakeStep(0, 7, 1), MakeStep(1, 1, 2), MakeStep(1, 0, 3),
+                                   MakeStep(0, 40, 4), MakeStep(1, 13, 5)};
+  for (size_t i = 0; i < steps.size(); ++i) {
+    const uint64_t step_id = 100 + i;
+    ASSERT_TRUE(stream->Write(ToRequest(step_id, steps[i])));
+    pb::ForwardResponse response;
+    ASSERT_TRUE(stream->Read(&response)) << "step " << i;
+    EXPECT_EQ(response.step(), step_id);
+    auto out = DecodeF32Tensor(response.output(), steps[i].rows, kHidden, "output");
+    ASSERT_TRUE(out.ok()) << out.status();
+    const std::vector<float> expected = LocalForward(steps[i]);
+    bool any_nonzero = false;
+    for (int64_t k = 0; k < steps[i].rows * kHidden; ++k) {
+      float got;
+      std::memcpy(&got, reinterpret_cast<const char*>(*out) + k * 4, 4);
+      EXPECT_EQ(got, expected[k]) << "step " << i << " element " << k;
+      any_nonzero |= got != 0.0f;
+      // Rows with no expert here are exactly zero.
+      if ((k / kHidden) % 3 == 0) {
+        EXPECT_EQ(got, 0.0f);
+      }
+    }
+    EXPECT_EQ(any_nonzero, steps[i].rows > 1) << "step " << i;
+  }
+  stream->WritesDone();
+  grpc::Status status = stream->Finish();
+  EXPECT_TRUE(status.ok()) << status.error_message();
+}
+
+TEST_F(ExpertServiceTest, ConcurrentStreamsDoNotInterfere) {
+  auto context_a = ContextWithDeadline();
+  auto context_b = ContextWithDeadline();
+  auto a = stub_->Forward(context_a.get());
+  auto b = stub_->Forward(context_b.get());
+  const Step step_a = MakeStep(0, 20, 7), step_b = MakeStep(1, 9, 8);
+  ASSERT_TRUE(a->Write(ToRequest(1, step_a)));
+  ASSERT_TRUE(b->Write(ToRequest(2, step_b)));
+  pb::ForwardResponse ra, rb;
+  ASSERT_TRUE(b->Read(&rb));
+  ASSERT_TRUE(a->Read(&ra));
+  EXPECT_EQ(ra.step(), 1u);
+  EXPECT_EQ(rb.step(), 2u);
+  const std::vector<float> ea = LocalForward(step_a), eb = LocalForward(step_b);
+  EXPECT_EQ(ra.output().data(), std::string(reinterpret_cast<const char*>(ea.data()), ea.size() * 4));
+  EXPECT_EQ(rb.output().data(), std::string(reinterpret_cast<const char*>(eb.data()), eb.size() * 4));
+  a->WritesDone();
+  b->WritesDone();
+  EXPECT_TRUE(a->Finish().ok());
+  EXPECT_TRUE(b->Finish().ok());
+}
+
+// A valid base: 3 rows, row 1 has no expert.
+pb::ForwardRequest BaseRequest() {
+  Step s;
+  s.layer = 1;
+  s.rows = 3;
+  s.x.resize(3 * kHidden, 0.5f);
+  s.offsets = {0, 2, 2, 4};
+  s.assignments = {{8, 0.5f}, {12, 0.5f}, {9, 0.7f}, {15, 0.3f}};
+  return ToRequest(7, s);
+}
+
+struct MalformedCase {
+  const char* name;
+  std::function<void(pb::ForwardRequest*)> mutate;
+  const char* message;
+};
+
+TEST_F(ExpertServiceTest, MalformedRequestsEndTheStreamWithInvalidArgument) {
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  const float inf = std::numeric_limits<float>::infinity();
+  const std::vector<MalformedCase> cases = {
+      {"layer -1", [](pb::ForwardRequest* r) { r->set_layer(-1); },
+       "step 7: layer -1 is out of range [0, 2)"},
+      {"layer 2", [](pb::ForwardRequest* r) { r->set_layer(2); }, "layer 2 is out of range"},
+      {"dtype", [](pb::ForwardRequest* r) { r->mutable_hidden()->set_dtype(pb::DTYPE_F16); },
+       "hidden: dtype must be F32"},
+      {"no dtype",
+       [](pb::ForwardRequest* r) { r->mutable_hidden()->set_dtype(pb::DTYPE_UNSPECIFIED); },
+       "hidden: dtype must be F32"},
+      {"hidden 63",
+       [](pb::ForwardRequest* r) {
+         r->mutable_hidden()->set_shape(1, 63);
+         r->mutable_hidden()->mutable_data()->resize(3 * 63 * 4);
+       },
+       "hidden: expected shape [3, 64], got [3, 63]"},
+      {"rank 1",
+       [](pb::ForwardRequest* r) {
+         r->mutable_hidden()->clear_shape();
+         r->mutable_hidden()->add_shape(3 * 64);
+       },
+       "hidden: shape must be [rows, 64]"},
+      {"short by 4", [](pb::ForwardRequest* r) { r->mutable_hidden()->mutable_data()->resize(764); },
+       "hidden: 764 bytes for shape [3, 64] F32, expected 768"},
+      {"negative rows", [](pb::ForwardRequest* r) { r->mutable_hidden()->set_shape(0, -1); },
+       "hidden: shape[0] = -1 rows"},
+      {"huge rows",
+       [](pb::ForwardRequest* r) {
+         r->mutable_hidden()->set_shape(0, int64_t{1} << 40);
+         r->mutable_hidden()->mutable_data()->resize(64 * 4);
+         r->clear_row_offsets();
+         r->add_row_offsets(0);
+         r->add_row_offsets(0);
+         r->clear_experts();
+         r->clear_weights();
+       },
+       "hidden: shape[0] = 1099511627776 rows is outside [0, 1048576]"},
+      {"rows vs offsets",
+       [](pb::ForwardRequest* r) {
+         r->clear_row_offsets();
+         for (int32_t o : {0, 2, 4}) r->add_row_offsets(o);
+       },
+       "row_offsets: expected rows + 1 = 4 entries for 3 hidden rows, got 3"},
+      {"offsets start", [](pb::ForwardRequest* r) { r->set_row_offsets(0, 1); },
+       "row_offsets[0] must be 0, got 1"},
+      {"offsets decrease", [](pb::ForwardRequest* r) { r->set_row_offsets(1, 3); },
+       "row_offsets decrease at row 1: 3 then 2"},
+      {"offsets end", [](pb::ForwardRequest* r) { r->set_row_offsets(3, 3); },
+       "row_offsets[3] = 3 must equal experts_size 4"},
+      {"offsets past end", [](pb::ForwardRequest* r) { r->set_row_offsets(3, 1000); },
+       "row_offsets[3] = 1000 must equal experts_size 4"},
+      {"weights short", [](pb::ForwardRequest* r) { r->mutable_weights()->RemoveLast(); },
+       "experts_size 4 != weights_size 3"},
+      {"expert 3", [](pb::ForwardRequest* r) { r->set_experts(0, 3); },
+       "experts[0] = 3 is not hosted here (this worker hosts experts 8-15)"},
+      {"expert 99", [](pb::ForwardRequest* r) { r->set_experts(3, 99); },
+       "experts[3] = 99 is not hosted here"},
+      {"expert -1", [](pb::ForwardRequest* r) { r->set_experts(2, -1); },
+       "experts[2] = -1 is not hosted here"},
+      {"NaN weight", [nan](pb::ForwardRequest* r) { r->set_weights(1, nan); },
+       "weights[1] = nan (expert 12) is not finite"},
+      {"inf weight", [inf](pb::ForwardRequest* r) { r->set_weights(3, -inf); },
+       "weights[3] = -inf (expert 15) is not finite"},
+      {"duplicate expert", [](pb::ForwardRequest* r) { r->set_experts(1, 8); },
+       "experts: row 0 lists expert 8 more than once (experts[1])"},
+  };
+  for (const MalformedCase& c : cases) {
+    pb::ForwardRequest req = BaseRequest();
+    c.mutate(&req);
+    grpc::Status status = SendMalformed(req);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << c.name;
+    EXPECT_THAT(status.error_message(), HasSubstr(c.message)) << c.name;
+  }
+}
+
+TEST_F(ExpertServiceTest, BaseRequestIsValidAndTheServerSurvivesAMalformedStream) {
+  pb::ForwardRequest bad = BaseRequest();
+  bad.set_layer(5);
+  EXPECT_EQ(SendMalformed(bad).error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+
+  // A valid step after a bad one on the same stream is never answered: the stream is over.
+  {
+    auto context = ContextWithDeadline();
+    auto stream = stub_->Forward(context.get());
+    ASSERT_TRUE(stream->Write(BaseRequest()));
+    pb::ForwardResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+    EXPECT_EQ(response.step(), 7u);
+    stream->Write(bad);
+    stream->Write(BaseRequest());
+    stream->WritesDone();
+    EXPECT_FALSE(stream->Read(&response));
+    EXPECT_EQ(stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  // A new stream on the same server works.
+  auto context = ContextWithDeadline();
+  auto stream = stub_->Forward(context.get());
+  const Step step = MakeStep(1, 5, 9);
+  ASSERT_TRUE(stream->Write(ToRequest(42, step)));
+  pb::ForwardResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.step(), 42u);
+  const std::vector<float> expected = LocalForward(step);
+  EXPECT_EQ(response.output().data(),
+            std::string(reinterpret_cast<const char*>(expected.data()), expected.size() * 4));
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
+TEST(ExpertRangeTest, ParsesInclusiveRangesSinglesAndAll) {
+  struct Case {
+    const char* spec;
+    int64_t begin, end;
+  };
+  for (const Case& c : {Case{"0-3", 0, 4}, Case{"5", 5, 6}, Case{"0-31", 0, 32},
+                        Case{"31", 31, 32}, Case{"7-7", 7, 8}, Case{"all", 0, 32}}) {
+    auto parsed = ParseExpertRange(c.spec);
+    ASSERT_TRUE(parsed.ok()) << c.spec << ": " << parsed.status();
+    auto resolved = ResolveExpertRange(*parsed, 32);
+    ASSERT_TRUE(resolved.ok()) << c.spec << ": " << resolved.status();
+    EXPECT_EQ(resolved->begin, c.begin) << c.spec;
+    EXPECT_EQ(resolved->end, c.end) << c.spec;
+  }
+}
+
+TEST(ExpertRangeTest, RejectsGarbageAndReversedRanges) {
+  struct Case {
+    const char* spec;
+    const char* message;
+  };
+  for (const Case& c :
+       {Case{"3-1", "the range is reversed"}, Case{"a-b", "not a range of expert ids"},
+        Case{"", "not an expert id"}, Case{"-1", "not a range"}, Case{"1-", "not a range"},
+        Case{"+3", "not an expert id"}, Case{" 3", "not an expert id"},
+        Case{"0-3-5", "not a range"}, Case{"ALL", "not an expert id"},
+        Case{"99999999999", "not an expert id"}}) {
+    auto parsed = ParseExpertRange(c.spec);
+    ASSERT_FALSE(parsed.ok()) << c.spec;
+    EXPECT_EQ(parsed.status().code(), absl::StatusCode::kInvalidArgument) << c.spec;
+    EXPECT_THAT(parsed.status().message(), HasSubstr(c.message)) << c.spec;
+    EXPECT_THAT(parsed.status().message(), HasSubstr("--experts")) << c.spec;
+  }
+}
+
+TEST(ExpertRangeTest, RejectsRangesBeyondTheModel) {
+  for (const char* spec : {"0-40", "32", "31-32"}) {
+    auto parsed = ParseExpertRange(spec);
+    ASSERT_TRUE(parsed.ok()) << spec;  // syntax is fine; the model decides
+    auto resolved = ResolveExpertRange(*parsed, 32);
+    ASSERT_FALSE(resolved.ok()) << spec;
+    EXPECT_EQ(resolved.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(resolved.status().message(),
+                HasSubstr(std::string("--experts ") + spec +
+                          " is outside the model's 32 experts (ids 0-31)"));
+  }
+  EXPECT_FALSE(ResolveExpertRange({5, 5}, 32).ok());
+}
+
+TEST(WorkerServerTest, CreateRejectsBadOptions) {
+  WorkerOptions options;
+  options.model_dir = kFixture;
+  options.expert_begin = 0;
+  options.expert_end = 41;
+  auto s = WorkerServer::Create(options);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.status().message(), HasSubstr("--experts 0-40 is outside the model's 32 experts"));
+
+  options.expert_end = 4;
+  options.listen = "nonsense";
+  s = WorkerServer::Create(options);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.status().message(), HasSubstr("--listen"));
+
+  options.listen = "127.0.0.1:0";
+  options.threads = -2;
+  EXPECT_EQ(WorkerServer::Create(options).status().code(), absl::StatusCode::kInvalidArgument);
+
+  options.threads = 0;
+  options.model_dir = "/nonexistent/model";
+  s = WorkerServer::Create(options);
+  EXPECT_EQ(s.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(s.status().message(), HasSubstr("/nonexistent/model/config.json"));
+}
+
+TEST(WorkerServerTest, HalfTheExpertsMapsHalfTheExpertBytesAndNoSharedTensor) {
+  auto store = TensorStore::Open(kFixture);
+  ASSERT_TRUE(store.ok()) << store.status();
+  // From the tensor headers: model.layers.{i}.block_sparse_moe.experts.{e}.w{1,2,3}.weight.
+  const std::string marker = ".block_sparse_moe.experts.";
+  uint64_t total = 0, hosted = 0, shared = 0;
+  for (const std::string& name : (*store)->TensorNames()) {
+    const uint64_t bytes = (*store)->Find(name)->byte_size;
+    const size_t at = name.find(marker);
+    if (at == std::string::npos) {
+      shared += bytes;
+      continue;
+    }
+    const std::string rest = name.substr(at + marker.size());
+    int64_t expert = -1;
+    ASSERT_TRUE(absl::SimpleAtoi(rest.substr(0, rest.find('.')), &expert)) << name;
+    total += bytes;
+    if (expert < 16) hosted += bytes;
+  }
+  ASSERT_GT(total, 0u);
+  ASSERT_GT(shared, 0u);
+  EXPECT_EQ(hosted * 2, total);
+
+  WorkerOptions options;
+  options.model_dir = kFixture;
+  options.expert_begin = 0;
+  options.expert_end = 16;
+  auto server = WorkerServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  // Exactly the hosted experts' bytes: nothing else (embed_tokens, attention, norms, router,
+  // lm_head, the other 16 experts) was mapped.
+  EXPECT_EQ((*server)->mapped_expert_bytes(), hosted);
+  EXPECT_EQ((*server)->mapped_expert_bytes(), total / 2);
+}
+
+// ---- The binary ----
+
+TEST(WorkerBinaryTest, PrintsReadyServesAndExitsCleanlyOnSigterm) {
+  const std::string log = testing::TempDir("worker_ready") + "/stderr.txt";
+  testing::Subprocess worker;
+  ASSERT_TRUE(worker
+                  .Start(MOE_WORKER_PATH,
+                         {"--model", kFixture, "--experts", "8-15", "--listen", "127.0.0.1:0",
+                          "--threads", "2"},
+                         log)
+                  .ok());
+  absl::StatusOr<std::string> address = worker.WaitForReady(absl::Seconds(30));
+  ASSERT_TRUE(address.ok()) << address.status() << "\n" << testing::ReadLog(log);
+  EXPECT_THAT(*address, ::testing::StartsWith("127.0.0.1:"));
+  auto stub = Connect(*address);
+  auto context = ContextWithDeadline();
+  pb::WorkerInfo info;
+  EXPECT_TRUE(stub->GetInfo(context.get(), pb::GetInfoRequest(), &info).ok());
+  EXPECT_EQ(info.expert_begin(), 8);
+  EXPECT_EQ(info.expert_end(), 16);
+  EXPECT_EQ(info.num_experts(), 32);
+
+  // A Forward stream left open does not keep the process from exiting.
+  auto stream_context = ContextWithDeadline();
+  auto stream = stub->Forward(stream_context.get());
+  ASSERT_TRUE(stream->Write(BaseRequest()));
+  pb::ForwardResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+
+  EXPECT_EQ(worker.Stop(SIGTERM), 0) << testing::ReadLog(log);
+  const std::string err = testing::ReadLog(log);
+  EXPECT_THAT(err, HasSubstr("experts 8-15 of 32"));
+  EXPECT_THAT(err, HasSubstr(*address));
+}
+
+TEST(WorkerBinaryTest, BadExpertsExitsOneWithTheMessage) {
+  struct Case {
+    const char* experts;
+    const char* message;
+  };
+  for (const Case& c :
+       {Case{"3-1", "moe-expert-worker: error: --experts \"3-1\": the range is reversed"},
+        Case{"0-40", "moe-expert-worker: error: --experts 0-40 is outside the model's 32 "
+                     "experts (ids 0-31)"}}) {
+    const std::string log = testing::TempDir("worker_bad") + "/stderr.txt";
+    testing::Subprocess worker;
+    ASSERT_TRUE(worker
+                    .Start(MOE_WORKER_PATH,
+                           {"--model", kFixture, "--experts", c.experts, "--listen",
+                            "127.0.0.1:0"},
+                           log)
+                    .ok());
+    absl::StatusOr<std::string> address = worker.WaitForReady(absl::Seconds(30));
+    EXPECT_FALSE(address.ok()) << c.experts;  // exits before READY
+    EXPECT_EQ(worker.WaitForExit(absl::Seconds(30)), 1) << c.experts;
+    EXPECT_THAT(testing::ReadLog(log), HasSubstr(c.message));
+  }
+}
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,34 @@
+// The commands behind moe-cli, as plain functions over an options struct (the main only parses
+// flags into it).
+#ifndef MOE_TOOLS_CLIENT_CLI_COMMANDS_H_
+#define MOE_TOOLS_CLIENT_CLI_COMMANDS_H_
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "coordinator/sampler.h"
+
+namespace moe {
+
+struct CliGenerateOptions {
+  std::string model_dir;  // local: run the model in this process
+  std::string server;     // remote: HOST:PORT of a coordinator (wins over model_dir)
+  std::string prompt;
+  int64_t max_tokens = 64;
+  SamplingParams sampling;
+  std::vector<std::string> stop;
+  bool ignore_eos = false;
+  int64_t in_process_workers = 1;
+};
+
+// Streams the prompt and the completion to stdout, a summary line to stderr.
+absl::Status RunGenerate(const CliGenerateOptions& options);
+
+// Prints workers, placement and the expert-load table of a coordinator.
+absl::Status RunStatus(const std::string& server);
+
+}  // namespace moe
+
+#endif  // MOE_TOOLS_CLIENT_CLI_COMMANDS_H_
