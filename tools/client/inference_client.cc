@@ -66,6 +66,30 @@ absl::StatusOr<bool> InferenceClient::IsServing() {
   return response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
 }
 
+absl::Status InferenceClient::WaitForHealth(bool want, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  auto health = grpc::health::v1::Health::NewStub(channel_);
+  // Watch streams every status change; it ends when the server goes away, so re-watch.
+  while (absl::Now() < deadline) {
+    grpc::ClientContext context;
+    context.set_deadline(absl::ToChronoTime(deadline));
+    context.set_wait_for_ready(true);
+    auto reader = health->Watch(&context, grpc::health::v1::HealthCheckRequest());
+    grpc::health::v1::HealthCheckResponse response;
+    while (reader->Read(&response)) {
+      const bool serving = response.status() == grpc::health::v1::HealthCheckResponse::SERVING;
+      if (serving == want) {
+        context.TryCancel();
+        reader->Finish().ok();
+        return absl::OkStatus();
+      }
+    }
+    reader->Finish().ok();
+  }
+  return absl::DeadlineExceededError(want ? "server did not become SERVING in time"
+                                          : "server did not stop SERVING in time");
+}
+
 bool InferenceClient::WaitForConnected(absl::Duration timeout) {
   return channel_->WaitForConnected(absl::ToChronoTime(absl::Now() + timeout));
 }

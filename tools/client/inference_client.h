@@ -40,6 +40,9 @@ class InferenceClient {
   absl::StatusOr<moecluster::v1::ModelInfo> GetModelInfo();
   // grpc.health.v1 status of the server ("" = overall): SERVING -> true.
   absl::StatusOr<bool> IsServing();
+  // Watches grpc.health.v1 until the server reports SERVING (want = true) or anything else
+  // (want = false). DEADLINE_EXCEEDED after `timeout`.
+  absl::Status WaitForHealth(bool want, absl::Duration timeout);
   // Waits until the channel is connected (or the deadline passes).
   bool WaitForConnected(absl::Duration timeout);
 

@@ -1,0 +1,457 @@
+// The cluster as users run it: real moe-expert-worker and moe-coordinator processes on loopback
+// (free ports, READY lines instead of sleeps), queried through the public gRPC API.
+#include <signal.h>
+
+#include <cmath>
+#include <filesystem>
+#include <thread>
+
+#include "absl/strings/str_split.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
+#include "common/fingerprint.h"
+#include "common/model_config.h"
+#include "coordinator/generator.h"
+#include "coordinator/local_model.h"
+#include "coordinator/transport/grpc_transport.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/integration/cluster_harness.h"
+#include "tests/testutil/checkpoint_writer.h"
+
+namespace moe {
+namespace {
+
+namespace pb = moecluster::v1;
+using ::testing::HasSubstr;
+using testing::Cluster;
+using testing::ContiguousRanges;
+
+constexpr char kModels[] = "tests/testdata/models/";
+
+std::string ModelDir(const std::string& name) { return std::string(kModels) + name; }
+
+struct Expected {
+  std::vector<int32_t> prompt;
+  std::vector<int32_t> greedy;
+};
+
+Expected LoadExpected(const std::string& dir) {
+  auto text = ReadFileToString(dir + "/expected.json");
+  auto j = nlohmann::json::parse(*text);
+  return {j["prompt_ids"].get<std::vector<int32_t>>(), j["greedy_ids"].get<std::vector<int32_t>>()};
+}
+
+pb::GenerateRequest IdsRequest(const std::vector<int32_t>& prompt, int max_tokens) {
+  pb::GenerateRequest r;
+  r.mutable_prompt_ids()->mutable_ids()->Assign(prompt.begin(), prompt.end());
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);
+  return r;
+}
+
+// --- Every fixture, 1-3 workers (uneven splits included): transformers' greedy tokens. ---
+
+struct GoldenCase {
+  std::string fixture;
+  int64_t workers;
+};
+
+class ClusterGoldenTest : public ::testing::TestWithParam<GoldenCase> {};
+
+TEST_P(ClusterGoldenTest, GreedyTokensEqualTransformersAndInProcess) {
+  const std::string dir = ModelDir(GetParam().fixture);
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  auto cluster =
+      Cluster::Start(dir, ContiguousRanges(config->num_local_experts, GetParam().workers));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const Expected expected = LoadExpected(dir);
+  auto result = (*cluster)->client().Generate(IdsRequest(expected.prompt, 16));
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+  EXPECT_EQ(result->tokens, expected.greedy);
+  EXPECT_EQ(result->final.finish_reason(), pb::FINISH_REASON_LENGTH);
+  EXPECT_EQ(result->final.usage().prompt_tokens(), expected.prompt.size());
+  EXPECT_EQ(result->final.usage().completion_tokens(), 16u);
+
+  // The same text the single-process engine produces.
+  LocalModelOptions options;
+  options.model_dir = dir;
+  auto local = LocalModel::Create(options);
+  ASSERT_TRUE(local.ok());
+  GenerationRequest r;
+  r.prompt = expected.prompt;
+  r.params.max_tokens = 16;
+  r.params.ignore_eos = true;
+  auto solo = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(solo.ok());
+  EXPECT_EQ(result->text, (*solo)[0].text);
+  EXPECT_EQ(result->final.text(), (*solo)[0].text);
+}
+
+std::vector<GoldenCase> GoldenCases() {
+  std::vector<GoldenCase> cases;
+  for (const char* f : {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
+                        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta"}) {
+    for (int64_t w = 1; w <= 3; ++w) cases.push_back({f, w});
+  }
+  cases.push_back({"llama_dense", 1});
+  return cases;
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, ClusterGoldenTest, ::testing::ValuesIn(GoldenCases()),
+                         [](const ::testing::TestParamInfo<GoldenCase>& info) {
+                           return info.param.fixture + "_" + std::to_string(info.param.workers) +
+                                  "w";
+                         });
+
+// --- Logits over gRPC equal the in-process transport's bit for bit (same placement). ---
+
+void ExpectLogitsBitIdentical(const std::string& fixture, int64_t workers) {
+  const std::string dir = ModelDir(fixture);
+  auto config = LoadModelConfig(dir);
+  ASSERT_TRUE(config.ok());
+  std::vector<testing::WorkerProcess> procs;
+  std::vector<std::string> addresses;
+  for (const std::string& range : ContiguousRanges(config->num_local_experts, workers)) {
+    auto w = testing::StartWorker(dir, range);
+    ASSERT_TRUE(w.ok()) << w.status();
+    addresses.push_back(w->address);
+    procs.push_back(std::move(*w));
+  }
+  LocalModelOptions remote_options;
+  remote_options.model_dir = dir;
+  remote_options.transport_factory = [&](const ModelConfig& c, const TensorStore& store)
+      -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+    GrpcTransportOptions t;
+    t.worker_addresses = addresses;
+    t.model_fingerprint = ModelFingerprint(c, store);
+    auto transport = GrpcTransport::Create(c, t);
+    if (!transport.ok()) return transport.status();
+    return std::unique_ptr<ExpertTransport>(std::move(*transport));
+  };
+  auto remote = LocalModel::Create(remote_options);
+  ASSERT_TRUE(remote.ok()) << remote.status();
+  LocalModelOptions local_options;
+  local_options.model_dir = dir;
+  local_options.in_process_workers = workers;
+  auto local = LocalModel::Create(local_options);
+  ASSERT_TRUE(local.ok());
+
+  const Expected expected = LoadExpected(dir);
+  std::vector<float> a, b;
+  SequenceState sa, sb;
+  StepInput ia{&sa, expected.prompt, true}, ib{&sb, expected.prompt, true};
+  ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
+  ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << fixture;
+  for (int32_t token : expected.greedy) {  // decode steps too
+    ia = {&sa, {&token, 1}, false};
+    ib = {&sb, {&token, 1}, false};
+    ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
+    ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
+    ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << fixture;
+  }
+}
+
+TEST(ClusterLogitsTest, GrpcEqualsInProcessBitForBit) {
+  ExpectLogitsBitIdentical("mixtral_32e_gqa_fp16", 3);
+  ExpectLogitsBitIdentical("mixtral_3e_sliding_bf16", 2);
+  ExpectLogitsBitIdentical("mixtral_8e_top3_no_rope_theta", 2);
+}
+
+// --- Concurrency: 8 different requests at once get what each gets alone. ---
+
+TEST(ClusterConcurrencyTest, EightConcurrentRequestsEqualSolo) {
+  const std::string dir = ModelDir("demo_mixtral");
+  auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2), {"--max-running", "4"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const char* prompts[] = {"We hold these truths", "Four score", "And God said",
+                           "The Fox", "Congress shall make no law", "In the beginning",
+                           "When in the Course of human events", "A"};
+  std::vector<pb::GenerateRequest> requests;
+  for (int i = 0; i < 8; ++i) {
+    pb::GenerateRequest r;
+    r.set_prompt(prompts[i]);
+    r.set_max_tokens(6 + 3 * i);
+    r.set_ignore_eos(true);
+    if (i % 2 == 1) {
+      r.set_temperature(0.7f + 0.1f * i);
+      r.set_top_p(0.9f);
+      r.set_top_k(20 + i);
+      r.set_seed(100 + i);
+    }
+    if (i == 4) r.set_repetition_penalty(1.3f);
+    requests.push_back(r);
+  }
+  // Request 6 stops at a string taken from the middle of its own unstopped output.
+  auto unstopped = (*cluster)->client().Generate(requests[6]);
+  ASSERT_TRUE(unstopped.ok());
+  ASSERT_GT(unstopped->text.size(), 12u);
+  requests[6].add_stop(unstopped->text.substr(unstopped->text.size() / 2, 4));
+  std::vector<ClientResult> solo;
+  for (const pb::GenerateRequest& r : requests) {
+    auto result = (*cluster)->client().Generate(r);
+    ASSERT_TRUE(result.ok()) << result.status();
+    solo.push_back(*result);
+  }
+  std::vector<absl::StatusOr<ClientResult>> together(8, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&, i] { together[i] = (*cluster)->client().Generate(requests[i]); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 8; ++i) {
+    ASSERT_TRUE(together[i].ok()) << together[i].status();
+    EXPECT_EQ(together[i]->tokens, solo[i].tokens) << "request " << i;
+    EXPECT_EQ(together[i]->text, solo[i].text) << "request " << i;
+  }
+  EXPECT_EQ(solo[6].final.finish_reason(), pb::FINISH_REASON_STOP);
+}
+
+// --- Memory: a worker maps only its experts; the coordinator maps no expert tensor. ---
+
+TEST(ClusterMemoryTest, WorkersMapTheirSliceCoordinatorMapsNoExperts) {
+  const std::string dir = testing::TempDir("memory");
+  testing::TinyShape shape;
+  shape.vocab = 1000;  // the committed tokenizer's
+  shape.hidden = 256;
+  shape.ffn = 1024;
+  shape.heads = 4;
+  shape.kv_heads = 2;
+  shape.experts = 8;
+  testing::WriteTinyModel(dir, shape);
+  std::filesystem::copy_file("tests/testdata/tokenizer/tokenizer.model", dir + "/tokenizer.model");
+  auto cluster = Cluster::Start(dir, {"0-3", "4-7"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const std::string file = dir + "/model.safetensors";
+  const uint64_t expert_bytes = shape.layers * shape.experts * 3 * shape.hidden * shape.ffn * 4;
+  const uint64_t file_bytes = std::filesystem::file_size(file);
+  for (testing::WorkerProcess& w : (*cluster)->workers()) {
+    const uint64_t mapped = testing::MappedFileBytes(w.process->pid(), file);
+    // Half the experts, plus at most a page of slack per tensor.
+    EXPECT_GE(mapped, expert_bytes / 2);
+    EXPECT_LE(mapped, expert_bytes / 2 + 2 * shape.layers * 4 * 3 * 4096);
+  }
+  const uint64_t coordinator = testing::MappedFileBytes((*cluster)->coordinator().pid(), file);
+  EXPECT_GT(coordinator, 0u);
+  EXPECT_LE(coordinator, file_bytes - expert_bytes + 64 * 4096);
+  auto result = (*cluster)->client().Generate(IdsRequest({1, 5, 9}, 4));
+  EXPECT_TRUE(result.ok()) << result.status();
+}
+
+// --- Failures: a worker dies mid-generation, then comes back. ---
+
+TEST(ClusterFailureTest, WorkerDeathFailsRequestThenRecovers) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const std::string address = "127.0.0.1:" + std::to_string(testing::PickFreePort());
+  auto cluster = Cluster::Start(dir, {"0-3", "4-7"}, {"--step-timeout", "3s"}, {"", address});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+
+  // A long generation; kill worker 1 once tokens are flowing.
+  absl::Notification streaming;
+  const absl::Time start = absl::Now();
+  std::thread killer([&] {
+    streaming.WaitForNotification();
+    c.workers()[1].process->Stop(SIGKILL);
+  });
+  pb::GenerateRequest r = IdsRequest({1, 450, 29}, 400);
+  auto result = c.client().Generate(r, [&](const pb::TokenDelta&) {
+    if (!streaming.HasBeenNotified()) streaming.Notify();
+  });
+  killer.join();
+  ASSERT_FALSE(result.ok());
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kUnavailable) << result.status();
+  EXPECT_THAT(result.status().message(), HasSubstr(address));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));  // bounded by the step deadline, no hang
+
+  // The coordinator stays up and says it is not serving; new requests fail fast.
+  EXPECT_TRUE(c.client().WaitForHealth(false, absl::Seconds(10)).ok());
+  auto status = c.client().GetClusterStatus();
+  ASSERT_TRUE(status.ok());
+  EXPECT_FALSE(status->serving());
+  EXPECT_EQ(status->workers(1).state(), pb::WORKER_STATE_UNAVAILABLE);
+  auto rejected = c.client().Generate(IdsRequest({1, 450, 29}, 4));
+  EXPECT_EQ(rejected.status().code(), absl::StatusCode::kUnavailable);
+
+  // The worker comes back at the same address: the coordinator reconnects and serves again.
+  auto again = testing::StartWorker(dir, "4-7", address);
+  ASSERT_TRUE(again.ok()) << again.status();
+  c.workers()[1] = std::move(*again);
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(20)).ok()) << c.Logs();
+  auto ok = c.client().Generate(IdsRequest({1, 450, 29}, 8));
+  EXPECT_TRUE(ok.ok()) << ok.status();
+}
+
+// --- Cancellation frees the sequence's KV blocks. ---
+
+TEST(ClusterCancelTest, CancelMidStreamFreesKvBlocks) {
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 2));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  auto before = c.client().GetClusterStatus();
+  ASSERT_TRUE(before.ok());
+  EXPECT_EQ(before->kv_cache_usage(), 0.0);
+  grpc::ClientContext* context = nullptr;
+  int deltas = 0;
+  double usage_while_running = 0;
+  auto result = c.client().Generate(
+      IdsRequest({1, 450, 29}, 400),
+      [&](const pb::TokenDelta&) {
+        if (++deltas == 3) {
+          auto mid = c.client().GetClusterStatus();
+          if (mid.ok()) usage_while_running = mid->kv_cache_usage();
+          context->TryCancel();
+        }
+      },
+      [&](grpc::ClientContext* ctx) { context = ctx; });
+  EXPECT_EQ(result.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_GT(usage_while_running, 0.0);
+  // The server notices the cancellation between steps; wait (bounded) for the blocks to return.
+  double usage = 1;
+  int running = 1;
+  for (const absl::Time deadline = absl::Now() + absl::Seconds(10);
+       absl::Now() < deadline && (usage > 0 || running > 0);) {
+    auto s = c.client().GetClusterStatus();
+    ASSERT_TRUE(s.ok());
+    usage = s->kv_cache_usage();
+    running = s->running_requests();
+  }
+  EXPECT_EQ(usage, before->kv_cache_usage());
+  EXPECT_EQ(running, 0);
+}
+
+// --- Invalid requests: INVALID_ARGUMENT naming the parameter. ---
+
+TEST(ClusterValidationTest, InvalidRequestsNameTheParameter) {
+  auto cluster = Cluster::Start(ModelDir("mixtral_32e_gqa_fp16"), ContiguousRanges(32, 2));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  struct Bad {
+    std::function<void(pb::GenerateRequest*)> mutate;
+    const char* parameter;
+  };
+  const std::vector<Bad> cases = {
+      {[](pb::GenerateRequest* r) { r->set_temperature(-0.5f); }, "temperature"},
+      {[](pb::GenerateRequest* r) { r->set_temperature(std::nanf("")); }, "temperature"},
+      {[](pb::GenerateRequest* r) { r->set_top_p(0.0f); }, "top_p"},
+      {[](pb::GenerateRequest* r) { r->set_top_p(1.5f); }, "top_p"},
+      {[](pb::GenerateRequest* r) { r->set_top_k(-3); }, "top_k"},
+      {[](pb::GenerateRequest* r) { r->set_repetition_penalty(0.0f); }, "repetition_penalty"},
+      {[](pb::GenerateRequest* r) { r->set_max_tokens(0); }, "max_tokens"},
+      {[](pb::GenerateRequest* r) { r->set_max_tokens(-5); }, "max_tokens"},
+      {[](pb::GenerateRequest* r) { r->set_max_tokens(100000); }, "max_tokens"},
+      {[](pb::GenerateRequest* r) { r->clear_prompt_ids(); }, "prompt"},
+      {[](pb::GenerateRequest* r) { r->set_prompt(""); }, "prompt"},
+      {[](pb::GenerateRequest* r) { r->mutable_prompt_ids()->add_ids(1000); }, "vocabulary"},
+      {[](pb::GenerateRequest* r) { r->mutable_prompt_ids()->add_ids(-1); }, "vocabulary"},
+      {[](pb::GenerateRequest* r) { r->add_stop(""); }, "stop"},
+  };
+  for (const Bad& b : cases) {
+    pb::GenerateRequest r = IdsRequest({1, 5, 9}, 4);
+    b.mutate(&r);
+    auto result = (*cluster)->client().Generate(r);
+    EXPECT_EQ(result.status().code(), absl::StatusCode::kInvalidArgument)
+        << b.parameter << ": " << result.status();
+    EXPECT_THAT(result.status().message(), HasSubstr(b.parameter));
+  }
+  // The server is unharmed.
+  EXPECT_TRUE((*cluster)->client().Generate(IdsRequest({1, 5, 9}, 4)).ok());
+}
+
+TEST(ClusterValidationTest, FullQueueIsResourceExhausted) {
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 1),
+                                {"--max-running", "1", "--max-waiting", "1"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  absl::Notification first_streaming, second_queued;
+  grpc::ClientContext* first_context = nullptr;
+  grpc::ClientContext* second_context = nullptr;
+  std::thread first([&] {
+    c.client().Generate(
+        IdsRequest({1, 450}, 400),
+        [&](const pb::TokenDelta&) {
+          if (!first_streaming.HasBeenNotified()) first_streaming.Notify();
+        },
+        [&](grpc::ClientContext* ctx) { first_context = ctx; }).status().ok();
+  });
+  first_streaming.WaitForNotification();
+  std::thread second([&] {
+    c.client().Generate(IdsRequest({1, 29}, 4), nullptr,
+                        [&](grpc::ClientContext* ctx) { second_context = ctx; }).status().ok();
+  });
+  // Bounded wait until the second request is queued behind the first.
+  for (const absl::Time deadline = absl::Now() + absl::Seconds(10); absl::Now() < deadline;) {
+    auto s = c.client().GetClusterStatus();
+    if (s.ok() && s->waiting_requests() == 1) break;
+  }
+  auto third = c.client().Generate(IdsRequest({1, 30}, 4));
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_THAT(third.status().message(), HasSubstr("max_waiting"));
+  first_context->TryCancel();
+  first.join();
+  second.join();
+}
+
+// --- Start-up checks: the coordinator refuses to start and names what is wrong. ---
+
+TEST(ClusterStartupTest, RefusesWhenExpertsAreMissing) {
+  const std::string dir = ModelDir("mixtral_32e_gqa_fp16");
+  auto w = testing::StartWorker(dir, "0-15");
+  ASSERT_TRUE(w.ok()) << w.status();
+  testing::Subprocess coordinator;
+  const std::string log = testing::TempDir("refuse") + "/coordinator.log";
+  ASSERT_TRUE(coordinator
+                  .Start(MOE_COORDINATOR_PATH,
+                         {"--model", dir, "--workers", w->address, "--listen", "127.0.0.1:0"}, log)
+                  .ok());
+  EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1);
+  EXPECT_THAT(testing::ReadLog(log), HasSubstr("experts [16, 32) of every layer are hosted by no worker"));
+}
+
+TEST(ClusterStartupTest, RefusesAWorkerServingAnotherModel) {
+  auto w = testing::StartWorker(ModelDir("mixtral_4e_tied_fused_sharded"), "all");
+  ASSERT_TRUE(w.ok()) << w.status();
+  testing::Subprocess coordinator;
+  const std::string log = testing::TempDir("other") + "/coordinator.log";
+  ASSERT_TRUE(coordinator
+                  .Start(MOE_COORDINATOR_PATH,
+                         {"--model", ModelDir("mixtral_3e_sliding_bf16"), "--workers", w->address,
+                          "--listen", "127.0.0.1:0"},
+                         log)
+                  .ok());
+  EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1);
+  EXPECT_THAT(testing::ReadLog(log), HasSubstr("serves a different model"));
+}
+
+// --- The status API reports placement and load consistent with what was generated. ---
+
+TEST(ClusterStatusTest, ExpertLoadCountsEveryRoutedToken) {
+  const std::string dir = ModelDir("mixtral_8e_top3_no_rope_theta");
+  auto cluster = Cluster::Start(dir, ContiguousRanges(8, 3));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const Expected e = LoadExpected(dir);
+  auto result = (*cluster)->client().Generate(IdsRequest(e.prompt, 5));
+  ASSERT_TRUE(result.ok());
+  auto status = (*cluster)->client().GetClusterStatus();
+  ASSERT_TRUE(status.ok());
+  EXPECT_TRUE(status->serving());
+  ASSERT_EQ(status->workers_size(), 3);
+  EXPECT_EQ(status->workers(2).expert_begin(), 5);
+  EXPECT_EQ(status->workers(2).expert_end(), 8);
+  ASSERT_EQ(status->load_size(), 2);
+  // Every position that went through the model (prompt + all generated but the last) was routed
+  // to top-3 experts in each layer.
+  const uint64_t positions = e.prompt.size() + 5 - 1;
+  for (const pb::ExpertLoad& l : status->load()) {
+    uint64_t total = 0;
+    for (uint64_t t : l.tokens()) total += t;
+    EXPECT_EQ(total, positions * 3) << "layer " << l.layer();
+  }
+}
+
+}  // namespace
+}  // namespace moe
