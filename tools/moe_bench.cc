@@ -1,7 +1,9 @@
-// moe-bench: prefill and decode throughput of a checkpoint in this process.
+// moe-bench: throughput of a checkpoint.
 //   moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8]
-// Prints prefill tok/s, decode tok/s per batch size, and the GB/s of weights read per decode
-// step (shared matrices + the experts the router actually activated in that step).
+//     in this process: prefill tok/s, decode tok/s per batch size, and the GB/s of weights read
+//     per decode step (shared matrices + the experts the router actually activated);
+//   moe-bench --server HOST:PORT [--streams 8] [--max-tokens 64] [--rounds 1]
+//     against a running coordinator: aggregate decode tok/s of concurrent streams.
 #include <cstdio>
 #include <random>
 #include <set>
@@ -15,6 +17,7 @@
 #include "common/flag_names.h"
 #include "coordinator/local_model.h"
 #include "coordinator/sampler.h"
+#include "tools/client/load_bench.h"
 #include "glog/logging.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory.");
@@ -23,6 +26,10 @@ ABSL_FLAG(int64_t, decode_steps, 32, "Decode steps timed per batch size.");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8"}),
           "Decode batch sizes (comma-separated).");
 ABSL_FLAG(int64_t, workers, 1, "In-process expert workers.");
+ABSL_FLAG(std::string, server, "", "Benchmark a running coordinator instead (HOST:PORT).");
+ABSL_FLAG(int64_t, streams, 8, "With --server: concurrent streams.");
+ABSL_FLAG(int64_t, max_tokens, 64, "With --server: tokens generated per stream.");
+ABSL_FLAG(int64_t, rounds, 1, "With --server: rounds of --streams streams.");
 
 namespace moe {
 namespace {
@@ -46,7 +53,27 @@ class ExpertTouchCounter : public RoutingObserver {
 
 uint64_t MatrixBytes(const WeightMatrix& m) { return m.rows * m.cols * DTypeSize(m.dtype); }
 
+int RunRemote() {
+  LoadBenchOptions o;
+  o.server = absl::GetFlag(FLAGS_server);
+  o.streams = absl::GetFlag(FLAGS_streams);
+  o.prompt_tokens = absl::GetFlag(FLAGS_prompt_tokens);
+  o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
+  o.rounds = absl::GetFlag(FLAGS_rounds);
+  auto r = RunLoadBench(o);
+  if (!r.ok()) {
+    std::fprintf(stderr, "moe-bench: error: %s\n", std::string(r.status().message()).c_str());
+    return 1;
+  }
+  std::printf("server %s: %lld streams x %lld tokens: %9.1f tok/s decode (%lld tokens in %.2f s), "
+              "mean TTFT %.1f ms\n",
+              o.server.c_str(), (long long)o.streams, (long long)o.max_tokens,
+              r->decode_tokens_per_s, (long long)r->generated_tokens, r->seconds, r->mean_ttft_ms);
+  return 0;
+}
+
 int Run() {
+  if (!absl::GetFlag(FLAGS_server).empty()) return RunRemote();
   LocalModelOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.in_process_workers = absl::GetFlag(FLAGS_workers);
