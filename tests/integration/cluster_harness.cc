@@ -13,16 +13,19 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "gtest/gtest.h"
 
 namespace moe::testing {
 
 namespace {
 int log_counter = 0;
 
+// Logs go to the test's temp dir (TEST_TMPDIR / /tmp), one file per process.
 std::string NewLogPath(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          absl::StrCat("moe_it_", getpid(), "_", log_counter++, "_", name, ".log"))
-      .string();
+  const std::filesystem::path dir =
+      std::filesystem::path(::testing::TempDir()) / absl::StrCat("moe_it_", getpid());
+  std::filesystem::create_directories(dir);
+  return (dir / absl::StrCat(log_counter++, "_", name, ".log")).string();
 }
 }  // namespace
 

@@ -4,9 +4,11 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -82,19 +84,19 @@ absl::StatusOr<std::string> Subprocess::WaitForReady(absl::Duration timeout) {
 
 int Subprocess::WaitForExit(absl::Duration timeout) {
   if (pid_ <= 0) return exit_code_;
-  const absl::Time deadline = absl::Now() + timeout;
-  while (true) {
-    int status = 0;
-    const pid_t r = waitpid(pid_, &status, WNOHANG);
-    if (r == pid_) {
-      exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      pid_ = -1;
-      return exit_code_;
-    }
-    if (absl::Now() > deadline) return -1;
-    // Child exit has no fd to poll; a short wait between checks is bounded by `timeout`.
-    absl::SleepFor(absl::Milliseconds(5));
+  // A pidfd becomes readable when the process exits: wait on it instead of polling waitpid.
+  const int pidfd = static_cast<int>(syscall(SYS_pidfd_open, pid_, 0));
+  if (pidfd >= 0) {
+    pollfd p{pidfd, POLLIN, 0};
+    poll(&p, 1, static_cast<int>(std::max<int64_t>(0, absl::ToInt64Milliseconds(timeout))));
+    close(pidfd);
   }
+  int status = 0;
+  const pid_t r = waitpid(pid_, &status, pidfd >= 0 ? WNOHANG : 0);
+  if (r != pid_) return -1;
+  exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  pid_ = -1;
+  return exit_code_;
 }
 
 int Subprocess::Stop(int signal) {
