@@ -64,8 +64,8 @@ absl::Status Engine::Validate(std::span<const StepInput> inputs) {
     }
   }
   // Reserve KV blocks; on failure give back what this step took so no state changes.
-  std::vector<size_t> before;
-  before.reserve(inputs.size());
+  std::vector<size_t>& before = blocks_before_;
+  before.clear();
   for (const StepInput& in : inputs) before.push_back(in.seq->blocks.blocks.size());
   for (size_t i = 0; i < inputs.size(); ++i) {
     const StepInput& in = inputs[i];

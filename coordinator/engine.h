@@ -100,6 +100,7 @@ class Engine {
   std::vector<float> proj_;            // [rows, hidden]
   std::vector<float> router_logits_;   // [rows, experts]
   std::vector<float> scores_;          // [threads, max_position]
+  std::vector<size_t> blocks_before_;  // per input, KV blocks held before this step
   Routing routing_;
 };
 
