@@ -8,7 +8,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "common/flag_names.h"
+#include "common/main_init.h"
 #include "common/signals.h"
 #include "coordinator/coordinator_server.h"
 #include "glog/logging.h"
@@ -31,15 +31,10 @@ ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
 
 int main(int argc, char** argv) {
   moe::BlockTerminationSignals();
-  absl::SetProgramUsageMessage(
+  moe::InitMain(argc, argv, __FILE__,
       "moe-coordinator --model DIR --workers HOST:PORT[,HOST:PORT...] [--listen HOST:PORT]\n"
       "Serves moecluster.v1.Inference; experts run in the workers (or in-process without "
       "--workers). Flag names take dashes or underscores.");
-  std::vector<std::string> storage;
-  std::vector<char*> args = moe::NormalizeFlagNames(argc, argv, &storage);
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
-  FLAGS_logtostderr = true;
-  google::InitGoogleLogging(argv[0]);
 
   moe::CoordinatorOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);

@@ -12,7 +12,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
-#include "common/flag_names.h"
+#include "common/main_init.h"
 #include "common/signals.h"
 #include "expert_worker/worker_server.h"
 #include "glog/logging.h"
@@ -39,28 +39,15 @@ int main(int argc, char** argv) {
   // Before any thread starts (gRPC, OpenMP): SIGINT/SIGTERM are then taken synchronously below.
   moe::BlockTerminationSignals();
 
-  // --help lists this file's flags (Abseil's default matches only files named like the binary).
-  absl::FlagsUsageConfig usage;
-  usage.contains_help_flags = [](absl::string_view file) {
-    return absl::StrContains(file, "expert_worker/main.cc");
-  };
-  usage.contains_helpshort_flags = usage.contains_help_flags;
-  absl::SetFlagsUsageConfig(usage);
-  absl::SetProgramUsageMessage(
+  const std::vector<std::string> args = moe::InitMain(argc, argv, __FILE__,
       "serves a slice of a Mixtral checkpoint's experts to a coordinator.\n"
       "  moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]\n"
       "--experts A-B is inclusive: --experts 0-15 hosts experts 0..15 (16 experts) of every "
       "layer.\nPrints \"READY <host:port>\" on stdout once serving. Flag names take dashes or "
       "underscores.");
-  std::vector<std::string> storage;
-  std::vector<char*> normalized = moe::NormalizeFlagNames(argc, argv, &storage);
-  std::vector<char*> args =
-      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
-  FLAGS_logtostderr = true;
-  google::InitGoogleLogging(argv[0]);
-  if (args.size() != 1) {
+  if (!args.empty()) {
     return Fail(absl::InvalidArgumentError(
-        absl::StrCat("unexpected argument \"", args[1], "\" (run with --help for all flags)")));
+        absl::StrCat("unexpected argument \"", args[0], "\" (run with --help for all flags)")));
   }
 
   absl::StatusOr<moe::ExpertRange> range = moe::ParseExpertRange(absl::GetFlag(FLAGS_experts));

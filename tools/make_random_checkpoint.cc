@@ -14,7 +14,7 @@
 #include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
-#include "common/flag_names.h"
+#include "common/main_init.h"
 #include "nlohmann/json.hpp"
 
 ABSL_FLAG(std::string, out, "", "Output directory (created).");
@@ -161,12 +161,9 @@ int Run() {
 }  // namespace moe
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  moe::InitMain(argc, argv, __FILE__,
       "moe-make-random-checkpoint --out DIR [--hidden 2048 --ffn 5632 --layers 4 --heads 32 "
       "--kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --dtype BF16]\n"
       "Writes a random Mixtral checkpoint (config.json + model.safetensors) for benchmarks.");
-  std::vector<std::string> storage;
-  std::vector<char*> args = moe::NormalizeFlagNames(argc, argv, &storage);
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
   return moe::Run();
 }

@@ -14,7 +14,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
-#include "common/flag_names.h"
+#include "common/main_init.h"
 #include "coordinator/local_model.h"
 #include "coordinator/sampler.h"
 #include "tools/client/load_bench.h"
@@ -165,13 +165,8 @@ int Run() {
 }  // namespace moe
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  moe::InitMain(argc, argv, __FILE__,
       "moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8] "
       "[--workers 1]\nPrefill and decode throughput of a checkpoint in this process.");
-  std::vector<std::string> storage;
-  std::vector<char*> args = moe::NormalizeFlagNames(argc, argv, &storage);
-  absl::ParseCommandLine(static_cast<int>(args.size()), args.data());
-  FLAGS_logtostderr = true;
-  google::InitGoogleLogging(argv[0]);
   return moe::Run();
 }

@@ -9,7 +9,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
-#include "common/flag_names.h"
+#include "common/main_init.h"
 #include "glog/logging.h"
 #include "tools/client/cli_commands.h"
 
@@ -27,7 +27,7 @@ ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-sequence tok
 ABSL_FLAG(int64_t, workers, 1, "With --model: in-process expert workers to split experts over.");
 
 int main(int argc, char** argv) {
-  absl::SetProgramUsageMessage(
+  const std::vector<std::string> args = moe::InitMain(argc, argv, __FILE__,
       "moe-cli: talk to a moe-cluster model.\n"
       "  moe-cli generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T]\n"
       "      [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop a,b]\n"
@@ -37,13 +37,7 @@ int main(int argc, char** argv) {
       "  moe-cli status --server HOST:PORT\n"
       "      prints the workers, their experts and the tokens routed per layer and expert.\n"
       "Flag names take dashes or underscores (--max-tokens == --max_tokens).");
-  std::vector<std::string> storage;
-  std::vector<char*> normalized = moe::NormalizeFlagNames(argc, argv, &storage);
-  std::vector<char*> args =
-      absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
-  FLAGS_logtostderr = true;
-  google::InitGoogleLogging(argv[0]);
-  const std::string command = args.size() == 2 ? args[1] : "";
+  const std::string command = args.size() == 1 ? args[0] : "";
   absl::Status status;
   if (command == "generate") {
     moe::CliGenerateOptions o;

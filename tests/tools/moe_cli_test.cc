@@ -90,6 +90,22 @@ TEST(MoeCliTest, BadSamplingParameter) {
   EXPECT_THAT(r.output, HasSubstr("top_p"));
 }
 
+TEST(MoeCliTest, HelpListsTheFlags) {
+  Result r = RunCli("--help");
+  for (const char* flag : {"--max_tokens", "--temperature", "--server", "--model", "--stop"}) {
+    EXPECT_THAT(r.output, HasSubstr(flag)) << r.output;
+  }
+}
+
+TEST(MoeCliTest, DashedAndUnderscoredFlagsAreTheSame) {
+  Result a = RunCli(std::string("generate --model ") + kFixture +
+                    " --prompt x --max-tokens 3 --ignore-eos");
+  Result b = RunCli(std::string("generate --model ") + kFixture +
+                    " --prompt x --max_tokens 3 --ignore_eos");
+  EXPECT_THAT(a.output, HasSubstr("3 generated"));
+  EXPECT_THAT(b.output, HasSubstr("3 generated"));
+}
+
 TEST(MoeCliTest, UsageWithoutSubcommand) {
   Result r = RunCli("");
   EXPECT_EQ(r.exit_code, 2);
