@@ -316,8 +316,10 @@ absl::StatusOr<TensorData> TensorStore::Map(std::string_view name) {
     mapping->data = &kEmpty;
   } else {
     mapping->length = end - begin;
-    mapping->base = mmap(nullptr, mapping->length, PROT_READ, MAP_SHARED, entry.file->fd,
-                         static_cast<off_t>(begin));
+    // MAP_POPULATE faults the pages in now (reading them if they are not cached), so the load
+    // pays for it instead of the first requests.
+    mapping->base = mmap(nullptr, mapping->length, PROT_READ, MAP_SHARED | MAP_POPULATE,
+                         entry.file->fd, static_cast<off_t>(begin));
     if (mapping->base == MAP_FAILED) {
       mapping->base = nullptr;
       return absl::InternalError(absl::StrCat(entry.file->path, ": mmap of tensor ",

@@ -77,7 +77,8 @@ class TensorStore {
 
   // nullptr when absent.
   const TensorInfo* Find(std::string_view name) const;
-  // Maps the tensor's bytes (once; later calls return the same bytes). NOT_FOUND naming it.
+  // Maps the tensor's bytes (once; later calls return the same bytes) and faults them in.
+  // NOT_FOUND naming it.
   absl::StatusOr<TensorData> Map(std::string_view name);
   // Names of every tensor, sorted.
   std::vector<std::string> TensorNames() const;
