@@ -233,7 +233,8 @@ absl::Status GrpcTransport::Exchange(int64_t layer, const Routing& routing, cons
   plan_.Build(routing, worker_of_expert_, static_cast<int64_t>(workers_.size()));
   const int64_t hidden = config_.hidden_size;
   ++step_;
-  std::vector<Worker*> active;
+  std::vector<Worker*>& active = active_;  // reused: no allocation per layer step
+  active.clear();
   for (size_t i = 0; i < workers_.size(); ++i) {
     const WorkerDispatch& d = plan_.workers()[i];
     if (d.rows() == 0) continue;

@@ -86,6 +86,7 @@ class GrpcTransport : public ExpertTransport {
   uint64_t step_ ABSL_GUARDED_BY(exchange_mu_) = 0;
   DispatchPlan plan_ ABSL_GUARDED_BY(exchange_mu_);
   std::vector<int32_t> worker_of_expert_ ABSL_GUARDED_BY(exchange_mu_);
+  std::vector<Worker*> active_ ABSL_GUARDED_BY(exchange_mu_);  // workers with rows this step
 
   // Guards every Worker's state/snapshot fields and the I/O hand-off.
   mutable absl::Mutex mu_;
