@@ -17,6 +17,9 @@ constexpr char kServiceName[] = "moecluster.v1.Inference";
 absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Create(
     const CoordinatorOptions& options) {
   MOE_RETURN_IF_ERROR(ValidateListenAddress(options.listen, "listen"));
+  if (!options.metrics_listen.empty()) {
+    MOE_RETURN_IF_ERROR(ValidateListenAddress(options.metrics_listen, "metrics-listen"));
+  }
   MOE_RETURN_IF_ERROR(ValidateSchedulerOptions(options.scheduler));
   std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
   MOE_RETURN_IF_ERROR(server->Start(options));
@@ -47,6 +50,24 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   expert_load_ = std::make_unique<ExpertLoadCounter>(c.num_hidden_layers, c.num_local_experts);
   model_->engine()->AddRoutingObserver(expert_load_.get());
   scheduler_ = std::make_unique<Scheduler>(model_->engine(), model_->tokenizer(), options.scheduler);
+  const int64_t experts = c.num_local_experts;
+  GrpcTransport* transport = grpc_transport_;
+  auto workers = [transport, experts]() {
+    if (transport != nullptr) return transport->Workers();
+    return std::vector<WorkerSnapshot>{{"in-process", true, 0, experts, ""}};
+  };
+  if (!options.metrics_listen.empty()) {
+    Scheduler* scheduler = scheduler_.get();
+    metrics_ = std::make_unique<CoordinatorMetrics>(
+        c, CoordinatorMetrics::Sources{[scheduler]() { return scheduler->stats(); }, workers});
+    CoordinatorMetrics* metrics = metrics_.get();
+    expert_load_->set_step_listener(
+        [metrics](bool ok, std::span<const uint64_t> counts) { metrics->OnStepEnd(ok, counts); });
+    scheduler_->set_observer(metrics);
+    if (transport != nullptr) transport->set_dispatch_observer(metrics);
+    MOE_ASSIGN_OR_RETURN(metrics_server_,
+                         MetricsServer::Start(options.metrics_listen, {metrics_->collectable()}));
+  }
 
   InferenceServiceDeps deps;
   deps.scheduler = scheduler_.get();
@@ -55,12 +76,11 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.expert_load = expert_load_.get();
   deps.dtype = std::string(DTypeName(model_->weights().dtype()));
   deps.fingerprint = ModelFingerprint(c, model_->store());
-  const int64_t experts = c.num_local_experts;
-  GrpcTransport* transport = grpc_transport_;
-  deps.workers = [transport, experts]() {
-    if (transport != nullptr) return transport->Workers();
-    return std::vector<WorkerSnapshot>{{"in-process", true, 0, experts, ""}};
-  };
+  deps.workers = workers;
+  if (metrics_ != nullptr) {
+    CoordinatorMetrics* metrics = metrics_.get();
+    deps.on_rejected = [metrics]() { metrics->OnRejected(); };
+  }
   service_ = std::make_unique<InferenceService>(deps);
 
   grpc::EnableDefaultHealthCheckService(true);
@@ -102,6 +122,7 @@ void CoordinatorServer::Shutdown() {
   // The scheduler keeps running while the server drains: calls still open at the deadline are
   // cancelled, their handlers cancel their requests and return.
   server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  metrics_server_.reset();  // scrapes read the scheduler
   scheduler_.reset();  // fails anything left, before the engine it drives goes away
 }
 

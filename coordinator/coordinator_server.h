@@ -10,6 +10,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/metrics/metrics.h"
+#include "coordinator/coordinator_metrics.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/inference_service.h"
 #include "coordinator/local_model.h"
@@ -25,6 +27,7 @@ struct CoordinatorOptions {
   std::vector<std::string> workers;
   int64_t in_process_workers = 1;
   std::string listen = "127.0.0.1:50051";  // port 0 picks a free port
+  std::string metrics_listen;              // Prometheus /metrics HOST:PORT; empty: none
   absl::Duration worker_connect_timeout = absl::Seconds(60);
   absl::Duration step_timeout = absl::Seconds(10);
   SchedulerOptions scheduler;
@@ -40,6 +43,8 @@ class CoordinatorServer {
 
   // The address actually bound (with the real port when listen asked for port 0).
   const std::string& address() const { return address_; }
+  // Where /metrics is served (HOST:PORT), empty without metrics_listen.
+  std::string metrics_address() const { return metrics_server_ ? metrics_server_->address() : ""; }
   const LocalModel& model() const { return *model_; }
   // Stops accepting calls, lets in-flight calls drain (5 s), then fails what is left and stops
   // the scheduler. Idempotent.
@@ -53,9 +58,11 @@ class CoordinatorServer {
   std::unique_ptr<LocalModel> model_;
   GrpcTransport* grpc_transport_ = nullptr;  // owned by model_; null when in-process
   std::unique_ptr<ExpertLoadCounter> expert_load_;
+  std::unique_ptr<CoordinatorMetrics> metrics_;  // before scheduler_: it reports into it
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsServer> metrics_server_;  // last: scrapes read everything above
   std::string address_;
   bool shut_down_ = false;
 };

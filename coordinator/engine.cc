@@ -182,6 +182,12 @@ absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
 
 absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
   MOE_RETURN_IF_ERROR(Validate(inputs));
+  const absl::Status status = Forward(inputs, logits);
+  for (RoutingObserver* observer : observers_) observer->OnStepEnd(status.ok());
+  return status;
+}
+
+absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<float>* logits) {
   int64_t rows = 0;
   int64_t out_rows = 0;
   for (const StepInput& in : inputs) {

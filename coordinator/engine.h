@@ -38,11 +38,15 @@ struct StepInput {
   bool all_logits = false;  // logits for every token (tests); else only for the last
 };
 
-// Observes routing decisions (e.g. expert-load counters). Called once per layer per step.
+// Observes routing decisions (e.g. expert-load counters). OnRouting is called once per layer
+// per step, on the thread running Step; OnStepEnd once at the end of every step that passed
+// validation (and so may have routed), with ok = false when the step failed part-way (its
+// routing never completed a forward pass). Observers that publish per step do it there.
 class RoutingObserver {
  public:
   virtual ~RoutingObserver() = default;
   virtual void OnRouting(int64_t layer, const Routing& routing) = 0;
+  virtual void OnStepEnd(bool ok) { (void)ok; }
 };
 
 // Not thread-safe: one Step at a time (it owns the KV cache and scratch buffers).
@@ -76,6 +80,7 @@ class Engine {
   void EnsureScratch(int64_t rows);
   void Attention(int64_t layer, std::span<const StepInput> inputs);
   absl::Status Layer(int64_t layer, std::span<const StepInput> inputs);
+  absl::Status Forward(std::span<const StepInput> inputs, std::vector<float>* logits);
 
   // Constant after construction.
   const ModelWeights* weights_;

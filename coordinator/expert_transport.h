@@ -51,6 +51,23 @@ class DispatchPlan {
   std::vector<WorkerDispatch> workers_;
 };
 
+// One worker's part of one layer exchange, for metrics.
+struct DispatchReport {
+  int32_t worker = 0;          // index in the transport's worker list
+  double seconds = 0;          // request written -> answer read
+  int64_t bytes_sent = 0;      // serialized request
+  int64_t bytes_received = 0;  // serialized answer
+  int64_t assignments = 0;     // (token, expert) pairs sent
+};
+
+// Told about every layer exchange (metrics). Called on the thread calling Exchange, after all
+// answers are in, with the workers that answered; must be cheap.
+class DispatchObserver {
+ public:
+  virtual ~DispatchObserver() = default;
+  virtual void OnDispatch(std::span<const DispatchReport> reports) = 0;
+};
+
 class ExpertTransport {
  public:
   virtual ~ExpertTransport() = default;

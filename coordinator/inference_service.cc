@@ -129,12 +129,16 @@ absl::StatusOr<GenerationRequest> FromProto(const pb::GenerateRequest& r,
 grpc::Status InferenceService::Generate(grpc::ServerContext* context,
                                         const pb::GenerateRequest* request,
                                         grpc::ServerWriter<pb::GenerateResponse>* writer) {
+  auto rejected = [this](const absl::Status& status) {
+    if (deps_.on_rejected) deps_.on_rejected();
+    return ToGrpcStatus(status);
+  };
   auto converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
-  if (!converted.ok()) return ToGrpcStatus(converted.status());
+  if (!converted.ok()) return rejected(converted.status());
   const size_t prompt_tokens = converted->prompt.size();
   StreamSink sink(request->request_id());
   auto id = deps_.scheduler->Submit(std::move(*converted), &sink);
-  if (!id.ok()) return ToGrpcStatus(id.status());
+  if (!id.ok()) return rejected(id.status());
   std::deque<pb::GenerateResponse> batch;
   bool cancelled = false;
   // Poll for client cancellation between outputs: the sync API has no cancel callback.

@@ -26,6 +26,8 @@ struct InferenceServiceDeps {
   // The expert workers as they stand now.
   std::function<std::vector<WorkerSnapshot>()> workers;
   int64_t default_max_tokens = 64;
+  // Called for each Generate refused before it was queued (metrics); may be empty.
+  std::function<void()> on_rejected;
 };
 
 // Converts a public request to the scheduler's form. INVALID_ARGUMENT naming the field for

@@ -1,5 +1,6 @@
 // moe-coordinator: serves the public Inference API for a model whose experts live in expert
-// workers (or in this process). Prints "READY HOST:PORT" on stdout once serving.
+// workers (or in this process). Prints "READY HOST:PORT" on stdout once serving, preceded by
+// "METRICS HOST:PORT" with --metrics-listen.
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -19,6 +20,9 @@ ABSL_FLAG(std::vector<std::string>, workers, {},
           "Comma-separated expert workers HOST:PORT. Empty: run the experts in this process.");
 ABSL_FLAG(int64_t, in_process_workers, 1, "Without --workers: in-process expert slices.");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to serve on (port 0: any free port).");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9400; "
+          "port 0: any free port). Empty: no metrics endpoint.");
 ABSL_FLAG(int64_t, max_running, 16, "Sequences decoded together (continuous batching).");
 ABSL_FLAG(int64_t, max_waiting, 64, "Queued requests beyond this get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_step_tokens, 512, "Token budget per engine step (decode + prefill).");
@@ -34,13 +38,15 @@ int main(int argc, char** argv) {
   moe::InitMain(argc, argv, __FILE__,
       "moe-coordinator --model DIR --workers HOST:PORT[,HOST:PORT...] [--listen HOST:PORT]\n"
       "Serves moecluster.v1.Inference; experts run in the workers (or in-process without "
-      "--workers). Flag names take dashes or underscores.");
+      "--workers). Prometheus metrics with --metrics-listen. Flag names take dashes or "
+      "underscores.");
 
   moe::CoordinatorOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.workers = absl::GetFlag(FLAGS_workers);
   options.in_process_workers = absl::GetFlag(FLAGS_in_process_workers);
   options.listen = absl::GetFlag(FLAGS_listen);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.scheduler.max_running = absl::GetFlag(FLAGS_max_running);
   options.scheduler.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   options.scheduler.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
@@ -56,6 +62,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe-coordinator: error: %s\n",
                  std::string(server.status().message()).c_str());
     return 1;
+  }
+  if (!(*server)->metrics_address().empty()) {
+    std::cout << "METRICS " << (*server)->metrics_address() << std::endl;
   }
   std::cout << "READY " << (*server)->address() << std::endl;
   const int sig = moe::WaitForTerminationSignal();

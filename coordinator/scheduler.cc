@@ -1,6 +1,7 @@
 #include "coordinator/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
 #include <iterator>
 #include <string>
 #include <utility>
@@ -31,7 +32,27 @@ void Extract(Container* from, Out* out, Pred pred) {
   from->erase(keep, from->end());
 }
 
+using Clock = std::chrono::steady_clock;
+
+double SecondsBetween(Clock::time_point from, Clock::time_point to) {
+  return std::chrono::duration<double>(to - from).count();
+}
+
 }  // namespace
+
+std::string_view RequestOutcomeName(RequestOutcome outcome) {
+  switch (outcome) {
+    case RequestOutcome::kStop:
+      return "stop";
+    case RequestOutcome::kLength:
+      return "length";
+    case RequestOutcome::kCancelled:
+      return "cancelled";
+    case RequestOutcome::kError:
+      return "error";
+  }
+  return "error";
+}
 
 struct Scheduler::Sequence {
   Sequence(GenerationRequest r, GenerationSink* s, const Tokenizer* tokenizer,
@@ -56,6 +77,8 @@ struct Scheduler::Sequence {
   // the next token. [layers, top_k]
   TokenRoutes routes;
   int64_t trace_row = 0;
+  Clock::time_point arrival = Clock::now();  // Submit
+  Clock::time_point last_token;              // when the latest token was sampled
   bool admitted = false;   // moved from waiting_ to running_
   bool cancelled = false;  // guarded by Scheduler::mu_
 };
@@ -87,6 +110,8 @@ Scheduler::Scheduler(Engine* engine, const Tokenizer* tokenizer, const Scheduler
   CHECK(status.ok()) << status;
   inputs_.reserve(options.max_running);
   traced_.reserve(options.max_running);
+  ttft_.reserve(options.max_running);
+  itl_.reserve(options.max_running);
   running_.reserve(options.max_running);
 }
 
@@ -214,10 +239,14 @@ size_t Scheduler::BuildBatch() {
   traced_.clear();
   size_t first_prefill = running_.size();
   int64_t rows = 0;
+  step_prompt_tokens_ = 0;
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& s = *running_[i];
     const std::span<const int32_t> tokens = s.decoder.NextInput();
-    if (s.decoder.output().tokens.empty()) first_prefill = std::min(first_prefill, i);
+    if (s.decoder.output().tokens.empty()) {
+      first_prefill = std::min(first_prefill, i);
+      step_prompt_tokens_ += static_cast<int64_t>(tokens.size());
+    }
     inputs_.push_back({&s.state, tokens, /*all_logits=*/false});
     rows += static_cast<int64_t>(tokens.size());
     if (s.request.params.trace_routing) {
@@ -234,11 +263,23 @@ size_t Scheduler::BuildBatch() {
 
 void Scheduler::Emit() {
   const int64_t vocab = config_.vocab_size;
+  const Clock::time_point now = Clock::now();
+  ttft_.clear();
+  itl_.clear();
   for (size_t j = 0; j < running_.size(); ++j) {
     Sequence& s = *running_[j];
+    if (s.decoder.output().tokens.empty()) {
+      ttft_.push_back(SecondsBetween(s.arrival, now));
+    } else {
+      itl_.push_back(SecondsBetween(s.last_token, now));
+    }
+    s.last_token = now;
     const std::string text = s.decoder.Advance(&logits_[j * vocab]);
     const int32_t token = s.decoder.output().tokens.back();
     s.sink->OnTokens({&token, 1}, text, s.request.params.trace_routing ? &s.routes : nullptr);
+  }
+  if (observer_ != nullptr) {
+    observer_->OnStep({step_prompt_tokens_, static_cast<int64_t>(running_.size()), ttft_, itl_});
   }
   std::vector<SequencePtr> finished;  // allocates only when a sequence finished
   Extract(&running_, &finished, [](const Sequence& s) { return s.decoder.finished(); });
@@ -266,6 +307,16 @@ void Scheduler::Finish(SequencePtr seq, const absl::Status& status) {
     open_.erase(seq->id);
     if (seq->admitted) --running_count_;
     kv_used_blocks_ = engine_->kv_cache().used_blocks();
+  }
+  if (observer_ != nullptr) {
+    RequestOutcome outcome = RequestOutcome::kError;
+    if (status.ok()) {
+      outcome = seq->decoder.output().finish == FinishReason::kLength ? RequestOutcome::kLength
+                                                                      : RequestOutcome::kStop;
+    } else if (absl::IsCancelled(status)) {
+      outcome = RequestOutcome::kCancelled;
+    }
+    observer_->OnRequestFinished(outcome, SecondsBetween(seq->arrival, Clock::now()));
   }
   seq->sink->OnFinished(status, seq->decoder.output());
 }

@@ -54,6 +54,30 @@ class GenerationSink {
   virtual void OnFinished(const absl::Status& status, const GenerationOutput& output) = 0;
 };
 
+// How a request ended, as metrics count it: "stop" (EOS or a stop string), "length"
+// (max_tokens), "cancelled", "error" (the step failed or the scheduler shut down).
+enum class RequestOutcome { kStop, kLength, kCancelled, kError };
+std::string_view RequestOutcomeName(RequestOutcome outcome);
+
+// What the scheduler reports for metrics. Called on the thread running the steps, never with
+// the scheduler's lock held; must be cheap (it runs between engine steps).
+class SchedulerObserver {
+ public:
+  struct StepReport {
+    int64_t prompt_tokens = 0;     // prompt tokens prefilled by this step
+    int64_t generated_tokens = 0;  // tokens sampled by this step (one per running sequence)
+    // Seconds since arrival, for the sequences whose first token came in this step.
+    std::span<const double> time_to_first_token;
+    // Seconds since the sequence's previous token, for the others.
+    std::span<const double> inter_token_latency;
+  };
+  virtual ~SchedulerObserver() = default;
+  // After every successful engine step.
+  virtual void OnStep(const StepReport& report) = 0;
+  // Once per accepted request, with the seconds from Submit to its end.
+  virtual void OnRequestFinished(RequestOutcome outcome, double seconds) = 0;
+};
+
 // Thread-safety: Submit, Cancel and stats may be called from any thread. StepOnce is driven by
 // one thread at a time: either the caller (never while started) or the internal thread between
 // Start() and Stop(); Start, Stop and the destructor are called from one owning thread.
@@ -90,6 +114,9 @@ class Scheduler : private RoutingObserver {
   // step finish with it (see the class comment for RESOURCE_EXHAUSTED) and the scheduler goes
   // on. Returns false when there was nothing to do.
   bool StepOnce();
+
+  // Not owned; set before the first step (before Start()).
+  void set_observer(SchedulerObserver* observer) { observer_ = observer; }
 
   // Runs StepOnce on an internal thread, which sleeps while there is no work. Stop() returns
   // after the current step; open requests stay queued (Start() resumes them).
@@ -137,6 +164,9 @@ class Scheduler : private RoutingObserver {
   std::vector<StepInput> inputs_;     // this step's, one per running_ entry
   std::vector<Sequence*> traced_;     // running sequences with trace_routing
   std::vector<float> logits_;
+  SchedulerObserver* observer_ = nullptr;
+  int64_t step_prompt_tokens_ = 0;    // prefilled by the step being built
+  std::vector<double> ttft_, itl_;    // this step's latencies, for observer_
   bool observing_ = false;            // added to the engine's routing observers
   std::thread thread_;                // owned by the thread calling Start/Stop
 

@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <span>
@@ -28,7 +29,11 @@ class StreamState {
         // Never empty, so data() is never null even for a step of 0 rows.
         x_(hidden_),
         out_(hidden_),
-        last_row_(weights->expert_end() - weights->expert_begin()) {}
+        last_row_(weights->expert_end() - weights->expert_begin()),
+        rows_per_expert_(weights->expert_end() - weights->expert_begin()) {}
+
+  // Rows per hosted expert of the last successful Decode.
+  std::span<const int64_t> rows_per_expert() const { return rows_per_expert_; }
 
   // Checks every field of `req` and, when all are well-formed, points batch_ at its rows
   // (copied to an aligned buffer) and its (expert, weight) pairs. `req` must outlive Run().
@@ -121,6 +126,7 @@ class StreamState {
     }
     // last_row_[e - begin]: the last row that listed expert e; O(1) duplicate check per pair.
     std::fill(last_row_.begin(), last_row_.end(), -1);
+    std::fill(rows_per_expert_.begin(), rows_per_expert_.end(), 0);
     for (int64_t r = 0; r < rows; ++r) {
       for (int32_t i = req.row_offsets(r); i < req.row_offsets(r + 1); ++i) {
         const int32_t e = req.experts(i);
@@ -139,6 +145,7 @@ class StreamState {
               "experts: row ", r, " lists expert ", e, " more than once (experts[", i, "])"));
         }
         last_row_[e - begin] = r;
+        ++rows_per_expert_[e - begin];
         assignments_[i] = {e, w};
       }
     }
@@ -152,13 +159,16 @@ class StreamState {
   std::vector<float> out_;                     // [rows, hidden]
   std::vector<ExpertAssignment> assignments_;  // [experts_size]
   std::vector<int64_t> last_row_;              // [hosted experts]
+  std::vector<int64_t> rows_per_expert_;       // [hosted experts]
   ExpertBatch batch_;
 };
 
 }  // namespace
 
-ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads)
-    : weights_(weights), fingerprint_(std::move(fingerprint)), threads_(threads) {}
+ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
+                             ForwardObserver* observer)
+    : weights_(weights), fingerprint_(std::move(fingerprint)), threads_(threads),
+      observer_(observer) {}
 
 grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
                                     pb::WorkerInfo* info) {
@@ -181,12 +191,18 @@ grpc::Status ExpertService::Forward(
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   while (stream->Read(&request)) {
+    const auto start = std::chrono::steady_clock::now();
     absl::Status s = state.Decode(request);
     if (!s.ok()) {
       return ToGrpcStatus(absl::Status(
           s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
     }
     state.Run(request.step(), &response);
+    if (observer_ != nullptr) {
+      observer_->OnForward(
+          request.layer(), state.rows_per_expert(),
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
     if (!stream->Write(response)) {
       return grpc::Status(grpc::StatusCode::CANCELLED, "the client closed the Forward stream");
     }

@@ -11,6 +11,7 @@
 #define MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
 
 #include <cstdint>
+#include <span>
 #include <string>
 
 #include "common/weights.h"
@@ -20,6 +21,17 @@ namespace moe {
 
 // Most rows one ForwardRequest may carry (a bound checked before anything is allocated).
 inline constexpr int64_t kMaxForwardRows = int64_t{1} << 20;
+
+// Told about every answered ForwardRequest (metrics). Called from each Forward stream's thread,
+// concurrently when several coordinators are connected; must be thread-safe and cheap.
+class ForwardObserver {
+ public:
+  virtual ~ForwardObserver() = default;
+  // rows_per_expert[e - expert_begin]: rows computed for each hosted expert of `layer`;
+  // `seconds`: from the request read to the answer ready.
+  virtual void OnForward(int64_t layer, std::span<const int64_t> rows_per_expert,
+                         double seconds) = 0;
+};
 
 // Thread-safety: gRPC's sync server may run several Forward streams (and GetInfo calls) at once.
 // The service itself is immutable after construction; each Forward stream owns its ExpertFfn and
@@ -31,7 +43,9 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   // `weights` (hosting the experts to serve; shared weights not needed) must outlive the service.
   // `fingerprint` is ModelFingerprint of the checkpoint. `threads` > 0 sets the OpenMP team size
   // each stream's compute uses; 0 keeps the OpenMP default (OMP_NUM_THREADS or all cores).
-  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads);
+  // `observer` (may be null) must outlive the service.
+  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
+                ForwardObserver* observer = nullptr);
 
   grpc::Status GetInfo(grpc::ServerContext* context,
                        const moecluster::v1::GetInfoRequest* request,
@@ -50,6 +64,7 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   const ModelWeights* weights_;
   const std::string fingerprint_;
   const int threads_;
+  ForwardObserver* const observer_;
 };
 
 }  // namespace moe

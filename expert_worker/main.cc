@@ -1,6 +1,7 @@
 // moe-expert-worker: serves experts A..B of every layer of a checkpoint to a coordinator.
 //   moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]
-// Prints "READY <host:port>" on stdout once serving; SIGINT/SIGTERM shut it down (exit 0);
+// Prints "READY <host:port>" on stdout once serving (after "METRICS <host:port>" with
+// --metrics-listen); SIGINT/SIGTERM shut it down (exit 0);
 // errors print "moe-expert-worker: error: <message>" on stderr (exit 1).
 #include <cstdio>
 #include <string>
@@ -23,6 +24,9 @@ ABSL_FLAG(std::string, experts, "all",
           "(0-3 = experts 0, 1, 2, 3), A a single expert, all every expert.");
 ABSL_FLAG(std::string, listen, "0.0.0.0:50061",
           "HOST:PORT to serve on; port 0 picks a free port (the READY line shows it).");
+ABSL_FLAG(std::string, metrics_listen, "",
+          "HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9401; "
+          "port 0: any free port, shown by a METRICS line before READY). Empty: none.");
 ABSL_FLAG(int32_t, threads, 0,
           "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
 
@@ -42,6 +46,7 @@ int main(int argc, char** argv) {
   const std::vector<std::string> args = moe::InitMain(argc, argv, __FILE__,
       "serves a slice of a Mixtral checkpoint's experts to a coordinator.\n"
       "  moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]\n"
+      "  [--metrics-listen HOST:PORT]\n"
       "--experts A-B is inclusive: --experts 0-15 hosts experts 0..15 (16 experts) of every "
       "layer.\nPrints \"READY <host:port>\" on stdout once serving. Flag names take dashes or "
       "underscores.");
@@ -58,6 +63,7 @@ int main(int argc, char** argv) {
   options.expert_end = range->end;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
+  options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   absl::StatusOr<std::unique_ptr<moe::WorkerServer>> server = moe::WorkerServer::Create(options);
   if (!server.ok()) return Fail(server.status());
   moe::WorkerServer& worker = **server;
@@ -67,6 +73,9 @@ int main(int argc, char** argv) {
             << " in each of " << worker.config().num_hidden_layers << " layers, "
             << worker.mapped_expert_bytes() / double{1 << 20} << " MiB mapped, fingerprint "
             << worker.fingerprint() << ", on " << worker.address();
+  if (!worker.metrics_address().empty()) {
+    std::printf("METRICS %s\n", worker.metrics_address().c_str());
+  }
   std::printf("READY %s\n", worker.address().c_str());
   std::fflush(stdout);
 

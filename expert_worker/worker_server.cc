@@ -79,6 +79,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
         absl::StrCat("--threads must be >= 0 (0 = OpenMP default), got ", options.threads));
   }
   MOE_RETURN_IF_ERROR(ValidateListenAddress(options.listen, "listen"));
+  if (!options.metrics_listen.empty()) {
+    MOE_RETURN_IF_ERROR(ValidateListenAddress(options.metrics_listen, "metrics-listen"));
+  }
   MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
   MOE_ASSIGN_OR_RETURN(
       ExpertRange range,
@@ -93,7 +96,13 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   weights_options.expert_end = range.end;
   MOE_ASSIGN_OR_RETURN(w->weights_, ModelWeights::Load(store, config, weights_options));
   w->fingerprint_ = ModelFingerprint(config, *store);
-  w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->fingerprint_, options.threads);
+  if (!options.metrics_listen.empty()) {
+    w->metrics_ = std::make_unique<WorkerMetrics>(config.num_hidden_layers, range.begin, range.end);
+    MOE_ASSIGN_OR_RETURN(w->metrics_server_,
+                         MetricsServer::Start(options.metrics_listen, {w->metrics_->collectable()}));
+  }
+  w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->fingerprint_, options.threads,
+                                                w->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

@@ -14,8 +14,10 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/metrics/metrics.h"
 #include "common/weights.h"
 #include "expert_worker/expert_service.h"
+#include "expert_worker/worker_metrics.h"
 #include "grpcpp/grpcpp.h"
 
 namespace moe {
@@ -51,6 +53,8 @@ struct WorkerOptions {
   std::string listen = "127.0.0.1:0";
   // OpenMP threads per Forward stream; 0 = the OpenMP default (OMP_NUM_THREADS or all cores).
   int threads = 0;
+  // Prometheus /metrics HOST:PORT (port 0 picks a free port); empty: no metrics endpoint.
+  std::string metrics_listen;
 };
 
 // Thread-safety: all methods may be called from any thread; Shutdown may race with Wait.
@@ -70,6 +74,8 @@ class WorkerServer {
   int port() const { return port_; }
   // listen's host with the bound port, e.g. "127.0.0.1:41235".
   std::string address() const { return address_; }
+  // Where /metrics is served (HOST:PORT), empty without metrics_listen.
+  std::string metrics_address() const { return metrics_server_ ? metrics_server_->address() : ""; }
   const std::string& fingerprint() const { return fingerprint_; }
   int64_t expert_begin() const { return weights_->expert_begin(); }
   int64_t expert_end() const { return weights_->expert_end(); }
@@ -92,8 +98,10 @@ class WorkerServer {
   // Constant after Create.
   std::unique_ptr<ModelWeights> weights_;
   std::string fingerprint_;
+  std::unique_ptr<WorkerMetrics> metrics_;  // null without metrics_listen
   std::unique_ptr<ExpertService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsServer> metrics_server_;
   int port_ = 0;
   std::string address_;
 

@@ -1,5 +1,6 @@
 #include "coordinator/transport/grpc_transport.h"
 
+#include <chrono>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -32,6 +33,7 @@ struct GrpcTransport::Worker {
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   absl::Status result;
+  double seconds = 0;  // of the last job: request written -> answer read
   std::thread io_thread;
 
   std::string Name() const {
@@ -190,12 +192,14 @@ void GrpcTransport::IoLoop(Worker* w) {
       if (!w->job) return;  // shutdown
     }
     absl::Status result;
+    const auto start = std::chrono::steady_clock::now();
     if (!w->stream->Write(w->request) || !w->stream->Read(&w->response)) {
       grpc::Status s = w->stream->Finish();
       w->stream_finished = true;
       result = s.ok() ? absl::UnavailableError("the worker closed its stream")
                       : absl::UnavailableError(s.error_message());
     }
+    w->seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     absl::MutexLock lock(&mu_);
     w->result = result;
     w->job = false;
@@ -288,6 +292,7 @@ absl::Status GrpcTransport::Exchange(int64_t layer, const Routing& routing, cons
   }
   std::fill(out, out + routing.tokens * hidden, 0.0f);
   absl::Status failure;
+  reports_.clear();
   for (size_t i = 0; i < workers_.size(); ++i) {
     Worker* w = workers_[i].get();
     const WorkerDispatch& d = plan_.workers()[i];
@@ -313,7 +318,14 @@ absl::Status GrpcTransport::Exchange(int64_t layer, const Routing& routing, cons
       const float* src = partial + r * hidden;
       for (int64_t k = 0; k < hidden; ++k) dst[k] += src[k];
     }
+    if (dispatch_observer_ != nullptr) {
+      reports_.push_back({static_cast<int32_t>(i), w->seconds,
+                          static_cast<int64_t>(w->request.ByteSizeLong()),
+                          static_cast<int64_t>(w->response.ByteSizeLong()),
+                          static_cast<int64_t>(d.assignments.size())});
+    }
   }
+  if (dispatch_observer_ != nullptr && !reports_.empty()) dispatch_observer_->OnDispatch(reports_);
   return failure;
 }
 

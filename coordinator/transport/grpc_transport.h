@@ -63,6 +63,9 @@ class GrpcTransport : public ExpertTransport {
   // Called (on an internal thread, or inside Exchange) whenever AllExpertsServed() may have
   // changed. Set before serving traffic.
   void set_on_health_change(std::function<void(bool all_served)> callback);
+  // Not owned; set before serving traffic. Reports name workers by their index in
+  // options.worker_addresses.
+  void set_dispatch_observer(DispatchObserver* observer) { dispatch_observer_ = observer; }
 
  private:
   struct Worker;
@@ -87,6 +90,8 @@ class GrpcTransport : public ExpertTransport {
   DispatchPlan plan_ ABSL_GUARDED_BY(exchange_mu_);
   std::vector<int32_t> worker_of_expert_ ABSL_GUARDED_BY(exchange_mu_);
   std::vector<Worker*> active_ ABSL_GUARDED_BY(exchange_mu_);  // workers with rows this step
+  std::vector<DispatchReport> reports_ ABSL_GUARDED_BY(exchange_mu_);
+  DispatchObserver* dispatch_observer_ = nullptr;
 
   // Guards every Worker's state/snapshot fields and the I/O hand-off.
   mutable absl::Mutex mu_;

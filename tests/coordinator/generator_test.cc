@@ -5,6 +5,7 @@
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/test_helpers.h"
 #include "tests/testutil/checkpoint_writer.h"
 
 namespace moe {
@@ -70,11 +71,7 @@ class GeneratorTest : public ::testing::Test {
                     });
   }
   GenerationRequest Request(const std::string& text, int64_t max_tokens) {
-    GenerationRequest r;
-    r.prompt = model_->tokenizer()->Encode(text);
-    r.params.max_tokens = max_tokens;
-    r.params.ignore_eos = true;
-    return r;
+    return testing::FixedLengthRequest(*model_->tokenizer(), text, max_tokens);
   }
   std::unique_ptr<LocalModel> model_;
 };

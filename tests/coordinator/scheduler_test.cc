@@ -13,6 +13,7 @@
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/test_helpers.h"
 
 namespace moe {
 namespace {
@@ -96,24 +97,7 @@ class StepRowCounter : public RoutingObserver {
   std::vector<int64_t> rows;
 };
 
-// Forwards to another transport, failing one Exchange on request.
-class FailingTransport : public ExpertTransport {
- public:
-  explicit FailingTransport(ExpertTransport* inner) : inner_(inner) {}
-  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
-                        float* out) override {
-    if (fail_in_ > 0 && --fail_in_ == 0) {
-      return absl::UnavailableError("expert worker x failed");
-    }
-    return inner_->Exchange(layer, routing, x, out);
-  }
-  // The n-th Exchange from now fails (n >= 1).
-  void FailAt(int n) { fail_in_ = n; }
-
- private:
-  ExpertTransport* inner_;
-  int fail_in_ = 0;
-};
+using testing::FailingTransport;
 
 struct Solo {
   GenerationOutput output;
@@ -135,11 +119,7 @@ class SchedulerTest : public ::testing::Test {
   const Tokenizer* tokenizer() { return model_->tokenizer(); }
 
   GenerationRequest Request(const std::string& text, int64_t max_tokens) {
-    GenerationRequest r;
-    r.prompt = tokenizer()->Encode(text);
-    r.params.max_tokens = max_tokens;
-    r.params.ignore_eos = true;
-    return r;
+    return testing::FixedLengthRequest(*tokenizer(), text, max_tokens);
   }
   // What the request gets alone.
   Solo RunSolo(const GenerationRequest& r) {

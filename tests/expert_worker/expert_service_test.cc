@@ -9,6 +9,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -27,6 +28,7 @@
 #include "gtest/gtest.h"
 #include "moecluster/v1/expert.grpc.pb.h"
 #include "tests/testutil/checkpoint_writer.h"
+#include "tests/testutil/http.h"
 #include "tests/testutil/subprocess.h"
 
 namespace moe {
@@ -445,6 +447,84 @@ TEST(WorkerServerTest, CreateRejectsBadOptions) {
   s = WorkerServer::Create(options);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(s.status().message(), HasSubstr("/nonexistent/model/config.json"));
+}
+
+TEST(WorkerServerTest, MetricsCountRowsPerLayerAndHostedExpert) {
+  WorkerOptions options;
+  options.model_dir = kFixture;
+  options.expert_begin = kBegin;
+  options.expert_end = kEnd;
+  options.metrics_listen = "127.0.0.1:0";
+  auto server = WorkerServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string metrics = (*server)->metrics_address();
+  ASSERT_THAT(metrics, ::testing::StartsWith("127.0.0.1:"));
+
+  // Every hosted (layer, expert) series exists from the start, at 0; no others.
+  auto m = testing::ParseMetricsText(testing::HttpGet(metrics, "/metrics"));
+  int series = 0;
+  for (const auto& [name, value] : m) {
+    if (name.rfind("moe_worker_rows_total{", 0) != 0) continue;
+    ++series;
+    EXPECT_EQ(value, 0) << name;
+  }
+  EXPECT_EQ(series, 2 * (kEnd - kBegin));
+  EXPECT_EQ(m.count("moe_worker_rows_total{expert=\"0\",layer=\"0\"}"), 0u);  // not hosted
+
+  const std::vector<Step> steps = {MakeStep(0, 7, 1), MakeStep(1, 13, 5), MakeStep(0, 40, 4)};
+  std::map<std::pair<int64_t, int32_t>, int> expected;
+  auto stub = Connect((*server)->address());
+  auto context = ContextWithDeadline();
+  auto stream = stub->Forward(context.get());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    for (const ExpertAssignment& a : steps[i].assignments) ++expected[{steps[i].layer, a.expert}];
+    ASSERT_TRUE(stream->Write(ToRequest(i, steps[i])));
+    pb::ForwardResponse response;
+    ASSERT_TRUE(stream->Read(&response));
+  }
+  stream->WritesDone();
+  ASSERT_TRUE(stream->Finish().ok());
+  // A malformed request computes nothing and counts nothing.
+  pb::ForwardRequest bad = ToRequest(9, MakeStep(0, 4, 2));
+  bad.set_experts(0, 0);
+  {
+    auto bad_context = ContextWithDeadline();
+    auto bad_stream = stub->Forward(bad_context.get());
+    bad_stream->Write(bad);
+    bad_stream->WritesDone();
+    EXPECT_EQ(bad_stream->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+
+  m = testing::ParseMetricsText(testing::HttpGet(metrics, "/metrics"));
+  for (int64_t layer = 0; layer < 2; ++layer) {
+    for (int32_t e = kBegin; e < kEnd; ++e) {
+      const std::string name = "moe_worker_rows_total{expert=\"" + std::to_string(e) +
+                               "\",layer=\"" + std::to_string(layer) + "\"}";
+      ASSERT_EQ(m.count(name), 1u) << name;
+      EXPECT_EQ(m[name], (expected[{layer, e}])) << name;
+    }
+  }
+  EXPECT_EQ(m["moe_worker_forward_duration_seconds_count"], 3);
+  EXPECT_GT(m["moe_worker_forward_duration_seconds_sum"], 0);
+  bool build_info = false;
+  for (const auto& [name, value] : m) {
+    if (name.rfind("moe_build_info{", 0) == 0) {
+      build_info = true;
+      EXPECT_THAT(name, HasSubstr("role=\"worker\""));
+      EXPECT_EQ(value, 1);
+    }
+  }
+  EXPECT_TRUE(build_info);
+
+  // A port that is taken: a clear error, no half-started worker.
+  options.metrics_listen = metrics;
+  auto busy = WorkerServer::Create(options);
+  EXPECT_EQ(busy.status().code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(busy.status().message(), HasSubstr(metrics));
+  options.metrics_listen = "9400";
+  auto bad_address = WorkerServer::Create(options);
+  EXPECT_EQ(bad_address.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad_address.status().message(), HasSubstr("--metrics-listen"));
 }
 
 TEST(WorkerServerTest, HalfTheExpertsMapsHalfTheExpertBytesAndNoSharedTensor) {
