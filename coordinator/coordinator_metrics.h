@@ -1,4 +1,4 @@
-// The coordinator's Prometheus metrics (names in docs/metrics.md; all prefixed moe_).
+// The coordinator's Prometheus metrics (names and meanings: docs/metrics.md).
 //
 // Hot-path events arrive through plain observer interfaces and reach prometheus-cpp at most once
 // per engine step: routing counts per step from ExpertLoadCounter and per-layer exchange reports

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages moe-cluster needs to build and test. Idempotent: packages that
-# are already installed are skipped, and apt is not touched at all when nothing is missing.
+# Installs the Debian packages moe-cluster needs to build (and, with --tests, to run the whole
+# test suite: the Prometheus server and Python's venv for the deployment tools). Idempotent:
+# packages that are already installed are skipped, and apt is not touched at all when nothing
+# is missing.
 set -euo pipefail
 
 PACKAGES=(
@@ -10,6 +12,11 @@ PACKAGES=(
   libgtest-dev googletest libgmock-dev libbenchmark-dev
   libsentencepiece-dev sentencepiece nlohmann-json3-dev libhwy-dev libomp-dev
 )
+case "${1:-}" in
+  --tests) PACKAGES+=(prometheus python3 python3-venv) ;;
+  "") ;;
+  *) echo "usage: $0 [--tests]" >&2; exit 2 ;;
+esac
 
 missing=()
 for p in "${PACKAGES[@]}"; do
