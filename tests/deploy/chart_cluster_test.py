@@ -16,19 +16,17 @@ import argparse
 import os
 import pathlib
 import re
-import queue
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 import unittest
 import urllib.request
 
 import helm_python as helm
 import yaml
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "pyutil"))
+from servers import ServerProcess, free_port  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "moe-cluster"
@@ -38,60 +36,11 @@ BIN_DIR = None  # --bin-dir
 START_TIMEOUT_S = 60
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def replace_flag(args, name, value):
     """args with --name=... replaced by --name=value (exactly one occurrence required)."""
     hits = [i for i, a in enumerate(args) if a.startswith(f"--{name}=")]
     assert len(hits) == 1, f"--{name} appears {len(hits)} times in {args}"
     return [f"--{name}={value}" if i == hits[0] else a for i, a in enumerate(args)]
-
-
-class Process:
-    """A child whose stdout lines (METRICS, then READY) are collected by a reader thread;
-    stderr goes to a log file."""
-
-    def __init__(self, name, command, env, log_dir):
-        self.name = name
-        self.log = pathlib.Path(log_dir, f"{name}.log")
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=log,
-                                         text=True)
-        self.lines = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.proc.stdout:
-            self.lines.put(line)
-        self.lines.put(None)  # EOF
-
-    def wait_ready(self):
-        """The address of the READY line (after the METRICS line, if any)."""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if line is None:
-                break
-            if line.startswith("READY "):
-                return line.split()[1]
-        raise AssertionError(f"{self.name} did not print READY:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
 
 
 class ChartClusterTest(unittest.TestCase):
@@ -106,7 +55,7 @@ class ChartClusterTest(unittest.TestCase):
             process.stop()
 
     def start(self, name, command, env):
-        process = Process(name, command, env, self.tmp.name)
+        process = ServerProcess(name, command, self.tmp.name, env=env)
         self.processes.append(process)
         return process
 
@@ -150,7 +99,7 @@ class ChartClusterTest(unittest.TestCase):
         grpc_port = next(p["containerPort"] for p in worker["ports"] if p["name"] == "grpc")
         for pod, process in workers:
             dns = f"{pod}.{sts['spec']['serviceName']}.{NAMESPACE}.svc.cluster.local:{grpc_port}"
-            addresses[dns] = process.wait_ready()
+            addresses[dns] = process.wait_ready(START_TIMEOUT_S)
 
         coordinator = deployment["spec"]["template"]["spec"]["containers"][0]
         args = coordinator["args"]
@@ -165,7 +114,7 @@ class ChartClusterTest(unittest.TestCase):
             args = replace_flag(args, "metrics-listen", f"127.0.0.1:{coordinator_metrics}")
         self.assertEqual(coordinator["command"], ["/opt/moe-cluster/bin/moe-coordinator"])
         process = self.start("coordinator", [str(coordinator_bin)] + args, base_env)
-        server = process.wait_ready()
+        server = process.wait_ready(START_TIMEOUT_S)
 
         cli = str(BIN_DIR / "moe-cli")
         status = subprocess.run([cli, "status", "--server", server], capture_output=True,

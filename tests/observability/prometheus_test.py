@@ -20,7 +20,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,20 +31,15 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "deploy"))
+sys.path[:0] = [str(ROOT / "tests" / "deploy"), str(ROOT / "tests" / "pyutil")]
 from dashboard_test import dashboard_exprs  # noqa: E402
+from servers import ServerProcess, free_port  # noqa: E402
 
 MODEL = ROOT / "tests" / "testdata" / "models" / "demo_mixtral"
 DASHBOARD = ROOT / "deploy" / "grafana" / "moe-cluster.json"
 BIN_DIR = None  # set from --bin-dir
 SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(url, timeout=10):
@@ -70,36 +64,6 @@ def total(samples, name, **match):
                if n == name and all(l.get(k) == val for k, val in match.items()))
 
 
-class Process:
-    """A server binary whose stdout announces METRICS and READY lines."""
-
-    def __init__(self, name, argv, logdir):
-        self.name = name
-        self.log = open(Path(logdir) / f"{name}.log", "w")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.lines = {}
-        deadline = time.time() + 120
-        while "READY" not in self.lines:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"{name} exited before READY (rc {self.proc.wait()}); "
-                                   f"see {self.log.name}")
-            key, _, value = line.strip().partition(" ")
-            self.lines[key] = value
-            if time.time() > deadline:
-                raise RuntimeError(f"{name}: no READY line within 120 s")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-
-
 class PrometheusClusterTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
@@ -121,21 +85,23 @@ class PrometheusClusterTest(unittest.TestCase):
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
         workers = []
         for i, experts in enumerate(["0-3", "4-7"]):
-            w = Process(f"worker{i}", [str(env_bin / "moe-expert-worker"), "--model", str(MODEL),
-                                       "--experts", experts, "--listen", "127.0.0.1:0",
-                                       "--metrics-listen", "127.0.0.1:0", "--threads", "1"],
-                        cls.tmp)
+            w = ServerProcess(f"worker{i}", [env_bin / "moe-expert-worker", "--model", MODEL,
+                                             "--experts", experts, "--listen", "127.0.0.1:0",
+                                             "--metrics-listen", "127.0.0.1:0", "--threads", "1"],
+                              cls.tmp)
             cls.procs.append(w)
+            w.wait_ready()
             workers.append(w)
         cls.workers = workers
-        cls.coordinator = Process(
+        cls.coordinator = ServerProcess(
             "coordinator",
-            [str(env_bin / "moe-coordinator"), "--model", str(MODEL),
-             "--workers", ",".join(w.lines["READY"] for w in workers),
+            [env_bin / "moe-coordinator", "--model", MODEL,
+             "--workers", ",".join(w.announced["READY"] for w in workers),
              "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"], cls.tmp)
         cls.procs.append(cls.coordinator)
+        cls.coordinator.wait_ready()
         for p in cls.procs:
-            assert "METRICS" in p.lines, f"{p.name} printed no METRICS line"
+            assert "METRICS" in p.announced, f"{p.name} printed no METRICS line"
 
         port = free_port()
         cls.prom_url = f"http://127.0.0.1:{port}"
@@ -144,9 +110,9 @@ class PrometheusClusterTest(unittest.TestCase):
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [
                 {"job_name": "moe-coordinator",
-                 "static_configs": [{"targets": [cls.coordinator.lines["METRICS"]]}]},
+                 "static_configs": [{"targets": [cls.coordinator.announced["METRICS"]]}]},
                 {"job_name": "moe-worker",
-                 "static_configs": [{"targets": [w.lines["METRICS"] for w in workers]}]},
+                 "static_configs": [{"targets": [w.announced["METRICS"] for w in workers]}]},
             ]}))
         cls.prom_log = open(Path(cls.tmp) / "prometheus.log", "w")
         cls.prom = subprocess.Popen(
@@ -168,7 +134,7 @@ class PrometheusClusterTest(unittest.TestCase):
 
         cls.client = cls.run_traffic()
         # Prometheus has the final values once its last scrape saw them.
-        final = scrape(cls.coordinator.lines["METRICS"])
+        final = scrape(cls.coordinator.announced["METRICS"])
         want = total(final, "moe_generation_tokens_total")
         cls.wait_for(lambda: [float(r["value"][1]) for r in
                               cls.query("moe_generation_tokens_total")] == [want],
@@ -178,7 +144,7 @@ class PrometheusClusterTest(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         for p in getattr(cls, "procs", []):
-            p.stop()
+            p.stop()  # (exit codes: the worker/coordinator tests check clean shutdown)
         prom = getattr(cls, "prom", None)
         if prom is not None and prom.poll() is None:
             prom.terminate()
@@ -216,7 +182,7 @@ class PrometheusClusterTest(unittest.TestCase):
         """Three rounds of 4 concurrent requests (exact lengths), one invalid request. Returns
         the client-side totals: prompt, generated, finished requests."""
         cli = str(Path(BIN_DIR) / "moe-cli")
-        server = cls.coordinator.lines["READY"]
+        server = cls.coordinator.announced["READY"]
         prompts = ["We hold these truths to be self-evident, that",
                    "Four score and seven years ago",
                    "Congress shall make no law respecting",
@@ -256,7 +222,7 @@ class PrometheusClusterTest(unittest.TestCase):
         return totals
 
     def test_expert_token_identity_against_client_counts(self):
-        c = scrape(self.coordinator.lines["METRICS"])
+        c = scrape(self.coordinator.announced["METRICS"])
         prompt, generated, finished = (self.client[k] for k in ("prompt", "generated",
                                                                 "finished"))
         self.assertEqual(finished, 12)
@@ -278,19 +244,19 @@ class PrometheusClusterTest(unittest.TestCase):
         self.assertEqual(float(r["value"][1]) * top_k * layers, expected)
 
     def test_worker_rows_agree_with_coordinator_counts(self):
-        c = scrape(self.coordinator.lines["METRICS"])
+        c = scrape(self.coordinator.announced["METRICS"])
         coordinator = {(l["layer"], l["expert"]): v for n, l, v in c
                        if n == "moe_expert_tokens_total"}
         self.assertGreater(sum(coordinator.values()), 0)
         workers = {}
         for w in self.workers:
-            rows = [(l["layer"], l["expert"], v) for n, l, v in scrape(w.lines["METRICS"])
+            rows = [(l["layer"], l["expert"], v) for n, l, v in scrape(w.announced["METRICS"])
                     if n == "moe_worker_rows_total"]
             for layer, expert, v in rows:
                 workers[(layer, expert)] = workers.get((layer, expert), 0) + v
-            self.assertEqual(total(c, "moe_dispatch_rows_total", worker=w.lines["READY"]),
+            self.assertEqual(total(c, "moe_dispatch_rows_total", worker=w.announced["READY"]),
                              sum(v for _, _, v in rows), w.name)
-            self.assertEqual(total(c, "moe_worker_up", worker=w.lines["READY"]), 1, w.name)
+            self.assertEqual(total(c, "moe_worker_up", worker=w.announced["READY"]), 1, w.name)
         self.assertEqual(workers, coordinator)
         # Through PromQL: no (layer, expert) where the two sides differ, all cells present.
         diff = self.query("sum by (layer, expert) (moe_worker_rows_total)"
@@ -314,9 +280,9 @@ class PrometheusClusterTest(unittest.TestCase):
         self.assertEqual(empty, [], "dashboard expressions without data")
 
     def test_dashboard_uses_only_exported_metric_names(self):
-        exported = {n for n, _, _ in scrape(self.coordinator.lines["METRICS"])}
+        exported = {n for n, _, _ in scrape(self.coordinator.announced["METRICS"])}
         for w in self.workers:
-            exported |= {n for n, _, _ in scrape(w.lines["METRICS"])}
+            exported |= {n for n, _, _ in scrape(w.announced["METRICS"])}
         used = set()
         for _, expr in dashboard_exprs(DASHBOARD):
             used |= set(re.findall(r"\bmoe_[a-z_]+", expr))
