@@ -4,13 +4,11 @@
 #include <exception>
 
 #include "absl/strings/str_cat.h"
+#include "moe_revision.h"  // generated at build time: MOE_REVISION
 #include "prometheus/gauge.h"
 
 #ifndef MOE_VERSION
 #define MOE_VERSION "unknown"
-#endif
-#ifndef MOE_REVISION
-#define MOE_REVISION "unknown"
 #endif
 
 namespace moe {
