@@ -67,8 +67,9 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     // civetweb takes "HOST:PORT"; IPv6 hosts come bracketed ("[::]:9400") as users write them.
     server->exposer_ = std::make_unique<prometheus::Exposer>(listen, /*num_threads=*/2);
   } catch (const std::exception& e) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen, ": ", e.what(),
-                                               " (is the port in use?)"));
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen,
+                                               ": the port is in use or the address is not local "
+                                               "(civetweb: ", e.what(), ")"));
   }
   const std::vector<int> ports = server->exposer_->GetListeningPorts();
   if (ports.empty()) {
