@@ -46,7 +46,7 @@ Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
   scores_.resize(static_cast<size_t>(omp_get_max_threads()) * positions);
 }
 
-absl::Status Engine::Validate(std::span<const StepInput> inputs) {
+absl::Status Engine::Validate(std::span<const StepInput> inputs) const {
   if (inputs.empty()) return absl::InvalidArgumentError("empty batch");
   for (const StepInput& in : inputs) {
     if (in.tokens.empty()) return absl::InvalidArgumentError("a sequence has no tokens to add");
@@ -63,7 +63,10 @@ absl::Status Engine::Validate(std::span<const StepInput> inputs) {
       }
     }
   }
-  // Reserve KV blocks; on failure give back what this step took so no state changes.
+  return absl::OkStatus();
+}
+
+absl::Status Engine::ReserveKv(std::span<const StepInput> inputs) {
   std::vector<size_t>& before = blocks_before_;
   before.clear();
   for (const StepInput& in : inputs) before.push_back(in.seq->blocks.blocks.size());
@@ -101,13 +104,12 @@ void Engine::EnsureScratch(int64_t rows) {
 
 // Scaled dot-product attention of every row against its sequence's cached keys and values
 // (causal; with sliding_window W a query at position p sees keys (p - W, p]).
-void Engine::Attention(int64_t layer, std::span<const StepInput> inputs) {
+void Engine::Attention(int64_t layer, int64_t rows, std::span<const StepInput> inputs) {
   const int64_t heads = config_.num_attention_heads;
   const int64_t group = heads / config_.num_key_value_heads;
   const int64_t d = config_.head_dim;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t window = config_.sliding_window;
-  const int64_t rows = rows_;
   const int64_t positions = config_.max_position_embeddings;
 #pragma omp parallel for collapse(2) schedule(static) if (rows * heads > 8)
   for (int64_t t = 0; t < rows; ++t) {
@@ -131,7 +133,7 @@ void Engine::Attention(int64_t layer, std::span<const StepInput> inputs) {
   }
 }
 
-absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
+absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInput> inputs) {
   const LayerWeights& w = weights_->layer(layer);
   const int64_t hidden = config_.hidden_size;
   const int64_t kv_dim = config_.kv_dim();
@@ -139,12 +141,12 @@ absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
   const float eps = static_cast<float>(config_.rms_norm_eps);
 
   // attention rmsnorm; q, k, v projections: [rows, q_dim], [rows, kv_dim] x2
-  kernels::RmsNorm(x_.data(), w.input_norm.data(), rows_, hidden, eps, xn_.data());
-  kernels::MatMul(w.q_proj, xn_.data(), rows_, q_.data());
-  kernels::MatMul(w.k_proj, xn_.data(), rows_, k_.data());
-  kernels::MatMul(w.v_proj, xn_.data(), rows_, v_.data());
+  kernels::RmsNorm(x_.data(), w.input_norm.data(), rows, hidden, eps, xn_.data());
+  kernels::MatMul(w.q_proj, xn_.data(), rows, q_.data());
+  kernels::MatMul(w.k_proj, xn_.data(), rows, k_.data());
+  kernels::MatMul(w.v_proj, xn_.data(), rows, v_.data());
   // rotary embedding on q and k; k and v into the cache
-  for (int64_t t = 0; t < rows_; ++t) {
+  for (int64_t t = 0; t < rows; ++t) {
     const float* cos = &rope_cos_[row_position_[t] * half];
     const float* sin = &rope_sin_[row_position_[t] * half];
     kernels::RopeSplitHalf(&q_[t * config_.q_dim()], config_.num_attention_heads,
@@ -157,31 +159,32 @@ absl::Status Engine::Layer(int64_t layer, std::span<const StepInput> inputs) {
     std::memcpy(kv_cache_.Value(layer, table, row_position_[t]), &v_[t * kv_dim],
                 kv_dim * sizeof(float));
   }
-  Attention(layer, inputs);
+  Attention(layer, rows, inputs);
   // output projection and residual
-  kernels::MatMul(w.o_proj, attn_.data(), rows_, proj_.data());
-  for (int64_t i = 0; i < rows_ * hidden; ++i) x_[i] += proj_[i];
+  kernels::MatMul(w.o_proj, attn_.data(), rows, proj_.data());
+  for (int64_t i = 0; i < rows * hidden; ++i) x_[i] += proj_[i];
 
   // moe rmsnorm; router: softmax over all experts -> top-k -> renormalize
-  kernels::RmsNorm(x_.data(), w.post_attention_norm.data(), rows_, hidden, eps, xn_.data());
+  kernels::RmsNorm(x_.data(), w.post_attention_norm.data(), rows, hidden, eps, xn_.data());
   if (config_.is_moe) {
     const WeightMatrix router{w.router.data(), DType::kF32, config_.num_local_experts, hidden,
                               hidden};
-    kernels::MatMul(router, xn_.data(), rows_, router_logits_.data());
-    RouteTokens(router_logits_.data(), rows_, config_.num_local_experts,
+    kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
+    RouteTokens(router_logits_.data(), rows, config_.num_local_experts,
                 config_.num_experts_per_tok, &routing_);
   } else {
-    RouteDense(rows_, &routing_);
+    RouteDense(rows, &routing_);
   }
   for (RoutingObserver* observer : observers_) observer->OnRouting(layer, routing_);
   // experts (wherever they live) and residual
   MOE_RETURN_IF_ERROR(transport_->Exchange(layer, routing_, xn_.data(), proj_.data()));
-  for (int64_t i = 0; i < rows_ * hidden; ++i) x_[i] += proj_[i];
+  for (int64_t i = 0; i < rows * hidden; ++i) x_[i] += proj_[i];
   return absl::OkStatus();
 }
 
 absl::Status Engine::Step(std::span<const StepInput> inputs, std::vector<float>* logits) {
   MOE_RETURN_IF_ERROR(Validate(inputs));
+  MOE_RETURN_IF_ERROR(ReserveKv(inputs));
   const absl::Status status = Forward(inputs, logits);
   for (RoutingObserver* observer : observers_) observer->OnStepEnd(status.ok());
   return status;
@@ -195,7 +198,6 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
     out_rows += in.all_logits ? static_cast<int64_t>(in.tokens.size()) : 1;
   }
   EnsureScratch(rows);
-  rows_ = rows;
   const int64_t hidden = config_.hidden_size;
   // embeddings
   int64_t r = 0;
@@ -210,7 +212,7 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
     }
   }
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
-    absl::Status s = Layer(layer, inputs);
+    absl::Status s = Layer(layer, rows, inputs);
     if (!s.ok()) return s;  // lengths unchanged; the blocks stay reserved with the sequences
   }
   // final norm on the rows that need logits, then lm_head: [out_rows, vocab]

@@ -15,7 +15,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/weights.h"
-#include "coordinator/expert_transport.h"
+#include "coordinator/transport/expert_transport.h"
 #include "coordinator/kv_cache.h"
 #include "coordinator/router.h"
 
@@ -76,10 +76,15 @@ class Engine {
 
  private:
   Engine(const ModelWeights* weights, ExpertTransport* transport, const EngineOptions& options);
-  absl::Status Validate(std::span<const StepInput> inputs);
+  // INVALID_ARGUMENT for what Step refuses; changes nothing.
+  absl::Status Validate(std::span<const StepInput> inputs) const;
+  // KV blocks for every input's new positions. RESOURCE_EXHAUSTED when the cache is full, and
+  // then every sequence keeps the blocks it had before (what this call took is given back).
+  absl::Status ReserveKv(std::span<const StepInput> inputs);
   void EnsureScratch(int64_t rows);
-  void Attention(int64_t layer, std::span<const StepInput> inputs);
-  absl::Status Layer(int64_t layer, std::span<const StepInput> inputs);
+  // The step's rows: `rows` = total tokens of `inputs`, laid out input by input.
+  void Attention(int64_t layer, int64_t rows, std::span<const StepInput> inputs);
+  absl::Status Layer(int64_t layer, int64_t rows, std::span<const StepInput> inputs);
   absl::Status Forward(std::span<const StepInput> inputs, std::vector<float>* logits);
 
   // Constant after construction.
@@ -93,7 +98,6 @@ class Engine {
   std::vector<RoutingObserver*> observers_;
 
   // Per-step row bookkeeping and scratch, grown to the largest step seen.
-  int64_t rows_ = 0;
   std::vector<int32_t> row_input_;     // input index of each row
   std::vector<int64_t> row_position_;  // position of each row
   std::vector<float> x_;               // [rows, hidden] residual stream
