@@ -49,8 +49,9 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(std::string_view 
                                                                uint64_t data_size,
                                                                const std::string& label);
 
-// Validates a whole in-memory file image (length prefix, header, data section bounds). Used by
-// SafetensorsFile::Open and by the fuzz target.
+// Validates a whole in-memory file image (length prefix, header, data section bounds): the
+// checks TensorStore makes when it opens a file (which reads only the prefix and the header),
+// on bytes in memory. Used by the fuzz target.
 absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsImage(const uint8_t* data, size_t size,
                                                               const std::string& label);
 

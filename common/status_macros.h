@@ -17,7 +17,7 @@
   } while (0)
 
 // `lhs = value` of the absl::StatusOr `rexpr`, or returns its error. `lhs` may declare a
-// variable: MOE_ASSIGN_OR_RETURN(auto file, SafetensorsFile::Open(path));
+// variable: MOE_ASSIGN_OR_RETURN(auto store, TensorStore::Open(dir));
 #define MOE_ASSIGN_OR_RETURN(lhs, rexpr) \
   MOE_ASSIGN_OR_RETURN_IMPL_(MOE_STATUS_CONCAT_(moe_statusor_, __LINE__), lhs, rexpr)
 

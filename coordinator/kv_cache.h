@@ -38,7 +38,6 @@ class KvCache {
   int64_t num_blocks() const { return num_blocks_; }
   int64_t free_blocks() const { return static_cast<int64_t>(free_.size()); }
   int64_t used_blocks() const { return num_blocks_ - free_blocks(); }
-  int64_t kv_dim() const { return kv_dim_; }
 
   // Row of kv_dim floats for (layer, position) of a sequence.
   float* Key(int64_t layer, const BlockTable& table, int64_t position) {

@@ -60,7 +60,6 @@ class Sampler {
   // When every logit is -inf or NaN, returns 0.
   int32_t Sample(float* logits, std::span<const int32_t> history);
 
-  const SamplingParams& params() const { return params_; }
 
  private:
   void ApplyRepetitionPenalty(float* logits, std::span<const int32_t> history);

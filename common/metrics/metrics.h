@@ -70,7 +70,6 @@ class HistogramBatch {
   explicit HistogramBatch(const std::vector<double>& bounds)
       : bounds_(bounds), counts_(bounds.size() + 1, 0.0) {}
   void Add(double value);
-  bool empty() const { return n_ == 0; }
   void Publish(prometheus::Histogram* histogram);
 
  private:

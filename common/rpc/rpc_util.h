@@ -1,5 +1,5 @@
 // Glue shared by the gRPC services of the coordinator and the expert worker: status conversion,
-// tensors on the wire, and serving a process's ready line.
+// tensors on the wire, and listen-address checks.
 #ifndef MOE_COMMON_RPC_RPC_UTIL_H_
 #define MOE_COMMON_RPC_RPC_UTIL_H_
 
