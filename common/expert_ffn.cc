@@ -1,10 +1,7 @@
 #include "common/expert_ffn.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
-
-#include "absl/strings/str_cat.h"
 
 namespace moe {
 
@@ -12,38 +9,6 @@ ExpertFfn::ExpertFfn(const ModelWeights* weights)
     : weights_(weights),
       hidden_(weights->config().hidden_size),
       ffn_(weights->config().intermediate_size) {}
-
-absl::Status ExpertFfn::Validate(const ExpertBatch& b) const {
-  const ModelConfig& c = weights_->config();
-  if (b.layer < 0 || b.layer >= c.num_hidden_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", b.layer, " out of range [0, ", c.num_hidden_layers, ")"));
-  }
-  if (b.rows < 0 || static_cast<int64_t>(b.offsets.size()) != b.rows + 1) {
-    return absl::InvalidArgumentError(absl::StrCat("expected ", b.rows + 1,
-                                                   " row offsets, got ", b.offsets.size()));
-  }
-  if (b.offsets[0] != 0 ||
-      static_cast<size_t>(b.offsets[b.rows]) != b.assignments.size()) {
-    return absl::InvalidArgumentError("row offsets must start at 0 and end at the assignment count");
-  }
-  for (int64_t r = 0; r < b.rows; ++r) {
-    if (b.offsets[r + 1] < b.offsets[r]) {
-      return absl::InvalidArgumentError(absl::StrCat("row offsets decrease at row ", r));
-    }
-  }
-  for (const ExpertAssignment& a : b.assignments) {
-    if (!weights_->HostsExpert(a.expert)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "expert ", a.expert, " is not hosted here (hosted: [", weights_->expert_begin(), ", ",
-          weights_->expert_end(), "))"));
-    }
-    if (!std::isfinite(a.weight)) {
-      return absl::InvalidArgumentError(absl::StrCat("expert ", a.expert, " weight is not finite"));
-    }
-  }
-  return absl::OkStatus();
-}
 
 void ExpertFfn::Forward(const ExpertBatch& b, float* out) {
   std::fill(out, out + b.rows * hidden_, 0.0f);
@@ -57,7 +22,7 @@ void ExpertFfn::Forward(const ExpertBatch& b, float* out) {
     up_.resize(n_max * ffn_);
     down_.resize(n_max * hidden_);
   }
-  for (int64_t e = weights_->expert_begin(); e < weights_->expert_end(); ++e) {
+  for (int64_t e = weights_->hosted_experts().begin; e < weights_->hosted_experts().end; ++e) {
     // Gather the rows routed to expert e (a row lists an expert at most once).
     int64_t n = 0;
     for (int64_t r = 0; r < b.rows; ++r) {

@@ -9,7 +9,6 @@
 #include <span>
 #include <vector>
 
-#include "absl/status/status.h"
 #include "common/weights.h"
 
 namespace moe {
@@ -21,6 +20,10 @@ struct ExpertAssignment {
 
 // A batch of rows for one layer. Row r's assignments are
 // assignments[offsets[r], offsets[r + 1]); offsets has rows + 1 entries.
+// Well-formed: layer in range; offsets start at 0, never decrease and end at
+// assignments.size(); every expert hosted by the weights computing it; every weight finite; no
+// row names an expert twice. DispatchPlan builds such batches; the expert worker checks each
+// request it receives against this list (ExpertService), once, before it builds a batch.
 struct ExpertBatch {
   int64_t layer = 0;
   int64_t rows = 0;
@@ -35,11 +38,7 @@ class ExpertFfn {
   // `weights` must outlive this object and host the experts it will be asked for.
   explicit ExpertFfn(const ModelWeights* weights);
 
-  // INVALID_ARGUMENT unless the layer is in range, offsets are monotone and sized rows + 1,
-  // every expert is hosted, and every weight is finite. Call on untrusted input before Forward.
-  absl::Status Validate(const ExpertBatch& batch) const;
-
-  // out: [rows, hidden], overwritten. REQUIRES: Validate(batch).ok().
+  // out: [rows, hidden], overwritten. REQUIRES: `batch` is well-formed (see ExpertBatch).
   void Forward(const ExpertBatch& batch, float* out);
 
  private:

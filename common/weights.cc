@@ -74,13 +74,13 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
     return absl::NotFoundError("tensor model.embed_tokens.weight is missing from the checkpoint");
   }
   w->dtype_ = embed->dtype;
-  w->expert_begin_ = options.expert_begin;
-  w->expert_end_ = options.expert_end < 0 ? c.num_local_experts : options.expert_end;
-  if (w->expert_begin_ < 0 || w->expert_begin_ > w->expert_end_ ||
-      w->expert_end_ > c.num_local_experts) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("expert range [", w->expert_begin_, ", ", w->expert_end_,
-                     ") is outside the model's ", c.num_local_experts, " experts"));
+  w->hosted_ = options.experts;
+  if (w->hosted_.end == ExpertRange::kToLast) w->hosted_.end = c.num_local_experts;
+  if (w->hosted_.begin < 0 || w->hosted_.begin > w->hosted_.end ||
+      w->hosted_.end > c.num_local_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("expert range ", w->hosted_.ToString(),
+                                                   " is outside the model's ",
+                                                   c.num_local_experts, " experts"));
   }
   Loader loader(store.get(), w->dtype_);
   const int64_t hidden = c.hidden_size;
@@ -112,7 +112,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       }
     }
   }
-  const int64_t hosted = w->expert_end_ - w->expert_begin_;
+  const int64_t hosted = w->hosted_.size();
   w->experts_.resize(c.num_hidden_layers * hosted);
   const int64_t ffn = c.intermediate_size;
   for (int64_t i = 0; i < c.num_hidden_layers && hosted > 0; ++i) {
@@ -129,14 +129,14 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       MOE_ASSIGN_OR_RETURN(TensorData down,
                            loader.Tensor(p + "mlp.experts.down_proj", {e_count, hidden, ffn}));
       for (int64_t e = 0; e < hosted; ++e) {
-        const int64_t id = w->expert_begin_ + e;
+        const int64_t id = w->hosted_.begin + e;
         out[e].w1 = Loader::Slice(gate_up, w->dtype_, id, 0, ffn, hidden);
         out[e].w3 = Loader::Slice(gate_up, w->dtype_, id, ffn, ffn, hidden);
         out[e].w2 = Loader::Slice(down, w->dtype_, id, 0, hidden, ffn);
       }
     } else {
       for (int64_t e = 0; e < hosted; ++e) {
-        const std::string q = absl::StrCat(p, "block_sparse_moe.experts.", w->expert_begin_ + e, ".");
+        const std::string q = absl::StrCat(p, "block_sparse_moe.experts.", w->hosted_.begin + e, ".");
         MOE_ASSIGN_OR_RETURN(out[e].w1, loader.Matrix(q + "w1.weight", ffn, hidden));
         MOE_ASSIGN_OR_RETURN(out[e].w3, loader.Matrix(q + "w3.weight", ffn, hidden));
         MOE_ASSIGN_OR_RETURN(out[e].w2, loader.Matrix(q + "w2.weight", hidden, ffn));

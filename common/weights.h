@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/expert_range.h"
 #include "common/kernels.h"
 #include "common/model_config.h"
 #include "common/safetensors.h"
@@ -53,10 +54,9 @@ struct LayerWeights {
 struct WeightsOptions {
   // Embeddings, attention, norms, router, lm_head (what the coordinator needs).
   bool load_shared = true;
-  // Experts [expert_begin, expert_end) of every layer; expert_end < 0 means "to the last".
-  // An empty range loads no expert (the coordinator of a cluster).
-  int64_t expert_begin = 0;
-  int64_t expert_end = -1;
+  // Experts of every layer to load (kToLast: to the model's last expert). An empty range loads
+  // no expert (the coordinator of a cluster).
+  ExpertRange experts = ExpertRange::All();
 };
 
 class ModelWeights {
@@ -81,12 +81,11 @@ class ModelWeights {
   const LayerWeights& layer(int64_t i) const { return layers_[i]; }
 
   // Hosted experts.
-  int64_t expert_begin() const { return expert_begin_; }
-  int64_t expert_end() const { return expert_end_; }
-  bool HostsExpert(int64_t expert) const { return expert >= expert_begin_ && expert < expert_end_; }
+  const ExpertRange& hosted_experts() const { return hosted_; }
+  bool HostsExpert(int64_t expert) const { return hosted_.Contains(expert); }
   // REQUIRES: HostsExpert(expert).
   const ExpertWeights& expert(int64_t layer, int64_t expert) const {
-    return experts_[layer * (expert_end_ - expert_begin_) + (expert - expert_begin_)];
+    return experts_[layer * hosted_.size() + (expert - hosted_.begin)];
   }
 
   // Bytes of checkpoint tensors mapped by this load.
@@ -105,9 +104,8 @@ class ModelWeights {
   std::vector<float> final_norm_;
   WeightMatrix lm_head_;
   std::vector<LayerWeights> layers_;
-  int64_t expert_begin_ = 0;
-  int64_t expert_end_ = 0;
-  std::vector<ExpertWeights> experts_;  // [layer][expert - expert_begin]
+  ExpertRange hosted_;                  // resolved: end is concrete
+  std::vector<ExpertWeights> experts_;  // [layer][expert - hosted_.begin]
 };
 
 }  // namespace moe

@@ -16,6 +16,7 @@
 #include "coordinator/inference_service.h"
 #include "coordinator/local_model.h"
 #include "coordinator/scheduler.h"
+#include "coordinator/transport/grpc_transport.h"
 #include "grpcpp/grpcpp.h"
 
 namespace moe {

@@ -99,21 +99,15 @@ class StreamSink : public GenerationSink {
 
 }  // namespace
 
-absl::StatusOr<GenerationRequest> FromProto(const pb::GenerateRequest& r,
-                                            const Tokenizer& tokenizer,
-                                            int64_t default_max_tokens) {
+GenerationRequest FromProto(const pb::GenerateRequest& r, const Tokenizer& tokenizer,
+                            int64_t default_max_tokens) {
   GenerationRequest out;
   if (r.has_prompt_ids()) {
     out.prompt.assign(r.prompt_ids().ids().begin(), r.prompt_ids().ids().end());
   } else if (!r.prompt().empty()) {
     out.prompt = tokenizer.Encode(r.prompt());
   }
-  if (out.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   out.params.max_tokens = r.has_max_tokens() ? r.max_tokens() : default_max_tokens;
-  if (out.params.max_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("max_tokens must be >= 1, got ", out.params.max_tokens));
-  }
   SamplingParams& s = out.params.sampling;
   if (r.has_temperature()) s.temperature = r.temperature();
   if (r.has_top_p()) s.top_p = r.top_p();
@@ -133,11 +127,10 @@ grpc::Status InferenceService::Generate(grpc::ServerContext* context,
     if (deps_.on_rejected) deps_.on_rejected();
     return ToGrpcStatus(status);
   };
-  auto converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
-  if (!converted.ok()) return rejected(converted.status());
-  const size_t prompt_tokens = converted->prompt.size();
+  GenerationRequest converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
+  const size_t prompt_tokens = converted.prompt.size();
   StreamSink sink(request->request_id());
-  auto id = deps_.scheduler->Submit(std::move(*converted), &sink);
+  auto id = deps_.scheduler->Submit(std::move(converted), &sink);
   if (!id.ok()) return rejected(id.status());
   std::deque<pb::GenerateResponse> batch;
   bool cancelled = false;
@@ -184,17 +177,16 @@ grpc::Status InferenceService::GetModelInfo(grpc::ServerContext*, const pb::GetM
 grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext*,
                                                 const pb::GetClusterStatusRequest*,
                                                 pb::ClusterStatus* response) {
-  std::vector<bool> served(deps_.config->num_local_experts, false);
-  for (const WorkerSnapshot& w : deps_.workers()) {
+  const std::vector<WorkerSnapshot> workers = deps_.workers();
+  for (const WorkerSnapshot& w : workers) {
     pb::WorkerStatus* s = response->add_workers();
     s->set_address(w.address);
     s->set_state(w.ready ? pb::WORKER_STATE_READY : pb::WORKER_STATE_UNAVAILABLE);
-    s->set_expert_begin(static_cast<int32_t>(w.expert_begin));
-    s->set_expert_end(static_cast<int32_t>(w.expert_end));
+    s->set_expert_begin(static_cast<int32_t>(w.experts.begin));
+    s->set_expert_end(static_cast<int32_t>(w.experts.end));
     s->set_message(w.message);
-    for (int64_t e = w.expert_begin; e < w.expert_end && w.ready; ++e) served[e] = true;
   }
-  response->set_serving(std::all_of(served.begin(), served.end(), [](bool b) { return b; }));
+  response->set_serving(AllExpertsServed(workers, deps_.config->num_local_experts));
   const auto load = deps_.expert_load->Snapshot();
   for (size_t l = 0; l < load.size(); ++l) {
     pb::ExpertLoad* layer = response->add_load();

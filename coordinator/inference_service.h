@@ -10,7 +10,7 @@
 #include "common/tokenizer.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/scheduler.h"
-#include "coordinator/transport/grpc_transport.h"
+#include "coordinator/transport/dispatch.h"
 #include "moecluster/v1/inference.grpc.pb.h"
 
 namespace moe {
@@ -30,9 +30,10 @@ struct InferenceServiceDeps {
   std::function<void()> on_rejected;
 };
 
-// Converts a public request to the scheduler's form. INVALID_ARGUMENT naming the field for
-// what cannot be expressed (no prompt, max_tokens < 1); the rest is validated by the scheduler.
-absl::StatusOr<GenerationRequest> FromProto(const moecluster::v1::GenerateRequest& request,
+// Converts a public request to the scheduler's form (text prompts tokenized, unset fields
+// defaulted). It checks nothing: the scheduler validates every request once
+// (ValidateGenerationRequest: INVALID_ARGUMENT naming the parameter).
+GenerationRequest FromProto(const moecluster::v1::GenerateRequest& request,
                                             const Tokenizer& tokenizer,
                                             int64_t default_max_tokens);
 

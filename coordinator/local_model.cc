@@ -19,7 +19,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::Open(options.model_dir));
   m->store_ = std::move(store);
   WeightsOptions shared;
-  shared.expert_end = 0;  // experts are loaded by the in-process workers
+  shared.experts = {};  // experts are loaded by the in-process workers
   MOE_ASSIGN_OR_RETURN(m->weights_, ModelWeights::Load(m->store_, m->config_, shared));
   LOG(INFO) << "loaded shared weights of " << options.model_dir << " ("
             << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts

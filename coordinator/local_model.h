@@ -13,7 +13,7 @@
 #include "common/tokenizer.h"
 #include "common/weights.h"
 #include "coordinator/engine.h"
-#include "coordinator/in_process_transport.h"
+#include "coordinator/transport/in_process_transport.h"
 
 namespace moe {
 

@@ -29,14 +29,16 @@ class StreamState {
         // Never empty, so data() is never null even for a step of 0 rows.
         x_(hidden_),
         out_(hidden_),
-        last_row_(weights->expert_end() - weights->expert_begin()),
-        rows_per_expert_(weights->expert_end() - weights->expert_begin()) {}
+        last_row_(weights->hosted_experts().size()),
+        rows_per_expert_(weights->hosted_experts().size()) {}
 
   // Rows per hosted expert of the last successful Decode.
   std::span<const int64_t> rows_per_expert() const { return rows_per_expert_; }
 
-  // Checks every field of `req` and, when all are well-formed, points batch_ at its rows
-  // (copied to an aligned buffer) and its (expert, weight) pairs. `req` must outlive Run().
+  // The one check of a ForwardRequest: every field of `req` against the service's contract
+  // (which makes the batch well-formed in ExpertBatch's sense). When all pass, points batch_
+  // at its rows (copied to an aligned buffer) and its (expert, weight) pairs. `req` must
+  // outlive Run().
   absl::Status Decode(const pb::ForwardRequest& req) {
     const int64_t layers = weights_->config().num_hidden_layers;
     if (req.layer() < 0 || req.layer() >= layers) {
@@ -54,8 +56,7 @@ class StreamState {
     batch_.offsets = std::span<const int32_t>(req.row_offsets().data(), rows + 1);
     batch_.assignments =
         std::span<const ExpertAssignment>(assignments_.data(), req.experts_size());
-    // Everything ExpertFfn::Validate checks was checked above; kept as its documented contract.
-    return ffn_.Validate(batch_);
+    return absl::OkStatus();
   }
 
   // Computes the batch of the last successful Decode into `response`.
@@ -120,7 +121,8 @@ class StreamState {
       return absl::InvalidArgumentError(absl::StrCat("experts_size ", req.experts_size(),
                                                      " != weights_size ", req.weights_size()));
     }
-    const int64_t begin = weights_->expert_begin();
+    const ExpertRange& hosted = weights_->hosted_experts();
+    const int64_t begin = hosted.begin;
     if (assignments_.size() < static_cast<size_t>(req.experts_size())) {
       assignments_.resize(req.experts_size());
     }
@@ -133,8 +135,8 @@ class StreamState {
         const float w = req.weights(i);
         if (!weights_->HostsExpert(e)) {
           return absl::InvalidArgumentError(absl::StrCat(
-              "experts[", i, "] = ", e, " is not hosted here (this worker hosts experts ", begin,
-              "-", weights_->expert_end() - 1, ")"));
+              "experts[", i, "] = ", e, " is not hosted here (this worker hosts experts ",
+              hosted.InclusiveSpelling(), ")"));
         }
         if (!std::isfinite(w)) {
           return absl::InvalidArgumentError(
@@ -177,8 +179,8 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
   info->set_num_layers(static_cast<int32_t>(c.num_hidden_layers));
   info->set_num_experts(static_cast<int32_t>(c.num_local_experts));
   info->set_hidden_size(static_cast<int32_t>(c.hidden_size));
-  info->set_expert_begin(static_cast<int32_t>(weights_->expert_begin()));
-  info->set_expert_end(static_cast<int32_t>(weights_->expert_end()));
+  info->set_expert_begin(static_cast<int32_t>(weights_->hosted_experts().begin));
+  info->set_expert_end(static_cast<int32_t>(weights_->hosted_experts().end));
   info->set_weight_dtype(ToProtoDType(weights_->dtype()));
   return grpc::Status::OK;
 }

@@ -27,7 +27,7 @@ inline constexpr int64_t kMaxForwardRows = int64_t{1} << 20;
 class ForwardObserver {
  public:
   virtual ~ForwardObserver() = default;
-  // rows_per_expert[e - expert_begin]: rows computed for each hosted expert of `layer`;
+  // rows_per_expert[e - hosted.begin]: rows computed for each hosted expert of `layer`;
   // `seconds`: from the request read to the answer ready.
   virtual void OnForward(int64_t layer, std::span<const int64_t> rows_per_expert,
                          double seconds) = 0;

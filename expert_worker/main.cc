@@ -59,8 +59,7 @@ int main(int argc, char** argv) {
   if (!range.ok()) return Fail(range.status());
   moe::WorkerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
-  options.expert_begin = range->begin;
-  options.expert_end = range->end;
+  options.experts = *range;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
@@ -68,8 +67,8 @@ int main(int argc, char** argv) {
   if (!server.ok()) return Fail(server.status());
   moe::WorkerServer& worker = **server;
 
-  LOG(INFO) << "serving " << options.model_dir << ": experts " << worker.expert_begin() << "-"
-            << worker.expert_end() - 1 << " of " << worker.config().num_local_experts
+  LOG(INFO) << "serving " << options.model_dir << ": experts " << worker.experts().InclusiveSpelling()
+            << " of " << worker.config().num_local_experts
             << " in each of " << worker.config().num_hidden_layers << " layers, "
             << worker.mapped_expert_bytes() / double{1 << 20} << " MiB mapped, fingerprint "
             << worker.fingerprint() << ", on " << worker.address();

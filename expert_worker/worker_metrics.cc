@@ -4,8 +4,8 @@
 
 namespace moe {
 
-WorkerMetrics::WorkerMetrics(int64_t layers, int64_t expert_begin, int64_t expert_end)
-    : hosted_(expert_end - expert_begin), registry_(std::make_shared<RefreshingRegistry>()) {
+WorkerMetrics::WorkerMetrics(int64_t layers, const ExpertRange& hosted)
+    : hosted_(hosted.size()), registry_(std::make_shared<RefreshingRegistry>()) {
   prometheus::Registry& r = registry_->registry();
   AddBuildInfo(&r, "worker");
   auto& rows = prometheus::BuildCounter()
@@ -15,7 +15,7 @@ WorkerMetrics::WorkerMetrics(int64_t layers, int64_t expert_begin, int64_t exper
                    .Register(r);
   rows_.reserve(layers * hosted_);
   for (int64_t l = 0; l < layers; ++l) {
-    for (int64_t e = expert_begin; e < expert_end; ++e) {
+    for (int64_t e = hosted.begin; e < hosted.end; ++e) {
       rows_.push_back(&rows.Add({{"layer", std::to_string(l)}, {"expert", std::to_string(e)}}));
     }
   }

@@ -9,6 +9,7 @@
 #include <span>
 #include <vector>
 
+#include "common/expert_range.h"
 #include "common/metrics/metrics.h"
 #include "expert_worker/expert_service.h"
 #include "prometheus/counter.h"
@@ -19,7 +20,8 @@ namespace moe {
 // Thread-safety: OnForward may be called from every Forward stream at once.
 class WorkerMetrics : public ForwardObserver {
  public:
-  WorkerMetrics(int64_t layers, int64_t expert_begin, int64_t expert_end);
+  // Series for every layer x expert of `hosted` (a resolved range).
+  WorkerMetrics(int64_t layers, const ExpertRange& hosted);
 
   std::shared_ptr<prometheus::Collectable> collectable() { return registry_; }
   void OnForward(int64_t layer, std::span<const int64_t> rows_per_expert,
@@ -28,7 +30,7 @@ class WorkerMetrics : public ForwardObserver {
  private:
   const int64_t hosted_;
   std::shared_ptr<RefreshingRegistry> registry_;
-  std::vector<prometheus::Counter*> rows_;  // [layer * hosted + (expert - expert_begin)]
+  std::vector<prometheus::Counter*> rows_;  // [layer * hosted + (expert - hosted.begin)]
   prometheus::Histogram* forward_;
 };
 

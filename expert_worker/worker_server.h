@@ -1,4 +1,4 @@
-// An expert worker: loads experts [expert_begin, expert_end) of every layer of a checkpoint
+// An expert worker: loads a range of experts of every layer of a checkpoint
 // (and nothing else: no embeddings, attention or router) and serves them over gRPC as
 // moecluster.v1.ExpertWorker, plus the standard gRPC health service (grpc.health.v1.Health,
 // SERVING once started) and server reflection. Plaintext (insecure) transport: run it on a
@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/expert_range.h"
 #include "common/metrics/metrics.h"
 #include "common/weights.h"
 #include "expert_worker/expert_service.h"
@@ -26,29 +27,11 @@ namespace moe {
 // hidden 4096). Clients must raise their own receive limit to match for large responses.
 inline constexpr int kMaxWorkerMessageBytes = 256 << 20;
 
-// Experts [begin, end) of every layer. end < 0 means "to the model's last expert".
-struct ExpertRange {
-  int64_t begin = 0;
-  int64_t end = -1;
-};
-
-// Parses an --experts value: "A-B" is the INCLUSIVE range A..B (so "0-3" = [0, 4)), "A" is the
-// single expert A (= [A, A + 1)), "all" is every expert ({0, -1}). INVALID_ARGUMENT for
-// anything else: non-numbers, negatives, reversed ranges ("3-1"). Bounds against the model's
-// expert count are checked by ResolveExpertRange once the config is known.
-absl::StatusOr<ExpertRange> ParseExpertRange(std::string_view spec);
-
-// `range` as concrete [begin, end) for a model of `num_experts` experts ("all" -> [0, n)).
-// INVALID_ARGUMENT when it is empty or reaches past the last expert, e.g. "--experts 0-40 is
-// outside the model's 32 experts (ids 0-31)".
-absl::StatusOr<ExpertRange> ResolveExpertRange(const ExpertRange& range, int64_t num_experts);
-
 struct WorkerOptions {
   // Checkpoint directory (Hugging Face layout: config.json + *.safetensors).
   std::string model_dir;
-  // Hosted experts [expert_begin, expert_end) of every layer; expert_end < 0 = to the last.
-  int64_t expert_begin = 0;
-  int64_t expert_end = -1;
+  // Hosted experts of every layer (ParseExpertRange; kToLast = to the model's last expert).
+  ExpertRange experts = ExpertRange::All();
   // HOST:PORT to bind; port 0 picks a free port (see WorkerServer::port()).
   std::string listen = "127.0.0.1:0";
   // OpenMP threads per Forward stream; 0 = the OpenMP default (OMP_NUM_THREADS or all cores).
@@ -77,8 +60,7 @@ class WorkerServer {
   // Where /metrics is served (HOST:PORT), empty without metrics_listen.
   std::string metrics_address() const { return metrics_server_ ? metrics_server_->address() : ""; }
   const std::string& fingerprint() const { return fingerprint_; }
-  int64_t expert_begin() const { return weights_->expert_begin(); }
-  int64_t expert_end() const { return weights_->expert_end(); }
+  const ExpertRange& experts() const { return weights_->hosted_experts(); }
   const ModelConfig& config() const { return weights_->config(); }
   // Bytes of checkpoint tensors this process mapped. Only expert tensors are ever mapped, so
   // this is the hosted experts' bytes (for the fused gate_up_proj/down_proj layout, whole fused

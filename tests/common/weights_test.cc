@@ -48,7 +48,7 @@ TEST(WeightsTest, SharedOnlyMapsNoExpertTensor) {
   TinyShape shape;
   WriteTinyModel(dir, shape);
   WeightsOptions options;
-  options.expert_end = 0;
+  options.experts = {};
   auto w = LoadTiny(dir, options);
   ASSERT_TRUE(w.ok()) << w.status();
   EXPECT_EQ((*w)->expert_bytes(), 0u);
@@ -64,8 +64,7 @@ TEST(WeightsTest, ExpertSliceMapsOnlyItsExperts) {
   WriteTinyModel(dir, shape);
   WeightsOptions options;
   options.load_shared = false;
-  options.expert_begin = 1;
-  options.expert_end = 3;
+  options.experts = {1, 3};
   auto w = LoadTiny(dir, options);
   ASSERT_TRUE(w.ok()) << w.status();
   const uint64_t expert = 3 * shape.hidden * shape.ffn * 4;
@@ -113,8 +112,7 @@ TEST(WeightsTest, ExpertRangeOutsideModel) {
   const std::string dir = TempDir("range");
   WriteTinyModel(dir, TinyShape{});
   WeightsOptions options;
-  options.expert_begin = 2;
-  options.expert_end = 9;
+  options.experts = {2, 9};
   EXPECT_THAT(LoadTiny(dir, options).status().message(), HasSubstr("outside the model's 4 experts"));
 }
 

@@ -5,7 +5,7 @@
 #include <string>
 
 #include "common/tokenizer.h"
-#include "coordinator/expert_transport.h"
+#include "coordinator/transport/expert_transport.h"
 #include "coordinator/generator.h"
 
 namespace moe::testing {
