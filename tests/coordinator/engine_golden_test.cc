@@ -6,42 +6,19 @@
 #include <vector>
 
 #include "common/model_config.h"
-#include "common/safetensors.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
+#include "tests/testutil/golden_fixture.h"
 
 namespace moe {
 namespace {
 
 constexpr char kModels[] = "tests/testdata/models/";
 
-struct Expected {
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> greedy;
-  std::vector<float> logits;         // [prompt, vocab]
-  std::vector<float> decode_logits;  // [greedy, vocab]
-};
-
-Expected LoadExpected(const std::string& dir) {
-  Expected e;
-  auto text = ReadFileToString(dir + "/expected.json");
-  EXPECT_TRUE(text.ok()) << text.status();
-  auto j = nlohmann::json::parse(*text);
-  e.prompt = j["prompt_ids"].get<std::vector<int32_t>>();
-  e.greedy = j["greedy_ids"].get<std::vector<int32_t>>();
-  auto store = TensorStore::OpenFiles({dir + "/expected.safetensors"});
-  EXPECT_TRUE(store.ok()) << store.status();
-  for (auto [name, out] : {std::pair{"logits", &e.logits}, {"decode_logits", &e.decode_logits}}) {
-    auto t = (*store)->Map(name);
-    EXPECT_TRUE(t.ok()) << t.status();
-    const float* f = static_cast<const float*>(t->data);
-    out->assign(f, f + t->info->num_elements);
-  }
-  return e;
-}
+using testing::GoldenExpected;
+using testing::LoadExpected;
 
 // max |a - ref| <= 1e-3 * max |ref| over a row of logits.
 void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what) {
@@ -69,11 +46,13 @@ class GoldenTest : public ::testing::TestWithParam<Case> {
     auto m = LocalModel::Create(options);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
-    expected_ = LoadExpected(dir_);
+    auto expected = LoadExpected(dir_);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    expected_ = std::move(*expected);
   }
   std::string dir_;
   std::unique_ptr<LocalModel> model_;
-  Expected expected_;
+  GoldenExpected expected_;
 };
 
 TEST_P(GoldenTest, PrefillLogitsMatchTransformersAtEveryPosition) {
@@ -165,9 +144,10 @@ TEST(GoldenConfigTest, MissingRopeThetaTakesMixtralDefault) {
 TEST(GoldenConfigTest, SlidingWindowShorterThanPrompt) {
   auto c = LoadModelConfig(std::string(kModels) + "mixtral_3e_sliding_bf16");
   ASSERT_TRUE(c.ok()) << c.status();
-  const Expected e = LoadExpected(std::string(kModels) + "mixtral_3e_sliding_bf16");
+  auto e = LoadExpected(std::string(kModels) + "mixtral_3e_sliding_bf16");
+  ASSERT_TRUE(e.ok()) << e.status();
   EXPECT_GT(c->sliding_window, 0);
-  EXPECT_LT(c->sliding_window, static_cast<int64_t>(e.prompt.size()));
+  EXPECT_LT(c->sliding_window, static_cast<int64_t>(e->prompt.size()));
 }
 
 }  // namespace

@@ -16,9 +16,9 @@
 #include "coordinator/transport/grpc_transport.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "nlohmann/json.hpp"
 #include "tests/integration/cluster_harness.h"
 #include "tests/testutil/checkpoint_writer.h"
+#include "tests/testutil/golden_fixture.h"
 
 namespace moe {
 namespace {
@@ -32,15 +32,11 @@ constexpr char kModels[] = "tests/testdata/models/";
 
 std::string ModelDir(const std::string& name) { return std::string(kModels) + name; }
 
-struct Expected {
-  std::vector<int32_t> prompt;
-  std::vector<int32_t> greedy;
-};
-
-Expected LoadExpected(const std::string& dir) {
-  auto text = ReadFileToString(dir + "/expected.json");
-  auto j = nlohmann::json::parse(*text);
-  return {j["prompt_ids"].get<std::vector<int32_t>>(), j["greedy_ids"].get<std::vector<int32_t>>()};
+// The fixture's reference outputs; fails the calling test when they cannot be read.
+testing::GoldenExpected Expected(const std::string& dir) {
+  auto e = testing::LoadExpected(dir);
+  EXPECT_TRUE(e.ok()) << e.status();
+  return e.ok() ? std::move(*e) : testing::GoldenExpected{};
 }
 
 pb::GenerateRequest IdsRequest(const std::vector<int32_t>& prompt, int max_tokens) {
@@ -67,7 +63,7 @@ TEST_P(ClusterGoldenTest, GreedyTokensEqualTransformersAndInProcess) {
   auto cluster =
       Cluster::Start(dir, ContiguousRanges(config->num_local_experts, GetParam().workers));
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  const Expected expected = LoadExpected(dir);
+  const testing::GoldenExpected expected = Expected(dir);
   auto result = (*cluster)->client().Generate(IdsRequest(expected.prompt, 16));
   ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
   EXPECT_EQ(result->tokens, expected.greedy);
@@ -139,7 +135,7 @@ void ExpectLogitsBitIdentical(const std::string& fixture, int64_t workers) {
   auto local = LocalModel::Create(local_options);
   ASSERT_TRUE(local.ok());
 
-  const Expected expected = LoadExpected(dir);
+  const testing::GoldenExpected expected = Expected(dir);
   std::vector<float> a, b;
   SequenceState sa, sb;
   StepInput ia{&sa, expected.prompt, true}, ib{&sb, expected.prompt, true};
@@ -376,12 +372,16 @@ TEST(ClusterValidationTest, FullQueueIsResourceExhausted) {
         [&](const pb::TokenDelta&) {
           if (!first_streaming.HasBeenNotified()) first_streaming.Notify();
         },
-        [&](grpc::ClientContext* ctx) { first_context = ctx; }).status().ok();
+        [&](grpc::ClientContext* ctx) { first_context = ctx; })
+        .status()
+        .IgnoreError();  // ends CANCELLED: the test cancels it
   });
   first_streaming.WaitForNotification();
   std::thread second([&] {
     c.client().Generate(IdsRequest({1, 29}, 4), nullptr,
-                        [&](grpc::ClientContext* ctx) { second_context = ctx; }).status().ok();
+                        [&](grpc::ClientContext* ctx) { second_context = ctx; })
+        .status()
+        .IgnoreError();  // ends CANCELLED: the test cancels it
   });
   // Bounded wait until the second request is queued behind the first.
   for (const absl::Time deadline = absl::Now() + absl::Seconds(10); absl::Now() < deadline;) {
@@ -433,7 +433,7 @@ TEST(ClusterStatusTest, ExpertLoadCountsEveryRoutedToken) {
   const std::string dir = ModelDir("mixtral_8e_top3_no_rope_theta");
   auto cluster = Cluster::Start(dir, ContiguousRanges(8, 3));
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  const Expected e = LoadExpected(dir);
+  const testing::GoldenExpected e = Expected(dir);
   auto result = (*cluster)->client().Generate(IdsRequest(e.prompt, 5));
   ASSERT_TRUE(result.ok());
   auto status = (*cluster)->client().GetClusterStatus();

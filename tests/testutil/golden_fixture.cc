@@ -1,0 +1,64 @@
+#include "tests/testutil/golden_fixture.h"
+
+#include "absl/strings/str_cat.h"
+#include "common/model_config.h"
+#include "common/safetensors.h"
+#include "common/status_macros.h"
+#include "nlohmann/json.hpp"
+
+namespace moe::testing {
+namespace {
+
+absl::StatusOr<std::vector<int32_t>> IdList(const nlohmann::json& j, const char* key,
+                                            const std::string& path) {
+  if (!j.contains(key) || !j[key].is_array() || j[key].empty()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", key, " must be a non-empty list"));
+  }
+  std::vector<int32_t> ids;
+  for (const nlohmann::json& v : j[key]) {
+    if (!v.is_number_integer()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", key, " holds a non-integer"));
+    }
+    ids.push_back(v.get<int32_t>());
+  }
+  return ids;
+}
+
+absl::StatusOr<std::vector<float>> Logits(TensorStore& store, const char* name, int64_t rows,
+                                          int64_t vocab, const std::string& path) {
+  MOE_ASSIGN_OR_RETURN(TensorData t, store.Map(name));
+  if (t.info->dtype != DType::kF32 || t.info->shape != std::vector<int64_t>{rows, vocab}) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", name, " must be [", rows, ", ",
+                                                   vocab, "] F32, got ",
+                                                   DescribeTensor(t.info->shape, t.info->dtype)));
+  }
+  const float* f = static_cast<const float*>(t.data);
+  return std::vector<float>(f, f + t.info->num_elements);
+}
+
+}  // namespace
+
+absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir) {
+  MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
+  const std::string json_path = dir + "/expected.json";
+  MOE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(json_path));
+  const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(json_path, ": not a JSON object"));
+  }
+  GoldenExpected e;
+  MOE_ASSIGN_OR_RETURN(e.prompt, IdList(j, "prompt_ids", json_path));
+  MOE_ASSIGN_OR_RETURN(e.greedy, IdList(j, "greedy_ids", json_path));
+  const std::string tensors_path = dir + "/expected.safetensors";
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenFiles({tensors_path}));
+  const int64_t vocab = config.vocab_size;
+  MOE_ASSIGN_OR_RETURN(e.logits,
+                       Logits(*store, "logits", static_cast<int64_t>(e.prompt.size()), vocab,
+                              tensors_path));
+  MOE_ASSIGN_OR_RETURN(e.decode_logits,
+                       Logits(*store, "decode_logits", static_cast<int64_t>(e.greedy.size()),
+                              vocab, tensors_path));
+  return e;
+}
+
+}  // namespace moe::testing
