@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages moe-cluster needs to build (and, with --tests, to run the whole
-# test suite: the Prometheus server and Python's venv for the deployment tools). Idempotent:
+# test suite and CI's style checks: the Prometheus server, Python's venv for the deployment
+# tools, clang and clang-format for scripts/lint.sh). Idempotent:
 # packages that are already installed are skipped, and apt is not touched at all when nothing
 # is missing.
 set -euo pipefail
@@ -13,7 +14,7 @@ PACKAGES=(
   libsentencepiece-dev sentencepiece nlohmann-json3-dev libhwy-dev libomp-dev
 )
 case "${1:-}" in
-  --tests) PACKAGES+=(prometheus python3 python3-venv) ;;
+  --tests) PACKAGES+=(prometheus python3 python3-venv clang clang-format) ;;
   "") ;;
   *) echo "usage: $0 [--tests]" >&2; exit 2 ;;
 esac
