@@ -54,12 +54,12 @@ uint16_t F32ToF16(float f) {
   const uint32_t x = std::bit_cast<uint32_t>(f);
   const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
   const uint32_t abs = x & 0x7fffffffu;
-  if (abs > 0x7f800000u) return sign | 0x7e00u;   // NaN
-  if (abs >= 0x47800000u) {                        // >= 65536 rounds to inf
+  if (abs > 0x7f800000u) return sign | 0x7e00u;  // NaN
+  if (abs >= 0x47800000u) {                      // >= 65536 rounds to inf
     // Values in [65520, 65536) round to inf as well; handled by the normal path below.
     return sign | 0x7c00u;
   }
-  if (abs < 0x38800000u) {  // Below the smallest normal half: subnormal or zero.
+  if (abs < 0x38800000u) {               // Below the smallest normal half: subnormal or zero.
     if (abs < 0x33000000u) return sign;  // < 2^-25 rounds to zero
     const uint32_t e = abs >> 23;
     const uint32_t m = (abs & 0x7fffffu) | 0x800000u;

@@ -46,12 +46,12 @@ class ExpertFfn {
   int64_t hidden_;
   int64_t ffn_;
   // Scratch, grown to the largest batch seen.
-  std::vector<int32_t> expert_rows_;     // rows routed to the current expert
-  std::vector<float> expert_weights_;    // their weights
-  std::vector<float> gathered_;          // [n, hidden]
-  std::vector<float> gate_;              // [n, ffn]
-  std::vector<float> up_;                // [n, ffn]
-  std::vector<float> down_;              // [n, hidden]
+  std::vector<int32_t> expert_rows_;   // rows routed to the current expert
+  std::vector<float> expert_weights_;  // their weights
+  std::vector<float> gathered_;        // [n, hidden]
+  std::vector<float> gate_;            // [n, ffn]
+  std::vector<float> up_;              // [n, ffn]
+  std::vector<float> down_;            // [n, hidden]
 };
 
 }  // namespace moe

@@ -54,9 +54,9 @@ absl::StatusOr<ExpertRange> ResolveExpertRange(const ExpertRange& range, int64_t
         absl::StrCat("the expert range ", r.ToString(), " is empty or negative"));
   }
   if (r.end > num_experts) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--experts ", r.InclusiveSpelling(), " is outside the model's ", num_experts,
-                     " experts (ids 0-", num_experts - 1, ")"));
+    return absl::InvalidArgumentError(absl::StrCat("--experts ", r.InclusiveSpelling(),
+                                                   " is outside the model's ", num_experts,
+                                                   " experts (ids 0-", num_experts - 1, ")"));
   }
   return r;
 }

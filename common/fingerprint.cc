@@ -24,8 +24,8 @@ class Fnv {
 std::string ModelFingerprint(const ModelConfig& c, const TensorStore& store) {
   Fnv f;
   f.Add(absl::StrCat(c.architecture, "|", c.vocab_size, "|", c.hidden_size, "|",
-                     c.intermediate_size, "|", c.num_hidden_layers, "|", c.num_attention_heads,
-                     "|", c.num_key_value_heads, "|", c.head_dim, "|", c.num_local_experts, "|",
+                     c.intermediate_size, "|", c.num_hidden_layers, "|", c.num_attention_heads, "|",
+                     c.num_key_value_heads, "|", c.head_dim, "|", c.num_local_experts, "|",
                      c.num_experts_per_tok));
   for (const std::string& name : store.TensorNames()) {
     const TensorInfo* t = store.Find(name);

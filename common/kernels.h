@@ -51,8 +51,7 @@ void Axpy(float a, const float* x, float* y, int64_t n);
 
 // Per row t < tokens of x [tokens, n]: out = x * rsqrt(mean(x^2) + eps) * weight.
 // Sum of squares in f32 as transformers' LlamaRMSNorm/MixtralRMSNorm. out may equal x.
-void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps,
-             float* out);
+void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps, float* out);
 
 // Rotary embedding, split-half layout (transformers' rotate_half): for each of `heads` heads of
 // `head_dim` in x (heads contiguous), element i < head_dim/2 pairs with i + head_dim/2:

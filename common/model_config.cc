@@ -56,7 +56,8 @@ class ConfigReader {
 
 absl::Status RejectUnsupported(const ConfigReader& r, const Json& j) {
   if (r.Has("hidden_act") && j["hidden_act"] != "silu") {
-    return r.Error(absl::StrCat("hidden_act ", j["hidden_act"].dump(), " is not supported (only silu)"));
+    return r.Error(
+        absl::StrCat("hidden_act ", j["hidden_act"].dump(), " is not supported (only silu)"));
   }
   for (const char* key : {"attention_bias", "mlp_bias"}) {
     if (r.Has(key) && j[key] != false) return r.Error(absl::StrCat(key, "=true is not supported"));

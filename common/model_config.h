@@ -12,19 +12,19 @@
 namespace moe {
 
 struct ModelConfig {
-  std::string architecture;          // "MixtralForCausalLM", "LlamaForCausalLM", ...
+  std::string architecture;  // "MixtralForCausalLM", "LlamaForCausalLM", ...
   int64_t vocab_size = 0;
   int64_t hidden_size = 0;
-  int64_t intermediate_size = 0;     // per expert
+  int64_t intermediate_size = 0;  // per expert
   int64_t num_hidden_layers = 0;
   int64_t num_attention_heads = 0;
-  int64_t num_key_value_heads = 0;   // defaults to num_attention_heads
-  int64_t head_dim = 0;              // config head_dim, else hidden_size / num_attention_heads
-  int64_t num_local_experts = 1;     // 1 for dense models
-  int64_t num_experts_per_tok = 1;   // top-k
-  bool is_moe = false;               // false: dense MLP stored as mlp.{gate,up,down}_proj
+  int64_t num_key_value_heads = 0;  // defaults to num_attention_heads
+  int64_t head_dim = 0;             // config head_dim, else hidden_size / num_attention_heads
+  int64_t num_local_experts = 1;    // 1 for dense models
+  int64_t num_experts_per_tok = 1;  // top-k
+  bool is_moe = false;              // false: dense MLP stored as mlp.{gate,up,down}_proj
   double rms_norm_eps = 1e-5;
-  double rope_theta = 1e6;           // top level or rope_parameters.rope_theta
+  double rope_theta = 1e6;  // top level or rope_parameters.rope_theta
   int64_t max_position_embeddings = 0;
   int64_t sliding_window = 0;        // 0 = full attention
   bool tie_word_embeddings = false;  // lm_head shares embed_tokens

@@ -27,8 +27,8 @@ absl::Status HeaderError(const std::string& label, const std::string& tensor,
   return absl::InvalidArgumentError(absl::StrCat(label, ": tensor ", tensor, ": ", what));
 }
 
-absl::StatusOr<uint64_t> ReadU64(const Json& j, const std::string& label,
-                                 const std::string& tensor, const char* what) {
+absl::StatusOr<uint64_t> ReadU64(const Json& j, const std::string& label, const std::string& tensor,
+                                 const char* what) {
   if (!j.is_number_unsigned() && !(j.is_number_integer() && j.get<int64_t>() >= 0)) {
     return HeaderError(label, tensor, absl::StrCat(what, " must be a non-negative integer"));
   }
@@ -92,9 +92,10 @@ absl::StatusOr<uint64_t> HeaderLength(const uint8_t prefix[8], uint64_t size,
                        absl::StrCat("header length ", header_len, " exceeds the 100 MB limit"));
   }
   if (header_len > size - 8) {
-    return HeaderError(label, "",
-                       absl::StrCat("header length ", header_len, " runs past the end of the file (",
-                                    size, " bytes): truncated file?"));
+    return HeaderError(
+        label, "",
+        absl::StrCat("header length ", header_len, " runs past the end of the file (", size,
+                     " bytes): truncated file?"));
   }
   return header_len;
 }
@@ -138,9 +139,10 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(std::string_view 
     expected_begin = t.file_offset + t.byte_size;
   }
   if (expected_begin != data_size) {
-    return HeaderError(label, "",
-                       absl::StrCat("tensors cover ", expected_begin, " bytes but the data section has ",
-                                    data_size, " (truncated or trailing bytes)"));
+    return HeaderError(
+        label, "",
+        absl::StrCat("tensors cover ", expected_begin, " bytes but the data section has ",
+                     data_size, " (truncated or trailing bytes)"));
   }
   return tensors;
 }
@@ -226,8 +228,8 @@ absl::Status TensorStore::AddFile(const std::string& path,
     std::string name = t.name;
     auto [it, inserted] = entries_.try_emplace(name, Entry{std::move(t), file.get()});
     if (!inserted) {
-      return absl::InvalidArgumentError(absl::StrCat("tensor ", name, " appears in both ",
-                                                     it->second.file->path, " and ", path));
+      return absl::InvalidArgumentError(
+          absl::StrCat("tensor ", name, " appears in both ", it->second.file->path, " and ", path));
     }
   }
   files_.push_back(std::move(file));
@@ -253,8 +255,8 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
     Json index = Json::parse(in, nullptr, /*allow_exceptions=*/false);
     if (index.is_discarded() || !index.is_object() || !index.contains("weight_map") ||
         !index["weight_map"].is_object()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          index_path.string(), ": not valid JSON with a \"weight_map\" object"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(index_path.string(), ": not valid JSON with a \"weight_map\" object"));
     }
     std::map<std::string, std::vector<std::string>> shards;
     for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
@@ -286,8 +288,10 @@ absl::StatusOr<std::unique_ptr<TensorStore>> TensorStore::Open(const std::string
     if (e.path().extension() == ".safetensors") paths.push_back(e.path().string());
   }
   if (paths.empty()) {
-    return absl::NotFoundError(absl::StrCat("no model.safetensors, model.safetensors.index.json "
-                                            "or *.safetensors file in ", dir));
+    return absl::NotFoundError(
+        absl::StrCat("no model.safetensors, model.safetensors.index.json "
+                     "or *.safetensors file in ",
+                     dir));
   }
   std::sort(paths.begin(), paths.end());
   return OpenFiles(paths);
@@ -301,7 +305,8 @@ const TensorInfo* TensorStore::Find(std::string_view name) const {
 absl::StatusOr<TensorData> TensorStore::Map(std::string_view name) {
   auto it = entries_.find(name);
   if (it == entries_.end()) {
-    return absl::NotFoundError(absl::StrCat("tensor ", std::string(name), " not found in the checkpoint"));
+    return absl::NotFoundError(
+        absl::StrCat("tensor ", std::string(name), " not found in the checkpoint"));
   }
   const Entry& entry = it->second;
   absl::MutexLock lock(&mu_);
@@ -323,7 +328,8 @@ absl::StatusOr<TensorData> TensorStore::Map(std::string_view name) {
     if (mapping->base == MAP_FAILED) {
       mapping->base = nullptr;
       return absl::InternalError(absl::StrCat(entry.file->path, ": mmap of tensor ",
-                                              std::string(name), " failed: ", std::strerror(errno)));
+                                              std::string(name),
+                                              " failed: ", std::strerror(errno)));
     }
     mapping->data = static_cast<const uint8_t*>(mapping->base) + (entry.info.file_offset - begin);
   }

@@ -51,12 +51,13 @@ Shim* LoadShim() {
       tried += " " + path + " (" + dlerror() + ")";
       continue;
     }
-    shim->factory = reinterpret_cast<SentencePieceFactory>(dlsym(handle, kSentencePieceFactorySymbol));
+    shim->factory =
+        reinterpret_cast<SentencePieceFactory>(dlsym(handle, kSentencePieceFactorySymbol));
     if (shim->factory != nullptr) return shim;
     tried += " " + path + " (no " + kSentencePieceFactorySymbol + ")";
   }
-  shim->error = "cannot load the SentencePiece library " + std::string(kLibraryName) +
-                "; tried:" + tried;
+  shim->error =
+      "cannot load the SentencePiece library " + std::string(kLibraryName) + "; tried:" + tried;
   return shim;
 }
 

@@ -18,9 +18,9 @@ class ModelWeights::Loader {
                                               ") is missing from the checkpoint"));
     }
     if (info->shape != shape || info->dtype != dtype_) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("tensor ", name, ": expected ", DescribeTensor(shape, dtype_), ", got ",
-                       DescribeTensor(info->shape, info->dtype)));
+      return absl::InvalidArgumentError(absl::StrCat("tensor ", name, ": expected ",
+                                                     DescribeTensor(shape, dtype_), ", got ",
+                                                     DescribeTensor(info->shape, info->dtype)));
     }
     return store_->Map(name);
   }
@@ -58,14 +58,15 @@ std::string LayerPrefix(int64_t layer) { return absl::StrCat("model.layers.", la
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::string& model_dir,
-                                                                  const ModelConfig& config,
-                                                                  const WeightsOptions& options) {
+                                                                 const ModelConfig& config,
+                                                                 const WeightsOptions& options) {
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::Open(model_dir));
   return Load(std::shared_ptr<TensorStore>(std::move(store)), config, options);
 }
 
-absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
-    std::shared_ptr<TensorStore> store, const ModelConfig& c, const WeightsOptions& options) {
+absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr<TensorStore> store,
+                                                                 const ModelConfig& c,
+                                                                 const WeightsOptions& options) {
   std::unique_ptr<ModelWeights> w(new ModelWeights());
   w->config_ = c;
   w->store_ = store;
@@ -79,8 +80,8 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
   if (w->hosted_.begin < 0 || w->hosted_.begin > w->hosted_.end ||
       w->hosted_.end > c.num_local_experts) {
     return absl::InvalidArgumentError(absl::StrCat("expert range ", w->hosted_.ToString(),
-                                                   " is outside the model's ",
-                                                   c.num_local_experts, " experts"));
+                                                   " is outside the model's ", c.num_local_experts,
+                                                   " experts"));
   }
   Loader loader(store.get(), w->dtype_);
   const int64_t hidden = c.hidden_size;
@@ -100,10 +101,14 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       MOE_ASSIGN_OR_RETURN(l.input_norm, loader.Vector(p + "input_layernorm.weight", {hidden}));
       MOE_ASSIGN_OR_RETURN(l.post_attention_norm,
                            loader.Vector(p + "post_attention_layernorm.weight", {hidden}));
-      MOE_ASSIGN_OR_RETURN(l.q_proj, loader.Matrix(p + "self_attn.q_proj.weight", c.q_dim(), hidden));
-      MOE_ASSIGN_OR_RETURN(l.k_proj, loader.Matrix(p + "self_attn.k_proj.weight", c.kv_dim(), hidden));
-      MOE_ASSIGN_OR_RETURN(l.v_proj, loader.Matrix(p + "self_attn.v_proj.weight", c.kv_dim(), hidden));
-      MOE_ASSIGN_OR_RETURN(l.o_proj, loader.Matrix(p + "self_attn.o_proj.weight", hidden, c.q_dim()));
+      MOE_ASSIGN_OR_RETURN(l.q_proj,
+                           loader.Matrix(p + "self_attn.q_proj.weight", c.q_dim(), hidden));
+      MOE_ASSIGN_OR_RETURN(l.k_proj,
+                           loader.Matrix(p + "self_attn.k_proj.weight", c.kv_dim(), hidden));
+      MOE_ASSIGN_OR_RETURN(l.v_proj,
+                           loader.Matrix(p + "self_attn.v_proj.weight", c.kv_dim(), hidden));
+      MOE_ASSIGN_OR_RETURN(l.o_proj,
+                           loader.Matrix(p + "self_attn.o_proj.weight", hidden, c.q_dim()));
       if (c.is_moe) {
         const std::string gate = store->Find(p + "mlp.gate.weight") != nullptr
                                      ? p + "mlp.gate.weight"
@@ -124,8 +129,8 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       MOE_ASSIGN_OR_RETURN(out->w2, loader.Matrix(p + "mlp.down_proj.weight", hidden, ffn));
     } else if (store->Find(p + "mlp.experts.gate_up_proj") != nullptr) {
       const int64_t e_count = c.num_local_experts;
-      MOE_ASSIGN_OR_RETURN(TensorData gate_up,
-                           loader.Tensor(p + "mlp.experts.gate_up_proj", {e_count, 2 * ffn, hidden}));
+      MOE_ASSIGN_OR_RETURN(TensorData gate_up, loader.Tensor(p + "mlp.experts.gate_up_proj",
+                                                             {e_count, 2 * ffn, hidden}));
       MOE_ASSIGN_OR_RETURN(TensorData down,
                            loader.Tensor(p + "mlp.experts.down_proj", {e_count, hidden, ffn}));
       for (int64_t e = 0; e < hosted; ++e) {
@@ -136,7 +141,8 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(
       }
     } else {
       for (int64_t e = 0; e < hosted; ++e) {
-        const std::string q = absl::StrCat(p, "block_sparse_moe.experts.", w->hosted_.begin + e, ".");
+        const std::string q =
+            absl::StrCat(p, "block_sparse_moe.experts.", w->hosted_.begin + e, ".");
         MOE_ASSIGN_OR_RETURN(out[e].w1, loader.Matrix(q + "w1.weight", ffn, hidden));
         MOE_ASSIGN_OR_RETURN(out[e].w3, loader.Matrix(q + "w3.weight", ffn, hidden));
         MOE_ASSIGN_OR_RETURN(out[e].w2, loader.Matrix(q + "w2.weight", hidden, ffn));

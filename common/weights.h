@@ -11,7 +11,8 @@
 //   fused (transformers v5, new mergekit):
 //     model.layers.{i}.mlp.gate.weight                         [experts, hidden]
 //     model.layers.{i}.mlp.experts.gate_up_proj                [experts, 2*ffn, hidden]
-//                                                               rows [0, ffn) = w1, [ffn, 2ffn) = w3
+//                                                               rows [0, ffn) = w1, [ffn, 2ffn) =
+//                                                               w3
 //     model.layers.{i}.mlp.experts.down_proj                   [experts, hidden, ffn]
 // Dense Llama/Mistral checkpoints (mlp.{gate,up,down}_proj) load as expert 0 of one.
 #ifndef MOE_COMMON_WEIGHTS_H_
@@ -68,14 +69,15 @@ class ModelWeights {
                                                             const ModelConfig& config,
                                                             const WeightsOptions& options);
   // Same over an already opened store (the store must outlive the weights).
-  static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(
-      std::shared_ptr<TensorStore> store, const ModelConfig& config, const WeightsOptions& options);
+  static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(std::shared_ptr<TensorStore> store,
+                                                            const ModelConfig& config,
+                                                            const WeightsOptions& options);
 
   const ModelConfig& config() const { return config_; }
   DType dtype() const { return dtype_; }  // the dtype of the matrices (one per checkpoint)
 
   // Shared weights; REQUIRES: options.load_shared.
-  const WeightMatrix& embed_tokens() const { return embed_tokens_; }  // [vocab, hidden]
+  const WeightMatrix& embed_tokens() const { return embed_tokens_; }    // [vocab, hidden]
   const std::vector<float>& final_norm() const { return final_norm_; }  // [hidden]
   const WeightMatrix& lm_head() const { return lm_head_; }  // [vocab, hidden] (tied or not)
   const LayerWeights& layer(int64_t i) const { return layers_[i]; }

@@ -9,8 +9,12 @@ namespace moe {
 
 ExpertLoadWindow::ExpertLoadWindow(int64_t layers, int64_t experts, Clock::duration slot,
                                    int buckets)
-    : layers_(layers), experts_(experts), slot_(slot), buckets_(buckets),
-      epoch_(buckets, -1), counts_(buckets * layers * experts, 0) {}
+    : layers_(layers),
+      experts_(experts),
+      slot_(slot),
+      buckets_(buckets),
+      epoch_(buckets, -1),
+      counts_(buckets * layers * experts, 0) {}
 
 void ExpertLoadWindow::Add(std::span<const uint64_t> counts, Clock::time_point now) {
   const int64_t epoch = Epoch(now);
@@ -62,8 +66,9 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
 
   auto& tokens = prometheus::BuildCounter()
                      .Name("moe_expert_tokens_total")
-                     .Help("Token-to-expert assignments made by the router, per layer and expert "
-                           "(each token counts top_k times per layer; completed steps only)")
+                     .Help(
+                         "Token-to-expert assignments made by the router, per layer and expert "
+                         "(each token counts top_k times per layer; completed steps only)")
                      .Register(r);
   expert_tokens_.reserve(layers_ * experts_);
   for (int64_t l = 0; l < layers_; ++l) {
@@ -74,9 +79,10 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
   }
   auto& imbalance = prometheus::BuildGauge()
                         .Name("moe_layer_expert_imbalance_ratio")
-                        .Help("Max over mean tokens per expert of the layer over the last 60 s "
-                              "(1 = perfectly balanced, experts = one expert takes everything; "
-                              "0 = no tokens in the window)")
+                        .Help(
+                            "Max over mean tokens per expert of the layer over the last 60 s "
+                            "(1 = perfectly balanced, experts = one expert takes everything; "
+                            "0 = no tokens in the window)")
                         .Register(r);
   for (int64_t l = 0; l < layers_; ++l) {
     imbalance_.push_back(&imbalance.Add({{"layer", std::to_string(l)}}));
@@ -94,9 +100,10 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                             .Add({});
   auto& requests = prometheus::BuildCounter()
                        .Name("moe_requests_total")
-                       .Help("Generate requests by outcome: stop (EOS or a stop string), length "
-                             "(max_tokens), cancelled, error (a failed step or shutdown), "
-                             "rejected (invalid or queue full; never queued)")
+                       .Help(
+                           "Generate requests by outcome: stop (EOS or a stop string), length "
+                           "(max_tokens), cancelled, error (a failed step or shutdown), "
+                           "rejected (invalid or queue full; never queued)")
                        .Register(r);
   for (RequestOutcome o : {RequestOutcome::kStop, RequestOutcome::kLength,
                            RequestOutcome::kCancelled, RequestOutcome::kError}) {
@@ -137,8 +144,9 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
 
   auto& dispatch = prometheus::BuildHistogram()
                        .Name("moe_dispatch_duration_seconds")
-                       .Help("Seconds of one layer's expert exchange with a worker (request "
-                             "written to answer read)")
+                       .Help(
+                           "Seconds of one layer's expert exchange with a worker (request "
+                           "written to answer read)")
                        .Register(r);
   auto& bytes = prometheus::BuildCounter()
                     .Name("moe_dispatch_bytes_total")
@@ -146,8 +154,9 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                     .Register(r);
   auto& rows = prometheus::BuildCounter()
                    .Name("moe_dispatch_rows_total")
-                   .Help("Token-to-expert assignments sent to a worker (equals the sum of its "
-                         "moe_worker_rows_total)")
+                   .Help(
+                       "Token-to-expert assignments sent to a worker (equals the sum of its "
+                       "moe_worker_rows_total)")
                    .Register(r);
   auto& up = prometheus::BuildGauge()
                  .Name("moe_worker_up")
@@ -184,7 +193,8 @@ void CoordinatorMetrics::Refresh() {
 void CoordinatorMetrics::OnStepEnd(bool ok, std::span<const uint64_t> expert_counts) {
   if (ok) {
     for (size_t i = 0; i < expert_counts.size(); ++i) {
-      if (expert_counts[i] != 0) expert_tokens_[i]->Increment(static_cast<double>(expert_counts[i]));
+      if (expert_counts[i] != 0)
+        expert_tokens_[i]->Increment(static_cast<double>(expert_counts[i]));
     }
     window_.Add(expert_counts, ExpertLoadWindow::Clock::now());
   }
@@ -201,7 +211,8 @@ void CoordinatorMetrics::OnStepEnd(bool ok, std::span<const uint64_t> expert_cou
 void CoordinatorMetrics::OnRejected() { rejected_->Increment(); }
 
 void CoordinatorMetrics::OnStep(const StepReport& report) {
-  if (report.prompt_tokens > 0) prompt_tokens_->Increment(static_cast<double>(report.prompt_tokens));
+  if (report.prompt_tokens > 0)
+    prompt_tokens_->Increment(static_cast<double>(report.prompt_tokens));
   if (report.generated_tokens > 0) {
     generation_tokens_->Increment(static_cast<double>(report.generated_tokens));
   }

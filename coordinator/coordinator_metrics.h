@@ -4,10 +4,11 @@
 // per engine step: routing counts per step from ExpertLoadCounter and per-layer exchange reports
 // from the transport are accumulated in plain arrays and published at the step's end
 // (OnStepEnd); token counts and latencies come from the Scheduler once per step (OnStep),
-// binned locally and published with one call per histogram; request outcomes once per request. Gauges that are cheapest to read when asked
-// (running/waiting requests, KV cache usage, worker up, the imbalance window) are computed at
-// scrape time. Label cardinality: layers x experts for the expert counters, workers for the
-// dispatch series, all created at start so every series exists (as 0) from the first scrape.
+// binned locally and published with one call per histogram; request outcomes once per request.
+// Gauges that are cheapest to read when asked (running/waiting requests, KV cache usage, worker up,
+// the imbalance window) are computed at scrape time. Label cardinality: layers x experts for the
+// expert counters, workers for the dispatch series, all created at start so every series exists (as
+// 0) from the first scrape.
 #ifndef MOE_COORDINATOR_COORDINATOR_METRICS_H_
 #define MOE_COORDINATOR_COORDINATOR_METRICS_H_
 
@@ -51,7 +52,7 @@ class ExpertLoadWindow {
   const Clock::duration slot_;
   const int buckets_;
   mutable absl::Mutex mu_;
-  std::vector<int64_t> epoch_ ABSL_GUARDED_BY(mu_);   // [buckets], slot epoch held, -1 = none
+  std::vector<int64_t> epoch_ ABSL_GUARDED_BY(mu_);    // [buckets], slot epoch held, -1 = none
   std::vector<uint64_t> counts_ ABSL_GUARDED_BY(mu_);  // [buckets, layers * experts]
 };
 

@@ -32,8 +32,9 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   model_options.in_process_workers = options.in_process_workers;
   model_options.engine = options.engine;
   if (!options.workers.empty()) {
-    model_options.transport_factory = [&](const ModelConfig& config, const TensorStore& store)
-        -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+    model_options.transport_factory =
+        [&](const ModelConfig& config,
+            const TensorStore& store) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
       GrpcTransportOptions t;
       t.worker_addresses = options.workers;
       t.model_fingerprint = ModelFingerprint(config, store);
@@ -49,7 +50,8 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   const ModelConfig& c = model_->config();
   expert_load_ = std::make_unique<ExpertLoadCounter>(c.num_hidden_layers, c.num_local_experts);
   model_->engine()->AddRoutingObserver(expert_load_.get());
-  scheduler_ = std::make_unique<Scheduler>(model_->engine(), model_->tokenizer(), options.scheduler);
+  scheduler_ =
+      std::make_unique<Scheduler>(model_->engine(), model_->tokenizer(), options.scheduler);
   const int64_t experts = c.num_local_experts;
   GrpcTransport* transport = grpc_transport_;
   auto workers = [transport, experts]() {
@@ -92,8 +94,8 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   builder.SetMaxReceiveMessageSize(64 << 20);
   server_ = builder.BuildAndStart();
   if (server_ == nullptr || port == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen,
-                                               " (address in use or not local?)"));
+    return absl::UnavailableError(
+        absl::StrCat("cannot listen on ", options.listen, " (address in use or not local?)"));
   }
   address_ = absl::StrCat(options.listen.substr(0, options.listen.rfind(':')), ":", port);
   grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
@@ -123,7 +125,7 @@ void CoordinatorServer::Shutdown() {
   // cancelled, their handlers cancel their requests and return.
   server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
   metrics_server_.reset();  // scrapes read the scheduler
-  scheduler_.reset();  // fails anything left, before the engine it drives goes away
+  scheduler_.reset();       // fails anything left, before the engine it drives goes away
 }
 
 void CoordinatorServer::Wait() {

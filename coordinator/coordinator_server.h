@@ -39,7 +39,8 @@ class CoordinatorServer {
  public:
   // Loads the model's non-expert weights, connects to and validates every worker (refusing to
   // start, with a message naming what is wrong or missing), starts serving.
-  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Create(const CoordinatorOptions& options);
+  static absl::StatusOr<std::unique_ptr<CoordinatorServer>> Create(
+      const CoordinatorOptions& options);
   ~CoordinatorServer();
 
   // The address actually bound (with the real port when listen asked for port 0).

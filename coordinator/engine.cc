@@ -52,9 +52,9 @@ absl::Status Engine::Validate(std::span<const StepInput> inputs) const {
     if (in.tokens.empty()) return absl::InvalidArgumentError("a sequence has no tokens to add");
     const int64_t end = in.seq->length + static_cast<int64_t>(in.tokens.size());
     if (end > config_.max_position_embeddings) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "sequence of ", end, " tokens exceeds the model's max_position_embeddings (",
-          config_.max_position_embeddings, ")"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("sequence of ", end, " tokens exceeds the model's max_position_embeddings (",
+                       config_.max_position_embeddings, ")"));
     }
     for (int32_t id : in.tokens) {
       if (id < 0 || id >= config_.vocab_size) {
@@ -149,8 +149,8 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
   for (int64_t t = 0; t < rows; ++t) {
     const float* cos = &rope_cos_[row_position_[t] * half];
     const float* sin = &rope_sin_[row_position_[t] * half];
-    kernels::RopeSplitHalf(&q_[t * config_.q_dim()], config_.num_attention_heads,
-                           config_.head_dim, cos, sin);
+    kernels::RopeSplitHalf(&q_[t * config_.q_dim()], config_.num_attention_heads, config_.head_dim,
+                           cos, sin);
     kernels::RopeSplitHalf(&k_[t * kv_dim], config_.num_key_value_heads, config_.head_dim, cos,
                            sin);
     const BlockTable& table = inputs[row_input_[t]].seq->blocks;
@@ -170,8 +170,8 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
     const WeightMatrix router{w.router.data(), DType::kF32, config_.num_local_experts, hidden,
                               hidden};
     kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
-    RouteTokens(router_logits_.data(), rows, config_.num_local_experts,
-                config_.num_experts_per_tok, &routing_);
+    RouteTokens(router_logits_.data(), rows, config_.num_local_experts, config_.num_experts_per_tok,
+                &routing_);
   } else {
     RouteDense(rows, &routing_);
   }

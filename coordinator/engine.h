@@ -15,9 +15,9 @@
 
 #include "absl/status/statusor.h"
 #include "common/weights.h"
-#include "coordinator/transport/expert_transport.h"
 #include "coordinator/kv_cache.h"
 #include "coordinator/router.h"
+#include "coordinator/transport/expert_transport.h"
 
 namespace moe {
 

@@ -24,7 +24,9 @@ class ExpertLoadCounter : public RoutingObserver {
   using StepListener = std::function<void(bool ok, std::span<const uint64_t> step_counts)>;
 
   ExpertLoadCounter(int64_t layers, int64_t experts)
-      : experts_(experts), layers_(layers), step_(layers * experts, 0),
+      : experts_(experts),
+        layers_(layers),
+        step_(layers * experts, 0),
         totals_(new std::atomic<uint64_t>[layers * experts]()) {}
 
   // Set before the engine runs.

@@ -27,9 +27,8 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& request,
   if (request.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   for (int32_t id : request.prompt) {
     if (id < 0 || id >= config.vocab_size) {
-      return absl::InvalidArgumentError(absl::StrCat("prompt token id ", id,
-                                                     " is outside the vocabulary [0, ",
-                                                     config.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " is outside the vocabulary [0, ", config.vocab_size, ")"));
     }
   }
   const int64_t prompt = static_cast<int64_t>(request.prompt.size());

@@ -24,20 +24,20 @@ std::string_view FinishReasonName(FinishReason reason);  // "length", "stop", "e
 
 struct GenerationParams {
   SamplingParams sampling;
-  int64_t max_tokens = 128;        // >= 1; prompt + max_tokens must fit max_position_embeddings
-  std::vector<std::string> stop;   // generation ends before the first occurrence of any
-  bool ignore_eos = false;         // keep going past EOS (benchmarks, fixtures)
-  bool trace_routing = false;      // report each token's expert routing (TokenRoutes)
+  int64_t max_tokens = 128;       // >= 1; prompt + max_tokens must fit max_position_embeddings
+  std::vector<std::string> stop;  // generation ends before the first occurrence of any
+  bool ignore_eos = false;        // keep going past EOS (benchmarks, fixtures)
+  bool trace_routing = false;     // report each token's expert routing (TokenRoutes)
 };
 
 struct GenerationRequest {
-  std::vector<int32_t> prompt;     // token ids, BOS included if wanted
+  std::vector<int32_t> prompt;  // token ids, BOS included if wanted
   GenerationParams params;
 };
 
 struct GenerationOutput {
-  std::vector<int32_t> tokens;     // generated ids (EOS included when it ended the sequence)
-  std::string text;                // detokenized, stop string excluded
+  std::vector<int32_t> tokens;  // generated ids (EOS included when it ended the sequence)
+  std::string text;             // detokenized, stop string excluded
   FinishReason finish = FinishReason::kNone;
 };
 
@@ -69,8 +69,8 @@ class StopMatcher {
 
  private:
   std::vector<std::string> stops_;
-  std::string text_;     // all text so far (cut at the stop string once one matched)
-  size_t emitted_ = 0;   // bytes of text_ already returned
+  std::string text_;    // all text so far (cut at the stop string once one matched)
+  size_t emitted_ = 0;  // bytes of text_ already returned
 };
 
 // One sequence's generation logic, shared by every driver of the engine: picks each next token
@@ -83,8 +83,7 @@ class SequenceDecoder {
  public:
   // REQUIRES: ValidateGenerationRequest(*request, config).ok() and vocab_size ==
   // config.vocab_size. `request` and `tokenizer` must outlive this object.
-  SequenceDecoder(const GenerationRequest* request, const Tokenizer* tokenizer,
-                  int32_t vocab_size);
+  SequenceDecoder(const GenerationRequest* request, const Tokenizer* tokenizer, int32_t vocab_size);
   SequenceDecoder(const SequenceDecoder&) = delete;
   SequenceDecoder& operator=(const SequenceDecoder&) = delete;
 
@@ -115,7 +114,8 @@ class SequenceDecoder {
 };
 
 // Called for each generated token with the text that became final (may be empty).
-using TokenCallback = std::function<void(size_t request_index, int32_t token, std::string_view delta)>;
+using TokenCallback =
+    std::function<void(size_t request_index, int32_t token, std::string_view delta)>;
 
 // Runs `requests` to completion on a Scheduler without its thread: every prompt is prefilled in
 // the first step, then all unfinished sequences decode together. Each request's tokens are

@@ -61,7 +61,8 @@ class StreamSink : public GenerationSink {
   // drained.
   bool Take(absl::Duration timeout, std::deque<pb::GenerateResponse>* out) {
     absl::MutexLock lock(&mu_);
-    auto ready = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || finished_; };
+    auto ready = [this]()
+                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || finished_; };
     mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
     out->swap(queue_);
     queue_.clear();
@@ -196,9 +197,9 @@ grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext*,
   const Scheduler::Stats stats = deps_.scheduler->stats();
   response->set_running_requests(static_cast<int32_t>(stats.running));
   response->set_waiting_requests(static_cast<int32_t>(stats.waiting));
-  response->set_kv_cache_usage(stats.kv_total_blocks > 0 ? static_cast<double>(stats.kv_used_blocks) /
-                                                               stats.kv_total_blocks
-                                                         : 0.0);
+  response->set_kv_cache_usage(
+      stats.kv_total_blocks > 0 ? static_cast<double>(stats.kv_used_blocks) / stats.kv_total_blocks
+                                : 0.0);
   return grpc::Status::OK;
 }
 

@@ -34,8 +34,7 @@ struct InferenceServiceDeps {
 // defaulted). It checks nothing: the scheduler validates every request once
 // (ValidateGenerationRequest: INVALID_ARGUMENT naming the parameter).
 GenerationRequest FromProto(const moecluster::v1::GenerateRequest& request,
-                                            const Tokenizer& tokenizer,
-                                            int64_t default_max_tokens);
+                            const Tokenizer& tokenizer, int64_t default_max_tokens);
 
 // Thread-safety: handlers run concurrently on gRPC's threads.
 class InferenceService final : public moecluster::v1::Inference::Service {

@@ -23,10 +23,10 @@ using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<ExpertTran
     const ModelConfig& config, const TensorStore& store)>;
 
 struct LocalModelOptions {
-  std::string model_dir;           // Hugging Face layout: config.json, *.safetensors, tokenizer
-  int64_t in_process_workers = 1;  // expert slices (contiguous placement), >= 1
+  std::string model_dir;               // Hugging Face layout: config.json, *.safetensors, tokenizer
+  int64_t in_process_workers = 1;      // expert slices (contiguous placement), >= 1
   TransportFactory transport_factory;  // overrides in_process_workers when set
-  bool load_tokenizer = true;      // false for benchmarks on checkpoints without one
+  bool load_tokenizer = true;          // false for benchmarks on checkpoints without one
   EngineOptions engine;
 };
 

@@ -14,7 +14,8 @@
 #include "coordinator/coordinator_server.h"
 #include "glog/logging.h"
 
-ABSL_FLAG(std::string, model, "", "Model directory (config.json, *.safetensors, tokenizer.model). "
+ABSL_FLAG(std::string, model, "",
+          "Model directory (config.json, *.safetensors, tokenizer.model). "
           "Only the non-expert weights are loaded when --workers is given.");
 ABSL_FLAG(std::vector<std::string>, workers, {},
           "Comma-separated expert workers HOST:PORT. Empty: run the experts in this process.");
@@ -26,7 +27,8 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(int64_t, max_running, 16, "Sequences decoded together (continuous batching).");
 ABSL_FLAG(int64_t, max_waiting, 64, "Queued requests beyond this get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_step_tokens, 512, "Token budget per engine step (decode + prefill).");
-ABSL_FLAG(int64_t, kv_cache_blocks, 0, "KV cache capacity in blocks of 16 tokens "
+ABSL_FLAG(int64_t, kv_cache_blocks, 0,
+          "KV cache capacity in blocks of 16 tokens "
           "(0: room for 8 full contexts).");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(10),
           "Deadline for every expert exchange; a worker that misses it fails the step.");
@@ -35,7 +37,8 @@ ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
 
 int main(int argc, char** argv) {
   moe::BlockTerminationSignals();
-  moe::InitMain(argc, argv, __FILE__,
+  moe::InitMain(
+      argc, argv, __FILE__,
       "moe-coordinator --model DIR --workers HOST:PORT[,HOST:PORT...] [--listen HOST:PORT]\n"
       "Serves moecluster.v1.Inference; experts run in the workers (or in-process without "
       "--workers). Prometheus metrics with --metrics-listen. Flag names take dashes or "

@@ -60,7 +60,6 @@ class Sampler {
   // When every logit is -inf or NaN, returns 0.
   int32_t Sample(float* logits, std::span<const int32_t> history);
 
-
  private:
   void ApplyRepetitionPenalty(float* logits, std::span<const int32_t> history);
   // Maps NaN to -inf and scales by the temperature, shifted so that the largest logit is 0; if

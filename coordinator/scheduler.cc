@@ -79,8 +79,8 @@ struct Scheduler::Sequence {
   int64_t trace_row = 0;
   Clock::time_point arrival = Clock::now();  // Submit
   Clock::time_point last_token;              // when the latest token was sampled
-  bool admitted = false;   // moved from waiting_ to running_
-  bool cancelled = false;  // guarded by Scheduler::mu_
+  bool admitted = false;                     // moved from waiting_ to running_
+  bool cancelled = false;                    // guarded by Scheduler::mu_
 };
 
 absl::Status ValidateSchedulerOptions(const SchedulerOptions& options) {
@@ -137,17 +137,17 @@ absl::StatusOr<uint64_t> Scheduler::Submit(GenerationRequest request, Generation
   MOE_RETURN_IF_ERROR(ValidateGenerationRequest(request, config_));
   const int64_t prompt = static_cast<int64_t>(request.prompt.size());
   if (CeilDiv(prompt, block_size_) > kv_total_blocks_) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "prompt of ", prompt, " tokens needs more than the whole KV cache (", kv_total_blocks_,
-        " blocks of ", block_size_, " tokens)"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("prompt of ", prompt, " tokens needs more than the whole KV cache (",
+                     kv_total_blocks_, " blocks of ", block_size_, " tokens)"));
   }
   auto seq = std::make_unique<Sequence>(std::move(request), sink, tokenizer_, config_);
   absl::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("the scheduler is shutting down");
   if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
-    return absl::ResourceExhaustedError(absl::StrCat(waiting_.size(),
-                                                     " requests are already waiting (max_waiting = ",
-                                                     options_.max_waiting, "); retry later"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        waiting_.size(), " requests are already waiting (max_waiting = ", options_.max_waiting,
+        "); retry later"));
   }
   const uint64_t id = next_id_++;
   seq->id = id;
@@ -172,8 +172,8 @@ bool Scheduler::StepOnce() {
   for (SequencePtr& s : retired) Finish(std::move(s), absl::CancelledError("cancelled"));
   if (SequencePtr unfit = Admit()) {
     // Nothing runs, so no blocks will come free for it.
-    Finish(std::move(unfit), absl::ResourceExhaustedError(
-                                 "the KV cache has too few free blocks for the prompt"));
+    Finish(std::move(unfit),
+           absl::ResourceExhaustedError("the KV cache has too few free blocks for the prompt"));
     return true;
   }
   if (running_.empty()) return !retired.empty();
@@ -373,8 +373,7 @@ void Scheduler::Loop() {
 
 Scheduler::Stats Scheduler::stats() const {
   absl::MutexLock lock(&mu_);
-  return {running_count_, static_cast<int64_t>(waiting_.size()), kv_used_blocks_,
-          kv_total_blocks_};
+  return {running_count_, static_cast<int64_t>(waiting_.size()), kv_used_blocks_, kv_total_blocks_};
 }
 
 }  // namespace moe

@@ -25,8 +25,8 @@
 namespace moe {
 
 struct SchedulerOptions {
-  int64_t max_running = 16;       // sequences decoding together, >= 1
-  int64_t max_waiting = 64;       // queued requests beyond that -> RESOURCE_EXHAUSTED, >= 0
+  int64_t max_running = 16;  // sequences decoding together, >= 1
+  int64_t max_waiting = 64;  // queued requests beyond that -> RESOURCE_EXHAUSTED, >= 0
   // Token budget per step, >= 1: decode tokens (one per running sequence, always scheduled)
   // plus prefill tokens of newly admitted prompts. A prompt longer than the whole budget is
   // admitted alone (no other prefill in that step) so that it cannot starve.
@@ -165,10 +165,10 @@ class Scheduler : private RoutingObserver {
   std::vector<Sequence*> traced_;     // running sequences with trace_routing
   std::vector<float> logits_;
   SchedulerObserver* observer_ = nullptr;
-  int64_t step_prompt_tokens_ = 0;    // prefilled by the step being built
-  std::vector<double> ttft_, itl_;    // this step's latencies, for observer_
-  bool observing_ = false;            // added to the engine's routing observers
-  std::thread thread_;                // owned by the thread calling Start/Stop
+  int64_t step_prompt_tokens_ = 0;  // prefilled by the step being built
+  std::vector<double> ttft_, itl_;  // this step's latencies, for observer_
+  bool observing_ = false;          // added to the engine's routing observers
+  std::thread thread_;              // owned by the thread calling Start/Stop
 
   mutable absl::Mutex mu_;
   absl::CondVar work_;  // signalled on new work and on stop

@@ -54,8 +54,7 @@ class StreamState {
     batch_.rows = rows;
     batch_.x = x_.data();
     batch_.offsets = std::span<const int32_t>(req.row_offsets().data(), rows + 1);
-    batch_.assignments =
-        std::span<const ExpertAssignment>(assignments_.data(), req.experts_size());
+    batch_.assignments = std::span<const ExpertAssignment>(assignments_.data(), req.experts_size());
     return absl::OkStatus();
   }
 
@@ -71,8 +70,8 @@ class StreamState {
   // hidden: [rows, hidden_size] F32. Rows are bounded before any size is computed from them.
   absl::Status DecodeHidden(const pb::Tensor& t, int64_t* rows) {
     if (t.shape_size() != 2) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "hidden: shape must be [rows, ", hidden_, "], got ", t.shape_size(), " dimensions"));
+      return absl::InvalidArgumentError(absl::StrCat("hidden: shape must be [rows, ", hidden_,
+                                                     "], got ", t.shape_size(), " dimensions"));
     }
     *rows = t.shape(0);
     if (*rows < 0 || *rows > kMaxForwardRows) {
@@ -92,18 +91,17 @@ class StreamState {
   static absl::Status CheckRowOffsets(const pb::ForwardRequest& req, int64_t rows) {
     const auto& off = req.row_offsets();
     if (off.size() != rows + 1) {
-      return absl::InvalidArgumentError(absl::StrCat("row_offsets: expected rows + 1 = ",
-                                                     rows + 1, " entries for ", rows,
-                                                     " hidden rows, got ", off.size()));
+      return absl::InvalidArgumentError(absl::StrCat("row_offsets: expected rows + 1 = ", rows + 1,
+                                                     " entries for ", rows, " hidden rows, got ",
+                                                     off.size()));
     }
     if (off[0] != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("row_offsets[0] must be 0, got ", off[0]));
+      return absl::InvalidArgumentError(absl::StrCat("row_offsets[0] must be 0, got ", off[0]));
     }
     for (int64_t r = 0; r < rows; ++r) {
       if (off[r + 1] < off[r]) {
-        return absl::InvalidArgumentError(absl::StrCat("row_offsets decrease at row ", r, ": ",
-                                                       off[r], " then ", off[r + 1]));
+        return absl::InvalidArgumentError(
+            absl::StrCat("row_offsets decrease at row ", r, ": ", off[r], " then ", off[r + 1]));
       }
     }
     if (off[rows] != req.experts_size()) {
@@ -143,8 +141,8 @@ class StreamState {
               absl::StrCat("weights[", i, "] = ", w, " (expert ", e, ") is not finite"));
         }
         if (last_row_[e - begin] == r) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "experts: row ", r, " lists expert ", e, " more than once (experts[", i, "])"));
+          return absl::InvalidArgumentError(absl::StrCat("experts: row ", r, " lists expert ", e,
+                                                         " more than once (experts[", i, "])"));
         }
         last_row_[e - begin] = r;
         ++rows_per_expert_[e - begin];
@@ -169,7 +167,9 @@ class StreamState {
 
 ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
                              ForwardObserver* observer)
-    : weights_(weights), fingerprint_(std::move(fingerprint)), threads_(threads),
+    : weights_(weights),
+      fingerprint_(std::move(fingerprint)),
+      threads_(threads),
       observer_(observer) {}
 
 grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
@@ -186,7 +186,8 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
 }
 
 grpc::Status ExpertService::Forward(
-    grpc::ServerContext*, grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
+    grpc::ServerContext*,
+    grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
   // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
   if (threads_ > 0) omp_set_num_threads(threads_);
   StreamState state(weights_);

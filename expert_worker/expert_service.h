@@ -47,17 +47,15 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
                 ForwardObserver* observer = nullptr);
 
-  grpc::Status GetInfo(grpc::ServerContext* context,
-                       const moecluster::v1::GetInfoRequest* request,
+  grpc::Status GetInfo(grpc::ServerContext* context, const moecluster::v1::GetInfoRequest* request,
                        moecluster::v1::WorkerInfo* info) override;
 
   // Answers each request in order with ForwardResponse{step, output [rows, hidden] F32}.
   // Returns OK when the client closes its side; INVALID_ARGUMENT on a malformed request;
   // CANCELLED when a response cannot be written (the client went away).
-  grpc::Status Forward(
-      grpc::ServerContext* context,
-      grpc::ServerReaderWriter<moecluster::v1::ForwardResponse, moecluster::v1::ForwardRequest>*
-          stream) override;
+  grpc::Status Forward(grpc::ServerContext* context,
+                       grpc::ServerReaderWriter<moecluster::v1::ForwardResponse,
+                                                moecluster::v1::ForwardRequest>* stream) override;
 
  private:
   // Constant after construction.

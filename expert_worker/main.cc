@@ -18,7 +18,8 @@
 #include "expert_worker/worker_server.h"
 #include "glog/logging.h"
 
-ABSL_FLAG(std::string, model, "", "Model directory (Hugging Face layout: config.json, *.safetensors).");
+ABSL_FLAG(std::string, model, "",
+          "Model directory (Hugging Face layout: config.json, *.safetensors).");
 ABSL_FLAG(std::string, experts, "all",
           "Experts to host, the same ids in every layer: A-B is the INCLUSIVE range A..B "
           "(0-3 = experts 0, 1, 2, 3), A a single expert, all every expert.");
@@ -43,7 +44,8 @@ int main(int argc, char** argv) {
   // Before any thread starts (gRPC, OpenMP): SIGINT/SIGTERM are then taken synchronously below.
   moe::BlockTerminationSignals();
 
-  const std::vector<std::string> args = moe::InitMain(argc, argv, __FILE__,
+  const std::vector<std::string> args = moe::InitMain(
+      argc, argv, __FILE__,
       "serves a slice of a Mixtral checkpoint's experts to a coordinator.\n"
       "  moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]\n"
       "  [--metrics-listen HOST:PORT]\n"
@@ -67,8 +69,8 @@ int main(int argc, char** argv) {
   if (!server.ok()) return Fail(server.status());
   moe::WorkerServer& worker = **server;
 
-  LOG(INFO) << "serving " << options.model_dir << ": experts " << worker.experts().InclusiveSpelling()
-            << " of " << worker.config().num_local_experts
+  LOG(INFO) << "serving " << options.model_dir << ": experts "
+            << worker.experts().InclusiveSpelling() << " of " << worker.config().num_local_experts
             << " in each of " << worker.config().num_hidden_layers << " layers, "
             << worker.mapped_expert_bytes() / double{1 << 20} << " MiB mapped, fingerprint "
             << worker.fingerprint() << ", on " << worker.address();

@@ -10,8 +10,9 @@ WorkerMetrics::WorkerMetrics(int64_t layers, const ExpertRange& hosted)
   AddBuildInfo(&r, "worker");
   auto& rows = prometheus::BuildCounter()
                    .Name("moe_worker_rows_total")
-                   .Help("Rows computed by this worker per layer and hosted expert (one per "
-                         "token routed to the expert)")
+                   .Help(
+                       "Rows computed by this worker per layer and hosted expert (one per "
+                       "token routed to the expert)")
                    .Register(r);
   rows_.reserve(layers * hosted_);
   for (int64_t l = 0; l < layers; ++l) {

@@ -24,8 +24,7 @@ class WorkerMetrics : public ForwardObserver {
   WorkerMetrics(int64_t layers, const ExpertRange& hosted);
 
   std::shared_ptr<prometheus::Collectable> collectable() { return registry_; }
-  void OnForward(int64_t layer, std::span<const int64_t> rows_per_expert,
-                 double seconds) override;
+  void OnForward(int64_t layer, std::span<const int64_t> rows_per_expert, double seconds) override;
 
  private:
   const int64_t hosted_;

@@ -30,9 +30,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
     MOE_RETURN_IF_ERROR(ValidateListenAddress(options.metrics_listen, "metrics-listen"));
   }
   MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
-  MOE_ASSIGN_OR_RETURN(
-      ExpertRange range,
-      ResolveExpertRange(options.experts, config.num_local_experts));
+  MOE_ASSIGN_OR_RETURN(ExpertRange range,
+                       ResolveExpertRange(options.experts, config.num_local_experts));
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> opened, TensorStore::Open(options.model_dir));
   std::shared_ptr<TensorStore> store(std::move(opened));
 
@@ -44,8 +43,8 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   w->fingerprint_ = ModelFingerprint(config, *store);
   if (!options.metrics_listen.empty()) {
     w->metrics_ = std::make_unique<WorkerMetrics>(config.num_hidden_layers, range);
-    MOE_ASSIGN_OR_RETURN(w->metrics_server_,
-                         MetricsServer::Start(options.metrics_listen, {w->metrics_->collectable()}));
+    MOE_ASSIGN_OR_RETURN(w->metrics_server_, MetricsServer::Start(options.metrics_listen,
+                                                                  {w->metrics_->collectable()}));
   }
   w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->fingerprint_, options.threads,
                                                 w->metrics_.get());
@@ -66,8 +65,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   grpc::HealthCheckServiceInterface* health = w->server_->GetHealthCheckService();
   health->SetServingStatus("", true);
   health->SetServingStatus(service_name, true);
-  w->address_ =
-      absl::StrCat(options.listen.substr(0, options.listen.rfind(':')), ":", w->port_);
+  w->address_ = absl::StrCat(options.listen.substr(0, options.listen.rfind(':')), ":", w->port_);
   return w;
 }
 

@@ -2,8 +2,8 @@
 // random weights in Hugging Face layout (config.json + model.safetensors, classic expert names),
 // for benchmarks at real sizes without downloading weights.
 #include <cmath>
-#include <cstring>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -137,13 +137,22 @@ int Run() {
   nlohmann::json config = {
       {"architectures", {experts == 1 ? "LlamaForCausalLM" : "MixtralForCausalLM"}},
       {"model_type", experts == 1 ? "llama" : "mixtral"},
-      {"vocab_size", absl::GetFlag(FLAGS_vocab)}, {"hidden_size", hidden},
+      {"vocab_size", absl::GetFlag(FLAGS_vocab)},
+      {"hidden_size", hidden},
       {"intermediate_size", absl::GetFlag(FLAGS_ffn)},
-      {"num_hidden_layers", absl::GetFlag(FLAGS_layers)}, {"num_attention_heads", heads},
-      {"num_key_value_heads", kv_heads}, {"max_position_embeddings", absl::GetFlag(FLAGS_max_position)},
-      {"rms_norm_eps", 1e-5}, {"rope_theta", 10000.0}, {"hidden_act", "silu"},
-      {"tie_word_embeddings", false}, {"bos_token_id", 1}, {"eos_token_id", 2},
-      {"torch_dtype", *dtype == DType::kF32 ? "float32" : *dtype == DType::kF16 ? "float16" : "bfloat16"}};
+      {"num_hidden_layers", absl::GetFlag(FLAGS_layers)},
+      {"num_attention_heads", heads},
+      {"num_key_value_heads", kv_heads},
+      {"max_position_embeddings", absl::GetFlag(FLAGS_max_position)},
+      {"rms_norm_eps", 1e-5},
+      {"rope_theta", 10000.0},
+      {"hidden_act", "silu"},
+      {"tie_word_embeddings", false},
+      {"bos_token_id", 1},
+      {"eos_token_id", 2},
+      {"torch_dtype", *dtype == DType::kF32   ? "float32"
+                      : *dtype == DType::kF16 ? "float16"
+                                              : "bfloat16"}};
   if (experts > 1) {
     config["num_local_experts"] = experts;
     config["num_experts_per_tok"] = top_k;
@@ -161,7 +170,8 @@ int Run() {
 }  // namespace moe
 
 int main(int argc, char** argv) {
-  moe::InitMain(argc, argv, __FILE__,
+  moe::InitMain(
+      argc, argv, __FILE__,
       "moe-make-random-checkpoint --out DIR [--hidden 2048 --ffn 5632 --layers 4 --heads 32 "
       "--kv-heads 4 --experts 8 --top-k 2 --vocab 32000 --dtype BF16]\n"
       "Writes a random Mixtral checkpoint (config.json + model.safetensors) for benchmarks.");

@@ -17,8 +17,8 @@
 #include "common/main_init.h"
 #include "coordinator/local_model.h"
 #include "coordinator/sampler.h"
-#include "tools/client/load_bench.h"
 #include "glog/logging.h"
+#include "tools/client/load_bench.h"
 
 ABSL_FLAG(std::string, model, "", "Model directory.");
 ABSL_FLAG(int64_t, prompt_tokens, 128, "Prefill length (random token ids).");
@@ -65,10 +65,11 @@ int RunRemote() {
     std::fprintf(stderr, "moe-bench: error: %s\n", std::string(r.status().message()).c_str());
     return 1;
   }
-  std::printf("server %s: %lld streams x %lld tokens: %9.1f tok/s decode (%lld tokens in %.2f s), "
-              "mean TTFT %.1f ms\n",
-              o.server.c_str(), (long long)o.streams, (long long)o.max_tokens,
-              r->decode_tokens_per_s, (long long)r->generated_tokens, r->seconds, r->mean_ttft_ms);
+  std::printf(
+      "server %s: %lld streams x %lld tokens: %9.1f tok/s decode (%lld tokens in %.2f s), "
+      "mean TTFT %.1f ms\n",
+      o.server.c_str(), (long long)o.streams, (long long)o.max_tokens, r->decode_tokens_per_s,
+      (long long)r->generated_tokens, r->seconds, r->mean_ttft_ms);
   return 0;
 }
 
@@ -108,7 +109,8 @@ int Run() {
   std::printf("model %s: %lld layers, hidden %lld, ffn %lld, %lld experts top-%lld, %s\n",
               options.model_dir.c_str(), (long long)c.num_hidden_layers, (long long)c.hidden_size,
               (long long)c.intermediate_size, (long long)c.num_local_experts,
-              (long long)c.num_experts_per_tok, std::string(DTypeName(model.weights().dtype())).c_str());
+              (long long)c.num_experts_per_tok,
+              std::string(DTypeName(model.weights().dtype())).c_str());
 
   // Prefill: one sequence, the whole prompt in one step; the first, untimed, run faults the
   // mapped weights in.
@@ -166,7 +168,7 @@ int Run() {
 
 int main(int argc, char** argv) {
   moe::InitMain(argc, argv, __FILE__,
-      "moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8] "
-      "[--workers 1]\nPrefill and decode throughput of a checkpoint in this process.");
+                "moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8] "
+                "[--workers 1]\nPrefill and decode throughput of a checkpoint in this process.");
   return moe::Run();
 }

@@ -27,7 +27,8 @@ ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-sequence tok
 ABSL_FLAG(int64_t, workers, 1, "With --model: in-process expert workers to split experts over.");
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> args = moe::InitMain(argc, argv, __FILE__,
+  const std::vector<std::string> args = moe::InitMain(
+      argc, argv, __FILE__,
       "moe-cli: talk to a moe-cluster model.\n"
       "  moe-cli generate --model DIR --prompt TEXT [--max-tokens N] [--temperature T]\n"
       "      [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop a,b]\n"

@@ -14,21 +14,21 @@
 namespace moe {
 
 const std::vector<double>& TimeToFirstTokenBuckets() {
-  static const std::vector<double> b = {0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-                                        0.5,   0.75, 1,     1.5,  2,     3,   5,    7.5, 10,
-                                        15,    20,   30,    60,   120};
+  static const std::vector<double> b = {0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2,
+                                        0.3,   0.5,  0.75,  1,    1.5,   2,   3,    5,
+                                        7.5,   10,   15,    20,   30,    60,  120};
   return b;
 }
 
 const std::vector<double>& InterTokenLatencyBuckets() {
-  static const std::vector<double> b = {0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03,
-                                        0.04,  0.05,   0.075, 0.1,  0.15,  0.2,  0.3,   0.5,
-                                        0.75,  1,      2.5,   5,    10};
+  static const std::vector<double> b = {0.001, 0.0025, 0.005, 0.01,  0.015, 0.02, 0.025,
+                                        0.03,  0.04,   0.05,  0.075, 0.1,   0.15, 0.2,
+                                        0.3,   0.5,    0.75,  1,     2.5,   5,    10};
   return b;
 }
 
 const std::vector<double>& RequestDurationBuckets() {
-  static const std::vector<double> b = {0.05, 0.1, 0.25, 0.5, 1,   2.5, 5,    10,  15,  20,
+  static const std::vector<double> b = {0.05, 0.1, 0.25, 0.5, 1,   2.5, 5,   10,   15,  20,
                                         30,   45,  60,   90,  120, 300, 600, 1200, 1800};
   return b;
 }
@@ -58,8 +58,8 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
     const std::string& listen, std::vector<std::shared_ptr<prometheus::Collectable>> sources) {
   const size_t colon = listen.rfind(':');
   if (colon == std::string::npos || colon == 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--metrics-listen must be HOST:PORT (e.g. 0.0.0.0:9400), got \"", listen, "\""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--metrics-listen must be HOST:PORT (e.g. 0.0.0.0:9400), got \"", listen, "\""));
   }
   std::string host = listen.substr(0, colon);
   std::unique_ptr<MetricsServer> server(new MetricsServer());
@@ -69,7 +69,8 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   } catch (const std::exception& e) {
     return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen,
                                                ": the port is in use or the address is not local "
-                                               "(civetweb: ", e.what(), ")"));
+                                               "(civetweb: ",
+                                               e.what(), ")"));
   }
   const std::vector<int> ports = server->exposer_->GetListeningPorts();
   if (ports.empty()) {

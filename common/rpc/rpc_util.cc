@@ -41,8 +41,8 @@ void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::
 absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, int64_t rows,
                                              int64_t cols, const char* what) {
   if (t.dtype() != moecluster::v1::DTYPE_F32) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": dtype must be F32, got ",
-                                                   moecluster::v1::DType_Name(t.dtype())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": dtype must be F32, got ", moecluster::v1::DType_Name(t.dtype())));
   }
   if (t.shape_size() != 2 || t.shape(0) != rows || t.shape(1) != cols) {
     std::string shape;
@@ -64,8 +64,8 @@ absl::Status ValidateListenAddress(const std::string& address, const char* flag)
   uint32_t port = 0;
   if (colon == std::string::npos || colon == 0 ||
       !absl::SimpleAtoi(address.substr(colon + 1), &port) || port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--", flag, " must be HOST:PORT (e.g. 127.0.0.1:50051), got \"", address, "\""));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--", flag, " must be HOST:PORT (e.g. 127.0.0.1:50051), got \"", address, "\""));
   }
   return absl::OkStatus();
 }

@@ -8,8 +8,7 @@ namespace moe {
 Placement Placement::Contiguous(int64_t expert_count, int64_t worker_count) {
   Placement p;
   for (int64_t w = 0; w < worker_count; ++w) {
-    p.workers.push_back(
-        {expert_count * w / worker_count, expert_count * (w + 1) / worker_count});
+    p.workers.push_back({expert_count * w / worker_count, expert_count * (w + 1) / worker_count});
   }
   return p;
 }

@@ -46,8 +46,7 @@ void EncodeRequest(uint64_t step, int64_t layer, const WorkerDispatch& d, const 
 absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, uint64_t step,
                                           int64_t rows, int64_t hidden) {
   if (response.step() != step) {
-    return absl::InternalError(
-        absl::StrCat("answered step ", response.step(), " for step ", step));
+    return absl::InternalError(absl::StrCat("answered step ", response.step(), " for step ", step));
   }
   MOE_ASSIGN_OR_RETURN(const float* data,
                        DecodeF32Tensor(response.output(), rows, hidden, "output"));
@@ -118,9 +117,11 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   const std::vector<ExpertRange> missing = UncoveredExperts(hosted, config.num_local_experts);
   if (!missing.empty()) {
     const ExpertRange& m = missing.front();
-    return absl::FailedPreconditionError(absl::StrCat(
-        "experts ", m.ToString(), " of every layer are hosted by no worker; start a worker "
-        "with --experts ", m.begin, "-", m.end - 1, " or widen an existing worker's range"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("experts ", m.ToString(),
+                     " of every layer are hosted by no worker; start a worker "
+                     "with --experts ",
+                     m.begin, "-", m.end - 1, " or widen an existing worker's range"));
   }
   for (auto& w : t->workers_) {
     Worker* raw = w.get();
@@ -177,8 +178,7 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
       experts.end > config_.num_local_experts) {
     return absl::FailedPreconditionError(absl::StrCat(
         who, " reports an inconsistent shape (layers ", info.num_layers(), ", experts ",
-        info.num_experts(), ", hidden ", info.hidden_size(), ", hosts ", experts.ToString(),
-        ")"));
+        info.num_experts(), ", hidden ", info.hidden_size(), ", hosts ", experts.ToString(), ")"));
   }
   auto context = std::make_unique<grpc::ClientContext>();
   {

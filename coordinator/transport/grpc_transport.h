@@ -54,16 +54,15 @@ class GrpcTransport : public ExpertTransport {
                                                                const GrpcTransportOptions& options);
   ~GrpcTransport() override;
 
-  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
-                        float* out) override ABSL_LOCKS_EXCLUDED(exchange_mu_);
+  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x, float* out) override
+      ABSL_LOCKS_EXCLUDED(exchange_mu_);
 
   // The workers in options.worker_addresses order.
   std::vector<WorkerSnapshot> Workers() const;
   bool AllExpertsServed() const;
   // Called (on an internal thread, or inside Exchange) whenever AllExpertsServed() may have
   // changed. Set before serving traffic.
-  void set_on_health_change(std::function<void(bool all_served)> callback)
-      ABSL_LOCKS_EXCLUDED(mu_);
+  void set_on_health_change(std::function<void(bool all_served)> callback) ABSL_LOCKS_EXCLUDED(mu_);
   // Not owned; set before serving traffic. Reports name workers by their index in
   // options.worker_addresses.
   void set_dispatch_observer(DispatchObserver* observer) ABSL_LOCKS_EXCLUDED(exchange_mu_);

@@ -12,8 +12,8 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
   const std::vector<ExpertRange> missing =
       UncoveredExperts(placement.workers, config.num_local_experts);
   if (!missing.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the placement hosts experts ", missing.front().ToString(), " on no worker"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("the placement hosts experts ", missing.front().ToString(), " on no worker"));
   }
   std::unique_ptr<InProcessTransport> t(new InProcessTransport());
   t->hidden_ = config.hidden_size;

@@ -24,8 +24,7 @@ class InProcessTransport : public ExpertTransport {
   static absl::StatusOr<std::unique_ptr<InProcessTransport>> Create(
       std::shared_ptr<TensorStore> store, const ModelConfig& config, const Placement& placement);
 
-  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
-                        float* out) override;
+  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x, float* out) override;
 
  private:
   struct Worker {

@@ -32,9 +32,9 @@ TEST(DTypeTest, F16KnownValues) {
   EXPECT_EQ(F16ToF32(0x7bff), 65504.0f);
   EXPECT_EQ(F16ToF32(0x0001), std::ldexp(1.0f, -24));  // smallest subnormal
   EXPECT_TRUE(std::isinf(F16ToF32(0x7c00)));
-  EXPECT_EQ(F32ToF16(1e6f), 0x7c00);                  // overflow -> inf
+  EXPECT_EQ(F32ToF16(1e6f), 0x7c00);                          // overflow -> inf
   EXPECT_EQ(F32ToF16(1.0f + std::ldexp(1.0f, -11)), 0x3c00);  // tie -> even
-  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -26)), 0x0000);  // underflow -> 0
+  EXPECT_EQ(F32ToF16(std::ldexp(1.0f, -26)), 0x0000);         // underflow -> 0
 }
 
 TEST(DTypeTest, BF16RoundsToNearestEven) {

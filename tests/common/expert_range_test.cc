@@ -29,8 +29,8 @@ TEST(ExpertRangeTest, ParsesInclusiveRangesSinglesAndAll) {
     const char* spec;
     int64_t begin, end;
   };
-  for (const Case& c : {Case{"0-3", 0, 4}, Case{"5", 5, 6}, Case{"0-31", 0, 32},
-                        Case{"31", 31, 32}, Case{"7-7", 7, 8}, Case{"all", 0, 32}}) {
+  for (const Case& c : {Case{"0-3", 0, 4}, Case{"5", 5, 6}, Case{"0-31", 0, 32}, Case{"31", 31, 32},
+                        Case{"7-7", 7, 8}, Case{"all", 0, 32}}) {
     auto parsed = ParseExpertRange(c.spec);
     ASSERT_TRUE(parsed.ok()) << c.spec << ": " << parsed.status();
     auto resolved = ResolveExpertRange(*parsed, 32);

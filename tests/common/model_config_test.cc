@@ -24,16 +24,18 @@ Json Mixtral() {
               {"sliding_window", nullptr}};
 }
 
-absl::StatusOr<ModelConfig> Parse(const Json& j) { return ParseModelConfig(j.dump(), "config.json"); }
+absl::StatusOr<ModelConfig> Parse(const Json& j) {
+  return ParseModelConfig(j.dump(), "config.json");
+}
 
 TEST(ModelConfigTest, RaidenShapeDefaults) {
   auto c = Parse(Mixtral());
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_TRUE(c->is_moe);
-  EXPECT_EQ(c->head_dim, 100);             // 3200 / 32: not a power of two
-  EXPECT_EQ(c->num_key_value_heads, 32);   // defaults to heads (MHA)
-  EXPECT_EQ(c->rope_theta, 1e6);           // Mixtral default when absent
-  EXPECT_EQ(c->sliding_window, 0);         // null = full attention
+  EXPECT_EQ(c->head_dim, 100);            // 3200 / 32: not a power of two
+  EXPECT_EQ(c->num_key_value_heads, 32);  // defaults to heads (MHA)
+  EXPECT_EQ(c->rope_theta, 1e6);          // Mixtral default when absent
+  EXPECT_EQ(c->sliding_window, 0);        // null = full attention
   EXPECT_FALSE(c->tie_word_embeddings);
   EXPECT_DOUBLE_EQ(c->rms_norm_eps, 1e-6);
 }
@@ -93,10 +95,14 @@ INSTANTIATE_TEST_SUITE_P(
                   "not a multiple"},
         BadConfig{"UnknownArch", [](Json* j) { (*j)["architectures"] = {"GPT2LMHeadModel"}; },
                   "not supported"},
-        BadConfig{"RopeScaling", [](Json* j) { (*j)["rope_scaling"] = {{"type", "linear"}}; },
+        BadConfig{"RopeScaling",
+                  [](Json* j) {
+                    (*j)["rope_scaling"] = {{"type", "linear"}};
+                  },
                   "rope_scaling"},
         BadConfig{"Gelu", [](Json* j) { (*j)["hidden_act"] = "gelu"; }, "hidden_act"},
-        BadConfig{"AttentionBias", [](Json* j) { (*j)["attention_bias"] = true; }, "attention_bias"},
+        BadConfig{"AttentionBias", [](Json* j) { (*j)["attention_bias"] = true; },
+                  "attention_bias"},
         BadConfig{"NegativeEps", [](Json* j) { (*j)["rms_norm_eps"] = -1; }, "rms_norm_eps"},
         BadConfig{"StringVocab", [](Json* j) { (*j)["vocab_size"] = "big"; }, "vocab_size"}),
     [](const ::testing::TestParamInfo<BadConfig>& info) { return info.param.name; });

@@ -9,8 +9,8 @@
 namespace moe {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::FakeTensor;
+using ::testing::HasSubstr;
 using testing::RawImage;
 using testing::SafetensorsImage;
 using testing::TempDir;
@@ -149,19 +149,23 @@ INSTANTIATE_TEST_SUITE_P(
                   R"({"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
                       "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}})",
                   12, "gap"},
-        BadHeader{"SpanMismatch", R"({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})",
-                  8, "needs 12 bytes"},
-        BadHeader{"PastEnd", R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})",
-                  8, "truncated"},
+        BadHeader{"SpanMismatch",
+                  R"({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}})", 8,
+                  "needs 12 bytes"},
+        BadHeader{"PastEnd", R"({"a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})", 8,
+                  "truncated"},
         BadHeader{"UnknownDtype", R"({"a": {"dtype": "I4", "shape": [1], "data_offsets": [0, 1]}})",
                   1, "unsupported dtype"},
-        BadHeader{"NegativeDim", R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}})",
-                  0, "non-negative"},
-        BadHeader{"ShapeOverflow",
-                  R"({"a": {"dtype": "F32", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 0]}})",
-                  0, "overflow"},
-        BadHeader{"EndBeforeBegin", R"({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}})",
-                  8, "end < begin"},
+        BadHeader{"NegativeDim",
+                  R"({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 0]}})", 0,
+                  "non-negative"},
+        BadHeader{
+            "ShapeOverflow",
+            R"({"a": {"dtype": "F32", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 0]}})",
+            0, "overflow"},
+        BadHeader{"EndBeforeBegin",
+                  R"({"a": {"dtype": "F32", "shape": [0], "data_offsets": [8, 4]}})", 8,
+                  "end < begin"},
         BadHeader{"MissingOffsets", R"({"a": {"dtype": "F32", "shape": [1]}})", 4, "data_offsets"}),
     [](const ::testing::TestParamInfo<BadHeader>& info) { return info.param.name; });
 

@@ -11,8 +11,8 @@
 namespace moe {
 namespace {
 
-using ::testing::HasSubstr;
 using testing::FakeTensor;
+using ::testing::HasSubstr;
 using testing::TempDir;
 using testing::TinyShape;
 using testing::WriteTinyModel;
@@ -113,7 +113,8 @@ TEST(WeightsTest, ExpertRangeOutsideModel) {
   WriteTinyModel(dir, TinyShape{});
   WeightsOptions options;
   options.experts = {2, 9};
-  EXPECT_THAT(LoadTiny(dir, options).status().message(), HasSubstr("outside the model's 4 experts"));
+  EXPECT_THAT(LoadTiny(dir, options).status().message(),
+              HasSubstr("outside the model's 4 experts"));
 }
 
 TEST(WeightsTest, TiedEmbeddingsNeedNoLmHead) {
@@ -153,14 +154,18 @@ TEST(WeightsTest, FusedLayoutEqualsClassic) {
     out.push_back({new_name, t->info->dtype, t->info->shape, {p, p + t->info->byte_size}});
   }
   for (int64_t l = 0; l < shape.layers; ++l) {
-    FakeTensor gate_up{absl::StrCat("model.layers.", l, ".mlp.experts.gate_up_proj"), DType::kF32,
-                       {shape.experts, 2 * shape.ffn, shape.hidden}, {}};
-    FakeTensor down{absl::StrCat("model.layers.", l, ".mlp.experts.down_proj"), DType::kF32,
-                    {shape.experts, shape.hidden, shape.ffn}, {}};
+    FakeTensor gate_up{absl::StrCat("model.layers.", l, ".mlp.experts.gate_up_proj"),
+                       DType::kF32,
+                       {shape.experts, 2 * shape.ffn, shape.hidden},
+                       {}};
+    FakeTensor down{absl::StrCat("model.layers.", l, ".mlp.experts.down_proj"),
+                    DType::kF32,
+                    {shape.experts, shape.hidden, shape.ffn},
+                    {}};
     for (int64_t e = 0; e < shape.experts; ++e) {
       for (const char* w : {"w1", "w3", "w2"}) {
-        auto t = (*store)->Map(absl::StrCat("model.layers.", l, ".block_sparse_moe.experts.", e,
-                                            ".", w, ".weight"));
+        auto t = (*store)->Map(
+            absl::StrCat("model.layers.", l, ".block_sparse_moe.experts.", e, ".", w, ".weight"));
         ASSERT_TRUE(t.ok());
         const auto* p = static_cast<const uint8_t*>(t->data);
         auto& dst = std::string(w) == "w2" ? down.bytes : gate_up.bytes;

@@ -14,8 +14,8 @@
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
-#include "tests/coordinator/test_helpers.h"
 #include "prometheus/counter.h"
+#include "tests/coordinator/test_helpers.h"
 #include "tests/testutil/http.h"
 
 namespace moe {
@@ -25,8 +25,8 @@ using ::moe::testing::HttpGet;
 
 constexpr char kFixture[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
 
-// name{k="v",...} (labels sorted by name) -> value for counters and gauges; histograms as name_count / name_sum and
-// name_bucket{le=...} (cumulative), like the text format.
+// name{k="v",...} (labels sorted by name) -> value for counters and gauges; histograms as
+// name_count / name_sum and name_bucket{le=...} (cumulative), like the text format.
 std::map<std::string, double> Scrape(const prometheus::Collectable& source) {
   std::map<std::string, double> out;
   for (const prometheus::MetricFamily& f : source.Collect()) {
@@ -47,7 +47,8 @@ std::map<std::string, double> Scrape(const prometheus::Collectable& source) {
           out[f.name + "_count" + suffix] = static_cast<double>(m.histogram.sample_count);
           out[f.name + "_sum" + suffix] = m.histogram.sample_sum;
           for (const auto& b : m.histogram.bucket) {
-            const std::string le = std::isinf(b.upper_bound) ? "+Inf" : std::to_string(b.upper_bound);
+            const std::string le =
+                std::isinf(b.upper_bound) ? "+Inf" : std::to_string(b.upper_bound);
             out[f.name + "_bucket{" + labels + (labels.empty() ? "" : ",") + "le=\"" + le + "\"}"] =
                 static_cast<double>(b.cumulative_count);
           }
@@ -192,9 +193,9 @@ class CoordinatorMetricsTest : public ::testing::Test {
 
 TEST_F(CoordinatorMetricsTest, CountsMatchTheRequestsAndTheRouter) {
   const ModelConfig& c = model_->config();
-  const std::vector<GenerationRequest> requests = {
-      Request("We hold these truths", 5), Request("Hi", 3),
-      Request("Four score and seven years ago", 1)};
+  const std::vector<GenerationRequest> requests = {Request("We hold these truths", 5),
+                                                   Request("Hi", 3),
+                                                   Request("Four score and seven years ago", 1)};
   std::vector<NullSink> sinks(requests.size());
   int64_t prompt = 0, generated = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -215,8 +216,8 @@ TEST_F(CoordinatorMetricsTest, CountsMatchTheRequestsAndTheRouter) {
   EXPECT_EQ(m.at("moe_request_duration_seconds_count"), 3);
   EXPECT_GT(m.at("moe_request_duration_seconds_sum"), 0);
   // The last token of each request is sampled but never run through the model.
-  const double routed = static_cast<double>((prompt + generated - 3) * c.num_experts_per_tok *
-                                            c.num_hidden_layers);
+  const double routed =
+      static_cast<double>((prompt + generated - 3) * c.num_experts_per_tok * c.num_hidden_layers);
   EXPECT_EQ(SumWithPrefix(m, "moe_expert_tokens_total{"), routed);
   EXPECT_EQ(RoutedTotal(), routed);
   // Per cell, the same as the status API's table.
@@ -302,13 +303,15 @@ TEST_F(CoordinatorMetricsTest, CancelledAndFailedRequestsAndFailedStepsAreNotCou
 TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd) {
   const ModelConfig& c = model_->config();
   // A coordinator with two named workers; reports arrive per layer, publish at the step end.
-  CoordinatorMetrics metrics(
-      c, CoordinatorMetrics::Sources{
-             [] { return Scheduler::Stats{0, 0, 0, 1}; },
-             [] {
-               return std::vector<WorkerSnapshot>{{"w0:1", true, {0, 16}, ""},
-                                                  {"w1:1", false, {16, 32}, "down"}};
-             }});
+  CoordinatorMetrics metrics(c,
+                             CoordinatorMetrics::Sources{[] {
+                                                           return Scheduler::Stats{0, 0, 0, 1};
+                                                         },
+                                                         [] {
+                                                           return std::vector<WorkerSnapshot>{
+                                                               {"w0:1", true, {0, 16}, ""},
+                                                               {"w1:1", false, {16, 32}, "down"}};
+                                                         }});
   const DispatchReport layer0[] = {{0, 0.002, 100, 50, 3}, {1, 0.004, 200, 80, 5}};
   const DispatchReport layer1[] = {{0, 0.003, 10, 5, 1}};
   metrics.OnDispatch(layer0);
@@ -344,7 +347,11 @@ TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd)
 TEST(MetricsServerTest, ServesTheTextFormatOnAFreePortAndRefusesABusyOne) {
   auto registry = std::make_shared<RefreshingRegistry>();
   int refreshed = 0;
-  auto& g = prometheus::BuildGauge().Name("moe_test_gauge").Help("t").Register(registry->registry()).Add({});
+  auto& g = prometheus::BuildGauge()
+                .Name("moe_test_gauge")
+                .Help("t")
+                .Register(registry->registry())
+                .Add({});
   registry->set_refresh([&] { g.Set(++refreshed); });
   auto server = MetricsServer::Start("127.0.0.1:0", {registry});
   ASSERT_TRUE(server.ok()) << server.status();

@@ -27,8 +27,8 @@ void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::
     max_ref = std::max(max_ref, std::fabs(ref[i]));
     max_diff = std::max(max_diff, std::fabs(got[i] - ref[i]));
   }
-  EXPECT_LE(max_diff, 1e-3f * max_ref) << what << ": max |diff| " << max_diff << " vs max |ref| "
-                                       << max_ref;
+  EXPECT_LE(max_diff, 1e-3f * max_ref)
+      << what << ": max |diff| " << max_diff << " vs max |ref| " << max_ref;
 }
 
 struct Case {
@@ -118,9 +118,9 @@ TEST_P(GoldenTest, BatchedSequencesEqualSolo) {
 
 std::vector<Case> Cases() {
   std::vector<Case> cases;
-  for (const char* f : {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
-                        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta",
-                        "llama_dense"}) {
+  for (const char* f :
+       {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
+        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta", "llama_dense"}) {
     cases.push_back({f, 1});
   }
   // Uneven expert splits over in-process workers must not change the result.

@@ -108,8 +108,8 @@ TEST_F(GeneratorTest, StopStringEndsGenerationBeforeIt) {
 
 TEST_F(GeneratorTest, SeededSamplingIsDeterministicAndBatchIndependent) {
   GenerationRequest a = Request("When in the course", 16);
-  a.params.sampling = {.temperature = 0.9f, .top_k = 40, .top_p = 0.95f,
-                       .repetition_penalty = 1.1f, .seed = 42};
+  a.params.sampling = {
+      .temperature = 0.9f, .top_k = 40, .top_p = 0.95f, .repetition_penalty = 1.1f, .seed = 42};
   GenerationRequest b = Request("Congress shall make no law", 10);
   b.params.sampling = {.temperature = 1.3f, .seed = 7};
   GenerationRequest c = Request("Hi", 12);

@@ -146,16 +146,22 @@ class SchedulerTest : public ::testing::Test {
 
   // Eight requests with different prompts, lengths and sampling; one ends on a stop string.
   std::vector<GenerationRequest> MixedRequests() {
-    const char* texts[] = {"We hold these truths", "Congress shall make no law", "Hi",
+    const char* texts[] = {"We hold these truths",
+                           "Congress shall make no law",
+                           "Hi",
                            "Four score and seven years ago our fathers",
-                           "When in the course of human events", "Liberty", "To be or not",
+                           "When in the course of human events",
+                           "Liberty",
+                           "To be or not",
                            "It was the best of times, it was the worst of times"};
     std::vector<GenerationRequest> requests;
     for (int i = 0; i < 8; ++i) {
       requests.push_back(Request(texts[i], 4 + 3 * i));
       if (i % 2 == 1) {
-        requests.back().params.sampling = {.temperature = 0.7f + 0.1f * i, .top_k = 20 * i,
-                                           .top_p = 0.9f, .repetition_penalty = 1.1f,
+        requests.back().params.sampling = {.temperature = 0.7f + 0.1f * i,
+                                           .top_k = 20 * i,
+                                           .top_p = 0.9f,
+                                           .repetition_penalty = 1.1f,
                                            .seed = static_cast<uint64_t>(100 + i)};
       }
     }
@@ -313,7 +319,7 @@ TEST_F(SchedulerTest, StepsStayWithinTheTokenBudgetExceptALoneLongPrompt) {
   for (int64_t rows : counter.rows) {
     if (rows <= 16) continue;
     ++over_budget;
-    EXPECT_GE(rows, 40);     // the long prompt ...
+    EXPECT_GE(rows, 40);      // the long prompt ...
     EXPECT_LT(rows, 40 + 8);  // ... plus at most the decodes, no other prefill
   }
   EXPECT_EQ(over_budget, 1);

@@ -5,8 +5,8 @@
 #include <string>
 
 #include "common/tokenizer.h"
-#include "coordinator/transport/expert_transport.h"
 #include "coordinator/generator.h"
+#include "coordinator/transport/expert_transport.h"
 
 namespace moe::testing {
 

@@ -235,8 +235,10 @@ TEST_F(ExpertServiceTest, ConcurrentStreamsDoNotInterfere) {
   EXPECT_EQ(ra.step(), 1u);
   EXPECT_EQ(rb.step(), 2u);
   const std::vector<float> ea = LocalForward(step_a), eb = LocalForward(step_b);
-  EXPECT_EQ(ra.output().data(), std::string(reinterpret_cast<const char*>(ea.data()), ea.size() * 4));
-  EXPECT_EQ(rb.output().data(), std::string(reinterpret_cast<const char*>(eb.data()), eb.size() * 4));
+  EXPECT_EQ(ra.output().data(),
+            std::string(reinterpret_cast<const char*>(ea.data()), ea.size() * 4));
+  EXPECT_EQ(rb.output().data(),
+            std::string(reinterpret_cast<const char*>(eb.data()), eb.size() * 4));
   a->WritesDone();
   b->WritesDone();
   EXPECT_TRUE(a->Finish().ok());
@@ -284,7 +286,8 @@ TEST_F(ExpertServiceTest, MalformedRequestsEndTheStreamWithInvalidArgument) {
          r->mutable_hidden()->add_shape(3 * 64);
        },
        "hidden: shape must be [rows, 64]"},
-      {"short by 4", [](pb::ForwardRequest* r) { r->mutable_hidden()->mutable_data()->resize(764); },
+      {"short by 4",
+       [](pb::ForwardRequest* r) { r->mutable_hidden()->mutable_data()->resize(764); },
        "hidden: 764 bytes for shape [3, 64] F32, expected 768"},
       {"negative rows", [](pb::ForwardRequest* r) { r->mutable_hidden()->set_shape(0, -1); },
        "hidden: shape[0] = -1 rows"},
@@ -549,14 +552,14 @@ TEST(WorkerBinaryTest, BadExpertsExitsOneWithTheMessage) {
   };
   for (const Case& c :
        {Case{"3-1", "moe-expert-worker: error: --experts \"3-1\": the range is reversed"},
-        Case{"0-40", "moe-expert-worker: error: --experts 0-40 is outside the model's 32 "
-                     "experts (ids 0-31)"}}) {
+        Case{"0-40",
+             "moe-expert-worker: error: --experts 0-40 is outside the model's 32 "
+             "experts (ids 0-31)"}}) {
     const std::string log = testing::TempDir("worker_bad") + "/stderr.txt";
     testing::Subprocess worker;
     ASSERT_TRUE(worker
                     .Start(MOE_WORKER_PATH,
-                           {"--model", kFixture, "--experts", c.experts, "--listen",
-                            "127.0.0.1:0"},
+                           {"--model", kFixture, "--experts", c.experts, "--listen", "127.0.0.1:0"},
                            log)
                     .ok());
     absl::StatusOr<std::string> address = worker.WaitForReady(absl::Seconds(30));

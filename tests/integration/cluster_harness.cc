@@ -60,9 +60,9 @@ absl::StatusOr<WorkerProcess> StartWorker(const std::string& model_dir, const st
       {"--model", model_dir, "--experts", range, "--listen", listen, "--threads", "1"}, w.log));
   auto address = w.process->WaitForReady(absl::Seconds(60));
   if (!address.ok()) {
-    return absl::Status(address.status().code(),
-                        absl::StrCat("worker ", range, ": ", address.status().message(), "\n",
-                                     ReadLog(w.log)));
+    return absl::Status(
+        address.status().code(),
+        absl::StrCat("worker ", range, ": ", address.status().message(), "\n", ReadLog(w.log)));
   }
   w.address = *address;
   return w;
@@ -91,9 +91,8 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(
   MOE_RETURN_IF_ERROR(c->coordinator_->Start(MOE_COORDINATOR_PATH, args, c->coordinator_log_));
   auto address = c->coordinator_->WaitForReady(absl::Seconds(60));
   if (!address.ok()) {
-    return absl::Status(address.status().code(), absl::StrCat("coordinator: ",
-                                                              address.status().message(), "\n",
-                                                              c->Logs()));
+    return absl::Status(address.status().code(),
+                        absl::StrCat("coordinator: ", address.status().message(), "\n", c->Logs()));
   }
   c->address_ = *address;
   c->client_ = std::make_unique<InferenceClient>(c->address_);

@@ -24,9 +24,9 @@ namespace moe {
 namespace {
 
 namespace pb = moecluster::v1;
-using ::testing::HasSubstr;
 using testing::Cluster;
 using testing::ContiguousRanges;
+using ::testing::HasSubstr;
 
 constexpr char kModels[] = "tests/testdata/models/";
 
@@ -118,8 +118,9 @@ void ExpectLogitsBitIdentical(const std::string& fixture, int64_t workers) {
   }
   LocalModelOptions remote_options;
   remote_options.model_dir = dir;
-  remote_options.transport_factory = [&](const ModelConfig& c, const TensorStore& store)
-      -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+  remote_options.transport_factory =
+      [&](const ModelConfig& c,
+          const TensorStore& store) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
     GrpcTransportOptions t;
     t.worker_addresses = addresses;
     t.model_fingerprint = ModelFingerprint(c, store);
@@ -164,9 +165,14 @@ TEST(ClusterConcurrencyTest, EightConcurrentRequestsEqualSolo) {
   const std::string dir = ModelDir("demo_mixtral");
   auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2), {"--max-running", "4"});
   ASSERT_TRUE(cluster.ok()) << cluster.status();
-  const char* prompts[] = {"We hold these truths", "Four score", "And God said",
-                           "The Fox", "Congress shall make no law", "In the beginning",
-                           "When in the Course of human events", "A"};
+  const char* prompts[] = {"We hold these truths",
+                           "Four score",
+                           "And God said",
+                           "The Fox",
+                           "Congress shall make no law",
+                           "In the beginning",
+                           "When in the Course of human events",
+                           "A"};
   std::vector<pb::GenerateRequest> requests;
   for (int i = 0; i < 8; ++i) {
     pb::GenerateRequest r;
@@ -367,19 +373,21 @@ TEST(ClusterValidationTest, FullQueueIsResourceExhausted) {
   grpc::ClientContext* first_context = nullptr;
   grpc::ClientContext* second_context = nullptr;
   std::thread first([&] {
-    c.client().Generate(
-        IdsRequest({1, 450}, 400),
-        [&](const pb::TokenDelta&) {
-          if (!first_streaming.HasBeenNotified()) first_streaming.Notify();
-        },
-        [&](grpc::ClientContext* ctx) { first_context = ctx; })
+    c.client()
+        .Generate(
+            IdsRequest({1, 450}, 400),
+            [&](const pb::TokenDelta&) {
+              if (!first_streaming.HasBeenNotified()) first_streaming.Notify();
+            },
+            [&](grpc::ClientContext* ctx) { first_context = ctx; })
         .status()
         .IgnoreError();  // ends CANCELLED: the test cancels it
   });
   first_streaming.WaitForNotification();
   std::thread second([&] {
-    c.client().Generate(IdsRequest({1, 29}, 4), nullptr,
-                        [&](grpc::ClientContext* ctx) { second_context = ctx; })
+    c.client()
+        .Generate(IdsRequest({1, 29}, 4), nullptr,
+                  [&](grpc::ClientContext* ctx) { second_context = ctx; })
         .status()
         .IgnoreError();  // ends CANCELLED: the test cancels it
   });
@@ -409,7 +417,8 @@ TEST(ClusterStartupTest, RefusesWhenExpertsAreMissing) {
                          {"--model", dir, "--workers", w->address, "--listen", "127.0.0.1:0"}, log)
                   .ok());
   EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1);
-  EXPECT_THAT(testing::ReadLog(log), HasSubstr("experts [16, 32) of every layer are hosted by no worker"));
+  EXPECT_THAT(testing::ReadLog(log),
+              HasSubstr("experts [16, 32) of every layer are hosted by no worker"));
 }
 
 TEST(ClusterStartupTest, RefusesAWorkerServingAnotherModel) {

@@ -54,7 +54,8 @@ std::vector<uint8_t> SafetensorsImage(const std::vector<FakeTensor>& tensors) {
 
 void WriteFile(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
   ASSERT_TRUE(out.good()) << path;
 }
 
@@ -108,16 +109,17 @@ std::vector<FakeTensor> TinyModelTensors(const TinyShape& s) {
 }
 
 std::string TinyModelConfig(const TinyShape& s) {
-  nlohmann::json c = {{"architectures", {s.experts == 1 ? "LlamaForCausalLM" : "MixtralForCausalLM"}},
-                      {"vocab_size", s.vocab},
-                      {"hidden_size", s.hidden},
-                      {"intermediate_size", s.ffn},
-                      {"num_hidden_layers", s.layers},
-                      {"num_attention_heads", s.heads},
-                      {"num_key_value_heads", s.kv_heads},
-                      {"max_position_embeddings", 64},
-                      {"rms_norm_eps", 1e-5},
-                      {"rope_theta", 10000.0}};
+  nlohmann::json c = {
+      {"architectures", {s.experts == 1 ? "LlamaForCausalLM" : "MixtralForCausalLM"}},
+      {"vocab_size", s.vocab},
+      {"hidden_size", s.hidden},
+      {"intermediate_size", s.ffn},
+      {"num_hidden_layers", s.layers},
+      {"num_attention_heads", s.heads},
+      {"num_key_value_heads", s.kv_heads},
+      {"max_position_embeddings", 64},
+      {"rms_norm_eps", 1e-5},
+      {"rope_theta", 10000.0}};
   if (s.experts > 1) {
     c["num_local_experts"] = s.experts;
     c["num_experts_per_tok"] = s.top_k;

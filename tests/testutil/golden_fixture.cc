@@ -52,12 +52,11 @@ absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir) {
   const std::string tensors_path = dir + "/expected.safetensors";
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenFiles({tensors_path}));
   const int64_t vocab = config.vocab_size;
-  MOE_ASSIGN_OR_RETURN(e.logits,
-                       Logits(*store, "logits", static_cast<int64_t>(e.prompt.size()), vocab,
-                              tensors_path));
-  MOE_ASSIGN_OR_RETURN(e.decode_logits,
-                       Logits(*store, "decode_logits", static_cast<int64_t>(e.greedy.size()),
-                              vocab, tensors_path));
+  MOE_ASSIGN_OR_RETURN(e.logits, Logits(*store, "logits", static_cast<int64_t>(e.prompt.size()),
+                                        vocab, tensors_path));
+  MOE_ASSIGN_OR_RETURN(
+      e.decode_logits,
+      Logits(*store, "decode_logits", static_cast<int64_t>(e.greedy.size()), vocab, tensors_path));
   return e;
 }
 

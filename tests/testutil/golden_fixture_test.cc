@@ -22,7 +22,8 @@ std::string Fixture(const std::string& name, const std::string& json,
 const char kJson[] = R"({"prompt_ids": [1, 5, 9], "greedy_ids": [4, 2]})";
 
 std::vector<FakeTensor> Tensors(int64_t prompt, int64_t greedy) {
-  return {{"logits", DType::kF32, {prompt, 32}, {}}, {"decode_logits", DType::kF32, {greedy, 32}, {}}};
+  return {{"logits", DType::kF32, {prompt, 32}, {}},
+          {"decode_logits", DType::kF32, {greedy, 32}, {}}};
 }
 
 TEST(GoldenFixtureTest, LoadsACommittedFixture) {
@@ -40,24 +41,24 @@ TEST(GoldenFixtureTest, ChecksEveryRead) {
   EXPECT_THAT(ok->prompt, ::testing::ElementsAre(1, 5, 9));
   EXPECT_EQ(ok->logits.size(), 3u * 32);
 
-  EXPECT_THAT(LoadExpected(Fixture("bad_json", "{\"prompt_ids\": [1,", Tensors(3, 2)))
-                  .status()
-                  .message(),
-              HasSubstr("not a JSON object"));
+  EXPECT_THAT(
+      LoadExpected(Fixture("bad_json", "{\"prompt_ids\": [1,", Tensors(3, 2))).status().message(),
+      HasSubstr("not a JSON object"));
   EXPECT_THAT(LoadExpected(Fixture("no_greedy", R"({"prompt_ids": [1]})", Tensors(1, 2)))
                   .status()
                   .message(),
               HasSubstr("greedy_ids must be a non-empty list"));
-  EXPECT_THAT(LoadExpected(Fixture("strings", R"({"prompt_ids": ["a"], "greedy_ids": [1]})",
-                                   Tensors(1, 1)))
-                  .status()
-                  .message(),
-              HasSubstr("prompt_ids holds a non-integer"));
+  EXPECT_THAT(
+      LoadExpected(Fixture("strings", R"({"prompt_ids": ["a"], "greedy_ids": [1]})", Tensors(1, 1)))
+          .status()
+          .message(),
+      HasSubstr("prompt_ids holds a non-integer"));
   EXPECT_THAT(LoadExpected(Fixture("rows", kJson, Tensors(4, 2))).status().message(),
               HasSubstr("logits must be [3, 32] F32, got [4, 32] F32"));
-  EXPECT_THAT(
-      LoadExpected(Fixture("missing", kJson, {{"logits", DType::kF32, {3, 32}, {}}})).status().code(),
-      absl::StatusCode::kNotFound);
+  EXPECT_THAT(LoadExpected(Fixture("missing", kJson, {{"logits", DType::kF32, {3, 32}, {}}}))
+                  .status()
+                  .code(),
+              absl::StatusCode::kNotFound);
   EXPECT_EQ(LoadExpected(TempDir("empty")).status().code(), absl::StatusCode::kNotFound);
 }
 

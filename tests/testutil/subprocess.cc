@@ -75,8 +75,8 @@ absl::StatusOr<std::string> Subprocess::WaitForReady(absl::Duration timeout) {
     const ssize_t n = read(stdout_fd_, buf, sizeof(buf));
     if (n <= 0) {
       const int code = WaitForExit(absl::Seconds(10));
-      return absl::FailedPreconditionError(absl::StrCat("process exited with code ", code,
-                                                        " before it was ready"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("process exited with code ", code, " before it was ready"));
     }
     buffered_.append(buf, n);
   }

@@ -22,8 +22,10 @@ class Timer {
   }
   void Print(size_t prompt_tokens, size_t tokens, std::string_view finish) const {
     const double decode = absl::ToDoubleSeconds(absl::Now() - first_);
-    std::fprintf(stderr, "\n[%zu prompt tokens, %zu generated, finish: %s, first token %.1f ms, "
-                 "%.1f tok/s]\n", prompt_tokens, tokens, std::string(finish).c_str(),
+    std::fprintf(stderr,
+                 "\n[%zu prompt tokens, %zu generated, finish: %s, first token %.1f ms, "
+                 "%.1f tok/s]\n",
+                 prompt_tokens, tokens, std::string(finish).c_str(),
                  absl::ToDoubleMilliseconds(first_ - start_),
                  tokens > 1 && decode > 0 ? (tokens - 1) / decode : 0.0);
   }

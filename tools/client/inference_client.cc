@@ -14,8 +14,7 @@ InferenceClient::InferenceClient(const std::string& address)
       stub_(pb::Inference::NewStub(channel_)) {}
 
 absl::StatusOr<ClientResult> InferenceClient::Generate(
-    const pb::GenerateRequest& request,
-    const std::function<void(const pb::TokenDelta&)>& on_delta,
+    const pb::GenerateRequest& request, const std::function<void(const pb::TokenDelta&)>& on_delta,
     const std::function<void(grpc::ClientContext*)>& context_hook) {
   grpc::ClientContext context;
   if (context_hook) context_hook(&context);
@@ -95,10 +94,10 @@ bool InferenceClient::WaitForConnected(absl::Duration timeout) {
 }
 
 std::string FormatClusterStatus(const pb::ClusterStatus& status) {
-  std::string out = absl::StrFormat("cluster: %s, %d running, %d waiting, KV cache %.1f%% used\n",
-                                    status.serving() ? "SERVING" : "NOT SERVING",
-                                    status.running_requests(), status.waiting_requests(),
-                                    100 * status.kv_cache_usage());
+  std::string out =
+      absl::StrFormat("cluster: %s, %d running, %d waiting, KV cache %.1f%% used\n",
+                      status.serving() ? "SERVING" : "NOT SERVING", status.running_requests(),
+                      status.waiting_requests(), 100 * status.kv_cache_usage());
   absl::StrAppendFormat(&out, "%-24s %-12s %s\n", "worker", "state", "experts");
   for (const pb::WorkerStatus& w : status.workers()) {
     absl::StrAppendFormat(&out, "%-24s %-12s [%d, %d) %s\n", w.address(),
@@ -108,7 +107,8 @@ std::string FormatClusterStatus(const pb::ClusterStatus& status) {
   if (status.load().empty()) return out;
   out += "\ntokens routed per layer and expert (share of the layer's routed tokens):\n";
   absl::StrAppendFormat(&out, "%-6s", "layer");
-  for (int e = 0; e < status.load(0).tokens_size(); ++e) absl::StrAppendFormat(&out, " %9s", absl::StrCat("e", e));
+  for (int e = 0; e < status.load(0).tokens_size(); ++e)
+    absl::StrAppendFormat(&out, " %9s", absl::StrCat("e", e));
   out += "\n";
   for (const pb::ExpertLoad& l : status.load()) {
     uint64_t total = 0;

@@ -21,7 +21,7 @@ struct LoadBenchOptions {
 
 struct LoadBenchResult {
   int64_t generated_tokens = 0;
-  double seconds = 0;             // wall time of the timed rounds
+  double seconds = 0;              // wall time of the timed rounds
   double decode_tokens_per_s = 0;  // generated tokens / seconds
   double mean_ttft_ms = 0;
 };

@@ -55,9 +55,8 @@ TEST(UncoveredExpertsTest, ReportsMaximalRunsInOrder) {
 }
 
 TEST(AllExpertsServedTest, CountsOnlyReadyWorkers) {
-  std::vector<WorkerSnapshot> workers = {{"a", true, {0, 4}, ""},
-                                         {"b", true, {4, 8}, ""},
-                                         {"c", false, {4, 8}, "down"}};
+  std::vector<WorkerSnapshot> workers = {
+      {"a", true, {0, 4}, ""}, {"b", true, {4, 8}, ""}, {"c", false, {4, 8}, "down"}};
   EXPECT_TRUE(AllExpertsServed(workers, 8));
   workers[1].ready = false;  // b down, c (its replica) down too
   EXPECT_FALSE(AllExpertsServed(workers, 8));

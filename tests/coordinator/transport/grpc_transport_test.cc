@@ -293,13 +293,13 @@ std::string GarbageName(const ::testing::TestParamInfo<GarbageCase>& info) {
   return kNames[static_cast<int>(info.param.mode)];
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Answers, GrpcTransportGarbageTest,
-    ::testing::Values(GarbageCase{Mode::kWrongStep, "answered step"},
-                      GarbageCase{Mode::kWrongShape, "output: expected shape [2, 4], got [1, 4]"},
-                      GarbageCase{Mode::kClose, "fake closes"},
-                      GarbageCase{Mode::kHang, "no answer within 300ms"}),
-    GarbageName);
+INSTANTIATE_TEST_SUITE_P(Answers, GrpcTransportGarbageTest,
+                         ::testing::Values(GarbageCase{Mode::kWrongStep, "answered step"},
+                                           GarbageCase{Mode::kWrongShape,
+                                                       "output: expected shape [2, 4], got [1, 4]"},
+                                           GarbageCase{Mode::kClose, "fake closes"},
+                                           GarbageCase{Mode::kHang, "no answer within 300ms"}),
+                         GarbageName);
 
 TEST(GrpcTransportTest, ReplicaTakesOverWhenTheFirstCopyIsDown) {
   FakeWorker a({0, 8}), replica({0, 8});
@@ -333,8 +333,8 @@ TEST(GrpcTransportTest, StepNeedingADownWorkerFailsFastNamingIt) {
   const int64_t a_before = a.forwards();
   const absl::Status s = (*t)->Exchange(0, r, x.data(), out.data());
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(s.message(), HasSubstr("expert 4 has no ready worker (expert worker " +
-                                     b.address() + " (experts [4, 8)): layer 0: fake closes)"));
+  EXPECT_THAT(s.message(), HasSubstr("expert 4 has no ready worker (expert worker " + b.address() +
+                                     " (experts [4, 8)): layer 0: fake closes)"));
   EXPECT_EQ(a.forwards(), a_before);  // nothing was sent
 }
 
