@@ -1,4 +1,7 @@
 // Element types of weights on disk and on the wire, and scalar conversions to float.
+// F32, F16 and BF16 are element types (safetensors and GGUF); the others are ggml's block
+// quantizations (GGUF only): `DTypeBlockElements` values packed into `DTypeBlockBytes` bytes,
+// dequantized by common/quant.h.
 #ifndef MOE_COMMON_DTYPE_H_
 #define MOE_COMMON_DTYPE_H_
 
@@ -11,12 +14,64 @@
 
 namespace moe {
 
-enum class DType : uint8_t { kF32, kF16, kBF16 };
+enum class DType : uint8_t {
+  kF32,
+  kF16,
+  kBF16,
+  kQ8_0,
+  kQ4_0,
+  kQ4_1,
+  kQ5_0,
+  kQ5_1,
+  kQ4_K,
+  kQ5_K,
+  kQ6_K,
+};
 
-// Bytes per element.
+constexpr bool IsQuantized(DType t) { return t >= DType::kQ8_0; }
+
+// Values per block: 1 for element types, 32 or 256 for the quantizations.
+constexpr int64_t DTypeBlockElements(DType t) {
+  return !IsQuantized(t) ? 1 : (t >= DType::kQ4_K ? 256 : 32);
+}
+
+// Bytes per block (ggml-common.h's block_q8_0 etc.).
+constexpr int64_t DTypeBlockBytes(DType t) {
+  switch (t) {
+    case DType::kF32:
+      return 4;
+    case DType::kF16:
+    case DType::kBF16:
+      return 2;
+    case DType::kQ8_0:
+      return 34;
+    case DType::kQ4_0:
+      return 18;
+    case DType::kQ4_1:
+      return 20;
+    case DType::kQ5_0:
+      return 22;
+    case DType::kQ5_1:
+      return 24;
+    case DType::kQ4_K:
+      return 144;
+    case DType::kQ5_K:
+      return 176;
+    case DType::kQ6_K:
+      return 210;
+  }
+  return 0;
+}
+
+// Bytes of `n` consecutive values. REQUIRES: n is a multiple of DTypeBlockElements(t).
+constexpr uint64_t DTypeBytes(DType t, int64_t n) {
+  return static_cast<uint64_t>(n / DTypeBlockElements(t) * DTypeBlockBytes(t));
+}
+
+// Bytes per element of an element type. REQUIRES: !IsQuantized(t).
 constexpr size_t DTypeSize(DType t) { return t == DType::kF32 ? 4 : 2; }
 
-// "F32", "F16", "BF16" (the safetensors spelling).
+// "F32", "F16", "BF16" (the safetensors spelling), "Q8_0", "Q4_K", ... (ggml's).
 std::string_view DTypeName(DType t);
 
 // Parses the safetensors spelling; any other type is INVALID_ARGUMENT naming it.

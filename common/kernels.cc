@@ -9,6 +9,9 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
+
+#include "common/quant.h"
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "common/kernels.cc"
@@ -181,6 +184,8 @@ void MatMulRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t
       break;
     case DType::kBF16:
       MatMulRowsT<hwy::bfloat16_t>(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
+      break;
+    default:  // quantized: MatMul dequantizes a row block and passes it as F32
       break;
   }
 }
@@ -366,15 +371,33 @@ constexpr int64_t kMinBlockRows = 4;  // rows per MatMulTile with few tokens
 
 }  // namespace
 
+// Quantized weights: the block's rows are dequantized once into an f32 scratch (per thread,
+// reused across calls) and multiplied with every token as an F32 matrix, so each weight block
+// is read and dequantized once per call however many tokens there are.
+void MatMulQuantizedRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
+                         float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  thread_local std::vector<float> scratch;
+  const int64_t n = row_end - row_begin;
+  if (scratch.size() < static_cast<size_t>(n * w.cols)) scratch.resize(n * w.cols);
+  for (int64_t r = 0; r < n; ++r) {
+    DequantizeRow(w.Row(row_begin + r), w.dtype, w.cols, &scratch[r * w.cols]);
+  }
+  const WeightMatrix block{scratch.data(), DType::kF32, n, w.cols, w.cols};
+  HWY_DYNAMIC_DISPATCH(MatMulRows)(block, x, x_stride, tokens, y + row_begin, y_stride, 0, n);
+}
+
 void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
             int64_t y_stride) {
   if (tokens <= 0 || w.rows <= 0) return;
-  const int64_t row_bytes = std::max<int64_t>(1, w.cols * static_cast<int64_t>(DTypeSize(w.dtype)));
+  // Bytes a row takes in the cache while its tile runs: f32 once dequantized.
+  const int64_t row_bytes = std::max<int64_t>(
+      1, IsQuantized(w.dtype) ? w.cols * 4 : static_cast<int64_t>(DTypeBytes(w.dtype, w.cols)));
   // A multiple of kMinBlockRows, so that blocks split into whole 4-row tiles.
   const int64_t block_rows =
       std::max<int64_t>(1, kBlockBytes / row_bytes / kMinBlockRows) * kMinBlockRows;
   const int64_t blocks = (w.rows + block_rows - 1) / block_rows;
-  const auto matmul_rows = HWY_DYNAMIC_DISPATCH(MatMulRows);
+  const auto matmul_rows =
+      IsQuantized(w.dtype) ? &MatMulQuantizedRows : HWY_DYNAMIC_DISPATCH(MatMulRows);
   const auto run_block = [&](int64_t b) {
     const int64_t row_begin = b * block_rows;
     const int64_t row_end = std::min(w.rows, row_begin + block_rows);
@@ -394,6 +417,10 @@ void ConvertToF32(const void* src, DType dtype, int64_t n, float* out) {
   if (n <= 0) return;
   if (dtype == DType::kF32) {
     std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  if (IsQuantized(dtype)) {
+    DequantizeRow(src, dtype, n, out);
     return;
   }
   HWY_DYNAMIC_DISPATCH(Convert16ToF32)(src, dtype, n, out);

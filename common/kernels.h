@@ -1,6 +1,7 @@
 // CPU compute kernels: Highway SIMD (runtime-dispatched to the best target the CPU has) and
 // OpenMP across rows. Weights are read in their stored dtype (F32, F16, BF16) and widened to
-// f32 in registers; activations and accumulators are f32.
+// f32 in registers, or (ggml quantizations) dequantized block by block (common/quant.h);
+// activations and accumulators are f32.
 //
 // Contract for every kernel: pointers are non-null unless the size is 0, input and output
 // spans do not overlap unless stated, no alignment is required. Kernels never allocate on the
@@ -15,13 +16,21 @@
 namespace moe::kernels {
 
 // A weight matrix in row-major order: `rows` rows of `cols` elements of `dtype`, rows
-// `row_stride` elements apart (row_stride >= cols; usually == cols).
+// `row_stride` elements apart (row_stride >= cols; usually == cols). For a quantized dtype,
+// cols and row_stride are multiples of its block.
 struct WeightMatrix {
   const void* data = nullptr;
   DType dtype = DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
   int64_t row_stride = 0;
+
+  // The first byte of row r.
+  const uint8_t* Row(int64_t r) const {
+    return static_cast<const uint8_t*>(data) + r * DTypeBytes(dtype, row_stride);
+  }
+  // Bytes of the matrix's values (rows x cols; stride padding excluded).
+  uint64_t bytes() const { return static_cast<uint64_t>(rows) * DTypeBytes(dtype, cols); }
 };
 
 // y[t, r] = sum_c W[r, c] * x[t, c] for t < tokens, r < W.rows.
@@ -40,7 +49,8 @@ inline void MatMul(const WeightMatrix& w, const float* x, int64_t tokens, float*
   MatMul(w, x, w.cols, tokens, y, w.rows);
 }
 
-// out[i] = float(src[i]) for i < n.
+// out[i] = float(src[i]) for i < n (dequantized for a quantized dtype: then n is a multiple of
+// its block).
 void ConvertToF32(const void* src, DType dtype, int64_t n, float* out);
 
 // Dot product of two f32 vectors.

@@ -156,7 +156,7 @@ uint64_t ModelWeights::expert_bytes() const {
   uint64_t bytes = 0;
   for (const ExpertWeights& e : experts_) {
     for (const WeightMatrix* m : {&e.w1, &e.w3, &e.w2}) {
-      bytes += static_cast<uint64_t>(m->rows * m->cols) * DTypeSize(m->dtype);
+      bytes += m->bytes();
     }
   }
   return bytes;

@@ -206,9 +206,7 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
       row_input_[r] = static_cast<int32_t>(i);
       row_position_[r] = inputs[i].seq->length + static_cast<int64_t>(j);
       const WeightMatrix& embed = weights_->embed_tokens();
-      const auto* row = static_cast<const uint8_t*>(embed.data) +
-                        inputs[i].tokens[j] * embed.row_stride * DTypeSize(embed.dtype);
-      kernels::ConvertToF32(row, embed.dtype, hidden, &x_[r * hidden]);
+      kernels::ConvertToF32(embed.Row(inputs[i].tokens[j]), embed.dtype, hidden, &x_[r * hidden]);
     }
   }
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {

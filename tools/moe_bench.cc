@@ -51,7 +51,7 @@ class ExpertTouchCounter : public RoutingObserver {
   std::vector<std::set<int32_t>> used_;
 };
 
-uint64_t MatrixBytes(const WeightMatrix& m) { return m.rows * m.cols * DTypeSize(m.dtype); }
+uint64_t MatrixBytes(const WeightMatrix& m) { return m.bytes(); }
 
 int RunRemote() {
   LoadBenchOptions o;
@@ -101,7 +101,7 @@ int Run() {
                     MatrixBytes(w.o_proj);
   }
   const uint64_t expert_bytes =
-      3 * c.hidden_size * c.intermediate_size * DTypeSize(model.weights().dtype());
+      3 * DTypeBytes(model.weights().dtype(), c.hidden_size * c.intermediate_size);
 
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.vocab_size - 1));

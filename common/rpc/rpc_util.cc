@@ -25,6 +25,22 @@ moecluster::v1::DType ToProtoDType(DType dtype) {
       return moecluster::v1::DTYPE_F16;
     case DType::kBF16:
       return moecluster::v1::DTYPE_BF16;
+    case DType::kQ8_0:
+      return moecluster::v1::DTYPE_Q8_0;
+    case DType::kQ4_0:
+      return moecluster::v1::DTYPE_Q4_0;
+    case DType::kQ4_1:
+      return moecluster::v1::DTYPE_Q4_1;
+    case DType::kQ5_0:
+      return moecluster::v1::DTYPE_Q5_0;
+    case DType::kQ5_1:
+      return moecluster::v1::DTYPE_Q5_1;
+    case DType::kQ4_K:
+      return moecluster::v1::DTYPE_Q4_K;
+    case DType::kQ5_K:
+      return moecluster::v1::DTYPE_Q5_K;
+    case DType::kQ6_K:
+      return moecluster::v1::DTYPE_Q6_K;
   }
   return moecluster::v1::DTYPE_UNSPECIFIED;
 }

@@ -1,0 +1,183 @@
+#include "common/quant.h"
+
+#include <cstring>
+
+namespace moe {
+namespace {
+
+float Half(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return F16ToF32(h);
+}
+
+// Each dequantizer writes one block of `DTypeBlockElements` values. Products and sums are
+// separate statements: the reference rounds each to f32, and a fused multiply-add would not.
+
+void Q8_0Block(const uint8_t* b, float* out) {
+  const float d = Half(b);
+  const auto* q = reinterpret_cast<const int8_t*>(b + 2);
+  for (int i = 0; i < 32; ++i) out[i] = static_cast<float>(q[i]) * d;
+}
+
+void Q4_0Block(const uint8_t* b, float* out) {
+  const float d = Half(b);
+  const uint8_t* qs = b + 2;
+  for (int i = 0; i < 16; ++i) {
+    out[i] = d * static_cast<float>((qs[i] & 0x0f) - 8);
+    out[i + 16] = d * static_cast<float>((qs[i] >> 4) - 8);
+  }
+}
+
+void Q4_1Block(const uint8_t* b, float* out) {
+  const float d = Half(b);
+  const float m = Half(b + 2);
+  const uint8_t* qs = b + 4;
+  for (int i = 0; i < 16; ++i) {
+    const float lo = d * static_cast<float>(qs[i] & 0x0f);
+    const float hi = d * static_cast<float>(qs[i] >> 4);
+    out[i] = lo + m;
+    out[i + 16] = hi + m;
+  }
+}
+
+// The 5-bit values of a Q5 block: low nibbles from qs, the fifth bit j of qh for value j.
+void Q5Values(const uint8_t* qh_bytes, const uint8_t* qs, int q[32]) {
+  uint32_t qh;
+  std::memcpy(&qh, qh_bytes, 4);
+  for (int i = 0; i < 16; ++i) {
+    q[i] = (qs[i] & 0x0f) | static_cast<int>(((qh >> i) & 1u) << 4);
+    q[i + 16] = (qs[i] >> 4) | static_cast<int>(((qh >> (i + 16)) & 1u) << 4);
+  }
+}
+
+void Q5_0Block(const uint8_t* b, float* out) {
+  const float d = Half(b);
+  int q[32];
+  Q5Values(b + 2, b + 6, q);
+  for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(q[i] - 16);
+}
+
+void Q5_1Block(const uint8_t* b, float* out) {
+  const float d = Half(b);
+  const float m = Half(b + 2);
+  int q[32];
+  Q5Values(b + 4, b + 8, q);
+  for (int i = 0; i < 32; ++i) {
+    const float t = d * static_cast<float>(q[i]);
+    out[i] = t + m;
+  }
+}
+
+// The 8 six-bit (scale, min) pairs of a Q4_K/Q5_K block (llama.cpp's get_scale_min_k4).
+void ScaleMinK4(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 63;
+    mn[j] = s[j + 4] & 63;
+    sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+  }
+}
+
+// Q4_K and Q5_K: sub-block j (32 values) of chunk c = j / 2 takes the low (j even) or high
+// (j odd) nibbles of qs[32 c, 32 c + 32); Q5_K adds bit j of qh[l] as the fifth bit of value l.
+void QKBlock(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* out) {
+  const float d = Half(b);
+  const float dmin = Half(b + 2);
+  uint8_t sc[8], mn[8];
+  ScaleMinK4(b + 4, sc, mn);
+  for (int j = 0; j < 8; ++j) {
+    const float scale = d * static_cast<float>(sc[j]);
+    const float min = dmin * static_cast<float>(mn[j]);
+    const uint8_t* q = qs + 32 * (j / 2);
+    const int shift = (j % 2) * 4;
+    for (int l = 0; l < 32; ++l) {
+      int v = (q[l] >> shift) & 0x0f;
+      if (qh != nullptr) v |= ((qh[l] >> j) & 1) << 4;
+      const float t = scale * static_cast<float>(v);
+      out[32 * j + l] = t - min;
+    }
+  }
+}
+
+void Q4_KBlock(const uint8_t* b, float* out) { QKBlock(b, nullptr, b + 16, out); }
+void Q5_KBlock(const uint8_t* b, float* out) { QKBlock(b, b + 16, b + 48, out); }
+
+// Q6_K: value e = 128 h + 32 k + l (h < 2, k < 4, l < 32) has its low 4 bits in
+// ql[64 h + 32 (k % 2) + l] (low nibble for k < 2, high for k >= 2) and its high 2 bits in
+// qh[32 h + l] >> 2k; sub-block e / 16 gives its int8 scale.
+void Q6_KBlock(const uint8_t* b, float* out) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = Half(b + 208);
+  for (int h = 0; h < 2; ++h) {
+    for (int k = 0; k < 4; ++k) {
+      for (int l = 0; l < 32; ++l) {
+        const int e = 128 * h + 32 * k + l;
+        const uint8_t low = ql[64 * h + 32 * (k % 2) + l];
+        const int lo4 = k < 2 ? (low & 0x0f) : (low >> 4);
+        const int hi2 = (qh[32 * h + l] >> (2 * k)) & 3;
+        const float scale = d * static_cast<float>(scales[e / 16]);
+        out[e] = scale * static_cast<float>((lo4 | (hi2 << 4)) - 32);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void DequantizeRow(const void* src, DType dtype, int64_t n, float* out) {
+  const auto* p = static_cast<const uint8_t*>(src);
+  switch (dtype) {
+    case DType::kF32:
+      std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
+      return;
+    case DType::kF16:
+      for (int64_t i = 0; i < n; ++i) out[i] = Half(p + 2 * i);
+      return;
+    case DType::kBF16:
+      for (int64_t i = 0; i < n; ++i) {
+        uint16_t v;
+        std::memcpy(&v, p + 2 * i, 2);
+        out[i] = BF16ToF32(v);
+      }
+      return;
+    default:
+      break;
+  }
+  void (*block)(const uint8_t*, float*) = nullptr;
+  switch (dtype) {
+    case DType::kQ8_0:
+      block = Q8_0Block;
+      break;
+    case DType::kQ4_0:
+      block = Q4_0Block;
+      break;
+    case DType::kQ4_1:
+      block = Q4_1Block;
+      break;
+    case DType::kQ5_0:
+      block = Q5_0Block;
+      break;
+    case DType::kQ5_1:
+      block = Q5_1Block;
+      break;
+    case DType::kQ4_K:
+      block = Q4_KBlock;
+      break;
+    case DType::kQ5_K:
+      block = Q5_KBlock;
+      break;
+    case DType::kQ6_K:
+      block = Q6_KBlock;
+      break;
+    default:
+      return;
+  }
+  const int64_t per_block = DTypeBlockElements(dtype);
+  const int64_t block_bytes = DTypeBlockBytes(dtype);
+  for (int64_t i = 0; i < n / per_block; ++i) block(p + i * block_bytes, out + i * per_block);
+}
+
+}  // namespace moe

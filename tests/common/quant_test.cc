@@ -1,0 +1,148 @@
+// Dequantization against the `gguf` package's numpy reference (a committed fixture written by
+// tools/fixtures/gen_gguf_quant.py), and MatMul on quantized weights against a naive
+// dequantize-then-dot loop, under every Highway target the CPU has.
+#include "common/quant.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/kernels.h"
+#include "common/safetensors.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "hwy/targets.h"
+#include "tests/testutil/gguf_writer.h"
+
+namespace moe {
+namespace {
+
+constexpr char kQuantFixture[] = "tests/testdata/gguf/quant_types.gguf";
+constexpr char kQuantExpected[] = "tests/testdata/gguf/quant_types_expected.safetensors";
+
+struct TypeCase {
+  DType dtype;
+  uint32_t ggml_id;
+};
+const TypeCase kTypes[] = {
+    {DType::kF32, 0},   {DType::kF16, 1},   {DType::kBF16, 30}, {DType::kQ8_0, 8},
+    {DType::kQ4_0, 2},  {DType::kQ4_1, 3},  {DType::kQ5_0, 6},  {DType::kQ5_1, 7},
+    {DType::kQ4_K, 12}, {DType::kQ5_K, 13}, {DType::kQ6_K, 14},
+};
+
+uint32_t Bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Every tensor of the fixture, dequantized row by row, equals gguf's dequantization bit for bit.
+TEST(QuantTest, DequantizationEqualsTheGgufPackageBitForBit) {
+  auto file = GgufFile::Open(kQuantFixture);
+  ASSERT_TRUE(file.ok()) << file.status();
+  auto expected = TensorStore::OpenFiles({kQuantExpected});
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  int checked = 0;
+  for (const GgufTensorInfo& t : (*file)->header().tensors) {
+    SCOPED_TRACE(t.name);
+    const TypeCase* type = nullptr;
+    for (const TypeCase& c : kTypes) {
+      if (c.ggml_id == t.type_id) type = &c;
+    }
+    ASSERT_NE(type, nullptr) << "fixture tensor of an unexpected type " << t.type->name;
+    auto ref = (*expected)->Map(t.name);
+    ASSERT_TRUE(ref.ok()) << ref.status();
+    ASSERT_EQ(ref->info->num_elements, t.rows() * t.row_elements());
+    const float* want = static_cast<const float*>(ref->data);
+    std::vector<float> got(t.row_elements());
+    int64_t mismatches = 0;
+    for (int64_t r = 0; r < t.rows(); ++r) {
+      DequantizeRow((*file)->Bytes(t.file_offset + r * t.row_bytes()), type->dtype,
+                    t.row_elements(), got.data());
+      for (int64_t i = 0; i < t.row_elements(); ++i) {
+        if (Bits(got[i]) != Bits(want[r * t.row_elements() + i]) && mismatches++ < 5) {
+          ADD_FAILURE() << "row " << r << " value " << i << ": " << got[i] << " vs "
+                        << want[r * t.row_elements() + i];
+        }
+      }
+    }
+    EXPECT_EQ(mismatches, 0);
+    ++checked;
+  }
+  EXPECT_GE(checked, 11);  // one tensor per type at least
+}
+
+// Layouts written out by hand (independent of the fixture): Q8_0 and Q4_0 blocks.
+TEST(QuantTest, HandBuiltBlocks) {
+  uint8_t q8[34];
+  const uint16_t half = F32ToF16(0.5f);
+  std::memcpy(q8, &half, 2);
+  for (int i = 0; i < 32; ++i) q8[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(i - 16));
+  float out[32];
+  DequantizeRow(q8, DType::kQ8_0, 32, out);
+  for (int i = 0; i < 32; ++i) EXPECT_EQ(out[i], 0.5f * static_cast<float>(i - 16)) << i;
+
+  uint8_t q4[18];
+  std::memcpy(q4, &half, 2);
+  for (int i = 0; i < 16; ++i) q4[2 + i] = static_cast<uint8_t>(i | ((15 - i) << 4));
+  DequantizeRow(q4, DType::kQ4_0, 32, out);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(out[i], 0.5f * static_cast<float>(i - 8)) << i;            // low nibbles first
+    EXPECT_EQ(out[i + 16], 0.5f * static_cast<float>(7 - i)) << i + 16;  // then high nibbles
+  }
+}
+
+class QuantMatMulTest : public ::testing::TestWithParam<int64_t> {
+ protected:
+  void SetUp() override { hwy::SetSupportedTargetsForTest(GetParam()); }
+  void TearDown() override { hwy::SetSupportedTargetsForTest(0); }
+};
+
+// MatMul on quantized weights = the dot of x with the dequantized rows (double reference),
+// within f32 accumulation error, on awkward row/token counts and row strides.
+TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
+  for (const TypeCase& type : kTypes) {
+    if (!IsQuantized(type.dtype)) continue;
+    const int64_t block = DTypeBlockElements(type.dtype);
+    for (const auto& [rows, blocks, tokens] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+             {1, 1, 1}, {3, 2, 2}, {37, 3, 5}, {5, 11, 17}, {130, 1, 4}}) {
+      const int64_t cols = blocks * block;
+      const int64_t row_stride = cols + block;  // one block of padding per row
+      SCOPED_TRACE(std::string(DTypeName(type.dtype)) + " rows=" + std::to_string(rows) +
+                   " cols=" + std::to_string(cols) + " tokens=" + std::to_string(tokens));
+      const std::vector<uint8_t> bytes = testing::PatternTensorBytes(
+          type.ggml_id, rows * row_stride, static_cast<uint32_t>(rows + cols));
+      const kernels::WeightMatrix w{bytes.data(), type.dtype, rows, cols, row_stride};
+      std::mt19937 rng(static_cast<uint32_t>(tokens));
+      std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+      std::vector<float> x(tokens * cols);
+      for (float& v : x) v = dist(rng);
+      std::vector<float> y(tokens * rows, 123.0f);
+      kernels::MatMul(w, x.data(), tokens, y.data());
+      std::vector<float> row(cols);
+      double worst = 0;
+      for (int64_t r = 0; r < rows; ++r) {
+        DequantizeRow(w.Row(r), type.dtype, cols, row.data());
+        for (int64_t t = 0; t < tokens; ++t) {
+          double ref = 0, mag = 0;
+          for (int64_t c = 0; c < cols; ++c) {
+            ref += double{row[c]} * x[t * cols + c];
+            mag += std::abs(double{row[c]} * x[t * cols + c]);
+          }
+          worst = std::max(worst, std::abs(y[t * rows + r] - ref) / (mag + 1e-30));
+        }
+      }
+      EXPECT_LE(worst, 1e-5);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllTargets, QuantMatMulTest,
+                         ::testing::ValuesIn(hwy::SupportedAndGeneratedTargets()),
+                         [](const auto& info) { return std::string(hwy::TargetName(info.param)); });
+
+}  // namespace
+}  // namespace moe

@@ -1,0 +1,73 @@
+// Fuzz target for GGUF files: the header, metadata and tensor infos (ParseGgufImage) and the
+// dequantization of every accepted tensor's first row.
+//
+// With clang and -DMOE_FUZZ=ON this links libFuzzer:
+//   build-fuzz/tests/gguf_fuzz tests/fuzz/corpus/gguf -max_total_time=60
+// Otherwise tests/fuzz/fuzz_main.cc replays the committed corpus (a CTest regression test).
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "common/gguf.h"
+#include "common/quant.h"
+
+namespace {
+
+// The dtype the engine computes with for a ggml type id, if any.
+bool ToDType(uint32_t id, moe::DType* out) {
+  using moe::DType;
+  switch (id) {
+    case 0:
+      *out = DType::kF32;
+      return true;
+    case 1:
+      *out = DType::kF16;
+      return true;
+    case 30:
+      *out = DType::kBF16;
+      return true;
+    case 8:
+      *out = DType::kQ8_0;
+      return true;
+    case 2:
+      *out = DType::kQ4_0;
+      return true;
+    case 3:
+      *out = DType::kQ4_1;
+      return true;
+    case 6:
+      *out = DType::kQ5_0;
+      return true;
+    case 7:
+      *out = DType::kQ5_1;
+      return true;
+    case 12:
+      *out = DType::kQ4_K;
+      return true;
+    case 13:
+      *out = DType::kQ5_K;
+      return true;
+    case 14:
+      *out = DType::kQ6_K;
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  auto header = moe::ParseGgufImage(data, size, "fuzz.gguf");
+  if (!header.ok()) return 0;
+  std::vector<float> row;
+  for (const moe::GgufTensorInfo& t : header->tensors) {
+    // Every accepted tensor lies inside the image.
+    if (t.file_offset + t.byte_size > size || t.byte_size < t.row_bytes()) __builtin_trap();
+    moe::DType dtype;
+    if (!ToDType(t.type_id, &dtype) || t.row_elements() > (1 << 20)) continue;
+    row.resize(static_cast<size_t>(t.row_elements()));
+    moe::DequantizeRow(data + t.file_offset, dtype, t.row_elements(), row.data());
+  }
+  return 0;
+}
