@@ -22,15 +22,21 @@ class Fnv {
 }  // namespace
 
 std::string ModelFingerprint(const ModelConfig& c, const TensorStore& store) {
+  std::vector<std::string> tensors;
+  for (const std::string& name : store.TensorNames()) {
+    const TensorInfo* t = store.Find(name);
+    tensors.push_back(absl::StrCat(name, ":", DescribeTensor(t->shape, t->dtype)));
+  }
+  return ModelFingerprint(c, tensors);
+}
+
+std::string ModelFingerprint(const ModelConfig& c, const std::vector<std::string>& tensors) {
   Fnv f;
   f.Add(absl::StrCat(c.architecture, "|", c.vocab_size, "|", c.hidden_size, "|",
                      c.intermediate_size, "|", c.num_hidden_layers, "|", c.num_attention_heads, "|",
                      c.num_key_value_heads, "|", c.head_dim, "|", c.num_local_experts, "|",
                      c.num_experts_per_tok));
-  for (const std::string& name : store.TensorNames()) {
-    const TensorInfo* t = store.Find(name);
-    f.Add(absl::StrCat(name, ":", DescribeTensor(t->shape, t->dtype)));
-  }
+  for (const std::string& t : tensors) f.Add(t);
   return absl::StrFormat("%016x", f.value());
 }
 

@@ -4,6 +4,7 @@
 #define MOE_COMMON_FINGERPRINT_H_
 
 #include <string>
+#include <vector>
 
 #include "common/model_config.h"
 #include "common/safetensors.h"
@@ -12,6 +13,8 @@ namespace moe {
 
 // 16 hex digits; equal for the same config and tensor headers on every machine.
 std::string ModelFingerprint(const ModelConfig& config, const TensorStore& store);
+// The same over any list of tensor descriptions ("name:dims type", in a fixed order).
+std::string ModelFingerprint(const ModelConfig& config, const std::vector<std::string>& tensors);
 
 }  // namespace moe
 

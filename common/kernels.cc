@@ -443,6 +443,20 @@ void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos, 
   HWY_DYNAMIC_DISPATCH(RopeSplitHalfImpl)(x, heads, head_dim, cos, sin);
 }
 
+void RopeInterleaved(float* x, int64_t heads, int64_t head_dim, const float* cos,
+                     const float* sin) {
+  const int64_t half = head_dim / 2;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* v = x + h * head_dim;
+    for (int64_t i = 0; i < half; ++i) {
+      const float x0 = v[2 * i];
+      const float x1 = v[2 * i + 1];
+      v[2 * i] = x0 * cos[i] - x1 * sin[i];
+      v[2 * i + 1] = x1 * cos[i] + x0 * sin[i];
+    }
+  }
+}
+
 void SiluMul(float* gate, const float* up, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SiluMulImpl)(gate, up, n);
 }

@@ -70,6 +70,13 @@ void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, flo
 // cos/sin: [head_dim / 2] for this token's position. In place.
 void RopeSplitHalf(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
 
+// Rotary embedding, interleaved layout (llama.cpp's; GGUF q/k rows are permuted to match):
+// element 2i pairs with 2i + 1 and rotates by the angle of frequency i:
+//   x[2i]     = x[2i] * cos[i] - x[2i + 1] * sin[i]
+//   x[2i + 1] = x[2i + 1] * cos[i] + x[2i] * sin[i]
+// Same arguments as RopeSplitHalf.
+void RopeInterleaved(float* x, int64_t heads, int64_t head_dim, const float* cos, const float* sin);
+
 // gate[i] = silu(gate[i]) * up[i], silu(v) = v / (1 + exp(-v)). In place on gate.
 void SiluMul(float* gate, const float* up, int64_t n);
 

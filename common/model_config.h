@@ -28,6 +28,9 @@ struct ModelConfig {
   int64_t max_position_embeddings = 0;
   int64_t sliding_window = 0;        // 0 = full attention
   bool tie_word_embeddings = false;  // lm_head shares embed_tokens
+  // RoPE rotates pairs (2i, 2i + 1) instead of HF's split-half (i, i + head_dim/2): GGUF
+  // checkpoints, whose q/k rows llama.cpp's converter permuted into that order. Same math.
+  bool rope_interleaved = false;
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }

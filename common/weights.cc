@@ -75,14 +75,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr
     return absl::NotFoundError("tensor model.embed_tokens.weight is missing from the checkpoint");
   }
   w->dtype_ = embed->dtype;
-  w->hosted_ = options.experts;
-  if (w->hosted_.end == ExpertRange::kToLast) w->hosted_.end = c.num_local_experts;
-  if (w->hosted_.begin < 0 || w->hosted_.begin > w->hosted_.end ||
-      w->hosted_.end > c.num_local_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("expert range ", w->hosted_.ToString(),
-                                                   " is outside the model's ", c.num_local_experts,
-                                                   " experts"));
-  }
+  MOE_RETURN_IF_ERROR(w->SetHostedExperts(options.experts));
   Loader loader(store.get(), w->dtype_);
   const int64_t hidden = c.hidden_size;
   if (options.load_shared) {
@@ -150,6 +143,17 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr
     }
   }
   return w;
+}
+
+absl::Status ModelWeights::SetHostedExperts(const ExpertRange& experts) {
+  hosted_ = experts;
+  if (hosted_.end == ExpertRange::kToLast) hosted_.end = config_.num_local_experts;
+  if (hosted_.begin < 0 || hosted_.begin > hosted_.end || hosted_.end > config_.num_local_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("expert range ", hosted_.ToString(),
+                                                   " is outside the model's ",
+                                                   config_.num_local_experts, " experts"));
+  }
+  return absl::OkStatus();
 }
 
 uint64_t ModelWeights::expert_bytes() const {

@@ -31,6 +31,7 @@
 
 namespace moe {
 
+class GgufFile;
 using kernels::WeightMatrix;
 
 // One expert's SwiGLU FFN: w2(silu(w1 x) * w3 x).
@@ -72,9 +73,16 @@ class ModelWeights {
   static absl::StatusOr<std::unique_ptr<ModelWeights>> Load(std::shared_ptr<TensorStore> store,
                                                             const ModelConfig& config,
                                                             const WeightsOptions& options);
+  // The same from a GGUF file of architecture llama (common/gguf_model.cc): tensors keep their
+  // own types (GGUF files mix them), each checked for name, ggml dims and a supported type.
+  static absl::StatusOr<std::unique_ptr<ModelWeights>> LoadGguf(
+      std::shared_ptr<const GgufFile> file, const ModelConfig& config,
+      const WeightsOptions& options);
 
   const ModelConfig& config() const { return config_; }
-  DType dtype() const { return dtype_; }  // the dtype of the matrices (one per checkpoint)
+  // The dtype of the matrices: one per safetensors checkpoint; for GGUF (mixed types) that of
+  // the first hosted expert's w1 (or of the embedding when no expert is loaded).
+  DType dtype() const { return dtype_; }
 
   // Shared weights; REQUIRES: options.load_shared.
   const WeightMatrix& embed_tokens() const { return embed_tokens_; }    // [vocab, hidden]
@@ -91,17 +99,23 @@ class ModelWeights {
   }
 
   // Bytes of checkpoint tensors mapped by this load.
-  uint64_t mapped_tensor_bytes() const { return store_->mapped_tensor_bytes(); }
+  uint64_t mapped_tensor_bytes() const {
+    return store_ != nullptr ? store_->mapped_tensor_bytes() : gguf_mapped_bytes_;
+  }
   // Bytes of the hosted experts' matrices.
   uint64_t expert_bytes() const;
 
  private:
   class Loader;
   ModelWeights() = default;
+  // Resolves `experts` (kToLast) against config_ into hosted_; an empty range is allowed.
+  absl::Status SetHostedExperts(const ExpertRange& experts);
 
   ModelConfig config_;
   DType dtype_ = DType::kF32;
-  std::shared_ptr<TensorStore> store_;
+  std::shared_ptr<TensorStore> store_;    // safetensors, or
+  std::shared_ptr<const GgufFile> gguf_;  // GGUF
+  uint64_t gguf_mapped_bytes_ = 0;        // bytes of the GGUF tensors (or slices) used
   WeightMatrix embed_tokens_;
   std::vector<float> final_norm_;
   WeightMatrix lm_head_;

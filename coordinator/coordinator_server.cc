@@ -33,15 +33,14 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   model_options.engine = options.engine;
   if (!options.workers.empty()) {
     model_options.transport_factory =
-        [&](const ModelConfig& config,
-            const TensorStore& store) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+        [&](const Checkpoint& checkpoint) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
       GrpcTransportOptions t;
       t.worker_addresses = options.workers;
-      t.model_fingerprint = ModelFingerprint(config, store);
+      t.model_fingerprint = checkpoint.fingerprint();
       t.connect_timeout = options.worker_connect_timeout;
       t.step_timeout = options.step_timeout;
       MOE_ASSIGN_OR_RETURN(std::unique_ptr<GrpcTransport> transport,
-                           GrpcTransport::Create(config, t));
+                           GrpcTransport::Create(checkpoint.config(), t));
       grpc_transport_ = transport.get();
       return transport;
     };
@@ -77,7 +76,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.config = &model_->config();
   deps.expert_load = expert_load_.get();
   deps.dtype = std::string(DTypeName(model_->weights().dtype()));
-  deps.fingerprint = ModelFingerprint(c, model_->store());
+  deps.fingerprint = model_->checkpoint().fingerprint();
   deps.workers = workers;
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();

@@ -145,14 +145,13 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
   kernels::MatMul(w.q_proj, xn_.data(), rows, q_.data());
   kernels::MatMul(w.k_proj, xn_.data(), rows, k_.data());
   kernels::MatMul(w.v_proj, xn_.data(), rows, v_.data());
-  // rotary embedding on q and k; k and v into the cache
+  // rotary embedding on q and k (GGUF: interleaved pairs); k and v into the cache
+  const auto rope = config_.rope_interleaved ? kernels::RopeInterleaved : kernels::RopeSplitHalf;
   for (int64_t t = 0; t < rows; ++t) {
     const float* cos = &rope_cos_[row_position_[t] * half];
     const float* sin = &rope_sin_[row_position_[t] * half];
-    kernels::RopeSplitHalf(&q_[t * config_.q_dim()], config_.num_attention_heads, config_.head_dim,
-                           cos, sin);
-    kernels::RopeSplitHalf(&k_[t * kv_dim], config_.num_key_value_heads, config_.head_dim, cos,
-                           sin);
+    rope(&q_[t * config_.q_dim()], config_.num_attention_heads, config_.head_dim, cos, sin);
+    rope(&k_[t * kv_dim], config_.num_key_value_heads, config_.head_dim, cos, sin);
     const BlockTable& table = inputs[row_input_[t]].seq->blocks;
     std::memcpy(kv_cache_.Key(layer, table, row_position_[t]), &k_[t * kv_dim],
                 kv_dim * sizeof(float));

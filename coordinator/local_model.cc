@@ -12,31 +12,29 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
         absl::StrCat("in-process workers must be >= 1, got ", options.in_process_workers));
   }
   std::unique_ptr<LocalModel> m(new LocalModel());
-  MOE_ASSIGN_OR_RETURN(m->config_, LoadModelConfig(options.model_dir));
+  MOE_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(options.model_dir));
+  m->config_ = m->checkpoint_->config();
   if (options.load_tokenizer) {
-    MOE_ASSIGN_OR_RETURN(m->tokenizer_, Tokenizer::Load(options.model_dir));
+    MOE_ASSIGN_OR_RETURN(m->tokenizer_, m->checkpoint_->LoadTokenizer());
   }
-  MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::Open(options.model_dir));
-  m->store_ = std::move(store);
   WeightsOptions shared;
   shared.experts = {};  // experts are loaded by the in-process workers
-  MOE_ASSIGN_OR_RETURN(m->weights_, ModelWeights::Load(m->store_, m->config_, shared));
+  MOE_ASSIGN_OR_RETURN(m->weights_, m->checkpoint_->LoadWeights(shared));
   LOG(INFO) << "loaded shared weights of " << options.model_dir << " ("
             << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts
             << " experts, top-" << m->config_.num_experts_per_tok << ", "
             << DTypeName(m->weights_->dtype()) << ")";
   if (options.transport_factory) {
-    MOE_ASSIGN_OR_RETURN(m->transport_, options.transport_factory(m->config_, *m->store_));
+    MOE_ASSIGN_OR_RETURN(m->transport_, options.transport_factory(*m->checkpoint_));
   } else {
     const Placement placement =
         Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
-    MOE_ASSIGN_OR_RETURN(m->transport_,
-                         InProcessTransport::Create(m->store_, m->config_, placement));
+    MOE_ASSIGN_OR_RETURN(m->transport_, InProcessTransport::Create(*m->checkpoint_, placement));
   }
   MOE_ASSIGN_OR_RETURN(m->engine_,
                        Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));
-  LOG(INFO) << "mapped " << m->store_->mapped_tensor_count() << " tensors ("
-            << m->store_->mapped_tensor_bytes() / 1048576.0 << " MiB)";
+  LOG(INFO) << "mapped " << m->weights_->mapped_tensor_bytes() / 1048576.0
+            << " MiB of shared weights of " << m->checkpoint_->path();
   return m;
 }
 

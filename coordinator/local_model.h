@@ -9,7 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/safetensors.h"
+#include "common/checkpoint.h"
 #include "common/tokenizer.h"
 #include "common/weights.h"
 #include "coordinator/engine.h"
@@ -17,13 +17,13 @@
 
 namespace moe {
 
-// Builds the transport to the experts once config and tensor headers are known (e.g. a
-// GrpcTransport to remote workers). Unset: in-process workers.
-using TransportFactory = std::function<absl::StatusOr<std::unique_ptr<ExpertTransport>>(
-    const ModelConfig& config, const TensorStore& store)>;
+// Builds the transport to the experts once the checkpoint is open (e.g. a GrpcTransport to
+// remote workers). Unset: in-process workers.
+using TransportFactory =
+    std::function<absl::StatusOr<std::unique_ptr<ExpertTransport>>(const Checkpoint& checkpoint)>;
 
 struct LocalModelOptions {
-  std::string model_dir;               // Hugging Face layout: config.json, *.safetensors, tokenizer
+  std::string model_dir;  // Hugging Face directory (config.json, *.safetensors) or a GGUF file
   int64_t in_process_workers = 1;      // expert slices (contiguous placement), >= 1
   TransportFactory transport_factory;  // overrides in_process_workers when set
   bool load_tokenizer = true;          // false for benchmarks on checkpoints without one
@@ -41,12 +41,12 @@ class LocalModel {
   // nullptr when loaded with load_tokenizer = false.
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
   ExpertTransport* transport() { return transport_.get(); }
-  const TensorStore& store() const { return *store_; }
+  const Checkpoint& checkpoint() const { return *checkpoint_; }
 
  private:
   LocalModel() = default;
   ModelConfig config_;
-  std::shared_ptr<TensorStore> store_;
+  std::shared_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ModelWeights> weights_;
   std::unique_ptr<ExpertTransport> transport_;

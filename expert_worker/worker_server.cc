@@ -29,18 +29,17 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   if (!options.metrics_listen.empty()) {
     MOE_RETURN_IF_ERROR(ValidateListenAddress(options.metrics_listen, "metrics-listen"));
   }
-  MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(options.model_dir));
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<Checkpoint> checkpoint, Checkpoint::Open(options.model_dir));
+  const ModelConfig& config = checkpoint->config();
   MOE_ASSIGN_OR_RETURN(ExpertRange range,
                        ResolveExpertRange(options.experts, config.num_local_experts));
-  MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> opened, TensorStore::Open(options.model_dir));
-  std::shared_ptr<TensorStore> store(std::move(opened));
-
   std::unique_ptr<WorkerServer> w(new WorkerServer());
   WeightsOptions weights_options;
   weights_options.load_shared = false;
   weights_options.experts = range;
-  MOE_ASSIGN_OR_RETURN(w->weights_, ModelWeights::Load(store, config, weights_options));
-  w->fingerprint_ = ModelFingerprint(config, *store);
+  MOE_ASSIGN_OR_RETURN(w->weights_, checkpoint->LoadWeights(weights_options));
+  w->checkpoint_ = checkpoint;
+  w->fingerprint_ = checkpoint->fingerprint();
   if (!options.metrics_listen.empty()) {
     w->metrics_ = std::make_unique<WorkerMetrics>(config.num_hidden_layers, range);
     MOE_ASSIGN_OR_RETURN(w->metrics_server_, MetricsServer::Start(options.metrics_listen,

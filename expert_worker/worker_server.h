@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/checkpoint.h"
 #include "common/expert_range.h"
 #include "common/metrics/metrics.h"
 #include "common/weights.h"
@@ -28,7 +29,7 @@ namespace moe {
 inline constexpr int kMaxWorkerMessageBytes = 256 << 20;
 
 struct WorkerOptions {
-  // Checkpoint directory (Hugging Face layout: config.json + *.safetensors).
+  // Checkpoint: a Hugging Face directory (config.json + *.safetensors) or a GGUF file.
   std::string model_dir;
   // Hosted experts of every layer (ParseExpertRange; kToLast = to the model's last expert).
   ExpertRange experts = ExpertRange::All();
@@ -78,6 +79,7 @@ class WorkerServer {
   WorkerServer() = default;
 
   // Constant after Create.
+  std::shared_ptr<Checkpoint> checkpoint_;  // the weights point into its mapping
   std::unique_ptr<ModelWeights> weights_;
   std::string fingerprint_;
   std::unique_ptr<WorkerMetrics> metrics_;  // null without metrics_listen

@@ -8,7 +8,8 @@
 namespace moe {
 
 absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
-    std::shared_ptr<TensorStore> store, const ModelConfig& config, const Placement& placement) {
+    const Checkpoint& checkpoint, const Placement& placement) {
+  const ModelConfig& config = checkpoint.config();
   const std::vector<ExpertRange> missing =
       UncoveredExperts(placement.workers, config.num_local_experts);
   if (!missing.empty()) {
@@ -22,7 +23,7 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
     options.load_shared = false;
     options.experts = experts;
     Worker w;
-    MOE_ASSIGN_OR_RETURN(w.weights, ModelWeights::Load(store, config, options));
+    MOE_ASSIGN_OR_RETURN(w.weights, checkpoint.LoadWeights(options));
     w.ffn = std::make_unique<ExpertFfn>(w.weights.get());
     t->workers_.push_back(std::move(w));
   }

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/checkpoint.h"
 #include "common/expert_ffn.h"
 #include "common/weights.h"
 #include "coordinator/transport/dispatch.h"
@@ -19,10 +20,11 @@ namespace moe {
 // Not thread-safe: one Exchange at a time (the engine's step loop).
 class InProcessTransport : public ExpertTransport {
  public:
-  // One worker per placement range, each loading its experts from `store`. INVALID_ARGUMENT
-  // when some expert has no worker or a range is outside the model.
-  static absl::StatusOr<std::unique_ptr<InProcessTransport>> Create(
-      std::shared_ptr<TensorStore> store, const ModelConfig& config, const Placement& placement);
+  // One worker per placement range, each loading its experts from `checkpoint` (which must
+  // outlive the transport). INVALID_ARGUMENT when some expert has no worker or a range is
+  // outside the model.
+  static absl::StatusOr<std::unique_ptr<InProcessTransport>> Create(const Checkpoint& checkpoint,
+                                                                    const Placement& placement);
 
   absl::Status Exchange(int64_t layer, const Routing& routing, const float* x, float* out) override;
 

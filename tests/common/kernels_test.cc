@@ -318,6 +318,36 @@ TEST_P(KernelTest, RopeSplitHalfMatchesRotateHalf) {
   }
 }
 
+// llama.cpp's converter permutes each head's q/k rows so that HF's split-half pair
+// (i, i + hd/2) lands at (2i, 2i + 1): interleaved RoPE on the permuted vector equals the
+// permuted split-half RoPE.
+TEST(RopeInterleavedTest, EqualsSplitHalfUnderTheConverterPermutation) {
+  for (int64_t head_dim : {2, 16, 100}) {
+    const int64_t heads = 3, half = head_dim / 2;
+    std::vector<float> cos(half), sin(half);
+    for (int64_t i = 0; i < half; ++i) {
+      cos[i] = std::cos(0.3f * static_cast<float>(i + 1));
+      sin[i] = std::sin(0.3f * static_cast<float>(i + 1));
+    }
+    std::vector<float> hf = RandomFloats(static_cast<size_t>(heads * head_dim), 11);
+    std::vector<float> gguf(hf.size());
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < half; ++i) {
+        gguf[h * head_dim + 2 * i] = hf[h * head_dim + i];
+        gguf[h * head_dim + 2 * i + 1] = hf[h * head_dim + i + half];
+      }
+    }
+    RopeSplitHalf(hf.data(), heads, head_dim, cos.data(), sin.data());
+    RopeInterleaved(gguf.data(), heads, head_dim, cos.data(), sin.data());
+    for (int64_t h = 0; h < heads; ++h) {
+      for (int64_t i = 0; i < half; ++i) {
+        EXPECT_NEAR(gguf[h * head_dim + 2 * i], hf[h * head_dim + i], 1e-6);
+        EXPECT_NEAR(gguf[h * head_dim + 2 * i + 1], hf[h * head_dim + i + half], 1e-6);
+      }
+    }
+  }
+}
+
 TEST_P(KernelTest, SiluMulMatchesReferenceIncludingExtremes) {
   for (int64_t n : kSizes) {
     SCOPED_TRACE(n);

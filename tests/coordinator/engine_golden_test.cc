@@ -17,19 +17,9 @@ namespace {
 
 constexpr char kModels[] = "tests/testdata/models/";
 
+using testing::ExpectLogitsNear;
 using testing::GoldenExpected;
 using testing::LoadExpected;
-
-// max |a - ref| <= 1e-3 * max |ref| over a row of logits.
-void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what) {
-  float max_ref = 0, max_diff = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    max_ref = std::max(max_ref, std::fabs(ref[i]));
-    max_diff = std::max(max_diff, std::fabs(got[i] - ref[i]));
-  }
-  EXPECT_LE(max_diff, 1e-3f * max_ref)
-      << what << ": max |diff| " << max_diff << " vs max |ref| " << max_ref;
-}
 
 struct Case {
   std::string fixture;

@@ -396,7 +396,7 @@ TEST(WorkerServerTest, CreateRejectsBadOptions) {
   options.model_dir = "/nonexistent/model";
   s = WorkerServer::Create(options);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(s.status().message(), HasSubstr("/nonexistent/model/config.json"));
+  EXPECT_THAT(s.status().message(), HasSubstr("model /nonexistent/model does not exist"));
 }
 
 TEST(WorkerServerTest, MetricsCountRowsPerLayerAndHostedExpert) {

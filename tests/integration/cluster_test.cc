@@ -9,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
+#include "common/checkpoint.h"
 #include "common/fingerprint.h"
 #include "common/model_config.h"
 #include "coordinator/generator.h"
@@ -104,59 +105,87 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ClusterGoldenTest, ::testing::ValuesIn(Golden
 
 // --- Logits over gRPC equal the in-process transport's bit for bit (same placement). ---
 
-void ExpectLogitsBitIdentical(const std::string& fixture, int64_t workers) {
-  const std::string dir = ModelDir(fixture);
-  auto config = LoadModelConfig(dir);
-  ASSERT_TRUE(config.ok());
+// `model`: a fixture directory or a GGUF file; `expected`: its golden prompt and tokens.
+void ExpectLogitsBitIdentical(const std::string& model, const testing::GoldenExpected& expected,
+                              int64_t workers) {
+  auto checkpoint = Checkpoint::Open(model);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
   std::vector<testing::WorkerProcess> procs;
   std::vector<std::string> addresses;
-  for (const std::string& range : ContiguousRanges(config->num_local_experts, workers)) {
-    auto w = testing::StartWorker(dir, range);
+  for (const std::string& range :
+       ContiguousRanges((*checkpoint)->config().num_local_experts, workers)) {
+    auto w = testing::StartWorker(model, range);
     ASSERT_TRUE(w.ok()) << w.status();
     addresses.push_back(w->address);
     procs.push_back(std::move(*w));
   }
   LocalModelOptions remote_options;
-  remote_options.model_dir = dir;
+  remote_options.model_dir = model;
+  remote_options.load_tokenizer = false;
   remote_options.transport_factory =
-      [&](const ModelConfig& c,
-          const TensorStore& store) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
+      [&](const Checkpoint& checkpoint) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
     GrpcTransportOptions t;
     t.worker_addresses = addresses;
-    t.model_fingerprint = ModelFingerprint(c, store);
-    auto transport = GrpcTransport::Create(c, t);
+    t.model_fingerprint = checkpoint.fingerprint();
+    auto transport = GrpcTransport::Create(checkpoint.config(), t);
     if (!transport.ok()) return transport.status();
     return std::unique_ptr<ExpertTransport>(std::move(*transport));
   };
   auto remote = LocalModel::Create(remote_options);
   ASSERT_TRUE(remote.ok()) << remote.status();
   LocalModelOptions local_options;
-  local_options.model_dir = dir;
+  local_options.model_dir = model;
   local_options.in_process_workers = workers;
+  local_options.load_tokenizer = false;
   auto local = LocalModel::Create(local_options);
   ASSERT_TRUE(local.ok());
 
-  const testing::GoldenExpected expected = Expected(dir);
   std::vector<float> a, b;
   SequenceState sa, sb;
   StepInput ia{&sa, expected.prompt, true}, ib{&sb, expected.prompt, true};
   ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
   ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
   ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << fixture;
+  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << model;
   for (int32_t token : expected.greedy) {  // decode steps too
     ia = {&sa, {&token, 1}, false};
     ib = {&sb, {&token, 1}, false};
     ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
     ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
-    ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << fixture;
+    ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << model;
   }
 }
 
 TEST(ClusterLogitsTest, GrpcEqualsInProcessBitForBit) {
-  ExpectLogitsBitIdentical("mixtral_32e_gqa_fp16", 3);
-  ExpectLogitsBitIdentical("mixtral_3e_sliding_bf16", 2);
-  ExpectLogitsBitIdentical("mixtral_8e_top3_no_rope_theta", 2);
+  for (const auto& [fixture, workers] :
+       std::vector<std::pair<std::string, int64_t>>{{"mixtral_32e_gqa_fp16", 3},
+                                                    {"mixtral_3e_sliding_bf16", 2},
+                                                    {"mixtral_8e_top3_no_rope_theta", 2}}) {
+    ExpectLogitsBitIdentical(ModelDir(fixture), Expected(ModelDir(fixture)), workers);
+  }
+}
+
+// Every GGUF fixture through 2 worker processes (1 for a dense model) that map only their experts'
+// slices of the stacked tensors: bit-identical to the in-process engine on the same file.
+TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
+  int files = 0;
+  for (const auto& dir : std::filesystem::directory_iterator("tests/testdata/gguf")) {
+    if (!dir.is_directory()) continue;
+    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
+      if (f.path().extension() != ".gguf") continue;
+      const std::string stem = f.path().string().substr(0, f.path().string().size() - 5);
+      auto checkpoint = Checkpoint::Open(f.path().string());
+      ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+      auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
+                                            (*checkpoint)->config().vocab_size);
+      ASSERT_TRUE(expected.ok()) << expected.status();
+      // Dense models have one expert: one worker.
+      const int64_t workers = std::min<int64_t>(2, (*checkpoint)->config().num_local_experts);
+      ExpectLogitsBitIdentical(f.path().string(), *expected, workers);
+      ++files;
+    }
+  }
+  EXPECT_GE(files, 15);
 }
 
 // --- Concurrency: 8 different requests at once get what each gets alone. ---

@@ -93,6 +93,13 @@ GgufBuilder& GgufBuilder::Tensor(const std::string& name, const std::vector<uint
   return *this;
 }
 
+bool GgufBuilder::Has(const std::string& key) const {
+  for (const Kv& kv : kvs_) {
+    if (kv.key == key) return true;
+  }
+  return false;
+}
+
 std::vector<uint8_t> GgufBuilder::Build() const {
   std::vector<uint8_t> out;
   Put<uint32_t>(&out, 0x46554747);

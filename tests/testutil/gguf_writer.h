@@ -36,6 +36,9 @@ class GgufBuilder {
                       const std::vector<uint8_t>& data,
                       std::optional<uint64_t> offset = std::nullopt);
 
+  // Whether a metadata entry `key` was added.
+  bool Has(const std::string& key) const;
+
   std::vector<uint8_t> Build() const;
 
  private:

@@ -1,9 +1,13 @@
 #include "tests/testutil/golden_fixture.h"
 
+#include <algorithm>
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "common/model_config.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
+#include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 
 namespace moe::testing {
@@ -40,7 +44,21 @@ absl::StatusOr<std::vector<float>> Logits(TensorStore& store, const char* name, 
 
 absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir) {
   MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
-  const std::string json_path = dir + "/expected.json";
+  return LoadExpected(dir + "/expected.json", dir + "/expected.safetensors", config.vocab_size);
+}
+
+void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what) {
+  float max_ref = 0, max_diff = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    max_ref = std::max(max_ref, std::fabs(ref[i]));
+    max_diff = std::max(max_diff, std::fabs(got[i] - ref[i]));
+  }
+  EXPECT_LE(max_diff, 1e-3f * max_ref)
+      << what << ": max |diff| " << max_diff << " vs max |ref| " << max_ref;
+}
+
+absl::StatusOr<GoldenExpected> LoadExpected(const std::string& json_path,
+                                            const std::string& tensors_path, int64_t vocab) {
   MOE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(json_path));
   const nlohmann::json j = nlohmann::json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
@@ -49,9 +67,7 @@ absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir) {
   GoldenExpected e;
   MOE_ASSIGN_OR_RETURN(e.prompt, IdList(j, "prompt_ids", json_path));
   MOE_ASSIGN_OR_RETURN(e.greedy, IdList(j, "greedy_ids", json_path));
-  const std::string tensors_path = dir + "/expected.safetensors";
   MOE_ASSIGN_OR_RETURN(std::unique_ptr<TensorStore> store, TensorStore::OpenFiles({tensors_path}));
-  const int64_t vocab = config.vocab_size;
   MOE_ASSIGN_OR_RETURN(e.logits, Logits(*store, "logits", static_cast<int64_t>(e.prompt.size()),
                                         vocab, tensors_path));
   MOE_ASSIGN_OR_RETURN(

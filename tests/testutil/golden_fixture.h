@@ -23,6 +23,12 @@ struct GoldenExpected {
 // non-empty integer lists prompt_ids and greedy_ids, and both tensors are F32 of shape
 // [prompt, vocab] and [greedy, vocab] with vocab from dir/config.json. Errors name the file.
 absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir);
+// The same from explicit files (GGUF fixtures: NAME.expected.json, NAME.expected.safetensors).
+absl::StatusOr<GoldenExpected> LoadExpected(const std::string& json_path,
+                                            const std::string& tensors_path, int64_t vocab);
+
+// max |got - ref| <= 1e-3 * max |ref| over a row of n logits (a gtest expectation).
+void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what);
 
 }  // namespace moe::testing
 

@@ -55,7 +55,7 @@ TEST(MoeCliTest, StreamsACompletion) {
 TEST(MoeCliTest, MissingModelDirectory) {
   Result r = RunCli("generate --model /nonexistent/model --prompt hi");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.output, HasSubstr("moe-cli: error: cannot open /nonexistent/model/config.json"));
+  EXPECT_THAT(r.output, HasSubstr("moe-cli: error: model /nonexistent/model does not exist"));
 }
 
 TEST(MoeCliTest, MissingTokenizer) {
