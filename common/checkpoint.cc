@@ -71,12 +71,7 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> Checkpoint::LoadWeights(
 }
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Checkpoint::LoadTokenizer() const {
-  if (gguf_ != nullptr) {
-    return absl::UnimplementedError(
-        absl::StrCat(path_,
-                     ": tokenizing with a GGUF file's own vocabulary is not supported yet; "
-                     "benchmarks run without a tokenizer (moe-bench)"));
-  }
+  if (gguf_ != nullptr) return Tokenizer::FromGguf(*gguf_);
   return Tokenizer::Load(path_);
 }
 

@@ -33,8 +33,8 @@ class Checkpoint {
 
   // Maps and validates the tensors `options` asks for (see ModelWeights).
   absl::StatusOr<std::unique_ptr<ModelWeights>> LoadWeights(const WeightsOptions& options) const;
-  // The tokenizer beside the weights (tokenizer.model for a directory). UNIMPLEMENTED for GGUF
-  // for now: its vocabulary lives in the metadata.
+  // The tokenizer: tokenizer.model (+ config files) of a directory, or the vocabulary in a GGUF
+  // file's metadata (Tokenizer::FromGguf).
   absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer() const;
 
  private:

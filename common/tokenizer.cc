@@ -10,7 +10,9 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/gguf.h"
 #include "common/sentencepiece_model.h"
+#include "common/spm_vocab.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -241,7 +243,10 @@ absl::Status Tokenizer::Init(const std::string& model_dir) {
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
   MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(dir));
+  return FinishInit(model_path.string());
+}
 
+absl::Status Tokenizer::FinishInit(const std::string& label) {
   // The special tokens of transformers' LlamaTokenizer: split out of the text on Encode.
   for (const int32_t id : {sp_->unk_id(), sp_->bos_id(), sp_->eos_id()}) {
     if (id >= 0) special_tokens_.emplace_back(sp_->IdToPiece(id), id);
@@ -254,7 +259,62 @@ absl::Status Tokenizer::Init(const std::string& model_dir) {
   // off when legacy=False.
   remove_extra_whitespaces_ = sp_->remove_extra_whitespaces();
   consume_bos_ws_ = (legacy_ && sp_->add_dummy_prefix()) || remove_extra_whitespaces_;
-  return BuildPieceTable(model_path.string());
+  return BuildPieceTable(label);
+}
+
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& file) {
+  MOE_ASSIGN_OR_RETURN(const std::string model, file.GetString("tokenizer.ggml.model"));
+  if (model != "llama") {
+    return absl::UnimplementedError(
+        absl::StrCat(file.path(), ": tokenizer.ggml.model \"", model,
+                     "\" is not supported yet (only \"llama\", SentencePiece BPE)"));
+  }
+  SpmVocab vocab;
+  MOE_ASSIGN_OR_RETURN(vocab.pieces, file.GetStringArray("tokenizer.ggml.tokens"));
+  MOE_ASSIGN_OR_RETURN(const std::vector<double> scores,
+                       file.GetFloatArray("tokenizer.ggml.scores"));
+  MOE_ASSIGN_OR_RETURN(const std::vector<int64_t> types,
+                       file.GetIntArray("tokenizer.ggml.token_type"));
+  vocab.scores.assign(scores.begin(), scores.end());
+  vocab.types.assign(types.begin(), types.end());
+  const auto id_key = [&](const char* key, int32_t* out) -> absl::Status {
+    if (file.FindValue(key) == nullptr) return absl::OkStatus();
+    MOE_ASSIGN_OR_RETURN(const uint64_t id, file.GetUint(key));
+    if (id >= vocab.pieces.size()) {
+      return absl::InvalidArgumentError(absl::StrCat(file.path(), ": ", key, " = ", id,
+                                                     " is outside the vocabulary of ",
+                                                     vocab.pieces.size()));
+    }
+    *out = static_cast<int32_t>(id);
+    return absl::OkStatus();
+  };
+  MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.bos_token_id", &vocab.bos_id));
+  MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.eos_token_id", &vocab.eos_id));
+  MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.unknown_token_id", &vocab.unk_id));
+  if (vocab.unk_id < 0 && vocab.types.size() == vocab.pieces.size()) {
+    const auto it = std::find(vocab.types.begin(), vocab.types.end(), SpmVocab::kUnknown);
+    // llama.cpp's default for SentencePiece vocabularies is id 0.
+    vocab.unk_id = it != vocab.types.end() ? static_cast<int32_t>(it - vocab.types.begin()) : 0;
+  }
+  // SentencePiece has exactly one unknown piece; converters may have written it as a control
+  // token (llama.cpp does for vocabularies it reads from tokenizer.json).
+  if (vocab.unk_id >= 0 && static_cast<size_t>(vocab.unk_id) < vocab.types.size()) {
+    vocab.types[vocab.unk_id] = SpmVocab::kUnknown;
+  }
+  if (file.FindValue("tokenizer.ggml.add_space_prefix") != nullptr) {
+    MOE_ASSIGN_OR_RETURN(vocab.add_dummy_prefix, file.GetBool("tokenizer.ggml.add_space_prefix"));
+  }
+  if (vocab.bos_id < 0 || vocab.eos_id < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file.path(), ": tokenizer.ggml.bos_token_id and eos_token_id are required"));
+  }
+  std::unique_ptr<Tokenizer> t(new Tokenizer());
+  t->bos_id_ = vocab.bos_id;
+  t->eos_ids_ = {vocab.eos_id};
+  t->legacy_ = true;
+  MOE_ASSIGN_OR_RETURN(t->sp_, SpmVocabModel::Create(std::move(vocab), file.path()));
+  MOE_RETURN_IF_ERROR(t->FinishInit(file.path()));
+  return t;
 }
 
 absl::Status Tokenizer::BuildPieceTable(const std::string& model_path) {

@@ -17,6 +17,7 @@
 namespace moe {
 
 class SentencePieceModel;  // std-only wrapper around libsentencepiece (see sentencepiece_model.h)
+class GgufFile;
 
 // Encode/Decode give exactly what transformers' slow LlamaTokenizer gives (tokenization_llama.py;
 // checked against 4.57.6 with sentencepiece 0.2.3, add_prefix_space=True,
@@ -43,6 +44,12 @@ class Tokenizer {
   // if it does not parse, if a JSON file is malformed (naming the file) or a token id in it is
   // not an id of the vocabulary.
   static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& model_dir);
+  // The tokenizer a GGUF file carries in its metadata (tokenizer.ggml.model = "llama": tokens,
+  // scores, token_type, bos/eos/unknown_token_id, add_space_prefix), rebuilt without
+  // libsentencepiece (SpmVocabModel) and used as above with legacy=True (llama.cpp's and
+  // transformers' default). INVALID_ARGUMENT naming the key for a malformed vocabulary,
+  // UNIMPLEMENTED for other tokenizer models (e.g. "gpt2").
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const GgufFile& file);
   ~Tokenizer();
 
   // Token ids as transformers' LlamaTokenizer gives them: BOS first when add_bos.
@@ -84,6 +91,8 @@ class Tokenizer {
 
   Tokenizer() = default;
   absl::Status Init(const std::string& model_dir);
+  // What Init and FromGguf share once sp_, the special ids and legacy_ are set.
+  absl::Status FinishInit(const std::string& label);
   absl::Status BuildPieceTable(const std::string& model_path);
   void EncodeText(std::string_view text, std::vector<int32_t>* ids) const;
   // Appends the text that `id` makes final to `out`.

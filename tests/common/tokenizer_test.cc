@@ -6,9 +6,11 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <sstream>
 #include <string>
 #include <vector>
 
+#include "common/gguf.h"
 #include "common/sentencepiece_model.h"
 #include "nlohmann/json.hpp"
 
@@ -431,6 +433,84 @@ TEST(IncrementalDetokenizerContinuationTest, KeepsLeadingSpaceOfFirstToken) {
   EXPECT_EQ(plain_text, "truths to be self-evident");
   EXPECT_EQ(cont_text, " truths to be self-evident");
   EXPECT_EQ((*tok)->Decode(prompt) + cont_text, (*tok)->Decode(all));
+}
+
+}  // namespace
+}  // namespace moe
+
+namespace moe {
+namespace {
+
+// The tokenizer rebuilt from a GGUF file's vocabulary (llama.cpp's converter wrote the pieces,
+// scores and types of tests/testdata/tokenizer/tokenizer.model) gives transformers' ids and
+// text on every case, and libsentencepiece's ids on the whole corpus and on hostile strings.
+class GgufTokenizerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto file = GgufFile::Open("tests/testdata/gguf/llama_dense/llama_dense-f16.gguf");
+    ASSERT_TRUE(file.ok()) << file.status();
+    auto gguf = Tokenizer::FromGguf(**file);
+    ASSERT_TRUE(gguf.ok()) << gguf.status();
+    gguf_ = gguf->release();
+    auto sp = Tokenizer::Load(kTokenizerDir);
+    ASSERT_TRUE(sp.ok()) << sp.status();
+    sp_ = sp->release();
+  }
+  static void TearDownTestSuite() {
+    delete gguf_;
+    delete sp_;
+  }
+  static Tokenizer* gguf_;
+  static Tokenizer* sp_;
+};
+Tokenizer* GgufTokenizerTest::gguf_ = nullptr;
+Tokenizer* GgufTokenizerTest::sp_ = nullptr;
+
+TEST_F(GgufTokenizerTest, MatchesTransformersOnEveryCase) {
+  EXPECT_EQ(gguf_->vocab_size(), 1000);
+  EXPECT_EQ(gguf_->bos_id(), 1);
+  EXPECT_EQ(gguf_->eos_ids(), std::vector<int32_t>{2});
+  const std::vector<Case> cases = LoadCases();
+  ASSERT_GE(cases.size(), 60u);
+  for (const Case& c : cases) {
+    EXPECT_EQ(gguf_->Encode(c.text), c.ids) << "text: \"" << c.text << "\"";
+    EXPECT_EQ(gguf_->Decode(c.ids), c.decoded) << "text: \"" << c.text << "\"";
+  }
+}
+
+TEST_F(GgufTokenizerTest, MatchesSentencePieceOnTheCorpusAndHostileStrings) {
+  std::vector<std::string> texts;
+  std::istringstream corpus(ReadFile(std::filesystem::path(kTokenizerDir) / "corpus.txt"));
+  for (std::string line; std::getline(corpus, line);) texts.push_back(line);
+  const std::string all = ReadFile(std::filesystem::path(kTokenizerDir) / "corpus.txt");
+  texts.push_back(all);  // one long text: many merges in one agenda
+  texts.push_back("\xff\xfe invalid \xc3 bytes \xe2\x82");
+  texts.push_back("  leading,  double   spaces and trailing  ");
+  texts.push_back(
+      "\xe2\x96\x81"
+      "already"
+      "\xe2\x96\x81"
+      "escaped <s> </s> <unk> <0x41>");
+  texts.push_back("日本語 emoji 🦊🍇 Ελληνικά кириллица 12345678 3.14159");
+  uint32_t seed = 12345;
+  for (int i = 0; i < 200; ++i) {  // random mixtures of corpus slices and bytes
+    std::string t;
+    for (int k = 0; k < 8; ++k) {
+      seed = seed * 1664525u + 1013904223u;
+      if (seed % 5 == 0) {
+        t.push_back(static_cast<char>(seed >> 24));
+      } else {
+        t.append(all.substr((seed >> 8) % (all.size() - 20), 1 + seed % 17));
+      }
+    }
+    texts.push_back(t);
+  }
+  int compared = 0;
+  for (const std::string& t : texts) {
+    ASSERT_EQ(gguf_->Encode(t), sp_->Encode(t)) << "text: \"" << t << "\"";
+    ++compared;
+  }
+  EXPECT_GE(compared, 250);
 }
 
 }  // namespace

@@ -103,6 +103,34 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ClusterGoldenTest, ::testing::ValuesIn(Golden
                                   "w";
                          });
 
+// --- GGUF models through the real binaries: coordinator (tokenizer from the GGUF metadata)
+// and 2 workers each mapping its experts' slices; text prompts and greedy tokens. ---
+
+TEST(ClusterGgufTest, TextPromptThroughCoordinatorAndWorkersEqualsTransformers) {
+  for (const char* name : {"mixtral_32e_gqa_fp16/mixtral_32e_gqa_fp16-q8_0",
+                           "mixtral_8e_top3_no_rope_theta/mixtral_8e_top3_no_rope_theta-q4_0"}) {
+    SCOPED_TRACE(name);
+    const std::string stem = std::string("tests/testdata/gguf/") + name;
+    auto checkpoint = Checkpoint::Open(stem + ".gguf");
+    ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+    auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
+                                          (*checkpoint)->config().vocab_size);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    auto cluster = Cluster::Start(stem + ".gguf",
+                                  ContiguousRanges((*checkpoint)->config().num_local_experts, 2));
+    ASSERT_TRUE(cluster.ok()) << cluster.status();
+    // The fixtures' prompt text; its ids are the transformers prompt ids (BOS first).
+    pb::GenerateRequest request;
+    request.set_prompt("A Fox one day spied a bunch of ripe grapes hanging from a vine.");
+    request.set_max_tokens(16);
+    request.set_ignore_eos(true);
+    auto result = (*cluster)->client().Generate(request);
+    ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+    EXPECT_EQ(result->final.usage().prompt_tokens(), expected->prompt.size());
+    EXPECT_EQ(result->tokens, expected->greedy);
+  }
+}
+
 // --- Logits over gRPC equal the in-process transport's bit for bit (same placement). ---
 
 // `model`: a fixture directory or a GGUF file; `expected`: its golden prompt and tokens.

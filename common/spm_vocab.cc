@@ -1,0 +1,215 @@
+#include "common/spm_vocab.h"
+
+#include <algorithm>
+#include <queue>
+
+#include "absl/strings/str_cat.h"
+
+namespace moe {
+namespace {
+
+constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // "▁"
+
+constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
+
+// Length of the well-formed UTF-8 character at the start of `s` (1-4), or 0 when it is not one:
+// SentencePiece's DecodeUTF8 (shortest form, no surrogates, at most U+10FFFF).
+size_t CharLength(std::string_view s) {
+  const auto b0 = static_cast<uint8_t>(s[0]);
+  if (b0 < 0x80) return 1;
+  size_t n = 0;
+  uint8_t lo = 0x80, hi = 0xBF;
+  if (b0 >= 0xC2 && b0 <= 0xDF) {
+    n = 2;
+  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
+    n = 3;
+    if (b0 == 0xE0) lo = 0xA0;
+    if (b0 == 0xED) hi = 0x9F;
+  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
+    n = 4;
+    if (b0 == 0xF0) lo = 0x90;
+    if (b0 == 0xF4) hi = 0x8F;
+  } else {
+    return 0;
+  }
+  if (s.size() < n) return 0;
+  for (size_t i = 1; i < n; ++i) {
+    const auto b = static_cast<uint8_t>(s[i]);
+    if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return 0;
+  }
+  return n;
+}
+
+// The identity normalizer: a "▁" prefix when asked, " " -> "▁", and every byte that starts no
+// well-formed character -> U+FFFD (as SentencePiece's normalizer does).
+std::string Normalize(std::string_view text, bool dummy_prefix) {
+  std::string out;
+  if (dummy_prefix && !text.empty()) out.append(kSpaceSymbol);
+  for (size_t pos = 0; pos < text.size();) {
+    const size_t n = CharLength(text.substr(pos));
+    if (n == 0) {
+      out.append(kReplacement);
+      ++pos;
+    } else if (text[pos] == ' ') {
+      out.append(kSpaceSymbol);
+      ++pos;
+    } else {
+      out.append(text.substr(pos, n));
+      pos += n;
+    }
+  }
+  return out;
+}
+
+int ParseBytePiece(const std::string& piece) {
+  if (piece.size() != 6 || piece.compare(0, 3, "<0x") != 0 || piece[5] != '>') return -1;
+  int v = 0;
+  for (int i = 3; i < 5; ++i) {
+    const char c = piece[i];
+    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+    if (d < 0) return -1;
+    v = v * 16 + d;
+  }
+  return v;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SpmVocabModel>> SpmVocabModel::Create(SpmVocab vocab,
+                                                                     const std::string& label) {
+  const size_t n = vocab.pieces.size();
+  if (n == 0 || vocab.scores.size() != n || vocab.types.size() != n) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        label, ": the tokenizer has ", n, " pieces, ", vocab.scores.size(), " scores and ",
+        vocab.types.size(), " token types (they must be equal and non-zero)"));
+  }
+  if (vocab.unk_id < 0) {
+    return absl::InvalidArgumentError(absl::StrCat(label, ": the tokenizer has no unknown token"));
+  }
+  for (const int32_t id : {vocab.unk_id, vocab.bos_id, vocab.eos_id}) {
+    if (id < -1 || id >= static_cast<int32_t>(n)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": special token id ", id, " is outside the vocabulary of ", n));
+    }
+  }
+  std::unique_ptr<SpmVocabModel> m(new SpmVocabModel(std::move(vocab)));
+  std::fill(std::begin(m->byte_ids_), std::end(m->byte_ids_), -1);
+  for (size_t id = 0; id < n; ++id) {
+    const int32_t type = m->vocab_.types[id];
+    const std::string& piece = m->vocab_.pieces[id];
+    if (type < SpmVocab::kNormal || type > SpmVocab::kByte) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(label, ": token ", id, " has unknown token type ", type));
+    }
+    if (type == SpmVocab::kByte) {
+      const int byte = ParseBytePiece(piece);
+      if (byte < 0) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(label, ": byte token ", id, " is \"", piece, "\", not <0xNN>"));
+      }
+      m->byte_ids_[byte] = static_cast<int32_t>(id);
+    } else if (type == SpmVocab::kNormal || type == SpmVocab::kUserDefined ||
+               type == SpmVocab::kUnused) {
+      m->encodable_.emplace(piece, static_cast<int32_t>(id));  // first id wins, as in SP
+      if (type == SpmVocab::kUserDefined && !piece.empty()) m->user_defined_.push_back(piece);
+    }
+  }
+  std::sort(m->user_defined_.begin(), m->user_defined_.end(),
+            [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  return m;
+}
+
+int SpmVocabModel::PieceToId(std::string_view piece) const {
+  const auto it = encodable_.find(std::string(piece));
+  if (it != encodable_.end()) return it->second;
+  for (int id = 0; id < piece_size(); ++id) {  // control/byte/unknown pieces by their text
+    if (vocab_.pieces[id] == piece) return id;
+  }
+  return vocab_.unk_id;
+}
+
+std::vector<int> SpmVocabModel::Encode(std::string_view text) const {
+  return EncodeNormalized(Normalize(text, vocab_.add_dummy_prefix));
+}
+
+std::vector<int> SpmVocabModel::EncodeWithoutDummyPrefix(std::string_view text) const {
+  return EncodeNormalized(Normalize(text, /*dummy_prefix=*/false));
+}
+
+std::vector<int> SpmVocabModel::EncodeNormalized(const std::string& text) const {
+  struct Symbol {
+    int prev, next;
+    std::string_view piece;
+  };
+  std::vector<Symbol> symbols;
+  const std::string_view s = text;
+  for (size_t pos = 0; pos < s.size();) {
+    size_t len = 0;
+    for (const std::string& u : user_defined_) {
+      if (s.substr(pos).starts_with(u)) {
+        len = u.size();
+        break;
+      }
+    }
+    if (len == 0) len = CharLength(s.substr(pos));  // normalized: always well-formed
+    const int index = static_cast<int>(symbols.size());
+    symbols.push_back({index - 1, -1, s.substr(pos, len)});
+    if (index > 0) symbols[index - 1].next = index;
+    pos += len;
+  }
+  // The agenda: best score first, then the leftmost pair (SentencePiece's SymbolPairComparator).
+  struct Pair {
+    int left, right;
+    float score;
+    size_t size;
+  };
+  const auto worse = [](const Pair& a, const Pair& b) {
+    return a.score < b.score || (a.score == b.score && a.left > b.left);
+  };
+  std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> agenda(worse);
+  const auto maybe_add = [&](int left, int right) {
+    if (left < 0 || right < 0) return;
+    const std::string merged = std::string(symbols[left].piece) + std::string(symbols[right].piece);
+    const auto it = encodable_.find(merged);
+    if (it == encodable_.end() || vocab_.types[it->second] == SpmVocab::kUnused) return;
+    agenda.push({left, right, vocab_.scores[it->second], merged.size()});
+  };
+  for (size_t i = 1; i < symbols.size(); ++i)
+    maybe_add(static_cast<int>(i) - 1, static_cast<int>(i));
+  while (!agenda.empty()) {
+    const Pair top = agenda.top();
+    agenda.pop();
+    Symbol& left = symbols[top.left];
+    Symbol& right = symbols[top.right];
+    // Stale: one side was merged away or grew since this pair was queued.
+    if (left.piece.empty() || right.piece.empty() ||
+        left.piece.size() + right.piece.size() != top.size || left.next != top.right) {
+      continue;
+    }
+    left.piece = std::string_view(left.piece.data(), top.size);
+    right.piece = std::string_view();
+    left.next = right.next;
+    if (right.next >= 0) symbols[right.next].prev = top.left;
+    maybe_add(left.prev, top.left);
+    maybe_add(top.left, left.next);
+  }
+  std::vector<int> ids;
+  for (int i = symbols.empty() ? -1 : 0; i >= 0; i = symbols[i].next) {
+    const std::string_view piece = symbols[i].piece;
+    const auto it = encodable_.find(std::string(piece));
+    if (it != encodable_.end()) {
+      ids.push_back(it->second);
+      continue;
+    }
+    bool all_bytes = true;
+    for (unsigned char c : piece) all_bytes = all_bytes && byte_ids_[c] >= 0;
+    if (all_bytes) {
+      for (unsigned char c : piece) ids.push_back(byte_ids_[c]);
+    } else if (vocab_.unk_id >= 0) {
+      ids.push_back(vocab_.unk_id);
+    }
+  }
+  return ids;
+}
+
+}  // namespace moe
