@@ -37,6 +37,13 @@ absl::StatusOr<std::string> GgufPath(const std::string& path) {
   }
   std::sort(ggufs.begin(), ggufs.end());
   if (ggufs.size() == 1) return ggufs[0];
+  // Every file one shard of the same split set: open it from its first file.
+  const std::string first = GgufFile::FirstSplitPath(ggufs.front());
+  if (!first.empty() && std::all_of(ggufs.begin(), ggufs.end(), [&](const std::string& g) {
+        return GgufFile::FirstSplitPath(g) == first;
+      })) {
+    return first;
+  }
   if (ggufs.empty()) return std::string();  // reported by LoadModelConfig: config.json missing
   return absl::InvalidArgumentError(absl::StrCat(path, " holds several GGUF files (",
                                                  absl::StrJoin(ggufs, ", "),

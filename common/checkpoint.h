@@ -20,8 +20,9 @@ namespace moe {
 // Thread-safety: immutable after Open except the tensor mappings, which are thread-safe.
 class Checkpoint {
  public:
-  // `path`: a directory with config.json (safetensors), a *.gguf file, or a directory with no
-  // config.json and exactly one *.gguf file. NOT_FOUND when nothing loadable is there;
+  // `path`: a directory with config.json (safetensors), a *.gguf file (or any file of a split
+  // set NAME-0000K-of-0000N.gguf), or a directory with no config.json holding one GGUF model
+  // (one file or one split set). NOT_FOUND when nothing loadable is there;
   // INVALID_ARGUMENT naming the file for malformed ones or several candidate GGUF files.
   static absl::StatusOr<std::shared_ptr<Checkpoint>> Open(const std::string& path);
 

@@ -353,7 +353,20 @@ absl::StatusOr<GgufHeader> ParseGgufImage(const uint8_t* data, size_t size,
   return h;
 }
 
-absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+std::string GgufFile::FirstSplitPath(const std::string& path) {
+  // NAME-0000K-of-0000N.gguf
+  constexpr std::string_view kSuffix = "-00000-of-00000.gguf";
+  if (path.size() <= kSuffix.size()) return "";
+  const size_t at = path.size() - kSuffix.size();
+  const std::string_view tail = std::string_view(path).substr(at);
+  for (size_t i = 0; i < kSuffix.size(); ++i) {
+    const bool digit = kSuffix[i] == '0';
+    if (digit ? !(tail[i] >= '0' && tail[i] <= '9') : tail[i] != kSuffix[i]) return "";
+  }
+  return absl::StrCat(path.substr(0, at), "-00001", std::string(tail.substr(6)));
+}
+
+absl::Status GgufFile::AddPart(const std::string& path, GgufHeader* header) {
   const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) {
     return absl::NotFoundError(absl::StrCat("cannot open ", path, ": ", std::strerror(errno)));
@@ -363,27 +376,73 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
     close(fd);
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
   }
-  std::unique_ptr<GgufFile> f(new GgufFile());
-  f->path_ = path;
-  f->size_ = static_cast<uint64_t>(st.st_size);
-  if (f->size_ > 0) {
-    void* base = mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  Part part;
+  part.path = path;
+  part.size = static_cast<uint64_t>(st.st_size);
+  if (part.size > 0) {
+    void* base = mmap(nullptr, part.size, PROT_READ, MAP_PRIVATE, fd, 0);
     if (base == MAP_FAILED) {
       close(fd);
       return absl::InternalError(absl::StrCat("cannot map ", path, ": ", std::strerror(errno)));
     }
-    f->base_ = static_cast<const uint8_t*>(base);
+    part.base = static_cast<const uint8_t*>(base);
   }
   close(fd);  // the mapping keeps the file
-  MOE_ASSIGN_OR_RETURN(f->header_, ParseGgufImage(f->base_, f->size_, path));
+  parts_.push_back(part);
+  MOE_ASSIGN_OR_RETURN(*header, ParseGgufImage(part.base, part.size, path));
+  for (GgufTensorInfo& t : header->tensors) t.part = static_cast<uint32_t>(parts_.size() - 1);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
+  std::unique_ptr<GgufFile> f(new GgufFile());
+  const std::string first = FirstSplitPath(path);
+  f->path_ = first.empty() ? path : first;
+  MOE_RETURN_IF_ERROR(f->AddPart(f->path_, &f->header_));
+  if (!first.empty()) {
+    // -0000K-of-0000N: N from the name must be what the first file says.
+    const uint64_t named = std::stoull(first.substr(first.size() - 10, 5));
+    const GgufValue* count = f->FindValue("split.count");
+    const GgufValue* no = f->FindValue("split.no");
+    if (count == nullptr || count->u != named || no == nullptr || no->u != 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(f->path_, ": named as the first of ", named,
+                       " split files, but its split.count / split.no say otherwise"));
+    }
+    for (uint64_t k = 2; k <= named; ++k) {
+      std::string part_path = first;
+      const std::string number = absl::StrCat(100000 + k).substr(1);
+      part_path.replace(first.size() - 19, 5, number);
+      GgufHeader part;
+      MOE_RETURN_IF_ERROR(f->AddPart(part_path, &part));
+      const auto it = part.metadata.find("split.no");
+      if (it == part.metadata.end() || it->second.u != k - 1) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(part_path, ": split.no is not ", k - 1, " as its name says"));
+      }
+      for (GgufTensorInfo& t : part.tensors) f->header_.tensors.push_back(std::move(t));
+    }
+    const GgufValue* total = f->FindValue("split.tensors.count");
+    if (total != nullptr &&
+        static_cast<uint64_t>(total->i) != static_cast<uint64_t>(f->header_.tensors.size())) {
+      return absl::InvalidArgumentError(absl::StrCat(f->path_, ": split.tensors.count is ",
+                                                     total->i, " but the ", named, " files hold ",
+                                                     f->header_.tensors.size(), " tensors"));
+    }
+  }
   for (size_t i = 0; i < f->header_.tensors.size(); ++i) {
-    f->tensor_index_.emplace(f->header_.tensors[i].name, i);
+    if (!f->tensor_index_.emplace(f->header_.tensors[i].name, i).second) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          f->path_, ": tensor ", f->header_.tensors[i].name, " appears in two split files"));
+    }
   }
   return f;
 }
 
 GgufFile::~GgufFile() {
-  if (base_ != nullptr) munmap(const_cast<uint8_t*>(base_), size_);
+  for (const Part& p : parts_) {
+    if (p.base != nullptr) munmap(const_cast<uint8_t*>(p.base), p.size);
+  }
 }
 
 const GgufValue* GgufFile::FindValue(std::string_view key) const {
@@ -513,14 +572,16 @@ absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key)
   return out;
 }
 
-void GgufFile::Prefault(uint64_t offset, uint64_t size) const {
-  if (size == 0 || offset >= size_) return;
-  size = std::min(size, size_ - offset);
+void GgufFile::Prefault(const GgufTensorInfo& t, uint64_t offset, uint64_t size) const {
+  if (size == 0 || offset >= t.byte_size) return;
+  size = std::min(size, t.byte_size - offset);
+  const Part& part = parts_[t.part];
+  const uint64_t start = t.file_offset + offset;
   const uint64_t page = static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
-  const uint64_t begin = offset / page * page;
-  madvise(const_cast<uint8_t*>(base_ + begin), offset + size - begin, MADV_WILLNEED);
+  const uint64_t begin = start / page * page;
+  madvise(const_cast<uint8_t*>(part.base + begin), start + size - begin, MADV_WILLNEED);
   volatile uint8_t sink = 0;
-  for (uint64_t p = offset; p < offset + size; p = (p / page + 1) * page) sink = sink + base_[p];
+  for (uint64_t p = start; p < start + size; p = (p / page + 1) * page) sink = sink + part.base[p];
   (void)sink;
 }
 

@@ -94,8 +94,9 @@ struct GgufTensorInfo {
   uint32_t type_id = 0;
   const GgmlTypeInfo* type = nullptr;
   std::vector<int64_t> dims;  // ggml order: dims[0] = elements per row (contiguous)
-  uint64_t file_offset = 0;   // absolute offset of the first byte
+  uint64_t file_offset = 0;   // absolute offset of the first byte in its file
   uint64_t byte_size = 0;
+  uint32_t part = 0;  // which file of a split set holds it (GgufFile)
 
   int64_t row_elements() const { return dims[0]; }
   int64_t rows() const;  // product of dims[1..]
@@ -116,20 +117,28 @@ struct GgufHeader {
 absl::StatusOr<GgufHeader> ParseGgufImage(const uint8_t* data, size_t size,
                                           const std::string& label);
 
-// A GGUF file mapped read-only. The mapping is lazy (pages are read when touched), so a process
-// that reads a slice of a tensor (a worker's experts) has only that slice resident.
-// Thread-safety: immutable after Open; all methods may be called concurrently.
+// A GGUF model mapped read-only: one file, or a split set NAME-0000K-of-0000N.gguf (llama.cpp's
+// gguf-split / --split-max-tensors: the first file holds the metadata, every file
+// split.no/split.count and its share of the tensors). The mappings are lazy (pages are read
+// when touched), so a process that reads a slice of a tensor (a worker's experts) has only that
+// slice resident. Thread-safety: immutable after Open; all methods may be called concurrently.
 class GgufFile {
  public:
-  // NOT_FOUND when the file cannot be opened; INVALID_ARGUMENT for a malformed file.
+  // `path`: a .gguf file, or any file of a split set (all N are opened). NOT_FOUND when a file
+  // cannot be opened (naming it); INVALID_ARGUMENT for a malformed file or an inconsistent set
+  // (split.count or split.no not matching the names, a tensor in two files, a tensor count that
+  // differs from split.tensors.count).
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
+  // The first file of the split set `path` belongs to, or "" when `path` is not named like one.
+  static std::string FirstSplitPath(const std::string& path);
   ~GgufFile();
   GgufFile(const GgufFile&) = delete;
   GgufFile& operator=(const GgufFile&) = delete;
 
-  const std::string& path() const { return path_; }
+  const std::string& path() const { return path_; }  // the (first) file
+  // Of the first file; header().tensors lists the tensors of every file of a split set.
   const GgufHeader& header() const { return header_; }
-  uint64_t size() const { return size_; }
+  size_t parts() const { return parts_.size(); }
 
   // nullptr when absent.
   const GgufValue* FindValue(std::string_view key) const;
@@ -147,19 +156,26 @@ class GgufFile {
   absl::StatusOr<std::vector<double>> GetFloatArray(std::string_view key) const;
   absl::StatusOr<std::vector<int64_t>> GetIntArray(std::string_view key) const;
 
-  // Bytes [offset, offset + size) of the file; REQUIRES: inside the file (tensor ranges are).
-  const uint8_t* Bytes(uint64_t offset) const { return base_ + offset; }
-  // Reads the pages of [offset, offset + size) now, so the first forward pass does not pay the
-  // page faults. Only those pages become resident.
-  void Prefault(uint64_t offset, uint64_t size) const;
+  // The tensor's bytes from `offset` on. REQUIRES: offset <= t.byte_size.
+  const uint8_t* Data(const GgufTensorInfo& t, uint64_t offset = 0) const {
+    return parts_[t.part].base + t.file_offset + offset;
+  }
+  // Reads the pages of the tensor's bytes [offset, offset + size) now, so the first forward pass
+  // does not pay the page faults. Only those pages become resident.
+  void Prefault(const GgufTensorInfo& t, uint64_t offset, uint64_t size) const;
 
  private:
+  struct Part {
+    std::string path;
+    const uint8_t* base = nullptr;
+    uint64_t size = 0;
+  };
   GgufFile() = default;
+  absl::Status AddPart(const std::string& path, GgufHeader* header);
   const GgufValue* Expect(std::string_view key, absl::Status* status) const;
 
   std::string path_;
-  const uint8_t* base_ = nullptr;
-  uint64_t size_ = 0;
+  std::vector<Part> parts_;
   GgufHeader header_;
   std::map<std::string, size_t, std::less<>> tensor_index_;
 };

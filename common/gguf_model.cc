@@ -167,11 +167,11 @@ class GgufLoader {
     MOE_ASSIGN_OR_RETURN(DType dtype, DTypeOfGgufTensor(t, f_.path()));
     const int64_t cols = t.dims[0];
     const int64_t slice_rows = t.dims.size() > 1 ? t.dims[1] : 1;
-    const uint64_t offset = t.file_offset + (index * slice_rows + row_begin) * t.row_bytes();
+    const uint64_t offset = (index * slice_rows + row_begin) * t.row_bytes();
     const uint64_t bytes = static_cast<uint64_t>(rows) * t.row_bytes();
-    f_.Prefault(offset, bytes);
+    f_.Prefault(t, offset, bytes);
     *mapped_ += bytes;
-    return WeightMatrix{f_.Bytes(offset), dtype, rows, cols, cols};
+    return WeightMatrix{f_.Data(t, offset), dtype, rows, cols, cols};
   }
 
   // A small tensor of `elements` values widened to f32 (norms, the router).

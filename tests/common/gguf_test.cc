@@ -91,7 +91,7 @@ TEST(GgufTest, FileGettersCheckTypesAndNameTheKey) {
   const GgufTensorInfo* t = (*f)->FindTensor("output_norm.weight");
   ASSERT_NE(t, nullptr);
   float first;
-  std::memcpy(&first, (*f)->Bytes(t->file_offset), 4);
+  std::memcpy(&first, (*f)->Data(*t), 4);
   std::vector<uint8_t> expected(4, 3);
   EXPECT_EQ(std::memcmp(&first, expected.data(), 4), 0);
   EXPECT_EQ((*f)->FindTensor("nope"), nullptr);
@@ -282,6 +282,53 @@ TEST(GgufTest, ReadsWhatTheGgufPackageWroteAsItsReaderDoes) {
     EXPECT_EQ(t.byte_size, want["n_bytes"].get<uint64_t>());
     EXPECT_EQ(t.row_bytes(), want["row_bytes"].get<uint64_t>());
   }
+}
+
+TEST(GgufSplitNameTest, FirstSplitPath) {
+  EXPECT_EQ(GgufFile::FirstSplitPath("/m/q4-00002-of-00003.gguf"), "/m/q4-00001-of-00003.gguf");
+  EXPECT_EQ(GgufFile::FirstSplitPath("a-00001-of-00012.gguf"), "a-00001-of-00012.gguf");
+  EXPECT_EQ(GgufFile::FirstSplitPath("model.gguf"), "");
+  EXPECT_EQ(GgufFile::FirstSplitPath("m-0001-of-0003.gguf"), "");
+  EXPECT_EQ(GgufFile::FirstSplitPath("m-000x1-of-00003.gguf"), "");
+}
+
+TEST(GgufSplitTest, InconsistentSetsAreRefused) {
+  const std::string dir = testing::TempDir("split_bad");
+  const auto shard = [](uint16_t no, uint16_t count, int32_t total, const std::string& tensor) {
+    GgufBuilder b;
+    b.RawValue("split.no", 2, {static_cast<uint8_t>(no), 0})
+        .RawValue("split.count", 2, {static_cast<uint8_t>(count), 0})
+        .I32("split.tensors.count", total)
+        .Tensor(tensor, {8}, kF32, Bytes(32));
+    return b.Build();
+  };
+  // A missing second file is named.
+  testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard(0, 2, 2, "a"));
+  auto missing = GgufFile::Open(dir + "/m-00001-of-00002.gguf");
+  EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(missing.status().message(), HasSubstr("m-00002-of-00002.gguf"));
+  // Opened from the second file: the whole set, in order.
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard(1, 2, 2, "b"));
+  auto ok = GgufFile::Open(dir + "/m-00002-of-00002.gguf");
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ((*ok)->parts(), 2u);
+  ASSERT_EQ((*ok)->header().tensors.size(), 2u);
+  EXPECT_EQ((*ok)->FindTensor("b")->part, 1u);
+  // The same tensor in two files; a wrong tensor total; split.no not matching the name.
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard(1, 2, 2, "a"));
+  EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
+              HasSubstr("tensor a appears in two split files"));
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard(1, 2, 3, "b"));
+  testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard(0, 2, 3, "a"));
+  EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
+              HasSubstr("split.tensors.count is 3 but the 2 files hold 2 tensors"));
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard(0, 2, 2, "b"));
+  testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard(0, 2, 2, "a"));
+  EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
+              HasSubstr("m-00002-of-00002.gguf: split.no is not 1"));
+  testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard(0, 3, 2, "a"));
+  EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
+              HasSubstr("named as the first of 2 split files"));
 }
 
 TEST(GgmlTypeTest, BlockLayouts) {

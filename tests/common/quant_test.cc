@@ -60,8 +60,7 @@ TEST(QuantTest, DequantizationEqualsTheGgufPackageBitForBit) {
     std::vector<float> got(t.row_elements());
     int64_t mismatches = 0;
     for (int64_t r = 0; r < t.rows(); ++r) {
-      DequantizeRow((*file)->Bytes(t.file_offset + r * t.row_bytes()), type->dtype,
-                    t.row_elements(), got.data());
+      DequantizeRow((*file)->Data(t, r * t.row_bytes()), type->dtype, t.row_elements(), got.data());
       for (int64_t i = 0; i < t.row_elements(); ++i) {
         if (Bits(got[i]) != Bits(want[r * t.row_elements() + i]) && mismatches++ < 5) {
           ADD_FAILURE() << "row " << r << " value " << i << ": " << got[i] << " vs "

@@ -2,6 +2,7 @@
 // by tools/fixtures/gen_gguf_models.py with llama.cpp's converter, in F16, Q8_0 and Q4_0) runs
 // through the engine and must match the reference computed by transformers from the same file
 // (logits within 1e-3 * max|ref| at every prompt position and decode step, greedy tokens equal).
+#include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -82,7 +83,10 @@ std::vector<Case> Cases() {
   for (const auto& dir : std::filesystem::directory_iterator(kGgufModels)) {
     if (!dir.is_directory()) continue;
     for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
-      if (f.path().extension() == ".gguf") files.push_back(f.path().string());
+      // Split sets (tests/testdata/gguf/split/) are checked against their unsplit file below.
+      if (f.path().extension() == ".gguf" && GgufFile::FirstSplitPath(f.path()).empty()) {
+        files.push_back(f.path().string());
+      }
     }
   }
   std::sort(files.begin(), files.end());
@@ -103,6 +107,38 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GgufGoldenTest, ::testing::ValuesIn(Cases()),
                            }
                            return name + "_w" + std::to_string(info.param.workers);
                          });
+
+// A split set (llama.cpp's converter, --split-max-tensors) holds the same tensors as the unsplit
+// file: opened from its first file, a later one, or its directory, the engine's logits equal the
+// unsplit file's bit for bit.
+TEST(GgufSplitTest, SplitSetEqualsTheUnsplitFileBitForBit) {
+  const std::string name = "mixtral_8e_top3_no_rope_theta-q8_0";
+  const std::string dir = std::string(kGgufModels) + "/split";
+  const auto logits = [](const std::string& model) {
+    LocalModelOptions options;
+    options.model_dir = model;
+    options.load_tokenizer = false;
+    auto m = LocalModel::Create(options);
+    EXPECT_TRUE(m.ok()) << m.status();
+    if (!m.ok()) return std::vector<float>();
+    const std::vector<int32_t> prompt = {1, 319, 22, 400, 7, 88, 501, 33, 2, 90};
+    SequenceState seq;
+    StepInput in{&seq, prompt, /*all_logits=*/true};
+    std::vector<float> out;
+    EXPECT_TRUE((*m)->engine()->Step({&in, 1}, &out).ok());
+    return out;
+  };
+  const std::vector<float> unsplit =
+      logits(std::string(kGgufModels) + "/mixtral_8e_top3_no_rope_theta/" + name + ".gguf");
+  ASSERT_FALSE(unsplit.empty());
+  for (const std::string& model : {dir + "/" + name + "-00001-of-00003.gguf",
+                                   dir + "/" + name + "-00002-of-00003.gguf", dir}) {
+    SCOPED_TRACE(model);
+    const std::vector<float> split = logits(model);
+    ASSERT_EQ(split.size(), unsplit.size());
+    EXPECT_EQ(std::memcmp(split.data(), unsplit.data(), split.size() * sizeof(float)), 0);
+  }
+}
 
 // Every fixture directory contributes: a missing or renamed file set fails here rather than
 // silently shrinking the suite.

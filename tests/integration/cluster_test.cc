@@ -200,7 +200,7 @@ TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
   for (const auto& dir : std::filesystem::directory_iterator("tests/testdata/gguf")) {
     if (!dir.is_directory()) continue;
     for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
-      if (f.path().extension() != ".gguf") continue;
+      if (f.path().extension() != ".gguf" || !GgufFile::FirstSplitPath(f.path()).empty()) continue;
       const std::string stem = f.path().string().substr(0, f.path().string().size() - 5);
       auto checkpoint = Checkpoint::Open(f.path().string());
       ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
@@ -214,6 +214,13 @@ TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
     }
   }
   EXPECT_GE(files, 15);
+  // Workers and coordinator opening a split set (3 files) by its directory.
+  const std::string stem =
+      "tests/testdata/gguf/mixtral_8e_top3_no_rope_theta/mixtral_8e_top3_no_rope_theta-q8_0";
+  auto expected =
+      testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors", 1000);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  ExpectLogitsBitIdentical("tests/testdata/gguf/split", *expected, 2);
 }
 
 // --- Concurrency: 8 different requests at once get what each gets alone. ---
