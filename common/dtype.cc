@@ -1,6 +1,8 @@
 #include "common/dtype.h"
 
 #include <bit>
+#include <cctype>
+#include <string>
 
 #include "absl/strings/str_cat.h"
 
@@ -40,6 +42,17 @@ absl::StatusOr<DType> ParseDType(std::string_view name) {
   if (name == "BF16") return DType::kBF16;
   return absl::InvalidArgumentError(
       absl::StrCat("unsupported dtype \"", std::string(name), "\" (supported: F32, F16, BF16)"));
+}
+
+absl::StatusOr<std::optional<DType>> ParseQuantizeFlag(std::string_view value) {
+  if (value.empty()) return std::optional<DType>();
+  std::string lower(value);
+  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  if (lower == "q8_0") return std::optional<DType>(DType::kQ8_0);
+  if (lower == "q4_k") return std::optional<DType>(DType::kQ4_K);
+  if (lower == "q6_k") return std::optional<DType>(DType::kQ6_K);
+  return absl::InvalidArgumentError(
+      absl::StrCat("--quantize \"", std::string(value), "\" is not one of q8_0, q4_k, q6_k"));
 }
 
 float F16ToF32(uint16_t h) {

@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string_view>
 
 #include "absl/status/statusor.h"
@@ -76,6 +77,10 @@ std::string_view DTypeName(DType t);
 
 // Parses the safetensors spelling; any other type is INVALID_ARGUMENT naming it.
 absl::StatusOr<DType> ParseDType(std::string_view name);
+
+// A --quantize value: "" -> nullopt (keep the stored types), "q8_0" / "q4_k" / "q6_k" (any case)
+// -> that type; anything else INVALID_ARGUMENT listing the choices.
+absl::StatusOr<std::optional<DType>> ParseQuantizeFlag(std::string_view value);
 
 // IEEE binary16 -> float (exact, handles subnormals, inf, NaN).
 float F16ToF32(uint16_t h);

@@ -202,6 +202,12 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::LoadGguf(
   std::unique_ptr<ModelWeights> w(new ModelWeights());
   w->config_ = c;
   w->gguf_ = file;
+  if (options.quantize.has_value()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(file->path(),
+                     ": --quantize converts safetensors checkpoints; a GGUF file is served in "
+                     "the types it stores"));
+  }
   MOE_RETURN_IF_ERROR(w->SetHostedExperts(options.experts));
   GgufLoader loader(*file, &w->gguf_mapped_bytes_);
   const int64_t hidden = c.hidden_size;

@@ -1,5 +1,7 @@
 #include "common/quant.h"
 
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 namespace moe {
@@ -125,7 +127,132 @@ void Q6_KBlock(const uint8_t* b, float* out) {
   }
 }
 
+void PutHalf(float f, uint8_t* p) {
+  const uint16_t h = F32ToF16(f);
+  std::memcpy(p, &h, 2);
+}
+
+// ggml's quantize_row_q8_0_ref: the f32 scale quantizes, its half rounding is stored.
+void QuantizeQ8_0Block(const float* x, uint8_t* b) {
+  float amax = 0;
+  for (int i = 0; i < 32; ++i) amax = std::max(amax, std::fabs(x[i]));
+  const float d = amax / 127.0f;
+  const float id = d != 0.0f ? 1.0f / d : 0.0f;
+  PutHalf(d, b);
+  for (int i = 0; i < 32; ++i)
+    b[2 + i] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[i] * id)));
+}
+
+// `v` in 0..max as the nearest integer, v >= 0.
+int RoundClamp(float v, int lo, int hi) {
+  return std::clamp(static_cast<int>(std::lround(v)), lo, hi);
+}
+
+// The smallest half float >= v (v >= 0, finite): a stored scale that never undershoots.
+float HalfAtLeast(float v) {
+  uint16_t h = F32ToF16(v);
+  if (F16ToF32(h) < v) ++h;  // the next larger half (positive halves order like integers)
+  return F16ToF32(h);
+}
+
+// The smallest integer n in [0, hi] with n * unit >= v (v >= 0, unit > 0), hi if none.
+int CeilSteps(float v, float unit, int hi) {
+  int n = std::clamp(static_cast<int>(std::ceil(v / unit)), 0, hi);
+  while (n > 0 && static_cast<float>(n - 1) * unit >= v) --n;
+  return n;
+}
+
+// Sub-block j of 32 values: x ~ (d*sc_j)*q - (dmin*mn_j), q in 0..15. Scales are rounded up so
+// that the offset covers the sub-block's minimum and 15 steps cover its range: every value then
+// rounds to the nearest step, no clamping.
+void QuantizeQ4_KBlock(const float* x, uint8_t* b) {
+  float lo[8], hi[8];
+  float max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    lo[j] = 0;
+    hi[j] = 0;
+    for (int l = 0; l < 32; ++l) {
+      lo[j] = std::min(lo[j], x[32 * j + l]);
+      hi[j] = std::max(hi[j], x[32 * j + l]);
+    }
+    max_min = std::max(max_min, -lo[j]);
+  }
+  const float dmin = HalfAtLeast(max_min / 63.0f);
+  uint8_t sc[8], mn[8];
+  float offset[8], span[8];
+  float max_span = 0;
+  for (int j = 0; j < 8; ++j) {
+    mn[j] = static_cast<uint8_t>(dmin > 0 ? CeilSteps(-lo[j], dmin, 63) : 0);
+    offset[j] = dmin * static_cast<float>(mn[j]);
+    span[j] = (hi[j] + offset[j]) / 15.0f;
+    max_span = std::max(max_span, span[j]);
+  }
+  const float d = HalfAtLeast(max_span / 63.0f);
+  for (int j = 0; j < 8; ++j) sc[j] = static_cast<uint8_t>(d > 0 ? CeilSteps(span[j], d, 63) : 0);
+  PutHalf(d, b);
+  PutHalf(dmin, b + 2);
+  uint8_t* s = b + 4;  // the inverse of ScaleMinK4
+  for (int j = 0; j < 4; ++j) {
+    s[j] = static_cast<uint8_t>((sc[j] & 63) | ((sc[j + 4] >> 4) << 6));
+    s[j + 4] = static_cast<uint8_t>((mn[j] & 63) | ((mn[j + 4] >> 4) << 6));
+    s[j + 8] = static_cast<uint8_t>((sc[j + 4] & 0x0f) | ((mn[j + 4] & 0x0f) << 4));
+  }
+  uint8_t* qs = b + 16;
+  std::memset(qs, 0, 128);
+  for (int j = 0; j < 8; ++j) {
+    const float step = d * static_cast<float>(sc[j]);
+    for (int l = 0; l < 32; ++l) {
+      const int q = step > 0 ? RoundClamp((x[32 * j + l] + offset[j]) / step, 0, 15) : 0;
+      qs[32 * (j / 2) + l] |= static_cast<uint8_t>(q << ((j % 2) * 4));
+    }
+  }
+}
+
+// Sub-block j of 16 values: x ~ (d*sc_j)*(q - 32), q - 32 in -32..31, the sub-block's largest
+// magnitude at -32 (its scale's magnitude rounded up, so nothing needs more than 32 steps).
+void QuantizeQ6_KBlock(const float* x, uint8_t* b) {
+  float big[16];  // each sub-block's value of largest magnitude, with its sign
+  float max_big = 0;
+  for (int j = 0; j < 16; ++j) {
+    big[j] = 0;
+    for (int l = 0; l < 16; ++l) {
+      if (std::fabs(x[16 * j + l]) > std::fabs(big[j])) big[j] = x[16 * j + l];
+    }
+    max_big = std::max(max_big, std::fabs(big[j]));
+  }
+  // |step_j| = |d| * |sc_j| >= |big_j| / 32 with |sc_j| <= 127; the sign of sc_j puts big_j at -32.
+  const float d = HalfAtLeast(max_big / 32.0f / 127.0f);
+  auto* scales = reinterpret_cast<int8_t*>(b + 192);
+  for (int j = 0; j < 16; ++j) {
+    const int magnitude = d > 0 ? CeilSteps(std::fabs(big[j]) / 32.0f, d, 127) : 0;
+    scales[j] = static_cast<int8_t>(big[j] > 0 ? -magnitude : magnitude);
+  }
+  PutHalf(d, b + 208);
+  uint8_t* ql = b;
+  uint8_t* qh = b + 128;
+  std::memset(ql, 0, 128);
+  std::memset(qh, 0, 64);
+  for (int e = 0; e < 256; ++e) {
+    const float step = d * static_cast<float>(scales[e / 16]);
+    const int q = step != 0 ? RoundClamp(x[e] / step, -32, 31) + 32 : 32;
+    const int h = e / 128, k = (e % 128) / 32, l = e % 32;  // the layout Q6_KBlock reads
+    ql[64 * h + 32 * (k % 2) + l] |= static_cast<uint8_t>((q & 0x0f) << (k < 2 ? 0 : 4));
+    qh[32 * h + l] |= static_cast<uint8_t>((q >> 4) << (2 * k));
+  }
+}
+
 }  // namespace
+
+void QuantizeRow(const float* x, int64_t n, DType dtype, void* out) {
+  auto* p = static_cast<uint8_t*>(out);
+  void (*block)(const float*, uint8_t*) = dtype == DType::kQ8_0   ? QuantizeQ8_0Block
+                                          : dtype == DType::kQ4_K ? QuantizeQ4_KBlock
+                                                                  : QuantizeQ6_KBlock;
+  const int64_t per_block = DTypeBlockElements(dtype);
+  for (int64_t i = 0; i < n / per_block; ++i) {
+    block(x + i * per_block, p + i * DTypeBlockBytes(dtype));
+  }
+}
 
 void DequantizeRow(const void* src, DType dtype, int64_t n, float* out) {
   const auto* p = static_cast<const uint8_t*>(src);

@@ -339,6 +339,14 @@ absl::StatusOr<TensorData> TensorStore::Map(std::string_view name) {
   return TensorData{&entry.info, data};
 }
 
+void TensorStore::Release(std::string_view name) {
+  absl::MutexLock lock(&mu_);
+  auto m = mappings_.find(name);
+  if (m == mappings_.end()) return;
+  mapped_bytes_ -= entries_.find(name)->second.info.byte_size;
+  mappings_.erase(m);
+}
+
 std::vector<std::string> TensorStore::TensorNames() const {
   std::vector<std::string> names;
   names.reserve(entries_.size());

@@ -81,6 +81,9 @@ class TensorStore {
   // Maps the tensor's bytes (once; later calls return the same bytes) and faults them in.
   // NOT_FOUND naming it.
   absl::StatusOr<TensorData> Map(std::string_view name);
+  // Unmaps the tensor (after its bytes were converted elsewhere); a later Map maps it again.
+  // REQUIRES: nothing still points into it.
+  void Release(std::string_view name);
   // Names of every tensor, sorted.
   std::vector<std::string> TensorNames() const;
   // Sum of byte_size over the tensors mapped so far.

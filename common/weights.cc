@@ -1,7 +1,9 @@
 #include "common/weights.h"
 
 #include "absl/strings/str_cat.h"
+#include "common/quant.h"
 #include "common/status_macros.h"
+#include "glog/logging.h"
 
 namespace moe {
 
@@ -9,6 +11,9 @@ namespace moe {
 class ModelWeights::Loader {
  public:
   Loader(TensorStore* store, DType dtype) : store_(store), dtype_(dtype) {}
+
+  // Names of the tensors this loader mapped.
+  const std::vector<std::string>& mapped() const { return mapped_; }
 
   absl::StatusOr<TensorData> Tensor(const std::string& name, std::vector<int64_t> shape) {
     const TensorInfo* info = store_->Find(name);
@@ -22,6 +27,7 @@ class ModelWeights::Loader {
                                                      DescribeTensor(shape, dtype_), ", got ",
                                                      DescribeTensor(info->shape, info->dtype)));
     }
+    mapped_.push_back(name);
     return store_->Map(name);
   }
 
@@ -49,6 +55,7 @@ class ModelWeights::Loader {
  private:
   TensorStore* store_;
   DType dtype_;
+  std::vector<std::string> mapped_;
 };
 
 namespace {
@@ -142,7 +149,62 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr
       }
     }
   }
+  if (options.quantize.has_value()) {
+    if (!CanQuantizeTo(*options.quantize)) {
+      return absl::InvalidArgumentError(absl::StrCat("cannot quantize to ",
+                                                     std::string(DTypeName(*options.quantize)),
+                                                     " (supported: Q8_0, Q4_K, Q6_K)"));
+    }
+    // Norms and the router were copied to f32 already; once every matrix is quantized nothing
+    // points into the mappings any more.
+    if (w->QuantizeMatrices(*options.quantize)) {
+      for (const std::string& name : loader.mapped()) store->Release(name);
+    } else {
+      LOG(WARNING) << "--quantize " << DTypeName(*options.quantize) << ": matrices whose rows are "
+                   << "not a multiple of " << DTypeBlockElements(*options.quantize)
+                   << " values stay as stored (and mapped)";
+    }
+  }
   return w;
+}
+
+bool ModelWeights::QuantizeMatrices(DType dtype) {
+  std::vector<WeightMatrix*> matrices;
+  if (embed_tokens_.data != nullptr) matrices.push_back(&embed_tokens_);
+  const bool tied = lm_head_.data == embed_tokens_.data;
+  if (lm_head_.data != nullptr && !tied) matrices.push_back(&lm_head_);
+  for (LayerWeights& l : layers_) {
+    for (WeightMatrix* m : {&l.q_proj, &l.k_proj, &l.v_proj, &l.o_proj}) matrices.push_back(m);
+  }
+  for (ExpertWeights& e : experts_) {
+    for (WeightMatrix* m : {&e.w1, &e.w3, &e.w2}) matrices.push_back(m);
+  }
+  bool all = true;
+  std::vector<float> row;
+  for (WeightMatrix* m : matrices) {
+    if (m->cols % DTypeBlockElements(dtype) != 0 || IsQuantized(m->dtype)) {
+      all = all && IsQuantized(m->dtype);
+      continue;
+    }
+    std::vector<uint8_t>& bytes = owned_.emplace_back(m->rows * DTypeBytes(dtype, m->cols));
+    row.resize(static_cast<size_t>(m->cols));
+    for (int64_t r = 0; r < m->rows; ++r) {
+      kernels::ConvertToF32(m->Row(r), m->dtype, m->cols, row.data());
+      QuantizeRow(row.data(), m->cols, dtype, &bytes[r * DTypeBytes(dtype, m->cols)]);
+    }
+    *m = WeightMatrix{bytes.data(), dtype, m->rows, m->cols, m->cols};
+  }
+  if (tied) lm_head_ = embed_tokens_;
+  dtype_ = !experts_.empty()               ? experts_.front().w1.dtype
+           : embed_tokens_.data != nullptr ? embed_tokens_.dtype
+                                           : dtype_;
+  return all;
+}
+
+uint64_t ModelWeights::owned_bytes() const {
+  uint64_t bytes = 0;
+  for (const auto& b : owned_) bytes += b.size();
+  return bytes;
 }
 
 absl::Status ModelWeights::SetHostedExperts(const ExpertRange& experts) {

@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -59,6 +60,11 @@ struct WeightsOptions {
   // Experts of every layer to load (kToLast: to the model's last expert). An empty range loads
   // no expert (the coordinator of a cluster).
   ExpertRange experts = ExpertRange::All();
+  // Quantize-on-load (safetensors only): every weight matrix of the load (embeddings, lm_head,
+  // attention, experts; not norms or the router) is quantized to this type (Q8_0, Q4_K, Q6_K)
+  // while loading, and the checkpoint's mapping of it released, so it stays resident only
+  // quantized. Matrices whose rows are not a multiple of the type's block stay as stored.
+  std::optional<DType> quantize;
 };
 
 class ModelWeights {
@@ -102,6 +108,8 @@ class ModelWeights {
   uint64_t mapped_tensor_bytes() const {
     return store_ != nullptr ? store_->mapped_tensor_bytes() : gguf_mapped_bytes_;
   }
+  // Bytes of the weights this load holds itself (quantize-on-load), beside the mappings.
+  uint64_t owned_bytes() const;
   // Bytes of the hosted experts' matrices.
   uint64_t expert_bytes() const;
 
@@ -110,12 +118,15 @@ class ModelWeights {
   ModelWeights() = default;
   // Resolves `experts` (kToLast) against config_ into hosted_; an empty range is allowed.
   absl::Status SetHostedExperts(const ExpertRange& experts);
+  // Quantizes every loaded matrix whose rows fit the block; true when all of them did.
+  bool QuantizeMatrices(DType dtype);
 
   ModelConfig config_;
   DType dtype_ = DType::kF32;
-  std::shared_ptr<TensorStore> store_;    // safetensors, or
-  std::shared_ptr<const GgufFile> gguf_;  // GGUF
-  uint64_t gguf_mapped_bytes_ = 0;        // bytes of the GGUF tensors (or slices) used
+  std::shared_ptr<TensorStore> store_;       // safetensors, or
+  std::shared_ptr<const GgufFile> gguf_;     // GGUF
+  uint64_t gguf_mapped_bytes_ = 0;           // bytes of the GGUF tensors (or slices) used
+  std::vector<std::vector<uint8_t>> owned_;  // quantize-on-load results the matrices point to
   WeightMatrix embed_tokens_;
   std::vector<float> final_norm_;
   WeightMatrix lm_head_;

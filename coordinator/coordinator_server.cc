@@ -30,6 +30,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   LocalModelOptions model_options;
   model_options.model_dir = options.model_dir;
   model_options.in_process_workers = options.in_process_workers;
+  model_options.quantize = options.quantize;
   model_options.engine = options.engine;
   if (!options.workers.empty()) {
     model_options.transport_factory =

@@ -5,6 +5,7 @@
 #define MOE_COORDINATOR_COORDINATOR_SERVER_H_
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,7 @@ struct CoordinatorOptions {
   // slices), the reference the distributed path must equal.
   std::vector<std::string> workers;
   int64_t in_process_workers = 1;
+  std::optional<DType> quantize;  // quantize-on-load of the coordinator's (and in-process) weights
   std::string listen = "127.0.0.1:50051";  // port 0 picks a free port
   std::string metrics_listen;              // Prometheus /metrics HOST:PORT; empty: none
   absl::Duration worker_connect_timeout = absl::Seconds(60);

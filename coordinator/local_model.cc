@@ -19,6 +19,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   }
   WeightsOptions shared;
   shared.experts = {};  // experts are loaded by the in-process workers
+  shared.quantize = options.quantize;
   MOE_ASSIGN_OR_RETURN(m->weights_, m->checkpoint_->LoadWeights(shared));
   LOG(INFO) << "loaded shared weights of " << options.model_dir << " ("
             << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts
@@ -29,7 +30,8 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   } else {
     const Placement placement =
         Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
-    MOE_ASSIGN_OR_RETURN(m->transport_, InProcessTransport::Create(*m->checkpoint_, placement));
+    MOE_ASSIGN_OR_RETURN(m->transport_,
+                         InProcessTransport::Create(*m->checkpoint_, placement, options.quantize));
   }
   MOE_ASSIGN_OR_RETURN(m->engine_,
                        Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));

@@ -6,6 +6,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -27,6 +28,8 @@ struct LocalModelOptions {
   int64_t in_process_workers = 1;      // expert slices (contiguous placement), >= 1
   TransportFactory transport_factory;  // overrides in_process_workers when set
   bool load_tokenizer = true;          // false for benchmarks on checkpoints without one
+  // Quantize-on-load of a safetensors checkpoint's matrices (WeightsOptions::quantize).
+  std::optional<DType> quantize;
   EngineOptions engine;
 };
 

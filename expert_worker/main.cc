@@ -19,7 +19,11 @@
 #include "glog/logging.h"
 
 ABSL_FLAG(std::string, model, "",
-          "Model directory (Hugging Face layout: config.json, *.safetensors).");
+          "The model: a Hugging Face directory (config.json, *.safetensors) or a GGUF file (or a "
+          "directory holding one, or one file of a split set).");
+ABSL_FLAG(std::string, quantize, "",
+          "Quantize a safetensors checkpoint's expert matrices while loading: q8_0, q4_k or q6_k "
+          "(empty: keep the stored types).");
 ABSL_FLAG(std::string, experts, "all",
           "Experts to host, the same ids in every layer: A-B is the INCLUSIVE range A..B "
           "(0-3 = experts 0, 1, 2, 3), A a single expert, all every expert.");
@@ -62,6 +66,10 @@ int main(int argc, char** argv) {
   moe::WorkerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.experts = *range;
+  absl::StatusOr<std::optional<moe::DType>> quantize =
+      moe::ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
+  if (!quantize.ok()) return Fail(quantize.status());
+  options.quantize = *quantize;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
@@ -72,8 +80,9 @@ int main(int argc, char** argv) {
   LOG(INFO) << "serving " << options.model_dir << ": experts "
             << worker.experts().InclusiveSpelling() << " of " << worker.config().num_local_experts
             << " in each of " << worker.config().num_hidden_layers << " layers, "
-            << worker.mapped_expert_bytes() / double{1 << 20} << " MiB mapped, fingerprint "
-            << worker.fingerprint() << ", on " << worker.address();
+            << worker.resident_expert_bytes() / double{1 << 20} << " MiB of experts ("
+            << moe::DTypeName(worker.weights_dtype()) << "), fingerprint " << worker.fingerprint()
+            << ", on " << worker.address();
   if (!worker.metrics_address().empty()) {
     std::printf("METRICS %s\n", worker.metrics_address().c_str());
   }

@@ -37,6 +37,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   WeightsOptions weights_options;
   weights_options.load_shared = false;
   weights_options.experts = range;
+  weights_options.quantize = options.quantize;
   MOE_ASSIGN_OR_RETURN(w->weights_, checkpoint->LoadWeights(weights_options));
   w->checkpoint_ = checkpoint;
   w->fingerprint_ = checkpoint->fingerprint();

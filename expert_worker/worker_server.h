@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -33,6 +34,8 @@ struct WorkerOptions {
   std::string model_dir;
   // Hosted experts of every layer (ParseExpertRange; kToLast = to the model's last expert).
   ExpertRange experts = ExpertRange::All();
+  // Quantize-on-load of the hosted experts (WeightsOptions::quantize): nullopt keeps the types.
+  std::optional<DType> quantize;
   // HOST:PORT to bind; port 0 picks a free port (see WorkerServer::port()).
   std::string listen = "127.0.0.1:0";
   // OpenMP threads per Forward stream; 0 = the OpenMP default (OMP_NUM_THREADS or all cores).
@@ -67,6 +70,9 @@ class WorkerServer {
   // this is the hosted experts' bytes (for the fused gate_up_proj/down_proj layout, whole fused
   // tensors: the pages of experts not hosted are mapped but never touched).
   uint64_t mapped_expert_bytes() const { return weights_->mapped_tensor_bytes(); }
+  // Bytes of the hosted experts' matrices as held (mapped, or quantized on load).
+  uint64_t resident_expert_bytes() const { return weights_->expert_bytes(); }
+  DType weights_dtype() const { return weights_->dtype(); }
 
   // Marks the health service NOT_SERVING, stops accepting calls, lets in-flight calls finish
   // for up to one second and then cancels them (a coordinator's Forward stream is long-lived

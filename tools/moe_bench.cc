@@ -20,7 +20,9 @@
 #include "glog/logging.h"
 #include "tools/client/load_bench.h"
 
-ABSL_FLAG(std::string, model, "", "Model directory.");
+ABSL_FLAG(std::string, model, "", "Model: a Hugging Face directory or a GGUF file.");
+ABSL_FLAG(std::string, quantize, "",
+          "Quantize a safetensors checkpoint's matrices while loading (q8_0, q4_k, q6_k).");
 ABSL_FLAG(int64_t, prompt_tokens, 128, "Prefill length (random token ids).");
 ABSL_FLAG(int64_t, decode_steps, 32, "Decode steps timed per batch size.");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8"}),
@@ -79,6 +81,13 @@ int Run() {
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.in_process_workers = absl::GetFlag(FLAGS_workers);
   options.load_tokenizer = false;
+  absl::StatusOr<std::optional<DType>> quantize = ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
+  if (!quantize.ok()) {
+    std::fprintf(stderr, "moe-bench: error: %s\n",
+                 std::string(quantize.status().message()).c_str());
+    return 2;
+  }
+  options.quantize = *quantize;
   if (options.model_dir.empty()) {
     std::fprintf(stderr, "moe-bench: error: --model is required\n");
     return 2;
@@ -100,8 +109,15 @@ int Run() {
     shared_bytes += MatrixBytes(w.q_proj) + MatrixBytes(w.k_proj) + MatrixBytes(w.v_proj) +
                     MatrixBytes(w.o_proj);
   }
-  const uint64_t expert_bytes =
-      3 * DTypeBytes(model.weights().dtype(), c.hidden_size * c.intermediate_size);
+  // One expert's bytes per layer as the engine holds them (stored, or quantized on load; GGUF
+  // files mix types), from a load of expert 0 alone.
+  WeightsOptions probe_options;
+  probe_options.load_shared = false;
+  probe_options.experts = {0, 1};
+  probe_options.quantize = options.quantize;
+  auto probe = model.checkpoint().LoadWeights(probe_options);
+  CHECK(probe.ok()) << probe.status();
+  const uint64_t expert_bytes = (*probe)->expert_bytes() / c.num_hidden_layers;
 
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.vocab_size - 1));
@@ -157,8 +173,11 @@ int Run() {
     }
     const double secs = absl::ToDoubleSeconds(absl::Now() - start);
     for (SequenceState& s : seqs) engine->Release(&s);
-    std::printf("decode   batch %3lld           %9.1f tok/s   %7.2f ms/step   %6.2f GB/s weights\n",
-                (long long)batch, batch * steps / secs, 1e3 * secs / steps, bytes / secs / 1e9);
+    std::printf(
+        "decode   batch %3lld           %9.1f tok/s   %7.2f ms/step   %6.2f GB/s weights   %7.2f "
+        "MB weights/token\n",
+        (long long)batch, batch * steps / secs, 1e3 * secs / steps, bytes / secs / 1e9,
+        bytes / 1e6 / static_cast<double>(batch * steps));
   }
   return 0;
 }
@@ -168,7 +187,8 @@ int Run() {
 
 int main(int argc, char** argv) {
   moe::InitMain(argc, argv, __FILE__,
-                "moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8] "
-                "[--workers 1]\nPrefill and decode throughput of a checkpoint in this process.");
+                "moe-bench --model DIR|FILE.gguf [--prompt-tokens 128] [--decode-steps 32] "
+                "[--batches 1,8] [--workers 1] [--quantize q8_0|q4_k|q6_k]\nPrefill and decode "
+                "throughput of a checkpoint in this process, and the weight bytes read per token.");
   return moe::Run();
 }

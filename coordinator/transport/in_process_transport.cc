@@ -8,7 +8,7 @@
 namespace moe {
 
 absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
-    const Checkpoint& checkpoint, const Placement& placement) {
+    const Checkpoint& checkpoint, const Placement& placement, std::optional<DType> quantize) {
   const ModelConfig& config = checkpoint.config();
   const std::vector<ExpertRange> missing =
       UncoveredExperts(placement.workers, config.num_local_experts);
@@ -22,6 +22,7 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
     WeightsOptions options;
     options.load_shared = false;
     options.experts = experts;
+    options.quantize = quantize;
     Worker w;
     MOE_ASSIGN_OR_RETURN(w.weights, checkpoint.LoadWeights(options));
     w.ffn = std::make_unique<ExpertFfn>(w.weights.get());

@@ -6,6 +6,7 @@
 #define MOE_COORDINATOR_TRANSPORT_IN_PROCESS_TRANSPORT_H_
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -23,8 +24,10 @@ class InProcessTransport : public ExpertTransport {
   // One worker per placement range, each loading its experts from `checkpoint` (which must
   // outlive the transport). INVALID_ARGUMENT when some expert has no worker or a range is
   // outside the model.
-  static absl::StatusOr<std::unique_ptr<InProcessTransport>> Create(const Checkpoint& checkpoint,
-                                                                    const Placement& placement);
+  // `quantize`: quantize-on-load of the experts (WeightsOptions::quantize).
+  static absl::StatusOr<std::unique_ptr<InProcessTransport>> Create(
+      const Checkpoint& checkpoint, const Placement& placement,
+      std::optional<DType> quantize = std::nullopt);
 
   absl::Status Exchange(int64_t layer, const Routing& routing, const float* x, float* out) override;
 

@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -142,6 +143,87 @@ TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
 INSTANTIATE_TEST_SUITE_P(AllTargets, QuantMatMulTest,
                          ::testing::ValuesIn(hwy::SupportedAndGeneratedTargets()),
                          [](const auto& info) { return std::string(hwy::TargetName(info.param)); });
+
+}  // namespace
+}  // namespace moe
+
+namespace moe {
+namespace {
+
+// Q8_0 quantization is ggml's reference, bit for bit as the gguf package writes it.
+TEST(QuantizeTest, Q8_0EqualsTheGgufPackageBitForBit) {
+  auto file = GgufFile::Open(kQuantFixture);
+  ASSERT_TRUE(file.ok()) << file.status();
+  const GgufTensorInfo* source = (*file)->FindTensor("source_f32");
+  const GgufTensorInfo* want = (*file)->FindTensor("q8_0_from_f32");
+  ASSERT_TRUE(source != nullptr && want != nullptr);
+  std::vector<float> row(source->row_elements());
+  std::vector<uint8_t> got(want->row_bytes());
+  for (int64_t r = 0; r < source->rows(); ++r) {
+    std::memcpy(row.data(), (*file)->Data(*source, r * source->row_bytes()), row.size() * 4);
+    QuantizeRow(row.data(), source->row_elements(), DType::kQ8_0, got.data());
+    EXPECT_EQ(std::memcmp(got.data(), (*file)->Data(*want, r * want->row_bytes()), got.size()), 0)
+        << "row " << r;
+  }
+}
+
+// Quantize then dequantize stays within the format's step: per block, |x - x'| <= about half a
+// quantization step (of the block's largest magnitude / range), on awkward data.
+TEST(QuantizeTest, RoundTripErrorIsBoundedForEveryQuantizeType) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<std::vector<float>> rows;
+  for (float scale : {1.0f, 1e-3f, 50.0f}) {
+    std::vector<float> r(512);
+    for (float& v : r) v = normal(rng) * scale;
+    rows.push_back(r);
+  }
+  rows.push_back(std::vector<float>(512, 0.0f));    // all zero
+  rows.push_back(std::vector<float>(512, -0.25f));  // constant negative
+  std::vector<float> spiky(512, 0.01f);
+  spiky[7] = 40.0f;
+  spiky[300] = -60.0f;
+  rows.push_back(spiky);
+  // Error per type: Q8_0 half of amax/127; Q4_K half a step of (range + dmin)/15 (plus the
+  // scales' rounding up); Q6_K up to one step of amax/32 (a value as large as the sub-block's
+  // largest but of the other sign lands on +31).
+  const std::pair<DType, float> types[] = {
+      {DType::kQ8_0, 0.5f / 127}, {DType::kQ4_K, 0.6f / 15}, {DType::kQ6_K, 1.05f / 32}};
+  for (const auto& [dtype, step] : types) {
+    SCOPED_TRACE(DTypeName(dtype));
+    ASSERT_TRUE(CanQuantizeTo(dtype));
+    for (const std::vector<float>& x : rows) {
+      std::vector<uint8_t> q(DTypeBytes(dtype, 512));
+      QuantizeRow(x.data(), 512, dtype, q.data());
+      std::vector<float> back(512);
+      DequantizeRow(q.data(), dtype, 512, back.data());
+      float amax = 0, worst = 0;
+      for (int i = 0; i < 512; ++i) {
+        amax = std::max(amax, std::fabs(x[i]));
+        worst = std::max(worst, std::fabs(back[i] - x[i]));
+      }
+      // The bound over the whole row: a block's own largest value is at most amax; Q4_K's
+      // range can be twice amax.
+      const float range = dtype == DType::kQ4_K ? 2 * amax : amax;
+      // Q8_0 stores d = amax / 127 rounded to a half as ggml does: below 2^-14 (the smallest
+      // normal half) its rounding error, up to 2^-25, is multiplied by up to 127.
+      const float half_rounding = dtype == DType::kQ8_0 ? 127.0f * 0x1.0p-25f : 0.0f;
+      EXPECT_LE(worst, step * range * 1.02f + half_rounding + 1e-7f) << "amax " << amax;
+    }
+  }
+  EXPECT_FALSE(CanQuantizeTo(DType::kQ4_0));
+  EXPECT_FALSE(CanQuantizeTo(DType::kBF16));
+}
+
+TEST(QuantizeTest, ParseQuantizeFlag) {
+  EXPECT_EQ(*ParseQuantizeFlag(""), std::nullopt);
+  EXPECT_EQ(*ParseQuantizeFlag("q8_0"), DType::kQ8_0);
+  EXPECT_EQ(*ParseQuantizeFlag("Q4_K"), DType::kQ4_K);
+  EXPECT_EQ(*ParseQuantizeFlag("q6_k"), DType::kQ6_K);
+  const auto bad = ParseQuantizeFlag("q5_0");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), ::testing::HasSubstr("not one of q8_0, q4_k, q6_k"));
+}
 
 }  // namespace
 }  // namespace moe

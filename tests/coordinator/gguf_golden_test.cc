@@ -50,31 +50,37 @@ class GgufGoldenTest : public ::testing::TestWithParam<Case> {
   testing::GoldenExpected expected_;
 };
 
-TEST_P(GgufGoldenTest, LogitsAndGreedyTokensMatchTransformersOnTheSameFile) {
-  const int64_t vocab = model_->config().vocab_size;
-  EXPECT_TRUE(model_->checkpoint().is_gguf());
+// Prefill logits at every position, then decode logits and greedy tokens step by step, vs the
+// reference.
+void ExpectMatchesGolden(LocalModel& model, const testing::GoldenExpected& expected) {
+  const int64_t vocab = model.config().vocab_size;
   SequenceState seq;
-  StepInput in{&seq, expected_.prompt, /*all_logits=*/true};
+  StepInput in{&seq, expected.prompt, /*all_logits=*/true};
   std::vector<float> logits;
-  ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
-  for (size_t p = 0; p < expected_.prompt.size(); ++p) {
-    ExpectLogitsNear(&logits[p * vocab], &expected_.logits[p * vocab], vocab,
+  ASSERT_TRUE(model.engine()->Step({&in, 1}, &logits).ok());
+  for (size_t p = 0; p < expected.prompt.size(); ++p) {
+    ExpectLogitsNear(&logits[p * vocab], &expected.logits[p * vocab], vocab,
                      "position " + std::to_string(p));
   }
   std::vector<int32_t> greedy;
-  const float* last = &logits[(expected_.prompt.size() - 1) * vocab];
+  const float* last = &logits[(expected.prompt.size() - 1) * vocab];
   std::vector<float> step_logits(last, last + vocab);
-  for (size_t i = 0; i < expected_.greedy.size(); ++i) {
-    ExpectLogitsNear(step_logits.data(), &expected_.decode_logits[i * vocab], vocab,
+  for (size_t i = 0; i < expected.greedy.size(); ++i) {
+    ExpectLogitsNear(step_logits.data(), &expected.decode_logits[i * vocab], vocab,
                      "decode step " + std::to_string(i));
     const int32_t next = static_cast<int32_t>(
         std::max_element(step_logits.begin(), step_logits.end()) - step_logits.begin());
     greedy.push_back(next);
-    in = {&seq, {&expected_.greedy[i], 1}, false};
-    ASSERT_TRUE(model_->engine()->Step({&in, 1}, &step_logits).ok());
+    in = {&seq, {&expected.greedy[i], 1}, false};
+    ASSERT_TRUE(model.engine()->Step({&in, 1}, &step_logits).ok());
   }
-  EXPECT_EQ(greedy, expected_.greedy);
-  model_->engine()->Release(&seq);
+  EXPECT_EQ(greedy, expected.greedy);
+  model.engine()->Release(&seq);
+}
+
+TEST_P(GgufGoldenTest, LogitsAndGreedyTokensMatchTransformersOnTheSameFile) {
+  EXPECT_TRUE(model_->checkpoint().is_gguf());
+  ExpectMatchesGolden(*model_, expected_);
 }
 
 std::vector<Case> Cases() {
@@ -107,6 +113,48 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GgufGoldenTest, ::testing::ValuesIn(Cases()),
                            }
                            return name + "_w" + std::to_string(info.param.workers);
                          });
+
+// Quantize-on-load: the safetensors checkpoint quantized to Q8_0 while loading holds the same
+// Q8_0 weights llama.cpp's converter wrote into <model>-q8_0.gguf (ggml's Q8_0 reference, the
+// norms and the router left in f32), so it must match transformers on that file. Not for
+// mixtral_3e_sliding_bf16: its GGUF dropped the sliding window the safetensors config has.
+class QuantizeOnLoadTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(QuantizeOnLoadTest, Q8_0MatchesTransformersOnTheConvertersQ8_0File) {
+  const std::string model = GetParam();
+  LocalModelOptions options;
+  options.model_dir = "tests/testdata/models/" + model;
+  options.load_tokenizer = false;
+  options.quantize = DType::kQ8_0;
+  options.in_process_workers = 2;
+  auto m = LocalModel::Create(options);
+  ASSERT_TRUE(m.ok()) << m.status();
+  // Every matrix is held quantized and the checkpoint's mappings of them were released.
+  EXPECT_EQ((*m)->weights().dtype(), DType::kQ8_0);
+  EXPECT_EQ((*m)->weights().layer(0).q_proj.dtype, DType::kQ8_0);
+  EXPECT_EQ((*m)->weights().mapped_tensor_bytes(), 0u);
+  EXPECT_GT((*m)->weights().owned_bytes(), 0u);
+  const std::string stem = std::string(kGgufModels) + "/" + model + "/" + model + "-q8_0";
+  auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
+                                        (*m)->config().vocab_size);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  ExpectMatchesGolden(**m, *expected);
+}
+
+INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeOnLoadTest,
+                         ::testing::Values("llama_dense", "mixtral_8e_top3_no_rope_theta",
+                                           "mixtral_32e_gqa_fp16",
+                                           "mixtral_4e_tied_fused_sharded"));
+
+TEST(QuantizeOnLoadErrorsTest, GgufFilesAreServedAsStored) {
+  LocalModelOptions options;
+  options.model_dir = std::string(kGgufModels) + "/llama_dense/llama_dense-f16.gguf";
+  options.load_tokenizer = false;
+  options.quantize = DType::kQ8_0;
+  auto m = LocalModel::Create(options);
+  EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(m.status().message(), ::testing::HasSubstr("--quantize converts safetensors"));
+}
 
 // A split set (llama.cpp's converter, --split-max-tensors) holds the same tensors as the unsplit
 // file: opened from its first file, a later one, or its directory, the engine's logits equal the

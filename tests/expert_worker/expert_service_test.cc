@@ -508,6 +508,16 @@ TEST(WorkerServerTest, HalfTheExpertsMapsHalfTheExpertBytesAndNoSharedTensor) {
   // lm_head, the other 16 experts) was mapped.
   EXPECT_EQ((*server)->mapped_expert_bytes(), hosted);
   EXPECT_EQ((*server)->mapped_expert_bytes(), total / 2);
+  EXPECT_EQ((*server)->resident_expert_bytes(), hosted);
+
+  // Quantized on load: the F16 slice is released, its Q8_0 copy (34 bytes per 32 values
+  // instead of 64) is all that stays.
+  server->reset();
+  options.quantize = DType::kQ8_0;
+  server = WorkerServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  EXPECT_EQ((*server)->mapped_expert_bytes(), 0u);
+  EXPECT_EQ((*server)->resident_expert_bytes(), hosted / 2 / 32 * 34);
 }
 
 // ---- The binary ----

@@ -39,6 +39,7 @@ absl::Status RunLocal(const CliGenerateOptions& o) {
   LocalModelOptions options;
   options.model_dir = o.model_dir;
   options.in_process_workers = o.in_process_workers;
+  options.quantize = o.quantize;
   auto model = LocalModel::Create(options);
   if (!model.ok()) return model.status();
   GenerationRequest request;

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/dtype.h"
 #include "coordinator/sampler.h"
 
 namespace moe {
@@ -21,6 +22,7 @@ struct CliGenerateOptions {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   int64_t in_process_workers = 1;
+  std::optional<DType> quantize;  // local: quantize-on-load
 };
 
 // Streams the prompt and the completion to stdout, a summary line to stderr.
