@@ -441,8 +441,20 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
 
 GgufFile::~GgufFile() {
   for (const Part& p : parts_) {
-    if (p.base != nullptr) munmap(const_cast<uint8_t*>(p.base), p.size);
+    if (p.base != nullptr && p.mapped) munmap(const_cast<uint8_t*>(p.base), p.size);
   }
+}
+
+absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromImage(const uint8_t* data, size_t size,
+                                                              const std::string& label) {
+  std::unique_ptr<GgufFile> f(new GgufFile());
+  f->path_ = label;
+  f->parts_.push_back({label, data, size, /*mapped=*/false});
+  MOE_ASSIGN_OR_RETURN(f->header_, ParseGgufImage(data, size, label));
+  for (size_t i = 0; i < f->header_.tensors.size(); ++i) {
+    f->tensor_index_.emplace(f->header_.tensors[i].name, i);
+  }
+  return f;
 }
 
 const GgufValue* GgufFile::FindValue(std::string_view key) const {

@@ -129,6 +129,10 @@ class GgufFile {
   // (split.count or split.no not matching the names, a tensor in two files, a tensor count that
   // differs from split.tensors.count).
   static absl::StatusOr<std::unique_ptr<GgufFile>> Open(const std::string& path);
+  // A model over an image in memory (not owned; it must outlive the result): what Open does
+  // after mapping a single file. For the fuzz target and tests.
+  static absl::StatusOr<std::unique_ptr<GgufFile>> FromImage(const uint8_t* data, size_t size,
+                                                             const std::string& label);
   // The first file of the split set `path` belongs to, or "" when `path` is not named like one.
   static std::string FirstSplitPath(const std::string& path);
   ~GgufFile();
@@ -169,6 +173,7 @@ class GgufFile {
     std::string path;
     const uint8_t* base = nullptr;
     uint64_t size = 0;
+    bool mapped = true;  // munmap at destruction (false for FromImage)
   };
   GgufFile() = default;
   absl::Status AddPart(const std::string& path, GgufHeader* header);
