@@ -108,9 +108,9 @@ TEST_P(GoldenTest, BatchedSequencesEqualSolo) {
 
 std::vector<Case> Cases() {
   std::vector<Case> cases;
-  for (const char* f :
-       {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
-        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta", "llama_dense"}) {
+  for (const char* f : {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
+                        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta",
+                        "llama_dense", "mixtral_4e_h256_kquant"}) {
     cases.push_back({f, 1});
   }
   // Uneven expert splits over in-process workers must not change the result.

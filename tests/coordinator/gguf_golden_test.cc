@@ -2,12 +2,15 @@
 // by tools/fixtures/gen_gguf_models.py with llama.cpp's converter, in F16, Q8_0 and Q4_0) runs
 // through the engine and must match the reference computed by transformers from the same file
 // (logits within 1e-3 * max|ref| at every prompt position and decode step, greedy tokens equal).
+#include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "common/checkpoint.h"
+#include "common/safetensors.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
@@ -114,6 +117,78 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GgufGoldenTest, ::testing::ValuesIn(Cases()),
                            return name + "_w" + std::to_string(info.param.workers);
                          });
 
+// KL(transformers || engine) over the prompt positions of the K-quant and fallback fixtures,
+// against llama.cpp's on the same files (its own logits, <stem>.llamacpp.safetensors, written by
+// tools/fixtures/gen_gguf_kquants.py with llama-cpp-python): the engine's f32-activation path
+// must be no further from transformers than llama.cpp (which rounds activations to 8 bits).
+double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int64_t vocab,
+              double* max_kl) {
+  double sum = 0;
+  *max_kl = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* p = &ref[r * vocab];
+    const float* q = got + r * vocab;
+    const float pm = *std::max_element(p, p + vocab), qm = *std::max_element(q, q + vocab);
+    double pz = 0, qz = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      pz += std::exp(double{p[i]} - pm);
+      qz += std::exp(double{q[i]} - qm);
+    }
+    double kl = 0;
+    for (int64_t i = 0; i < vocab; ++i) {
+      const double lp = double{p[i]} - pm - std::log(pz), lq = double{q[i]} - qm - std::log(qz);
+      kl += std::exp(lp) * (lp - lq);
+    }
+    sum += kl;
+    *max_kl = std::max(*max_kl, kl);
+  }
+  return sum / static_cast<double>(rows);
+}
+
+TEST(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
+  int files = 0;
+  for (const auto& dir : std::filesystem::directory_iterator(kGgufModels)) {
+    if (!dir.is_directory()) continue;
+    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
+      const std::string path = f.path().string();
+      const std::string suffix = ".llamacpp.safetensors";
+      if (!path.ends_with(suffix)) continue;
+      const std::string stem = path.substr(0, path.size() - suffix.size());
+      SCOPED_TRACE(stem);
+      LocalModelOptions options;
+      options.model_dir = stem + ".gguf";
+      options.load_tokenizer = false;
+      auto m = LocalModel::Create(options);
+      ASSERT_TRUE(m.ok()) << m.status();
+      const int64_t vocab = (*m)->config().vocab_size;
+      auto expected =
+          testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors", vocab);
+      ASSERT_TRUE(expected.ok()) << expected.status();
+      auto llamacpp = TensorStore::OpenFiles({path});
+      ASSERT_TRUE(llamacpp.ok()) << llamacpp.status();
+      auto theirs = (*llamacpp)->Map("logits");
+      ASSERT_TRUE(theirs.ok()) << theirs.status();
+      const int64_t rows = static_cast<int64_t>(expected->prompt.size());
+      ASSERT_EQ(theirs->info->num_elements, rows * vocab);
+      SequenceState seq;
+      StepInput in{&seq, expected->prompt, /*all_logits=*/true};
+      std::vector<float> ours;
+      ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
+      double our_max = 0, their_max = 0;
+      const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
+      const double their_kl = MeanKl(expected->logits, static_cast<const float*>(theirs->data),
+                                     rows, vocab, &their_max);
+      std::printf("%s: KL to transformers, mean/max: engine %.3g / %.3g, llama.cpp %.3g / %.3g\n",
+                  std::filesystem::path(stem).filename().c_str(), our_kl, our_max, their_kl,
+                  their_max);
+      EXPECT_LE(our_kl, their_kl);
+      EXPECT_LE(our_max, their_max);
+      ++files;
+    }
+  }
+  EXPECT_GE(files, 8);
+}
+
 // Quantize-on-load: the safetensors checkpoint quantized to Q8_0 while loading holds the same
 // Q8_0 weights llama.cpp's converter wrote into <model>-q8_0.gguf (ggml's Q8_0 reference, the
 // norms and the router left in f32), so it must match transformers on that file. Not for
@@ -145,6 +220,55 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeOnLoadTest,
                          ::testing::Values("llama_dense", "mixtral_8e_top3_no_rope_theta",
                                            "mixtral_32e_gqa_fp16",
                                            "mixtral_4e_tied_fused_sharded"));
+
+// Q4_K and Q6_K quantize-on-load (closed-form scales, not ggml's least-squares search) on the
+// model whose rows allow them, measured as KL to transformers on the unquantized checkpoint,
+// next to the same measure for llama-quantize's files of that checkpoint (transformers on their
+// dequantized weights): ours must be within a small factor of llama.cpp's quantizer (Q4_K_M
+// keeps some tensors in Q6_K, so the pure Q4_K here gets more room).
+TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
+  const std::string dir = "tests/testdata/models/mixtral_4e_h256_kquant";
+  const std::string gguf =
+      std::string(kGgufModels) + "/mixtral_4e_h256_kquant/mixtral_4e_h256_kquant-";
+  auto expected = testing::LoadExpected(dir);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  const int64_t rows = static_cast<int64_t>(expected->prompt.size());
+  struct Case {
+    DType dtype;
+    const char* llama_file;
+    double factor;
+  };
+  for (const Case& c : {Case{DType::kQ6_K, "q6_k", 1.5}, Case{DType::kQ4_K, "q4_k_m", 2.0}}) {
+    SCOPED_TRACE(DTypeName(c.dtype));
+    LocalModelOptions options;
+    options.model_dir = dir;
+    options.load_tokenizer = false;
+    options.quantize = c.dtype;
+    auto m = LocalModel::Create(options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    EXPECT_EQ((*m)->weights().layer(1).o_proj.dtype, c.dtype);
+    EXPECT_EQ((*m)->weights().mapped_tensor_bytes(), 0u);
+    const int64_t vocab = (*m)->config().vocab_size;
+    SequenceState seq;
+    StepInput in{&seq, expected->prompt, /*all_logits=*/true};
+    std::vector<float> ours;
+    ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
+    auto theirs = testing::LoadExpected(gguf + c.llama_file + ".expected.json",
+                                        gguf + c.llama_file + ".expected.safetensors", vocab);
+    ASSERT_TRUE(theirs.ok()) << theirs.status();
+    double our_max = 0, their_max = 0;
+    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
+    const double their_kl =
+        MeanKl(expected->logits, theirs->logits.data(), rows, vocab, &their_max);
+    std::printf(
+        "--quantize %s: KL to the unquantized model, mean %.3g (max %.3g); llama-quantize "
+        "%s: %.3g (max %.3g)\n",
+        std::string(DTypeName(c.dtype)).c_str(), our_kl, our_max, c.llama_file, their_kl,
+        their_max);
+    EXPECT_GT(our_kl, 0.0);  // it did quantize
+    EXPECT_LE(our_kl, c.factor * their_kl);
+  }
+}
 
 TEST(QuantizeOnLoadErrorsTest, GgufFilesAreServedAsStored) {
   LocalModelOptions options;
