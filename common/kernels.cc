@@ -209,6 +209,106 @@ void Convert16ToF32(const void* src, DType dtype, int64_t n, float* out) {
   }
 }
 
+// SIMD dequantization of the block types quantized models spend their time in (Q8_0, Q4_K,
+// Q6_K; quant.h has the layouts). Same operations in the same order as DequantizeRow, each a
+// separate rounding (Mul then Sub, never MulAdd), so the bits are DequantizeRow's. Other types
+// use DequantizeRow. Full vectors only: 16 and 32 are multiples of every f32 lane count.
+float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return F16ToF32(h);
+}
+
+void DequantizeQ8_0Rows(const uint8_t* src, int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const size_t lanes = hn::Lanes(df);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const uint8_t* block = src + b * 34;
+    const auto d = hn::Set(df, HalfAt(block));
+    const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+    for (size_t i = 0; i < 32; i += lanes) {
+      const auto v = hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, q + i)));
+      hn::StoreU(hn::Mul(v, d), df, out + b * 32 + i);
+    }
+  }
+}
+
+void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const size_t lanes = hn::Lanes(df);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const uint8_t* block = src + b * 144;
+    const float d = HalfAt(block), dmin = HalfAt(block + 2);
+    const uint8_t* s = block + 4;
+    const uint8_t* qs = block + 16;
+    for (int j = 0; j < 8; ++j) {
+      // llama.cpp's get_scale_min_k4 (see quant.cc).
+      const int sc = j < 4 ? (s[j] & 63) : ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
+      const int mn = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+      const auto scale = hn::Set(df, d * static_cast<float>(sc));
+      const auto min = hn::Set(df, dmin * static_cast<float>(mn));
+      const uint8_t* q = qs + 32 * (j / 2);
+      const int shift = (j % 2) * 4;
+      for (size_t l = 0; l < 32; l += lanes) {
+        const hn::Rebind<uint8_t, decltype(df)> du8;
+        auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
+        v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
+        const auto f = hn::ConvertTo(df, hn::BitCast(hn::RebindToSigned<decltype(df)>(), v));
+        hn::StoreU(hn::Sub(hn::Mul(scale, f), min), df, out + b * 256 + 32 * j + l);
+      }
+    }
+  }
+}
+
+void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<uint8_t, decltype(df)> du8;
+  const size_t lanes = hn::Lanes(df);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const uint8_t* block = src + b * 210;
+    const uint8_t* ql = block;
+    const uint8_t* qh = block + 128;
+    const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
+    const float d = HalfAt(block + 208);
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 4; ++k) {
+        for (size_t l = 0; l < 32; l += lanes) {
+          const int e = 128 * h + 32 * k + static_cast<int>(l);
+          auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
+          lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
+          auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
+          hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
+          const auto q =
+              hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
+          // lanes <= 16: a vector never straddles two 16-value sub-blocks.
+          const auto scale = hn::Set(df, d * static_cast<float>(scales[e / 16]));
+          hn::StoreU(hn::Mul(scale, hn::ConvertTo(df, q)), df, out + b * 256 + e);
+        }
+      }
+    }
+  }
+}
+
+void DequantizeRowSimd(const void* src, DType dtype, int64_t n, float* out) {
+  const auto* p = static_cast<const uint8_t*>(src);
+  if (hn::Lanes(hn::ScalableTag<float>()) > 16) return DequantizeRow(src, dtype, n, out);
+  switch (dtype) {
+    case DType::kQ8_0:
+      return DequantizeQ8_0Rows(p, n, out);
+    case DType::kQ4_K:
+      return DequantizeQ4_KRows(p, n, out);
+    case DType::kQ6_K:
+      return DequantizeQ6_KRows(p, n, out);
+    default:
+      return DequantizeRow(src, dtype, n, out);
+  }
+}
+
 float DotImpl(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, int64_t n64) {
   const size_t n = static_cast<size_t>(n64);
   const hn::ScalableTag<float> df;
@@ -349,6 +449,7 @@ namespace moe::kernels {
 
 HWY_EXPORT(MatMulRows);
 HWY_EXPORT(Convert16ToF32);
+HWY_EXPORT(DequantizeRowSimd);
 HWY_EXPORT(DotImpl);
 HWY_EXPORT(AxpyImpl);
 HWY_EXPORT(RmsNormImpl);
@@ -379,8 +480,9 @@ void MatMulQuantizedRows(const WeightMatrix& w, const float* x, int64_t x_stride
   thread_local std::vector<float> scratch;
   const int64_t n = row_end - row_begin;
   if (scratch.size() < static_cast<size_t>(n * w.cols)) scratch.resize(n * w.cols);
+  const auto dequantize = HWY_DYNAMIC_DISPATCH(DequantizeRowSimd);
   for (int64_t r = 0; r < n; ++r) {
-    DequantizeRow(w.Row(row_begin + r), w.dtype, w.cols, &scratch[r * w.cols]);
+    dequantize(w.Row(row_begin + r), w.dtype, w.cols, &scratch[r * w.cols]);
   }
   const WeightMatrix block{scratch.data(), DType::kF32, n, w.cols, w.cols};
   HWY_DYNAMIC_DISPATCH(MatMulRows)(block, x, x_stride, tokens, y + row_begin, y_stride, 0, n);
@@ -420,7 +522,7 @@ void ConvertToF32(const void* src, DType dtype, int64_t n, float* out) {
     return;
   }
   if (IsQuantized(dtype)) {
-    DequantizeRow(src, dtype, n, out);
+    HWY_DYNAMIC_DISPATCH(DequantizeRowSimd)(src, dtype, n, out);
     return;
   }
   HWY_DYNAMIC_DISPATCH(Convert16ToF32)(src, dtype, n, out);

@@ -140,6 +140,31 @@ TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
   }
 }
 
+// The SIMD dequantization (ConvertToF32, used by MatMul) gives DequantizeRow's bits on every
+// target, for every type, on the gguf fixture and on synthetic blocks.
+TEST_P(QuantMatMulTest, SimdDequantizationEqualsTheReferenceBitForBit) {
+  auto file = GgufFile::Open(kQuantFixture);
+  ASSERT_TRUE(file.ok()) << file.status();
+  for (const TypeCase& type : kTypes) {
+    SCOPED_TRACE(DTypeName(type.dtype));
+    std::vector<std::vector<uint8_t>> inputs;
+    inputs.push_back(testing::PatternTensorBytes(type.ggml_id, 1024, 3));
+    for (const GgufTensorInfo& t : (*file)->header().tensors) {
+      if (t.type_id != type.ggml_id) continue;
+      const uint8_t* data = (*file)->Data(t);
+      inputs.emplace_back(data, data + t.byte_size);
+    }
+    for (const std::vector<uint8_t>& bytes : inputs) {
+      const int64_t n = static_cast<int64_t>(bytes.size()) / DTypeBlockBytes(type.dtype) *
+                        DTypeBlockElements(type.dtype);
+      std::vector<float> simd(n), reference(n);
+      kernels::ConvertToF32(bytes.data(), type.dtype, n, simd.data());
+      DequantizeRow(bytes.data(), type.dtype, n, reference.data());
+      ASSERT_EQ(std::memcmp(simd.data(), reference.data(), n * sizeof(float)), 0);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(AllTargets, QuantMatMulTest,
                          ::testing::ValuesIn(hwy::SupportedAndGeneratedTargets()),
                          [](const auto& info) { return std::string(hwy::TargetName(info.param)); });
