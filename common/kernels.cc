@@ -294,6 +294,120 @@ void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
   }
 }
 
+// Few tokens (decode): dequantize-and-dot in registers, no f32 scratch. Per row and token the
+// block sums are accumulated in f32 and scaled once per block (Q8_0) or sub-block (Q4_K:
+// scale * sum(q x) - min * sum(x)). Differs from dequantize-then-dot by summation order only.
+template <size_t kTokens>
+HWY_INLINE void FusedQ8_0Rows(const uint8_t* w, size_t row_bytes, size_t cols, const float* x,
+                              size_t x_stride, float* y, size_t y_stride, size_t rows) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<int8_t, decltype(df)> d8;
+  const size_t lanes = hn::Lanes(df);
+  for (size_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    hn::Vec<decltype(df)> acc[kTokens];
+    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::Zero(df);
+    for (size_t b = 0; b < cols / 32; ++b) {
+      const uint8_t* block = row + b * 34;
+      const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+      hn::Vec<decltype(df)> sum[kTokens];
+      for (size_t t = 0; t < kTokens; ++t) sum[t] = hn::Zero(df);
+      for (size_t i = 0; i < 32; i += lanes) {
+        const auto qv = hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, q + i)));
+        for (size_t t = 0; t < kTokens; ++t) {
+          sum[t] = hn::MulAdd(qv, hn::LoadU(df, x + t * x_stride + b * 32 + i), sum[t]);
+        }
+      }
+      const auto d = hn::Set(df, HalfAt(block));
+      for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::MulAdd(sum[t], d, acc[t]);
+    }
+    for (size_t t = 0; t < kTokens; ++t)
+      y[t * y_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[t]));
+  }
+}
+
+template <size_t kTokens>
+HWY_INLINE void FusedQ4_KRows(const uint8_t* w, size_t row_bytes, size_t cols, const float* x,
+                              size_t x_stride, float* y, size_t y_stride, size_t rows) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du;
+  const hn::RebindToSigned<decltype(df)> di;
+  const hn::Rebind<uint8_t, decltype(df)> du8;
+  const size_t lanes = hn::Lanes(df);
+  for (size_t r = 0; r < rows; ++r) {
+    const uint8_t* row = w + r * row_bytes;
+    hn::Vec<decltype(df)> acc[kTokens];
+    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::Zero(df);
+    for (size_t b = 0; b < cols / 256; ++b) {
+      const uint8_t* block = row + b * 144;
+      const float d = HalfAt(block), dmin = HalfAt(block + 2);
+      const uint8_t* s = block + 4;
+      const uint8_t* qs = block + 16;
+      for (int j = 0; j < 8; ++j) {
+        const int sc = j < 4 ? (s[j] & 63) : ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
+        const int mn = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        const uint8_t* q = qs + 32 * (j / 2);
+        const int shift = (j % 2) * 4;
+        hn::Vec<decltype(df)> qx[kTokens], xs[kTokens];
+        for (size_t t = 0; t < kTokens; ++t) qx[t] = xs[t] = hn::Zero(df);
+        for (size_t l = 0; l < 32; l += lanes) {
+          auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
+          v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
+          const auto qf = hn::ConvertTo(df, hn::BitCast(di, v));
+          for (size_t t = 0; t < kTokens; ++t) {
+            const auto xv = hn::LoadU(df, x + t * x_stride + b * 256 + 32 * j + l);
+            qx[t] = hn::MulAdd(qf, xv, qx[t]);
+            xs[t] = hn::Add(xs[t], xv);
+          }
+        }
+        const auto scale = hn::Set(df, d * static_cast<float>(sc));
+        const auto min = hn::Set(df, dmin * static_cast<float>(mn));
+        for (size_t t = 0; t < kTokens; ++t) {
+          acc[t] = hn::NegMulAdd(xs[t], min, hn::MulAdd(qx[t], scale, acc[t]));
+        }
+      }
+    }
+    for (size_t t = 0; t < kTokens; ++t)
+      y[t * y_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[t]));
+  }
+}
+
+// Whether MatMulFusedRows handles this matrix at `tokens` tokens.
+bool HasFusedPath(DType dtype, int64_t tokens) {
+  return tokens >= 1 && tokens <= 4 && (dtype == DType::kQ8_0 || dtype == DType::kQ4_K) &&
+         hn::Lanes(hn::ScalableTag<float>()) <= 16;
+}
+
+template <size_t kTokens>
+void FusedRowsT(const WeightMatrix& w, const float* x, int64_t x_stride, float* y, int64_t y_stride,
+                int64_t row_begin, int64_t row_end) {
+  const size_t row_bytes = DTypeBytes(w.dtype, w.row_stride);
+  const uint8_t* rows = w.Row(row_begin);
+  float* out = y + row_begin;
+  const size_t n = static_cast<size_t>(row_end - row_begin);
+  if (w.dtype == DType::kQ8_0) {
+    FusedQ8_0Rows<kTokens>(rows, row_bytes, w.cols, x, x_stride, out, y_stride, n);
+  } else {
+    FusedQ4_KRows<kTokens>(rows, row_bytes, w.cols, x, x_stride, out, y_stride, n);
+  }
+}
+
+// REQUIRES: HasFusedPath(w.dtype, tokens).
+void MatMulFusedRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
+                     float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  switch (tokens) {
+    case 1:
+      return FusedRowsT<1>(w, x, x_stride, y, y_stride, row_begin, row_end);
+    case 2:
+      return FusedRowsT<2>(w, x, x_stride, y, y_stride, row_begin, row_end);
+    case 3:
+      return FusedRowsT<3>(w, x, x_stride, y, y_stride, row_begin, row_end);
+    default:
+      return FusedRowsT<4>(w, x, x_stride, y, y_stride, row_begin, row_end);
+  }
+}
+
 void DequantizeRowSimd(const void* src, DType dtype, int64_t n, float* out) {
   const auto* p = static_cast<const uint8_t*>(src);
   if (hn::Lanes(hn::ScalableTag<float>()) > 16) return DequantizeRow(src, dtype, n, out);
@@ -450,6 +564,8 @@ namespace moe::kernels {
 HWY_EXPORT(MatMulRows);
 HWY_EXPORT(Convert16ToF32);
 HWY_EXPORT(DequantizeRowSimd);
+HWY_EXPORT(HasFusedPath);
+HWY_EXPORT(MatMulFusedRows);
 HWY_EXPORT(DotImpl);
 HWY_EXPORT(AxpyImpl);
 HWY_EXPORT(RmsNormImpl);
@@ -477,6 +593,10 @@ constexpr int64_t kMinBlockRows = 4;  // rows per MatMulTile with few tokens
 // is read and dequantized once per call however many tokens there are.
 void MatMulQuantizedRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
                          float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  if (HWY_DYNAMIC_DISPATCH(HasFusedPath)(w.dtype, tokens)) {
+    HWY_DYNAMIC_DISPATCH(MatMulFusedRows)(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
+    return;
+  }
   thread_local std::vector<float> scratch;
   const int64_t n = row_end - row_begin;
   if (scratch.size() < static_cast<size_t>(n * w.cols)) scratch.resize(n * w.cols);
