@@ -245,9 +245,8 @@ void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
     const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
     for (int j = 0; j < 8; ++j) {
-      // llama.cpp's get_scale_min_k4 (see quant.cc).
-      const int sc = j < 4 ? (s[j] & 63) : ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
-      const int mn = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+      int sc = 0, mn = 0;
+      ScaleMinK4(s, j, &sc, &mn);
       const auto scale = hn::Set(df, d * static_cast<float>(sc));
       const auto min = hn::Set(df, dmin * static_cast<float>(mn));
       const uint8_t* q = qs + 32 * (j / 2);
@@ -345,8 +344,8 @@ HWY_INLINE void FusedQ4_KRows(const uint8_t* w, size_t row_bytes, size_t cols, c
       const uint8_t* s = block + 4;
       const uint8_t* qs = block + 16;
       for (int j = 0; j < 8; ++j) {
-        const int sc = j < 4 ? (s[j] & 63) : ((s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4));
-        const int mn = j < 4 ? (s[j + 4] & 63) : ((s[j + 4] >> 4) | ((s[j] >> 6) << 4));
+        int sc = 0, mn = 0;
+        ScaleMinK4(s, j, &sc, &mn);
         const uint8_t* q = qs + 32 * (j / 2);
         const int shift = (j % 2) * 4;
         hn::Vec<decltype(df)> qx[kTokens], xs[kTokens];

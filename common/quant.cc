@@ -71,26 +71,16 @@ void Q5_1Block(const uint8_t* b, float* out) {
   }
 }
 
-// The 8 six-bit (scale, min) pairs of a Q4_K/Q5_K block (llama.cpp's get_scale_min_k4).
-void ScaleMinK4(const uint8_t* s, uint8_t sc[8], uint8_t mn[8]) {
-  for (int j = 0; j < 4; ++j) {
-    sc[j] = s[j] & 63;
-    mn[j] = s[j + 4] & 63;
-    sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 6) << 4);
-    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-  }
-}
-
 // Q4_K and Q5_K: sub-block j (32 values) of chunk c = j / 2 takes the low (j even) or high
 // (j odd) nibbles of qs[32 c, 32 c + 32); Q5_K adds bit j of qh[l] as the fifth bit of value l.
 void QKBlock(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* out) {
   const float d = Half(b);
   const float dmin = Half(b + 2);
-  uint8_t sc[8], mn[8];
-  ScaleMinK4(b + 4, sc, mn);
   for (int j = 0; j < 8; ++j) {
-    const float scale = d * static_cast<float>(sc[j]);
-    const float min = dmin * static_cast<float>(mn[j]);
+    int sc = 0, mn = 0;
+    ScaleMinK4(b + 4, j, &sc, &mn);
+    const float scale = d * static_cast<float>(sc);
+    const float min = dmin * static_cast<float>(mn);
     const uint8_t* q = qs + 32 * (j / 2);
     const int shift = (j % 2) * 4;
     for (int l = 0; l < 32; ++l) {

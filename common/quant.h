@@ -26,6 +26,18 @@ namespace moe {
 // REQUIRES: n is a multiple of DTypeBlockElements(dtype).
 void DequantizeRow(const void* src, DType dtype, int64_t n, float* out);
 
+// Sub-block j's (0..7) 6-bit scale and min of a Q4_K/Q5_K block's 12 packed bytes `s`
+// (llama.cpp's get_scale_min_k4).
+inline void ScaleMinK4(const uint8_t* s, int j, int* scale, int* min) {
+  if (j < 4) {
+    *scale = s[j] & 63;
+    *min = s[j + 4] & 63;
+  } else {
+    *scale = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+    *min = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
 // The quantizations QuantizeRow writes (quantize-on-load).
 constexpr bool CanQuantizeTo(DType t) {
   return t == DType::kQ8_0 || t == DType::kQ4_K || t == DType::kQ6_K;
