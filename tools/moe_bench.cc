@@ -1,9 +1,13 @@
 // moe-bench: throughput of a checkpoint.
 //   moe-bench --model DIR [--prompt-tokens 128] [--decode-steps 32] [--batches 1,8]
-//     in this process: prefill tok/s, decode tok/s per batch size, and the GB/s of weights read
-//     per decode step (shared matrices + the experts the router actually activated);
+//     in this process: the machine's read bandwidth, prefill tok/s, decode tok/s per batch size,
+//     and the GB/s of weights read per decode step (shared matrices + the experts the router
+//     actually activated);
 //   moe-bench --server HOST:PORT [--streams 8] [--max-tokens 64] [--rounds 1]
 //     against a running coordinator: aggregate decode tok/s of concurrent streams.
+#include <omp.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <set>
@@ -14,6 +18,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
+#include "common/kernels.h"
 #include "common/main_init.h"
 #include "coordinator/local_model.h"
 #include "coordinator/sampler.h"
@@ -75,6 +80,30 @@ int RunRemote() {
   return 0;
 }
 
+// The machine's read bandwidth as the kernels see it: the best of 5 passes of dot products
+// over a 1 GiB buffer (far larger than any cache) against a 4 MiB one that stays cached, on the
+// OpenMP threads, in GB/s of the big buffer. Decode reads every weight once per step, so its GB/s
+// of weights over this number is how close it is to the memory roofline.
+double MeasureReadBandwidth() {
+  const int64_t n = int64_t{1} << 28;  // 1 GiB of floats
+  const int64_t chunk = int64_t{1} << 20;
+  std::vector<float> buffer(n, 1.0f);
+  const std::vector<float> ones(chunk, 1.0f);
+  double best = 0;
+  for (int pass = 0; pass < 5; ++pass) {
+    const absl::Time start = absl::Now();
+    float sum = 0;
+#pragma omp parallel for reduction(+ : sum) schedule(static)
+    for (int64_t c = 0; c < n / chunk; ++c) {
+      sum += kernels::Dot(&buffer[c * chunk], ones.data(), chunk);
+    }
+    const double secs = absl::ToDoubleSeconds(absl::Now() - start);
+    CHECK_EQ(sum, static_cast<float>(n)) << "bandwidth probe";
+    best = std::max(best, static_cast<double>(n) * sizeof(float) / secs / 1e9);
+  }
+  return best;
+}
+
 int Run() {
   if (!absl::GetFlag(FLAGS_server).empty()) return RunRemote();
   LocalModelOptions options;
@@ -119,6 +148,8 @@ int Run() {
   CHECK(probe.ok()) << probe.status();
   const uint64_t expert_bytes = (*probe)->expert_bytes() / c.num_hidden_layers;
 
+  std::printf("memory read bandwidth %.1f GB/s (1 GiB, %d OpenMP threads)\n",
+              MeasureReadBandwidth(), omp_get_max_threads());
   std::mt19937 rng(7);
   std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(c.vocab_size - 1));
   std::vector<float> logits;
