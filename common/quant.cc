@@ -152,33 +152,75 @@ int CeilSteps(float v, float unit, int hi) {
   return n;
 }
 
-// Sub-block j of 32 values: x ~ (d*sc_j)*q - (dmin*mn_j), q in 0..15. Scales are rounded up so
-// that the offset covers the sub-block's minimum and 15 steps cover its range: every value then
-// rounds to the nearest step, no clamping.
-void QuantizeQ4_KBlock(const float* x, uint8_t* b) {
-  float lo[8], hi[8];
-  float max_min = 0;
-  for (int j = 0; j < 8; ++j) {
-    lo[j] = 0;
-    hi[j] = 0;
-    for (int l = 0; l < 32; ++l) {
-      lo[j] = std::min(lo[j], x[32 * j + l]);
-      hi[j] = std::max(hi[j], x[32 * j + l]);
-    }
-    max_min = std::max(max_min, -lo[j]);
+// The least-squares (scale, min) for x ~ scale * q - min over one sub-block, q = the nearest
+// integer in [0, nmax] for the current fit, min >= 0: start from the range fit (min = -lo,
+// scale = (hi + min) / nmax), then refit to the rounded q a few times, keeping the best
+// squared error.
+void FitScaleMin(const float* x, int n, int nmax, float* scale, float* min) {
+  float lo = 0, hi = 0;
+  for (int i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
   }
+  float a = (hi - lo) / static_cast<float>(nmax), m = -lo;
+  *scale = a;
+  *min = m;
+  if (a <= 0) return;
+  const auto error = [&](float sa, float sm) {
+    double e = 0;
+    for (int i = 0; i < n; ++i) {
+      const int q = RoundClamp((x[i] + sm) / sa, 0, nmax);
+      const double r = double{sa} * q - sm - x[i];
+      e += r * r;
+    }
+    return e;
+  };
+  double best = error(a, m);
+  for (int iter = 0; iter < 4; ++iter) {
+    double sq = 0, sqq = 0, sx = 0, sqx = 0;
+    for (int i = 0; i < n; ++i) {
+      const double q = RoundClamp((x[i] + m) / a, 0, nmax);
+      sq += q;
+      sqq += q * q;
+      sx += x[i];
+      sqx += q * x[i];
+    }
+    const double det = n * sqq - sq * sq;
+    if (det <= 0) break;
+    double na = (n * sqx - sq * sx) / det;
+    double nm = -(sx - na * sq) / n;
+    if (nm < 0) {  // min must stay >= 0: fit the scale alone
+      nm = 0;
+      na = sqq > 0 ? sqx / sqq : 0;
+    }
+    if (!(na > 0)) break;
+    a = static_cast<float>(na);
+    m = static_cast<float>(nm);
+    const double e = error(a, m);
+    if (e >= best) break;
+    best = e;
+    *scale = a;
+    *min = m;
+  }
+}
+
+// Sub-block j of 32 values: x ~ (d*sc_j)*q - (dmin*mn_j), q in 0..15, with the least-squares
+// (scale, min) of each sub-block quantized to 6 bits against the block's largest.
+void QuantizeQ4_KBlock(const float* x, uint8_t* b) {
+  float scale[8], min[8];
+  float max_scale = 0, max_min = 0;
+  for (int j = 0; j < 8; ++j) {
+    FitScaleMin(x + 32 * j, 32, 15, &scale[j], &min[j]);
+    max_scale = std::max(max_scale, scale[j]);
+    max_min = std::max(max_min, min[j]);
+  }
+  const float d = HalfAtLeast(max_scale / 63.0f);
   const float dmin = HalfAtLeast(max_min / 63.0f);
   uint8_t sc[8], mn[8];
-  float offset[8], span[8];
-  float max_span = 0;
   for (int j = 0; j < 8; ++j) {
-    mn[j] = static_cast<uint8_t>(dmin > 0 ? CeilSteps(-lo[j], dmin, 63) : 0);
-    offset[j] = dmin * static_cast<float>(mn[j]);
-    span[j] = (hi[j] + offset[j]) / 15.0f;
-    max_span = std::max(max_span, span[j]);
+    sc[j] = static_cast<uint8_t>(d > 0 ? RoundClamp(scale[j] / d, 0, 63) : 0);
+    mn[j] = static_cast<uint8_t>(dmin > 0 ? RoundClamp(min[j] / dmin, 0, 63) : 0);
   }
-  const float d = HalfAtLeast(max_span / 63.0f);
-  for (int j = 0; j < 8; ++j) sc[j] = static_cast<uint8_t>(d > 0 ? CeilSteps(span[j], d, 63) : 0);
   PutHalf(d, b);
   PutHalf(dmin, b + 2);
   uint8_t* s = b + 4;  // the inverse of ScaleMinK4
@@ -191,8 +233,9 @@ void QuantizeQ4_KBlock(const float* x, uint8_t* b) {
   std::memset(qs, 0, 128);
   for (int j = 0; j < 8; ++j) {
     const float step = d * static_cast<float>(sc[j]);
+    const float offset = dmin * static_cast<float>(mn[j]);
     for (int l = 0; l < 32; ++l) {
-      const int q = step > 0 ? RoundClamp((x[32 * j + l] + offset[j]) / step, 0, 15) : 0;
+      const int q = step > 0 ? RoundClamp((x[32 * j + l] + offset) / step, 0, 15) : 0;
       qs[32 * (j / 2) + l] |= static_cast<uint8_t>(q << ((j % 2) * 4));
     }
   }

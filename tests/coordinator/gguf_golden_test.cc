@@ -238,7 +238,7 @@ TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
     const char* llama_file;
     double factor;
   };
-  for (const Case& c : {Case{DType::kQ6_K, "q6_k", 1.5}, Case{DType::kQ4_K, "q4_k_m", 2.0}}) {
+  for (const Case& c : {Case{DType::kQ6_K, "q6_k", 1.5}, Case{DType::kQ4_K, "q4_k_m", 1.5}}) {
     SCOPED_TRACE(DTypeName(c.dtype));
     LocalModelOptions options;
     options.model_dir = dir;
