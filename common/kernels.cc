@@ -293,102 +293,140 @@ void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
   }
 }
 
-// Few tokens (decode): dequantize-and-dot in registers, no f32 scratch. Per row and token the
-// block sums are accumulated in f32 and scaled once per block (Q8_0) or sub-block (Q4_K:
-// scale * sum(q x) - min * sum(x)). Differs from dequantize-then-dot by summation order only.
-template <size_t kTokens>
-HWY_INLINE void FusedQ8_0Rows(const uint8_t* w, size_t row_bytes, size_t cols, const float* x,
-                              size_t x_stride, float* y, size_t y_stride, size_t rows) {
-  const hn::ScalableTag<float> df;
-  const hn::RebindToSigned<decltype(df)> di;
-  const hn::Rebind<int8_t, decltype(df)> d8;
-  const size_t lanes = hn::Lanes(df);
-  for (size_t r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * row_bytes;
-    hn::Vec<decltype(df)> acc[kTokens];
-    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::Zero(df);
-    for (size_t b = 0; b < cols / 32; ++b) {
-      const uint8_t* block = row + b * 34;
-      const auto* q = reinterpret_cast<const int8_t*>(block + 2);
-      hn::Vec<decltype(df)> sum[kTokens];
-      for (size_t t = 0; t < kTokens; ++t) sum[t] = hn::Zero(df);
-      for (size_t i = 0; i < 32; i += lanes) {
-        const auto qv = hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, q + i)));
+// Few tokens (decode): dequantize-and-dot in registers, no f32 scratch. FusedRows runs the
+// rows; a block type's Dot adds one block's products to each token's accumulator: Q8_0 scales
+// the block's sum of q*x once, Q4_K uses scale * sum(q x) - min * sum(x) per sub-block, Q6_K
+// scales each vector (within one 16-value sub-block). Differs from dequantize-then-dot by
+// summation order only.
+struct Q8_0Dot {
+  static constexpr size_t kElements = 32, kBytes = 34;
+  template <size_t kTokens, class DF>
+  HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
+                             hn::Vec<DF>* acc) const {
+    const hn::RebindToSigned<DF> di;
+    const hn::Rebind<int8_t, DF> d8;
+    const auto* q = reinterpret_cast<const int8_t*>(block + 2);
+    hn::Vec<DF> sum[kTokens];
+    for (size_t t = 0; t < kTokens; ++t) sum[t] = hn::Zero(df);
+    for (size_t i = 0; i < 32; i += hn::Lanes(df)) {
+      const auto qv = hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, q + i)));
+      for (size_t t = 0; t < kTokens; ++t) {
+        sum[t] = hn::MulAdd(qv, hn::LoadU(df, x + t * x_stride + i), sum[t]);
+      }
+    }
+    const auto d = hn::Set(df, HalfAt(block));
+    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::MulAdd(sum[t], d, acc[t]);
+  }
+};
+
+struct Q4_KDot {
+  static constexpr size_t kElements = 256, kBytes = 144;
+  template <size_t kTokens, class DF>
+  HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
+                             hn::Vec<DF>* acc) const {
+    const hn::RebindToUnsigned<DF> du;
+    const hn::RebindToSigned<DF> di;
+    const hn::Rebind<uint8_t, DF> du8;
+    const float d = HalfAt(block), dmin = HalfAt(block + 2);
+    const uint8_t* s = block + 4;
+    const uint8_t* qs = block + 16;
+    for (int j = 0; j < 8; ++j) {
+      int sc = 0, mn = 0;
+      ScaleMinK4(s, j, &sc, &mn);
+      const uint8_t* q = qs + 32 * (j / 2);
+      const int shift = (j % 2) * 4;
+      hn::Vec<DF> qx[kTokens], xs[kTokens];
+      for (size_t t = 0; t < kTokens; ++t) qx[t] = xs[t] = hn::Zero(df);
+      for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
+        auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
+        v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
+        const auto qf = hn::ConvertTo(df, hn::BitCast(di, v));
         for (size_t t = 0; t < kTokens; ++t) {
-          sum[t] = hn::MulAdd(qv, hn::LoadU(df, x + t * x_stride + b * 32 + i), sum[t]);
+          const auto xv = hn::LoadU(df, x + t * x_stride + 32 * j + l);
+          qx[t] = hn::MulAdd(qf, xv, qx[t]);
+          xs[t] = hn::Add(xs[t], xv);
         }
       }
-      const auto d = hn::Set(df, HalfAt(block));
-      for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::MulAdd(sum[t], d, acc[t]);
+      const auto scale = hn::Set(df, d * static_cast<float>(sc));
+      const auto min = hn::Set(df, dmin * static_cast<float>(mn));
+      for (size_t t = 0; t < kTokens; ++t) {
+        acc[t] = hn::NegMulAdd(xs[t], min, hn::MulAdd(qx[t], scale, acc[t]));
+      }
     }
-    for (size_t t = 0; t < kTokens; ++t)
-      y[t * y_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[t]));
   }
-}
+};
 
-template <size_t kTokens>
-HWY_INLINE void FusedQ4_KRows(const uint8_t* w, size_t row_bytes, size_t cols, const float* x,
-                              size_t x_stride, float* y, size_t y_stride, size_t rows) {
-  const hn::ScalableTag<float> df;
-  const hn::RebindToUnsigned<decltype(df)> du;
-  const hn::RebindToSigned<decltype(df)> di;
-  const hn::Rebind<uint8_t, decltype(df)> du8;
-  const size_t lanes = hn::Lanes(df);
-  for (size_t r = 0; r < rows; ++r) {
-    const uint8_t* row = w + r * row_bytes;
-    hn::Vec<decltype(df)> acc[kTokens];
-    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::Zero(df);
-    for (size_t b = 0; b < cols / 256; ++b) {
-      const uint8_t* block = row + b * 144;
-      const float d = HalfAt(block), dmin = HalfAt(block + 2);
-      const uint8_t* s = block + 4;
-      const uint8_t* qs = block + 16;
-      for (int j = 0; j < 8; ++j) {
-        int sc = 0, mn = 0;
-        ScaleMinK4(s, j, &sc, &mn);
-        const uint8_t* q = qs + 32 * (j / 2);
-        const int shift = (j % 2) * 4;
-        hn::Vec<decltype(df)> qx[kTokens], xs[kTokens];
-        for (size_t t = 0; t < kTokens; ++t) qx[t] = xs[t] = hn::Zero(df);
-        for (size_t l = 0; l < 32; l += lanes) {
-          auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
-          v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
-          const auto qf = hn::ConvertTo(df, hn::BitCast(di, v));
+struct Q6_KDot {
+  static constexpr size_t kElements = 256, kBytes = 210;
+  template <size_t kTokens, class DF>
+  HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
+                             hn::Vec<DF>* acc) const {
+    const hn::RebindToUnsigned<DF> du;
+    const hn::RebindToSigned<DF> di;
+    const hn::Rebind<uint8_t, DF> du8;
+    const uint8_t* ql = block;
+    const uint8_t* qh = block + 128;
+    const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
+    const float d = HalfAt(block + 208);
+    for (int h = 0; h < 2; ++h) {
+      for (int k = 0; k < 4; ++k) {
+        for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
+          const size_t e = 128 * h + 32 * k + l;
+          auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
+          lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
+          auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
+          hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
+          const auto q =
+              hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
+          const auto w =
+              hn::Mul(hn::Set(df, d * static_cast<float>(scales[e / 16])), hn::ConvertTo(df, q));
           for (size_t t = 0; t < kTokens; ++t) {
-            const auto xv = hn::LoadU(df, x + t * x_stride + b * 256 + 32 * j + l);
-            qx[t] = hn::MulAdd(qf, xv, qx[t]);
-            xs[t] = hn::Add(xs[t], xv);
+            acc[t] = hn::MulAdd(w, hn::LoadU(df, x + t * x_stride + e), acc[t]);
           }
         }
-        const auto scale = hn::Set(df, d * static_cast<float>(sc));
-        const auto min = hn::Set(df, dmin * static_cast<float>(mn));
-        for (size_t t = 0; t < kTokens; ++t) {
-          acc[t] = hn::NegMulAdd(xs[t], min, hn::MulAdd(qx[t], scale, acc[t]));
-        }
       }
     }
-    for (size_t t = 0; t < kTokens; ++t)
+  }
+};
+
+template <size_t kTokens, class BlockDot>
+HWY_INLINE void FusedRows(const WeightMatrix& w, const float* x, size_t x_stride, float* y,
+                          size_t y_stride, int64_t row_begin, int64_t row_end) {
+  const hn::ScalableTag<float> df;
+  const BlockDot dot;
+  const size_t blocks = static_cast<size_t>(w.cols) / BlockDot::kElements;
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    const uint8_t* row = w.Row(r);
+    hn::Vec<decltype(df)> acc[kTokens];
+    for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::Zero(df);
+    for (size_t b = 0; b < blocks; ++b) {
+      dot.template operator()<kTokens>(df, row + b * BlockDot::kBytes, x + b * BlockDot::kElements,
+                                       x_stride, acc);
+    }
+    for (size_t t = 0; t < kTokens; ++t) {
       y[t * y_stride + r] = hn::GetLane(hn::SumOfLanes(df, acc[t]));
+    }
   }
 }
 
 // Whether MatMulFusedRows handles this matrix at `tokens` tokens.
 bool HasFusedPath(DType dtype, int64_t tokens) {
-  return tokens >= 1 && tokens <= 4 && (dtype == DType::kQ8_0 || dtype == DType::kQ4_K) &&
+  return tokens >= 1 && tokens <= 4 &&
+         (dtype == DType::kQ8_0 || dtype == DType::kQ4_K || dtype == DType::kQ6_K) &&
          hn::Lanes(hn::ScalableTag<float>()) <= 16;
 }
 
 template <size_t kTokens>
 void FusedRowsT(const WeightMatrix& w, const float* x, int64_t x_stride, float* y, int64_t y_stride,
                 int64_t row_begin, int64_t row_end) {
-  const size_t row_bytes = DTypeBytes(w.dtype, w.row_stride);
-  const uint8_t* rows = w.Row(row_begin);
-  float* out = y + row_begin;
-  const size_t n = static_cast<size_t>(row_end - row_begin);
-  if (w.dtype == DType::kQ8_0) {
-    FusedQ8_0Rows<kTokens>(rows, row_bytes, w.cols, x, x_stride, out, y_stride, n);
-  } else {
-    FusedQ4_KRows<kTokens>(rows, row_bytes, w.cols, x, x_stride, out, y_stride, n);
+  const size_t xs = static_cast<size_t>(x_stride), ys = static_cast<size_t>(y_stride);
+  switch (w.dtype) {
+    case DType::kQ8_0:
+      return FusedRows<kTokens, Q8_0Dot>(w, x, xs, y, ys, row_begin, row_end);
+    case DType::kQ4_K:
+      return FusedRows<kTokens, Q4_KDot>(w, x, xs, y, ys, row_begin, row_end);
+    default:
+      return FusedRows<kTokens, Q6_KDot>(w, x, xs, y, ys, row_begin, row_end);
   }
 }
 
