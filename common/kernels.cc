@@ -235,9 +235,35 @@ void DequantizeQ8_0Rows(const uint8_t* src, int64_t n, float* out) {
   }
 }
 
+// Lanes(df) 4-bit values of a Q4_K/Q5_K sub-block from `q` (low nibbles when shift is 0, high
+// when 4), as f32.
+template <class DF>
+HWY_INLINE hn::Vec<DF> Nibbles(DF df, const uint8_t* q, int shift) {
+  const hn::RebindToUnsigned<DF> du;
+  const hn::Rebind<uint8_t, DF> du8;
+  auto v = hn::PromoteTo(du, hn::LoadU(du8, q));
+  v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
+  return hn::ConvertTo(df, hn::BitCast(hn::RebindToSigned<DF>(), v));
+}
+
+// Lanes(df) values q - 32 of a Q6_K block at e = 128 h + 32 k + l (see Q6_KBlock in quant.cc),
+// as f32.
+template <class DF>
+HWY_INLINE hn::Vec<DF> Q6Values(DF df, const uint8_t* ql, const uint8_t* qh, int h, int k,
+                                size_t l) {
+  const hn::RebindToUnsigned<DF> du;
+  const hn::RebindToSigned<DF> di;
+  const hn::Rebind<uint8_t, DF> du8;
+  auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
+  lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
+  auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
+  hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
+  const auto q = hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
+  return hn::ConvertTo(df, q);
+}
+
 void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
-  const hn::RebindToUnsigned<decltype(df)> du;
   const size_t lanes = hn::Lanes(df);
   for (int64_t b = 0; b < n / 256; ++b) {
     const uint8_t* block = src + b * 144;
@@ -252,10 +278,7 @@ void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
       const uint8_t* q = qs + 32 * (j / 2);
       const int shift = (j % 2) * 4;
       for (size_t l = 0; l < 32; l += lanes) {
-        const hn::Rebind<uint8_t, decltype(df)> du8;
-        auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
-        v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
-        const auto f = hn::ConvertTo(df, hn::BitCast(hn::RebindToSigned<decltype(df)>(), v));
+        const auto f = Nibbles(df, q + l, shift);
         hn::StoreU(hn::Sub(hn::Mul(scale, f), min), df, out + b * 256 + 32 * j + l);
       }
     }
@@ -264,9 +287,6 @@ void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
 
 void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
-  const hn::RebindToUnsigned<decltype(df)> du;
-  const hn::RebindToSigned<decltype(df)> di;
-  const hn::Rebind<uint8_t, decltype(df)> du8;
   const size_t lanes = hn::Lanes(df);
   for (int64_t b = 0; b < n / 256; ++b) {
     const uint8_t* block = src + b * 210;
@@ -278,15 +298,9 @@ void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += lanes) {
           const int e = 128 * h + 32 * k + static_cast<int>(l);
-          auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
-          lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
-          auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
-          hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
-          const auto q =
-              hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
           // lanes <= 16: a vector never straddles two 16-value sub-blocks.
           const auto scale = hn::Set(df, d * static_cast<float>(scales[e / 16]));
-          hn::StoreU(hn::Mul(scale, hn::ConvertTo(df, q)), df, out + b * 256 + e);
+          hn::StoreU(hn::Mul(scale, Q6Values(df, ql, qh, h, k, l)), df, out + b * 256 + e);
         }
       }
     }
@@ -324,9 +338,6 @@ struct Q4_KDot {
   template <size_t kTokens, class DF>
   HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
                              hn::Vec<DF>* acc) const {
-    const hn::RebindToUnsigned<DF> du;
-    const hn::RebindToSigned<DF> di;
-    const hn::Rebind<uint8_t, DF> du8;
     const float d = HalfAt(block), dmin = HalfAt(block + 2);
     const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
@@ -338,9 +349,7 @@ struct Q4_KDot {
       hn::Vec<DF> qx[kTokens], xs[kTokens];
       for (size_t t = 0; t < kTokens; ++t) qx[t] = xs[t] = hn::Zero(df);
       for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
-        auto v = hn::PromoteTo(du, hn::LoadU(du8, q + l));
-        v = hn::And(shift ? hn::ShiftRight<4>(v) : v, hn::Set(du, 0x0f));
-        const auto qf = hn::ConvertTo(df, hn::BitCast(di, v));
+        const auto qf = Nibbles(df, q + l, shift);
         for (size_t t = 0; t < kTokens; ++t) {
           const auto xv = hn::LoadU(df, x + t * x_stride + 32 * j + l);
           qx[t] = hn::MulAdd(qf, xv, qx[t]);
@@ -361,9 +370,6 @@ struct Q6_KDot {
   template <size_t kTokens, class DF>
   HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
                              hn::Vec<DF>* acc) const {
-    const hn::RebindToUnsigned<DF> du;
-    const hn::RebindToSigned<DF> di;
-    const hn::Rebind<uint8_t, DF> du8;
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
     const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
@@ -372,14 +378,8 @@ struct Q6_KDot {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
           const size_t e = 128 * h + 32 * k + l;
-          auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
-          lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
-          auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
-          hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
-          const auto q =
-              hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
-          const auto w =
-              hn::Mul(hn::Set(df, d * static_cast<float>(scales[e / 16])), hn::ConvertTo(df, q));
+          const auto w = hn::Mul(hn::Set(df, d * static_cast<float>(scales[e / 16])),
+                                 Q6Values(df, ql, qh, h, k, l));
           for (size_t t = 0; t < kTokens; ++t) {
             acc[t] = hn::MulAdd(w, hn::LoadU(df, x + t * x_stride + e), acc[t]);
           }
