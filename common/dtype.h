@@ -87,6 +87,13 @@ float F16ToF32(uint16_t h);
 // float -> IEEE binary16, round to nearest even.
 uint16_t F32ToF16(float f);
 
+// The little-endian half float stored at p (a block scale of a quantized type), as float.
+inline float LoadF16(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return F16ToF32(h);
+}
+
 inline float BF16ToF32(uint16_t b) {
   uint32_t u = static_cast<uint32_t>(b) << 16;
   float f;

@@ -430,13 +430,18 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
                                                      f->header_.tensors.size(), " tensors"));
     }
   }
-  for (size_t i = 0; i < f->header_.tensors.size(); ++i) {
-    if (!f->tensor_index_.emplace(f->header_.tensors[i].name, i).second) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          f->path_, ": tensor ", f->header_.tensors[i].name, " appears in two split files"));
+  MOE_RETURN_IF_ERROR(f->IndexTensors());
+  return f;
+}
+
+absl::Status GgufFile::IndexTensors() {
+  for (size_t i = 0; i < header_.tensors.size(); ++i) {
+    if (!tensor_index_.emplace(header_.tensors[i].name, i).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path_, ": tensor ", header_.tensors[i].name, " appears in two split files"));
     }
   }
-  return f;
+  return absl::OkStatus();
 }
 
 GgufFile::~GgufFile() {
@@ -451,9 +456,7 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromImage(const uint8_t* dat
   f->path_ = label;
   f->parts_.push_back({label, data, size, /*mapped=*/false});
   MOE_ASSIGN_OR_RETURN(f->header_, ParseGgufImage(data, size, label));
-  for (size_t i = 0; i < f->header_.tensors.size(); ++i) {
-    f->tensor_index_.emplace(f->header_.tensors[i].name, i);
-  }
+  MOE_RETURN_IF_ERROR(f->IndexTensors());
   return f;
 }
 
@@ -467,10 +470,10 @@ const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
   return it == tensor_index_.end() ? nullptr : &header_.tensors[it->second];
 }
 
-const GgufValue* GgufFile::Expect(std::string_view key, absl::Status* status) const {
+absl::StatusOr<const GgufValue*> GgufFile::Expect(std::string_view key) const {
   const GgufValue* v = FindValue(key);
   if (v == nullptr) {
-    *status = absl::NotFoundError(
+    return absl::NotFoundError(
         absl::StrCat(path_, ": metadata key ", std::string(key), " is missing"));
   }
   return v;
@@ -499,26 +502,20 @@ bool IsFloat(GgufValueType t) {
 }  // namespace
 
 absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (v->type != GgufValueType::kString) return WrongType(path_, key, *v, "STRING");
   return v->s;
 }
 
 absl::StatusOr<uint64_t> GgufFile::GetUint(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (IsUnsigned(v->type)) return v->u;
   if (IsSigned(v->type) && v->i >= 0) return static_cast<uint64_t>(v->i);
   return WrongType(path_, key, *v, "a non-negative integer");
 }
 
 absl::StatusOr<int64_t> GgufFile::GetInt(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (IsSigned(v->type)) return v->i;
   if (IsUnsigned(v->type) && v->u <= static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
     return static_cast<int64_t>(v->u);
@@ -527,25 +524,19 @@ absl::StatusOr<int64_t> GgufFile::GetInt(std::string_view key) const {
 }
 
 absl::StatusOr<double> GgufFile::GetFloat(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (!IsFloat(v->type)) return WrongType(path_, key, *v, "FLOAT32 or FLOAT64");
   return v->f;
 }
 
 absl::StatusOr<bool> GgufFile::GetBool(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (v->type != GgufValueType::kBool) return WrongType(path_, key, *v, "BOOL");
   return v->b;
 }
 
 absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (v->type != GgufValueType::kArray || v->array_type != GgufValueType::kString) {
     return WrongType(path_, key, *v, "an array of STRING");
   }
@@ -556,9 +547,7 @@ absl::StatusOr<std::vector<std::string>> GgufFile::GetStringArray(std::string_vi
 }
 
 absl::StatusOr<std::vector<double>> GgufFile::GetFloatArray(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   if (v->type != GgufValueType::kArray || !IsFloat(v->array_type)) {
     return WrongType(path_, key, *v, "an array of FLOAT32");
   }
@@ -569,9 +558,7 @@ absl::StatusOr<std::vector<double>> GgufFile::GetFloatArray(std::string_view key
 }
 
 absl::StatusOr<std::vector<int64_t>> GgufFile::GetIntArray(std::string_view key) const {
-  absl::Status s;
-  const GgufValue* v = Expect(key, &s);
-  if (v == nullptr) return s;
+  MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
   const bool ok = v->type == GgufValueType::kArray &&
                   (IsSigned(v->array_type) ||
                    (IsUnsigned(v->array_type) && v->array_type != GgufValueType::kUint64));

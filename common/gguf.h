@@ -177,7 +177,10 @@ class GgufFile {
   };
   GgufFile() = default;
   absl::Status AddPart(const std::string& path, GgufHeader* header);
-  const GgufValue* Expect(std::string_view key, absl::Status* status) const;
+  // NOT_FOUND naming the key when it is absent.
+  absl::StatusOr<const GgufValue*> Expect(std::string_view key) const;
+  // Fills tensor_index_; INVALID_ARGUMENT when a name appears twice (across split files).
+  absl::Status IndexTensors();
 
   std::string path_;
   std::vector<Part> parts_;

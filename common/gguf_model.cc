@@ -42,10 +42,15 @@ std::string Describe(const std::vector<int64_t>& dims, const char* type) {
 
 }  // namespace
 
-absl::StatusOr<DType> DTypeOfGgufTensor(const GgufTensorInfo& t, const std::string& file) {
+std::optional<DType> DTypeOfGgmlType(uint32_t ggml_type) {
   for (const auto& s : kSupportedTypes) {
-    if (s.ggml_id == t.type_id) return s.dtype;
+    if (s.ggml_id == ggml_type) return s.dtype;
   }
+  return std::nullopt;
+}
+
+absl::StatusOr<DType> DTypeOfGgufTensor(const GgufTensorInfo& t, const std::string& file) {
+  if (const std::optional<DType> dtype = DTypeOfGgmlType(t.type_id)) return *dtype;
   return absl::InvalidArgumentError(absl::StrCat(
       file, ": tensor ", t.name, " has type ", t.type->name,
       ", which moe-cluster cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, "

@@ -19,6 +19,7 @@
 #ifndef MOE_COMMON_GGUF_MODEL_H_
 #define MOE_COMMON_GGUF_MODEL_H_
 
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -35,6 +36,9 @@ namespace moe {
 // inconsistent value and for what the engine does not implement (other architectures, RoPE
 // scaling, partial rotary dimensions).
 absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& file);
+
+// The engine's dtype for a ggml type id, nullopt for the types it cannot compute with.
+std::optional<DType> DTypeOfGgmlType(uint32_t ggml_type);
 
 // The engine's dtype for a tensor's ggml type. INVALID_ARGUMENT naming the tensor and its type
 // for the types moe-cluster cannot compute with (e.g. IQ2_XS), listing those it can.

@@ -213,12 +213,6 @@ void Convert16ToF32(const void* src, DType dtype, int64_t n, float* out) {
 // Q6_K; quant.h has the layouts). Same operations in the same order as DequantizeRow, each a
 // separate rounding (Mul then Sub, never MulAdd), so the bits are DequantizeRow's. Other types
 // use DequantizeRow. Full vectors only: 16 and 32 are multiples of every f32 lane count.
-float HalfAt(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return F16ToF32(h);
-}
-
 void DequantizeQ8_0Rows(const uint8_t* src, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
   const hn::RebindToSigned<decltype(df)> di;
@@ -226,7 +220,7 @@ void DequantizeQ8_0Rows(const uint8_t* src, int64_t n, float* out) {
   const size_t lanes = hn::Lanes(df);
   for (int64_t b = 0; b < n / 32; ++b) {
     const uint8_t* block = src + b * 34;
-    const auto d = hn::Set(df, HalfAt(block));
+    const auto d = hn::Set(df, LoadF16(block));
     const auto* q = reinterpret_cast<const int8_t*>(block + 2);
     for (size_t i = 0; i < 32; i += lanes) {
       const auto v = hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, q + i)));
@@ -267,7 +261,7 @@ void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
   const size_t lanes = hn::Lanes(df);
   for (int64_t b = 0; b < n / 256; ++b) {
     const uint8_t* block = src + b * 144;
-    const float d = HalfAt(block), dmin = HalfAt(block + 2);
+    const float d = LoadF16(block), dmin = LoadF16(block + 2);
     const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
     for (int j = 0; j < 8; ++j) {
@@ -293,7 +287,7 @@ void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
     const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
-    const float d = HalfAt(block + 208);
+    const float d = LoadF16(block + 208);
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += lanes) {
@@ -328,7 +322,7 @@ struct Q8_0Dot {
         sum[t] = hn::MulAdd(qv, hn::LoadU(df, x + t * x_stride + i), sum[t]);
       }
     }
-    const auto d = hn::Set(df, HalfAt(block));
+    const auto d = hn::Set(df, LoadF16(block));
     for (size_t t = 0; t < kTokens; ++t) acc[t] = hn::MulAdd(sum[t], d, acc[t]);
   }
 };
@@ -338,7 +332,7 @@ struct Q4_KDot {
   template <size_t kTokens, class DF>
   HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
                              hn::Vec<DF>* acc) const {
-    const float d = HalfAt(block), dmin = HalfAt(block + 2);
+    const float d = LoadF16(block), dmin = LoadF16(block + 2);
     const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
     for (int j = 0; j < 8; ++j) {
@@ -373,7 +367,7 @@ struct Q6_KDot {
     const uint8_t* ql = block;
     const uint8_t* qh = block + 128;
     const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
-    const float d = HalfAt(block + 208);
+    const float d = LoadF16(block + 208);
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += hn::Lanes(df)) {

@@ -7,23 +7,17 @@
 namespace moe {
 namespace {
 
-float Half(const uint8_t* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return F16ToF32(h);
-}
-
 // Each dequantizer writes one block of `DTypeBlockElements` values. Products and sums are
 // separate statements: the reference rounds each to f32, and a fused multiply-add would not.
 
 void Q8_0Block(const uint8_t* b, float* out) {
-  const float d = Half(b);
+  const float d = LoadF16(b);
   const auto* q = reinterpret_cast<const int8_t*>(b + 2);
   for (int i = 0; i < 32; ++i) out[i] = static_cast<float>(q[i]) * d;
 }
 
 void Q4_0Block(const uint8_t* b, float* out) {
-  const float d = Half(b);
+  const float d = LoadF16(b);
   const uint8_t* qs = b + 2;
   for (int i = 0; i < 16; ++i) {
     out[i] = d * static_cast<float>((qs[i] & 0x0f) - 8);
@@ -32,8 +26,8 @@ void Q4_0Block(const uint8_t* b, float* out) {
 }
 
 void Q4_1Block(const uint8_t* b, float* out) {
-  const float d = Half(b);
-  const float m = Half(b + 2);
+  const float d = LoadF16(b);
+  const float m = LoadF16(b + 2);
   const uint8_t* qs = b + 4;
   for (int i = 0; i < 16; ++i) {
     const float lo = d * static_cast<float>(qs[i] & 0x0f);
@@ -54,15 +48,15 @@ void Q5Values(const uint8_t* qh_bytes, const uint8_t* qs, int q[32]) {
 }
 
 void Q5_0Block(const uint8_t* b, float* out) {
-  const float d = Half(b);
+  const float d = LoadF16(b);
   int q[32];
   Q5Values(b + 2, b + 6, q);
   for (int i = 0; i < 32; ++i) out[i] = d * static_cast<float>(q[i] - 16);
 }
 
 void Q5_1Block(const uint8_t* b, float* out) {
-  const float d = Half(b);
-  const float m = Half(b + 2);
+  const float d = LoadF16(b);
+  const float m = LoadF16(b + 2);
   int q[32];
   Q5Values(b + 4, b + 8, q);
   for (int i = 0; i < 32; ++i) {
@@ -74,8 +68,8 @@ void Q5_1Block(const uint8_t* b, float* out) {
 // Q4_K and Q5_K: sub-block j (32 values) of chunk c = j / 2 takes the low (j even) or high
 // (j odd) nibbles of qs[32 c, 32 c + 32); Q5_K adds bit j of qh[l] as the fifth bit of value l.
 void QKBlock(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* out) {
-  const float d = Half(b);
-  const float dmin = Half(b + 2);
+  const float d = LoadF16(b);
+  const float dmin = LoadF16(b + 2);
   for (int j = 0; j < 8; ++j) {
     int sc = 0, mn = 0;
     ScaleMinK4(b + 4, j, &sc, &mn);
@@ -102,7 +96,7 @@ void Q6_KBlock(const uint8_t* b, float* out) {
   const uint8_t* ql = b;
   const uint8_t* qh = b + 128;
   const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = Half(b + 208);
+  const float d = LoadF16(b + 208);
   for (int h = 0; h < 2; ++h) {
     for (int k = 0; k < 4; ++k) {
       for (int l = 0; l < 32; ++l) {
@@ -294,7 +288,7 @@ void DequantizeRow(const void* src, DType dtype, int64_t n, float* out) {
       std::memcpy(out, src, static_cast<size_t>(n) * sizeof(float));
       return;
     case DType::kF16:
-      for (int64_t i = 0; i < n; ++i) out[i] = Half(p + 2 * i);
+      for (int64_t i = 0; i < n; ++i) out[i] = LoadF16(p + 2 * i);
       return;
     case DType::kBF16:
       for (int64_t i = 0; i < n; ++i) {

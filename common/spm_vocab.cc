@@ -4,6 +4,7 @@
 #include <queue>
 
 #include "absl/strings/str_cat.h"
+#include "common/utf8.h"
 
 namespace moe {
 namespace {
@@ -12,32 +13,9 @@ constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // "▁"
 
 constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
-// Length of the well-formed UTF-8 character at the start of `s` (1-4), or 0 when it is not one:
-// SentencePiece's DecodeUTF8 (shortest form, no surrogates, at most U+10FFFF).
+// Length of the well-formed UTF-8 character at the start of `s` (1-4), or 0 when it is not one.
 size_t CharLength(std::string_view s) {
-  const auto b0 = static_cast<uint8_t>(s[0]);
-  if (b0 < 0x80) return 1;
-  size_t n = 0;
-  uint8_t lo = 0x80, hi = 0xBF;
-  if (b0 >= 0xC2 && b0 <= 0xDF) {
-    n = 2;
-  } else if (b0 >= 0xE0 && b0 <= 0xEF) {
-    n = 3;
-    if (b0 == 0xE0) lo = 0xA0;
-    if (b0 == 0xED) hi = 0x9F;
-  } else if (b0 >= 0xF0 && b0 <= 0xF4) {
-    n = 4;
-    if (b0 == 0xF0) lo = 0x90;
-    if (b0 == 0xF4) hi = 0x8F;
-  } else {
-    return 0;
-  }
-  if (s.size() < n) return 0;
-  for (size_t i = 1; i < n; ++i) {
-    const auto b = static_cast<uint8_t>(s[i]);
-    if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return 0;
-  }
-  return n;
+  return static_cast<size_t>(std::max(0, Utf8CharLength(s)));
 }
 
 // The identity normalizer: a "▁" prefix when asked, " " -> "▁", and every byte that starts no
@@ -101,6 +79,7 @@ absl::StatusOr<std::unique_ptr<SpmVocabModel>> SpmVocabModel::Create(SpmVocab vo
       return absl::InvalidArgumentError(
           absl::StrCat(label, ": token ", id, " has unknown token type ", type));
     }
+    m->any_.emplace(piece, static_cast<int32_t>(id));
     if (type == SpmVocab::kByte) {
       const int byte = ParseBytePiece(piece);
       if (byte < 0) {
@@ -119,13 +98,16 @@ absl::StatusOr<std::unique_ptr<SpmVocabModel>> SpmVocabModel::Create(SpmVocab vo
   return m;
 }
 
+int32_t SpmVocabModel::FindEncodable(std::string_view piece) const {
+  const auto it = encodable_.find(absl::string_view(piece.data(), piece.size()));
+  return it == encodable_.end() ? -1 : it->second;
+}
+
 int SpmVocabModel::PieceToId(std::string_view piece) const {
-  const auto it = encodable_.find(std::string(piece));
-  if (it != encodable_.end()) return it->second;
-  for (int id = 0; id < piece_size(); ++id) {  // control/byte/unknown pieces by their text
-    if (vocab_.pieces[id] == piece) return id;
-  }
-  return vocab_.unk_id;
+  const int32_t id = FindEncodable(piece);
+  if (id >= 0) return id;
+  const auto it = any_.find(absl::string_view(piece.data(), piece.size()));
+  return it != any_.end() ? it->second : vocab_.unk_id;
 }
 
 std::vector<int> SpmVocabModel::Encode(std::string_view text) const {
@@ -169,10 +151,12 @@ std::vector<int> SpmVocabModel::EncodeNormalized(const std::string& text) const 
   std::priority_queue<Pair, std::vector<Pair>, decltype(worse)> agenda(worse);
   const auto maybe_add = [&](int left, int right) {
     if (left < 0 || right < 0) return;
-    const std::string merged = std::string(symbols[left].piece) + std::string(symbols[right].piece);
-    const auto it = encodable_.find(merged);
-    if (it == encodable_.end() || vocab_.types[it->second] == SpmVocab::kUnused) return;
-    agenda.push({left, right, vocab_.scores[it->second], merged.size()});
+    // Adjacent symbols are adjacent in the text: their concatenation is a substring of it.
+    const std::string_view merged(symbols[left].piece.data(),
+                                  symbols[left].piece.size() + symbols[right].piece.size());
+    const int32_t id = FindEncodable(merged);
+    if (id < 0 || vocab_.types[id] == SpmVocab::kUnused) return;
+    agenda.push({left, right, vocab_.scores[id], merged.size()});
   };
   for (size_t i = 1; i < symbols.size(); ++i)
     maybe_add(static_cast<int>(i) - 1, static_cast<int>(i));
@@ -196,9 +180,8 @@ std::vector<int> SpmVocabModel::EncodeNormalized(const std::string& text) const 
   std::vector<int> ids;
   for (int i = symbols.empty() ? -1 : 0; i >= 0; i = symbols[i].next) {
     const std::string_view piece = symbols[i].piece;
-    const auto it = encodable_.find(std::string(piece));
-    if (it != encodable_.end()) {
-      ids.push_back(it->second);
+    if (const int32_t id = FindEncodable(piece); id >= 0) {
+      ids.push_back(id);
       continue;
     }
     bool all_bytes = true;

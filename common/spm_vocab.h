@@ -67,8 +67,13 @@ class SpmVocabModel : public SentencePieceModel {
   std::vector<int> EncodeNormalized(const std::string& normalized) const;
 
   SpmVocab vocab_;
+  // The encodable id of `piece`, or -1 (no allocation: heterogeneous lookup).
+  int32_t FindEncodable(std::string_view piece) const;
+
   // Pieces that text can become (normal, user-defined, unused) -> id.
   absl::flat_hash_map<std::string, int32_t> encodable_;
+  // Every piece (control, unknown and byte pieces too) -> its first id, for PieceToId.
+  absl::flat_hash_map<std::string, int32_t> any_;
   std::vector<std::string> user_defined_;  // longest first
   int32_t byte_ids_[256];                  // -1 where the vocabulary has no <0xNN> piece
 };

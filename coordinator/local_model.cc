@@ -35,7 +35,8 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   }
   MOE_ASSIGN_OR_RETURN(m->engine_,
                        Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));
-  LOG(INFO) << "mapped " << m->weights_->mapped_tensor_bytes() / 1048576.0
+  // Mapped, or (quantize-on-load) held as a quantized copy.
+  LOG(INFO) << (m->weights_->mapped_tensor_bytes() + m->weights_->owned_bytes()) / 1048576.0
             << " MiB of shared weights of " << m->checkpoint_->path();
   return m;
 }

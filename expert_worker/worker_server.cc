@@ -39,7 +39,6 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   weights_options.experts = range;
   weights_options.quantize = options.quantize;
   MOE_ASSIGN_OR_RETURN(w->weights_, checkpoint->LoadWeights(weights_options));
-  w->checkpoint_ = checkpoint;
   w->fingerprint_ = checkpoint->fingerprint();
   if (!options.metrics_listen.empty()) {
     w->metrics_ = std::make_unique<WorkerMetrics>(config.num_hidden_layers, range);

@@ -85,7 +85,6 @@ class WorkerServer {
   WorkerServer() = default;
 
   // Constant after Create.
-  std::shared_ptr<Checkpoint> checkpoint_;  // the weights point into its mapping
   std::unique_ptr<ModelWeights> weights_;
   std::string fingerprint_;
   std::unique_ptr<WorkerMetrics> metrics_;  // null without metrics_listen

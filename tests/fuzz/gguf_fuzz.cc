@@ -14,52 +14,6 @@
 #include "common/quant.h"
 #include "common/tokenizer.h"
 
-namespace {
-
-// The dtype the engine computes with for a ggml type id, if any.
-bool ToDType(uint32_t id, moe::DType* out) {
-  using moe::DType;
-  switch (id) {
-    case 0:
-      *out = DType::kF32;
-      return true;
-    case 1:
-      *out = DType::kF16;
-      return true;
-    case 30:
-      *out = DType::kBF16;
-      return true;
-    case 8:
-      *out = DType::kQ8_0;
-      return true;
-    case 2:
-      *out = DType::kQ4_0;
-      return true;
-    case 3:
-      *out = DType::kQ4_1;
-      return true;
-    case 6:
-      *out = DType::kQ5_0;
-      return true;
-    case 7:
-      *out = DType::kQ5_1;
-      return true;
-    case 12:
-      *out = DType::kQ4_K;
-      return true;
-    case 13:
-      *out = DType::kQ5_K;
-      return true;
-    case 14:
-      *out = DType::kQ6_K;
-      return true;
-    default:
-      return false;
-  }
-}
-
-}  // namespace
-
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto header = moe::ParseGgufImage(data, size, "fuzz.gguf");
   if (!header.ok()) return 0;
@@ -67,10 +21,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (const moe::GgufTensorInfo& t : header->tensors) {
     // Every accepted tensor lies inside the image.
     if (t.file_offset + t.byte_size > size || t.byte_size < t.row_bytes()) __builtin_trap();
-    moe::DType dtype;
-    if (!ToDType(t.type_id, &dtype) || t.row_elements() > (1 << 20)) continue;
+    const std::optional<moe::DType> dtype = moe::DTypeOfGgmlType(t.type_id);
+    if (!dtype || t.row_elements() > (1 << 20)) continue;
     row.resize(static_cast<size_t>(t.row_elements()));
-    moe::DequantizeRow(data + t.file_offset, dtype, t.row_elements(), row.data());
+    moe::DequantizeRow(data + t.file_offset, *dtype, t.row_elements(), row.data());
   }
   auto file = moe::GgufFile::FromImage(data, size, "fuzz.gguf");
   if (!file.ok()) __builtin_trap();  // ParseGgufImage accepted it
