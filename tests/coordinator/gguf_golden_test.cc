@@ -29,10 +29,6 @@ struct Case {
   int64_t workers;
 };
 
-std::string Stem(const std::string& gguf) {
-  return gguf.substr(0, gguf.size() - std::string(".gguf").size());
-}
-
 class GgufGoldenTest : public ::testing::TestWithParam<Case> {
  protected:
   void SetUp() override {
@@ -43,9 +39,7 @@ class GgufGoldenTest : public ::testing::TestWithParam<Case> {
     auto m = LocalModel::Create(options);
     ASSERT_TRUE(m.ok()) << m.status();
     model_ = std::move(*m);
-    auto expected = testing::LoadExpected(Stem(GetParam().path) + ".expected.json",
-                                          Stem(GetParam().path) + ".expected.safetensors",
-                                          model_->config().vocab_size);
+    auto expected = testing::LoadGgufExpected(GetParam().path, model_->config().vocab_size);
     ASSERT_TRUE(expected.ok()) << expected.status();
     expected_ = std::move(*expected);
   }
@@ -88,18 +82,8 @@ TEST_P(GgufGoldenTest, LogitsAndGreedyTokensMatchTransformersOnTheSameFile) {
 
 std::vector<Case> Cases() {
   std::vector<Case> cases;
-  std::vector<std::string> files;
-  for (const auto& dir : std::filesystem::directory_iterator(kGgufModels)) {
-    if (!dir.is_directory()) continue;
-    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
-      // Split sets (tests/testdata/gguf/split/) are checked against their unsplit file below.
-      if (f.path().extension() == ".gguf" && GgufFile::FirstSplitPath(f.path()).empty()) {
-        files.push_back(f.path().string());
-      }
-    }
-  }
-  std::sort(files.begin(), files.end());
-  for (const std::string& f : files) {
+  // Split sets (tests/testdata/gguf/split/) are checked against their unsplit file below.
+  for (const std::string& f : testing::GgufFixtureFiles()) {
     cases.push_back({f, 1});
     if (f.find("mixtral") != std::string::npos && f.find("q4_0") != std::string::npos) {
       cases.push_back({f, 3});  // uneven expert slices of stacked tensors
@@ -147,44 +131,39 @@ double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int
 
 TEST(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
   int files = 0;
-  for (const auto& dir : std::filesystem::directory_iterator(kGgufModels)) {
-    if (!dir.is_directory()) continue;
-    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
-      const std::string path = f.path().string();
-      const std::string suffix = ".llamacpp.safetensors";
-      if (!path.ends_with(suffix)) continue;
-      const std::string stem = path.substr(0, path.size() - suffix.size());
-      SCOPED_TRACE(stem);
-      LocalModelOptions options;
-      options.model_dir = stem + ".gguf";
-      options.load_tokenizer = false;
-      auto m = LocalModel::Create(options);
-      ASSERT_TRUE(m.ok()) << m.status();
-      const int64_t vocab = (*m)->config().vocab_size;
-      auto expected =
-          testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors", vocab);
-      ASSERT_TRUE(expected.ok()) << expected.status();
-      auto llamacpp = TensorStore::OpenFiles({path});
-      ASSERT_TRUE(llamacpp.ok()) << llamacpp.status();
-      auto theirs = (*llamacpp)->Map("logits");
-      ASSERT_TRUE(theirs.ok()) << theirs.status();
-      const int64_t rows = static_cast<int64_t>(expected->prompt.size());
-      ASSERT_EQ(theirs->info->num_elements, rows * vocab);
-      SequenceState seq;
-      StepInput in{&seq, expected->prompt, /*all_logits=*/true};
-      std::vector<float> ours;
-      ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
-      double our_max = 0, their_max = 0;
-      const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
-      const double their_kl = MeanKl(expected->logits, static_cast<const float*>(theirs->data),
-                                     rows, vocab, &their_max);
-      std::printf("%s: KL to transformers, mean/max: engine %.3g / %.3g, llama.cpp %.3g / %.3g\n",
-                  std::filesystem::path(stem).filename().c_str(), our_kl, our_max, their_kl,
-                  their_max);
-      EXPECT_LE(our_kl, their_kl);
-      EXPECT_LE(our_max, their_max);
-      ++files;
-    }
+  for (const std::string& gguf : testing::GgufFixtureFiles()) {
+    const std::string stem = testing::GgufStem(gguf);
+    const std::string path = stem + ".llamacpp.safetensors";
+    if (!std::filesystem::exists(path)) continue;
+    SCOPED_TRACE(stem);
+    LocalModelOptions options;
+    options.model_dir = gguf;
+    options.load_tokenizer = false;
+    auto m = LocalModel::Create(options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const int64_t vocab = (*m)->config().vocab_size;
+    auto expected = testing::LoadGgufExpected(gguf, vocab);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    auto llamacpp = TensorStore::OpenFiles({path});
+    ASSERT_TRUE(llamacpp.ok()) << llamacpp.status();
+    auto theirs = (*llamacpp)->Map("logits");
+    ASSERT_TRUE(theirs.ok()) << theirs.status();
+    const int64_t rows = static_cast<int64_t>(expected->prompt.size());
+    ASSERT_EQ(theirs->info->num_elements, rows * vocab);
+    SequenceState seq;
+    StepInput in{&seq, expected->prompt, /*all_logits=*/true};
+    std::vector<float> ours;
+    ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
+    double our_max = 0, their_max = 0;
+    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
+    const double their_kl =
+        MeanKl(expected->logits, static_cast<const float*>(theirs->data), rows, vocab, &their_max);
+    std::printf("%s: KL to transformers, mean/max: engine %.3g / %.3g, llama.cpp %.3g / %.3g\n",
+                std::filesystem::path(stem).filename().c_str(), our_kl, our_max, their_kl,
+                their_max);
+    EXPECT_LE(our_kl, their_kl);
+    EXPECT_LE(our_max, their_max);
+    ++files;
   }
   EXPECT_GE(files, 8);
 }
@@ -209,9 +188,9 @@ TEST_P(QuantizeOnLoadTest, Q8_0MatchesTransformersOnTheConvertersQ8_0File) {
   EXPECT_EQ((*m)->weights().layer(0).q_proj.dtype, DType::kQ8_0);
   EXPECT_EQ((*m)->weights().mapped_tensor_bytes(), 0u);
   EXPECT_GT((*m)->weights().owned_bytes(), 0u);
-  const std::string stem = std::string(kGgufModels) + "/" + model + "/" + model + "-q8_0";
-  auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
-                                        (*m)->config().vocab_size);
+  auto expected =
+      testing::LoadGgufExpected(std::string(kGgufModels) + "/" + model + "/" + model + "-q8_0.gguf",
+                                (*m)->config().vocab_size);
   ASSERT_TRUE(expected.ok()) << expected.status();
   ExpectMatchesGolden(**m, *expected);
 }
@@ -253,8 +232,7 @@ TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
     StepInput in{&seq, expected->prompt, /*all_logits=*/true};
     std::vector<float> ours;
     ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
-    auto theirs = testing::LoadExpected(gguf + c.llama_file + ".expected.json",
-                                        gguf + c.llama_file + ".expected.safetensors", vocab);
+    auto theirs = testing::LoadGgufExpected(gguf + c.llama_file + ".gguf", vocab);
     ASSERT_TRUE(theirs.ok()) << theirs.status();
     double our_max = 0, their_max = 0;
     const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);

@@ -110,14 +110,13 @@ TEST(ClusterGgufTest, TextPromptThroughCoordinatorAndWorkersEqualsTransformers) 
   for (const char* name : {"mixtral_32e_gqa_fp16/mixtral_32e_gqa_fp16-q8_0",
                            "mixtral_8e_top3_no_rope_theta/mixtral_8e_top3_no_rope_theta-q4_0"}) {
     SCOPED_TRACE(name);
-    const std::string stem = std::string("tests/testdata/gguf/") + name;
-    auto checkpoint = Checkpoint::Open(stem + ".gguf");
+    const std::string gguf = std::string("tests/testdata/gguf/") + name + ".gguf";
+    auto checkpoint = Checkpoint::Open(gguf);
     ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
-    auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
-                                          (*checkpoint)->config().vocab_size);
+    auto expected = testing::LoadGgufExpected(gguf, (*checkpoint)->config().vocab_size);
     ASSERT_TRUE(expected.ok()) << expected.status();
-    auto cluster = Cluster::Start(stem + ".gguf",
-                                  ContiguousRanges((*checkpoint)->config().num_local_experts, 2));
+    auto cluster =
+        Cluster::Start(gguf, ContiguousRanges((*checkpoint)->config().num_local_experts, 2));
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     // The fixtures' prompt text; its ids are the transformers prompt ids (BOS first).
     pb::GenerateRequest request;
@@ -197,28 +196,21 @@ TEST(ClusterLogitsTest, GrpcEqualsInProcessBitForBit) {
 // slices of the stacked tensors: bit-identical to the in-process engine on the same file.
 TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
   int files = 0;
-  for (const auto& dir : std::filesystem::directory_iterator("tests/testdata/gguf")) {
-    if (!dir.is_directory()) continue;
-    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
-      if (f.path().extension() != ".gguf" || !GgufFile::FirstSplitPath(f.path()).empty()) continue;
-      const std::string stem = f.path().string().substr(0, f.path().string().size() - 5);
-      auto checkpoint = Checkpoint::Open(f.path().string());
-      ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
-      auto expected = testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors",
-                                            (*checkpoint)->config().vocab_size);
-      ASSERT_TRUE(expected.ok()) << expected.status();
-      // Dense models have one expert: one worker.
-      const int64_t workers = std::min<int64_t>(2, (*checkpoint)->config().num_local_experts);
-      ExpectLogitsBitIdentical(f.path().string(), *expected, workers);
-      ++files;
-    }
+  for (const std::string& gguf : testing::GgufFixtureFiles()) {
+    auto checkpoint = Checkpoint::Open(gguf);
+    ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+    auto expected = testing::LoadGgufExpected(gguf, (*checkpoint)->config().vocab_size);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    // Dense models have one expert: one worker.
+    const int64_t workers = std::min<int64_t>(2, (*checkpoint)->config().num_local_experts);
+    ExpectLogitsBitIdentical(gguf, *expected, workers);
+    ++files;
   }
   EXPECT_GE(files, 15);
   // Workers and coordinator opening a split set (3 files) by its directory.
-  const std::string stem =
-      "tests/testdata/gguf/mixtral_8e_top3_no_rope_theta/mixtral_8e_top3_no_rope_theta-q8_0";
-  auto expected =
-      testing::LoadExpected(stem + ".expected.json", stem + ".expected.safetensors", 1000);
+  auto expected = testing::LoadGgufExpected(
+      "tests/testdata/gguf/mixtral_8e_top3_no_rope_theta/mixtral_8e_top3_no_rope_theta-q8_0.gguf",
+      1000);
   ASSERT_TRUE(expected.ok()) << expected.status();
   ExpectLogitsBitIdentical("tests/testdata/gguf/split", *expected, 2);
 }

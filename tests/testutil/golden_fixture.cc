@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "common/gguf.h"
 #include "common/model_config.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
@@ -45,6 +47,29 @@ absl::StatusOr<std::vector<float>> Logits(TensorStore& store, const char* name, 
 absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir) {
   MOE_ASSIGN_OR_RETURN(ModelConfig config, LoadModelConfig(dir));
   return LoadExpected(dir + "/expected.json", dir + "/expected.safetensors", config.vocab_size);
+}
+
+std::vector<std::string> GgufFixtureFiles() {
+  std::vector<std::string> files;
+  for (const auto& dir : std::filesystem::directory_iterator("tests/testdata/gguf")) {
+    if (!dir.is_directory()) continue;
+    for (const auto& f : std::filesystem::directory_iterator(dir.path())) {
+      if (f.path().extension() == ".gguf" && GgufFile::FirstSplitPath(f.path()).empty()) {
+        files.push_back(f.path().string());
+      }
+    }
+  }
+  std::sort(files.begin(), files.end());
+  return files;
+}
+
+std::string GgufStem(const std::string& gguf_path) {
+  return gguf_path.substr(0, gguf_path.size() - std::string(".gguf").size());
+}
+
+absl::StatusOr<GoldenExpected> LoadGgufExpected(const std::string& gguf_path, int64_t vocab) {
+  const std::string stem = GgufStem(gguf_path);
+  return LoadExpected(stem + ".expected.json", stem + ".expected.safetensors", vocab);
 }
 
 void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what) {

@@ -27,6 +27,15 @@ absl::StatusOr<GoldenExpected> LoadExpected(const std::string& dir);
 absl::StatusOr<GoldenExpected> LoadExpected(const std::string& json_path,
                                             const std::string& tensors_path, int64_t vocab);
 
+// Every GGUF fixture file tests/testdata/gguf/<dir>/NAME.gguf (split sets, which are compared
+// with their unsplit file, excluded), sorted.
+std::vector<std::string> GgufFixtureFiles();
+// The reference of the GGUF fixture `gguf_path` (NAME.gguf): NAME.expected.json and
+// NAME.expected.safetensors, checked as LoadExpected does.
+absl::StatusOr<GoldenExpected> LoadGgufExpected(const std::string& gguf_path, int64_t vocab);
+// `gguf_path` without its ".gguf".
+std::string GgufStem(const std::string& gguf_path);
+
 // max |got - ref| <= 1e-3 * max |ref| over a row of n logits (a gtest expectation).
 void ExpectLogitsNear(const float* got, const float* ref, int64_t n, const std::string& what);
 
