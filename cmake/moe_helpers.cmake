@@ -7,6 +7,9 @@ function(moe_cc_test)
   target_link_libraries(${T_NAME} PRIVATE ${T_DEPS} GTest::gtest GTest::gmock GTest::gtest_main)
   set_target_properties(${T_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
   add_test(NAME ${T_NAME} COMMAND ${T_NAME} WORKING_DIRECTORY ${PROJECT_SOURCE_DIR})
+  # The tests against transformers need the exact f32 MatMul (kernels.h, MatMulMode); the
+  # binaries they start inherit it. Tests of the fast paths select them explicitly.
+  set_tests_properties(${T_NAME} PROPERTIES ENVIRONMENT MOE_KERNELS=exact)
   if(T_LABELS)
     set_tests_properties(${T_NAME} PROPERTIES LABELS "${T_LABELS}")
   endif()

@@ -4,13 +4,18 @@
 // CPU supports. No -march flag is needed and the binary runs on any x86-64.
 #include "common/kernels.h"
 
+#include <strings.h>
+
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "common/kernels_x86.h"
 #include "common/quant.h"
 
 #undef HWY_TARGET_INCLUDE
@@ -617,11 +622,36 @@ constexpr int64_t kMinParallelMacs = int64_t{1} << 20;
 constexpr int64_t kBlockBytes = int64_t{64} << 10;
 constexpr int64_t kMinBlockRows = 4;  // rows per MatMulTile with few tokens
 
-}  // namespace
+// Rows per work item for rows of row_bytes bytes (as they sit in the cache while the item
+// runs): a multiple of kMinBlockRows, so that items split into whole 4-row tiles.
+int64_t BlockRows(int64_t row_bytes) {
+  return std::max<int64_t>(1, kBlockBytes / std::max<int64_t>(1, row_bytes) / kMinBlockRows) *
+         kMinBlockRows;
+}
 
-// Quantized weights: the block's rows are dequantized once into an f32 scratch (per thread,
-// reused across calls) and multiplied with every token as an F32 matrix, so each weight block
-// is read and dequantized once per call however many tokens there are.
+// fn(row_begin, row_end) for every item of block_rows rows of [0, rows), on the OpenMP team once
+// there are `macs` multiply-adds or more.
+template <typename Fn>
+void ForEachRowBlock(int64_t rows, int64_t block_rows, int64_t macs, const Fn& fn) {
+  const int64_t blocks = (rows + block_rows - 1) / block_rows;
+  const auto run_block = [&](int64_t b) {
+    fn(b * block_rows, std::min(rows, (b + 1) * block_rows));
+  };
+  if (blocks == 1 || macs < kMinParallelMacs) {
+    for (int64_t b = 0; b < blocks; ++b) run_block(b);
+    return;
+  }
+  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
+  // second engine) then delays the call by one block rather than by its whole static share.
+#pragma omp parallel for schedule(static)
+  for (int64_t b = 0; b < blocks; ++b) run_block(b);
+}
+
+std::atomic<int> g_matmul_mode{-1};  // -1: not set yet, MOE_KERNELS decides
+
+// Quantized weights, exact: the block's rows are dequantized once into an f32 scratch (per
+// thread, reused across calls) and multiplied with every token as an F32 matrix, so each
+// weight block is read and dequantized once per call however many tokens there are.
 void MatMulQuantizedRows(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens,
                          float* y, int64_t y_stride, int64_t row_begin, int64_t row_end) {
   if (HWY_DYNAMIC_DISPATCH(HasFusedPath)(w.dtype, tokens)) {
@@ -639,31 +669,93 @@ void MatMulQuantizedRows(const WeightMatrix& w, const float* x, int64_t x_stride
   HWY_DYNAMIC_DISPATCH(MatMulRows)(block, x, x_stride, tokens, y + row_begin, y_stride, 0, n);
 }
 
+// The fast paths (kernels_x86.h). Returns false where none applies.
+bool FastMatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
+                int64_t y_stride) {
+  const x86::Caps caps = x86::GetCaps();
+  const int64_t macs = w.rows * w.cols * tokens;
+  if (caps.int8 && x86::HasInt8Kernel(w.dtype) && tokens <= kMaxInt8Tokens) {
+    // A reference, not the thread_local's name: inside the lambda that would be each OpenMP
+    // thread's own (empty) instance.
+    thread_local x86::Q8Activations per_thread;
+    x86::Q8Activations& acts = per_thread;
+    x86::QuantizeActivations(x, x_stride, tokens, w.cols, &acts);
+    ForEachRowBlock(
+        w.rows, BlockRows(static_cast<int64_t>(DTypeBytes(w.dtype, w.cols))), macs,
+        [&](int64_t r0, int64_t r1) { x86::Int8MatMulRows(w, acts, y, y_stride, r0, r1); });
+    return true;
+  }
+  if (!caps.bf16 || (w.dtype != DType::kBF16 && !IsQuantized(w.dtype))) return false;
+  thread_local x86::BF16Activations per_thread;
+  x86::BF16Activations& acts = per_thread;
+  x86::ConvertActivations(x, x_stride, tokens, w.cols, &acts);
+  const int64_t block_rows = BlockRows(w.cols * 2);
+  if (w.dtype == DType::kBF16) {
+    ForEachRowBlock(w.rows, block_rows, macs, [&](int64_t r0, int64_t r1) {
+      x86::BF16MatMulRows(static_cast<const uint16_t*>(w.data), w.row_stride, acts, y, y_stride, r0,
+                          r1);
+    });
+    return true;
+  }
+  // Quantized: each block of rows dequantized (exactly) and rounded to bf16 once per call.
+  ForEachRowBlock(w.rows, block_rows, macs, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<float> row;
+    thread_local std::vector<uint16_t> scratch;
+    const int64_t n = r1 - r0;
+    row.resize(static_cast<size_t>(w.cols));
+    if (scratch.size() < static_cast<size_t>(n * w.cols)) scratch.resize(n * w.cols);
+    const auto dequantize = HWY_DYNAMIC_DISPATCH(DequantizeRowSimd);
+    for (int64_t r = 0; r < n; ++r) {
+      dequantize(w.Row(r0 + r), w.dtype, w.cols, row.data());
+      x86::F32ToBF16Row(row.data(), w.cols, &scratch[r * w.cols]);
+    }
+    x86::BF16MatMulRows(scratch.data(), w.cols, acts, y + r0, y_stride, 0, n);
+  });
+  return true;
+}
+
+}  // namespace
+
+bool ParseMatMulMode(const char* text, MatMulMode* mode) {
+  if (strcasecmp(text, "exact") == 0) {
+    *mode = MatMulMode::kExact;
+  } else if (strcasecmp(text, "fast") == 0) {
+    *mode = MatMulMode::kFast;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+void SetMatMulMode(MatMulMode mode) { g_matmul_mode = static_cast<int>(mode); }
+
+MatMulMode GetMatMulMode() {
+  int mode = g_matmul_mode.load(std::memory_order_relaxed);
+  if (mode < 0) {
+    MatMulMode from_env = MatMulMode::kFast;
+    const char* env = std::getenv("MOE_KERNELS");
+    if (env != nullptr && !ParseMatMulMode(env, &from_env)) from_env = MatMulMode::kFast;
+    int expected = -1;
+    g_matmul_mode.compare_exchange_strong(expected, static_cast<int>(from_env));
+    mode = g_matmul_mode.load();
+  }
+  return static_cast<MatMulMode>(mode);
+}
+
 void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
             int64_t y_stride) {
   if (tokens <= 0 || w.rows <= 0) return;
-  // Bytes a row takes in the cache while its tile runs: f32 once dequantized.
-  const int64_t row_bytes = std::max<int64_t>(
-      1, IsQuantized(w.dtype) ? w.cols * 4 : static_cast<int64_t>(DTypeBytes(w.dtype, w.cols)));
-  // A multiple of kMinBlockRows, so that blocks split into whole 4-row tiles.
-  const int64_t block_rows =
-      std::max<int64_t>(1, kBlockBytes / row_bytes / kMinBlockRows) * kMinBlockRows;
-  const int64_t blocks = (w.rows + block_rows - 1) / block_rows;
-  const auto matmul_rows =
-      IsQuantized(w.dtype) ? &MatMulQuantizedRows : HWY_DYNAMIC_DISPATCH(MatMulRows);
-  const auto run_block = [&](int64_t b) {
-    const int64_t row_begin = b * block_rows;
-    const int64_t row_end = std::min(w.rows, row_begin + block_rows);
-    matmul_rows(w, x, x_stride, tokens, y, y_stride, row_begin, row_end);
-  };
-  if (blocks == 1 || w.rows * w.cols * tokens < kMinParallelMacs) {
-    for (int64_t b = 0; b < blocks; ++b) run_block(b);
+  if (GetMatMulMode() == MatMulMode::kFast && FastMatMul(w, x, x_stride, tokens, y, y_stride)) {
     return;
   }
-  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
-  // second engine) then delays the call by one block rather than by its whole static share.
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t b = 0; b < blocks; ++b) run_block(b);
+  // Bytes a row takes in the cache while its tile runs: f32 once dequantized.
+  const int64_t row_bytes =
+      IsQuantized(w.dtype) ? w.cols * 4 : static_cast<int64_t>(DTypeBytes(w.dtype, w.cols));
+  const auto matmul_rows =
+      IsQuantized(w.dtype) ? &MatMulQuantizedRows : HWY_DYNAMIC_DISPATCH(MatMulRows);
+  ForEachRowBlock(
+      w.rows, BlockRows(row_bytes), w.rows * w.cols * tokens,
+      [&](int64_t r0, int64_t r1) { matmul_rows(w, x, x_stride, tokens, y, y_stride, r0, r1); });
 }
 
 void ConvertToF32(const void* src, DType dtype, int64_t n, float* out) {

@@ -1,7 +1,8 @@
 // CPU compute kernels: Highway SIMD (runtime-dispatched to the best target the CPU has) and
 // OpenMP across rows. Weights are read in their stored dtype (F32, F16, BF16) and widened to
 // f32 in registers, or (ggml quantizations) dequantized block by block (common/quant.h);
-// activations and accumulators are f32.
+// activations and accumulators are f32 — except in MatMul's fast mode (MatMulMode below;
+// kernels_x86.h), which rounds the activations to int8 or bf16 for integer / bf16 dot products.
 //
 // Contract for every kernel: pointers are non-null unless the size is 0, input and output
 // spans do not overlap unless stated, no alignment is required. Kernels never allocate on the
@@ -43,6 +44,22 @@ struct WeightMatrix {
 // Accumulates in f32: |error| is about 1e-6 * sum_c |W[r, c] * x[t, c]|.
 void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tokens, float* y,
             int64_t y_stride);
+
+// How MatMul treats BF16 and quantized weights (F32 and F16 weights are always exact).
+//  - kExact: f32 activations and accumulation, weights widened/dequantized exactly (the error
+//    bound above): what the tests against transformers use.
+//  - kFast: where the CPU has the instructions (AVX-512 VNNI, AVX512-BF16; kernels_x86.h),
+//    activations are rounded as llama.cpp does: Q8_0, Q4_K, Q6_K weights at up to
+//    kMaxInt8Tokens tokens take int8 activations (per 32 values, f32 scale) and int8 dot
+//    products; BF16 weights, and quantized weights at more tokens (dequantized to bf16 block by
+//    block), take bf16 activations and bf16 dot products. Elsewhere it is kExact.
+// The default is kFast, or what MOE_KERNELS=exact|fast in the environment says.
+enum class MatMulMode { kExact, kFast };
+void SetMatMulMode(MatMulMode mode);
+MatMulMode GetMatMulMode();
+// "exact" / "fast" (any case); false for anything else.
+bool ParseMatMulMode(const char* text, MatMulMode* mode);
+constexpr int64_t kMaxInt8Tokens = 8;
 
 // Convenience: dense x [tokens, cols] -> y [tokens, rows].
 inline void MatMul(const WeightMatrix& w, const float* x, int64_t tokens, float* y) {

@@ -1,12 +1,23 @@
 #include "common/main_init.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 
+#include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
+#include "common/kernels.h"
 #include "glog/logging.h"
+
+ABSL_FLAG(std::string, kernels, "",
+          "MatMul arithmetic for BF16 and quantized weights: 'fast' rounds the activations as "
+          "llama.cpp does (int8 per 8 values for Q8_0/Q4_K/Q6_K weights at up to 8 tokens, "
+          "bf16 otherwise; AVX-512 VNNI / AVX512-BF16 where the CPU has them) or 'exact' (f32 "
+          "activations, as the tests against transformers use). Default: the MOE_KERNELS "
+          "environment variable, else fast.");
 
 namespace moe {
 
@@ -36,7 +47,8 @@ std::vector<std::string> InitMain(int argc, char** argv, const char* main_file,
   static const std::string* const file = new std::string(main_file);
   absl::FlagsUsageConfig config;
   config.contains_help_flags = [](absl::string_view f) {
-    return absl::EndsWith(*file, std::string(f)) || absl::EndsWith(std::string(f), *file);
+    return absl::EndsWith(*file, std::string(f)) || absl::EndsWith(std::string(f), *file) ||
+           absl::EndsWith(std::string(f), "common/main_init.cc");
   };
   config.contains_helpshort_flags = config.contains_help_flags;
   absl::SetFlagsUsageConfig(config);
@@ -47,6 +59,15 @@ std::vector<std::string> InitMain(int argc, char** argv, const char* main_file,
       absl::ParseCommandLine(static_cast<int>(normalized.size()), normalized.data());
   FLAGS_logtostderr = true;
   google::InitGoogleLogging(argv[0]);
+  const std::string kernels = absl::GetFlag(FLAGS_kernels);
+  if (!kernels.empty()) {
+    kernels::MatMulMode mode;
+    if (!kernels::ParseMatMulMode(kernels.c_str(), &mode)) {
+      std::fprintf(stderr, "--kernels=%s: expected 'fast' or 'exact'\n", kernels.c_str());
+      std::exit(2);
+    }
+    kernels::SetMatMulMode(mode);
+  }
   return std::vector<std::string>(args.begin() + 1, args.end());
 }
 

@@ -13,14 +13,17 @@ LLAMA_BIN=${1:?usage: $0 LLAMA_CPP_BIN FILE.gguf [FILE.gguf ...]}
 shift
 THREADS=${THREADS:-2}
 ROUNDS=${ROUNDS:-3}
-export OMP_NUM_THREADS=$THREADS OMP_WAIT_POLICY=PASSIVE
+# One process at a time: OpenMP's default wait policy (spin briefly, then sleep), as llama.cpp's
+# thread pool spins too. The fast kernels (--kernels fast, the default) are the comparable ones.
+export OMP_NUM_THREADS=$THREADS
+unset OMP_WAIT_POLICY MOE_KERNELS
 best() { sort -g | tail -1; }
 
 for model in "$@"; do
   ours_pp=() ours_tg=() ours_b8=() theirs_pp=() theirs_tg=() theirs_b8=()
   for ((r = 0; r < ROUNDS; ++r)); do
-    out=$(build/bin/moe-bench --model "$model" --prompt-tokens 128 --decode-steps 32 \
-      --batches 1,8 2>/dev/null)
+    out=$(build/bin/moe-bench --model "$model" --kernels fast --prompt-tokens 128 \
+      --decode-steps 32 --batches 1,8 2>/dev/null)
     ours_pp+=("$(awk '/^prefill/ {print $4}' <<<"$out")")
     ours_tg+=("$(awk '/^decode +batch +1 / {print $4}' <<<"$out")")
     ours_b8+=("$(awk '/^decode +batch +8 / {print $4}' <<<"$out")")

@@ -2,14 +2,19 @@
 // by tools/fixtures/gen_gguf_models.py with llama.cpp's converter, in F16, Q8_0 and Q4_0) runs
 // through the engine and must match the reference computed by transformers from the same file
 // (logits within 1e-3 * max|ref| at every prompt position and decode step, greedy tokens equal).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <functional>
+#include <numeric>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "common/checkpoint.h"
+#include "common/kernels.h"
 #include "common/safetensors.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
@@ -106,7 +111,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GgufGoldenTest, ::testing::ValuesIn(Cases()),
 // tools/fixtures/gen_gguf_kquants.py with llama-cpp-python): the engine's f32-activation path
 // must be no further from transformers than llama.cpp (which rounds activations to 8 bits).
 double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int64_t vocab,
-              double* max_kl) {
+              double* max_kl, std::vector<double>* per_row = nullptr) {
   double sum = 0;
   *max_kl = 0;
   for (int64_t r = 0; r < rows; ++r) {
@@ -125,12 +130,45 @@ double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int
     }
     sum += kl;
     *max_kl = std::max(*max_kl, kl);
+    if (per_row != nullptr) per_row->push_back(kl);
   }
   return sum / static_cast<double>(rows);
 }
 
-TEST(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
+double Median(std::vector<double> v) {
+  std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+  return v[v.size() / 2];
+}
+
+// How the engine computes in GgufKlTest: exact f32 activations over the whole prompt, or the
+// fast kernels (kernels.h, MatMulMode::kFast) over the whole prompt (one step: bf16 dot products
+// once the prompt has more than kMaxInt8Tokens tokens) or one token per step (int8 activations,
+// as decode runs).
+enum class KlMode { kExact, kFastPrefill, kFastDecode };
+
+class GgufKlTest : public ::testing::TestWithParam<KlMode> {
+ protected:
+  void SetUp() override {
+    kernels::SetMatMulMode(GetParam() == KlMode::kExact ? kernels::MatMulMode::kExact
+                                                        : kernels::MatMulMode::kFast);
+  }
+  void TearDown() override { kernels::SetMatMulMode(kernels::MatMulMode::kExact); }
+};
+
+// The fast paths round activations as llama.cpp does, so like llama.cpp they flip a near-tied
+// top-2 expert choice now and then: one position's KL then jumps to ~0.4-0.75 (llama.cpp's own
+// logits do it at position 13 of the Q4_K_M file, the engine's fast path at the same position of
+// the Q5_0 file). So for them the per-file bound is on the median position (robust to one such
+// flip), and the mean over every position of every file is bounded by llama.cpp's. The exact
+// path is held to the mean and the max of every file.
+// Also: their greedy tokens equal transformers' wherever transformers' top logit leads the
+// runner-up by more than kGreedyMargin and llama.cpp's greedy token agrees (not a flipped
+// position).
+constexpr double kGreedyMargin = 0.05;
+
+TEST_P(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
   int files = 0;
+  std::vector<double> all_ours, all_theirs;
   for (const std::string& gguf : testing::GgufFixtureFiles()) {
     const std::string stem = testing::GgufStem(gguf);
     const std::string path = stem + ".llamacpp.safetensors";
@@ -150,23 +188,81 @@ TEST(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
     ASSERT_TRUE(theirs.ok()) << theirs.status();
     const int64_t rows = static_cast<int64_t>(expected->prompt.size());
     ASSERT_EQ(theirs->info->num_elements, rows * vocab);
+    if (GetParam() == KlMode::kFastPrefill) {
+      ASSERT_GT(rows, kernels::kMaxInt8Tokens);
+    }
     SequenceState seq;
-    StepInput in{&seq, expected->prompt, /*all_logits=*/true};
     std::vector<float> ours;
-    ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
+    if (GetParam() == KlMode::kFastDecode) {
+      for (int64_t i = 0; i < rows; ++i) {
+        StepInput in{&seq, std::span<const int32_t>(&expected->prompt[i], 1)};
+        std::vector<float> step;
+        ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &step).ok());
+        ASSERT_EQ(static_cast<int64_t>(step.size()), vocab);
+        ours.insert(ours.end(), step.begin(), step.end());
+      }
+    } else {
+      StepInput in{&seq, expected->prompt, /*all_logits=*/true};
+      ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
+    }
+    const auto* their_logits = static_cast<const float*>(theirs->data);
     double our_max = 0, their_max = 0;
-    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
+    std::vector<double> our_rows, their_rows;
+    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max, &our_rows);
     const double their_kl =
-        MeanKl(expected->logits, static_cast<const float*>(theirs->data), rows, vocab, &their_max);
-    std::printf("%s: KL to transformers, mean/max: engine %.3g / %.3g, llama.cpp %.3g / %.3g\n",
-                std::filesystem::path(stem).filename().c_str(), our_kl, our_max, their_kl,
-                their_max);
-    EXPECT_LE(our_kl, their_kl);
-    EXPECT_LE(our_max, their_max);
+        MeanKl(expected->logits, their_logits, rows, vocab, &their_max, &their_rows);
+    std::printf(
+        "%s: KL to transformers, mean/median/max: engine %.3g / %.3g / %.3g, llama.cpp %.3g / "
+        "%.3g / %.3g\n",
+        std::filesystem::path(stem).filename().c_str(), our_kl, Median(our_rows), our_max, their_kl,
+        Median(their_rows), their_max);
+    if (GetParam() == KlMode::kExact) {
+      EXPECT_LE(our_kl, their_kl);
+      EXPECT_LE(our_max, their_max);
+    } else {
+      EXPECT_LE(Median(our_rows), Median(their_rows));
+    }
+    all_ours.insert(all_ours.end(), our_rows.begin(), our_rows.end());
+    all_theirs.insert(all_theirs.end(), their_rows.begin(), their_rows.end());
+    int compared = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* ref = &expected->logits[r * vocab];
+      std::vector<float> sorted(ref, ref + vocab);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+      if (sorted[0] - sorted[1] <= kGreedyMargin) continue;
+      const float* lcpp = their_logits + r * vocab;
+      if (std::max_element(lcpp, lcpp + vocab) - lcpp != std::max_element(ref, ref + vocab) - ref) {
+        continue;
+      }
+      const float* got = &ours[r * vocab];
+      EXPECT_EQ(std::max_element(got, got + vocab) - got, std::max_element(ref, ref + vocab) - ref)
+          << "position " << r;
+      ++compared;
+    }
+    EXPECT_GE(compared, rows / 2);
     ++files;
   }
   EXPECT_GE(files, 8);
+  const auto mean = [](const std::vector<double>& v) {
+    return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+  };
+  std::printf("all files: mean KL engine %.3g, llama.cpp %.3g\n", mean(all_ours), mean(all_theirs));
+  EXPECT_LE(mean(all_ours), mean(all_theirs));
 }
+
+INSTANTIATE_TEST_SUITE_P(Modes, GgufKlTest,
+                         ::testing::Values(KlMode::kExact, KlMode::kFastPrefill,
+                                           KlMode::kFastDecode),
+                         [](const auto& info) {
+                           switch (info.param) {
+                             case KlMode::kExact:
+                               return std::string("Exact");
+                             case KlMode::kFastPrefill:
+                               return std::string("FastPrefill");
+                             default:
+                               return std::string("FastDecode");
+                           }
+                         });
 
 // Quantize-on-load: the safetensors checkpoint quantized to Q8_0 while loading holds the same
 // Q8_0 weights llama.cpp's converter wrote into <model>-q8_0.gguf (ggml's Q8_0 reference, the

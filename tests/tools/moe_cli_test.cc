@@ -52,6 +52,20 @@ TEST(MoeCliTest, StreamsACompletion) {
   EXPECT_THAT(r.output, HasSubstr("8 generated, finish: length"));
 }
 
+// Both kernel modes run (the fixture's F16 weights take the exact path in both); a bad value is
+// refused before anything loads.
+TEST(MoeCliTest, KernelsFlag) {
+  for (const char* mode : {"fast", "exact"}) {
+    Result r = RunCli(std::string("generate --kernels ") + mode + " --model " + kFixture +
+                      " --prompt 'We hold' --max-tokens 4 --ignore-eos");
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    EXPECT_THAT(r.output, HasSubstr("4 generated, finish: length"));
+  }
+  Result r = RunCli(std::string("generate --kernels turbo --model ") + kFixture + " --prompt hi");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_THAT(r.output, HasSubstr("--kernels=turbo: expected 'fast' or 'exact'"));
+}
+
 TEST(MoeCliTest, MissingModelDirectory) {
   Result r = RunCli("generate --model /nonexistent/model --prompt hi");
   EXPECT_EQ(r.exit_code, 1);

@@ -1,0 +1,544 @@
+// Fast MatMul paths with x86-64 intrinsics (see kernels_x86.h). Every function that uses an
+// instruction beyond x86-64's baseline carries a target attribute and is called only after
+// GetCaps() found the instructions at run time.
+#include "common/kernels_x86.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+
+#include "common/quant.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define MOE_KERNELS_X86 1
+// GCC 12 reports its own _mm512_undefined_* idiom (`__Y = __Y`) in the intrinsics headers as
+// uninitialized once inlined; clang does not.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#include <immintrin.h>
+#endif
+
+namespace moe::kernels::x86 {
+namespace {
+
+std::atomic<bool> g_limit_int8{true};
+std::atomic<bool> g_limit_bf16{true};
+
+}  // namespace
+
+void LimitCaps(Caps limit) {
+  g_limit_int8 = limit.int8;
+  g_limit_bf16 = limit.bf16;
+}
+
+namespace {
+
+// Values per activation scale. The kernels apply a scale per 4 values (d4), so any multiple
+// of 4 costs the same there; smaller groups round less. Measured KL to transformers, decoding
+// the K-quant fixtures (median per file; llama.cpp, with 32 or 256 values per scale: 0.0007 -
+// 0.004): 32 values 0.0004 - 0.0017 (the Q8_0 file above llama.cpp's), 16: 0.0003 - 0.0014,
+// 8: 0.0003 - 0.0009, 4: 0.0002 - 0.0005 (but flips of near-tied expert choices fall
+// elsewhere; see gguf_golden_test.cc).
+constexpr int kActivationGroup = 8;
+
+void Resize(int64_t tokens, int64_t cols, Q8Activations* out) {
+  out->tokens = tokens;
+  out->cols = cols;
+  const size_t n = static_cast<size_t>(tokens * cols);
+  out->q.resize(n);
+  out->d4.resize(n / 4);
+  out->nsum4.resize(n / 4);
+  out->sum32.resize(n / 32);
+}
+
+// The definition QuantizeActivationsImpl computes with AVX-512 where the CPU has it.
+void QuantizeActivationsScalar(const float* x, int64_t x_stride, int64_t tokens, int64_t cols,
+                               Q8Activations* out) {
+  Resize(tokens, cols, out);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t b = 0; b < cols / 32; ++b) {
+      const size_t e = static_cast<size_t>(t * cols + b * 32);
+      float block_sum = 0;
+      for (int g = 0; g < 32 / kActivationGroup; ++g) {
+        const float* xg = x + t * x_stride + b * 32 + g * kActivationGroup;
+        float amax = 0;
+        for (int i = 0; i < kActivationGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+        const float d = amax / 127.0f;
+        const float id = d > 0 ? 1.0f / d : 0.0f;
+        int32_t group_sum = 0;
+        for (int i = 0; i < kActivationGroup; ++i) {
+          const float v = std::clamp(xg[i] * id, -127.0f, 127.0f);
+          const auto q = static_cast<int8_t>(std::isnan(v) ? 0 : std::nearbyint(v));
+          out->q[e + g * kActivationGroup + i] = q;
+          group_sum += q;
+          if (i % 4 == 3) {
+            const size_t four = (e + g * kActivationGroup + i) / 4;
+            out->d4[four] = d;
+            out->nsum4[four] =
+                -(q + out->q[four * 4] + out->q[four * 4 + 1] + out->q[four * 4 + 2]);
+          }
+        }
+        block_sum = std::fma(d, static_cast<float>(group_sum), block_sum);
+      }
+      out->sum32[e / 32] = block_sum;
+    }
+  }
+}
+
+void QuantizeActivationsImpl(const float* x, int64_t x_stride, int64_t tokens, int64_t cols,
+                             Q8Activations* out);
+
+}  // namespace
+
+void QuantizeActivations(const float* x, int64_t x_stride, int64_t tokens, int64_t cols,
+                         Q8Activations* out) {
+  if (!GetCaps().int8) return QuantizeActivationsScalar(x, x_stride, tokens, cols, out);
+  Resize(tokens, cols, out);
+  QuantizeActivationsImpl(x, x_stride, tokens, cols, out);
+}
+
+void ConvertActivations(const float* x, int64_t x_stride, int64_t tokens, int64_t cols,
+                        BF16Activations* out) {
+  out->tokens = tokens;
+  out->cols = cols;
+  out->x.resize(static_cast<size_t>(tokens * cols));
+  for (int64_t t = 0; t < tokens; ++t) F32ToBF16Row(x + t * x_stride, cols, &out->x[t * cols]);
+}
+
+#ifdef MOE_KERNELS_X86
+
+#define MOE_TARGET_INT8 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,f16c,fma")))
+#define MOE_TARGET_BF16 \
+  __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx512bf16,f16c,fma")))
+
+namespace {
+
+Caps DetectCaps() {
+  __builtin_cpu_init();
+  Caps c;
+  c.int8 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("fma");
+  // F16C: every AVX-512F CPU has it (and clang 14's __builtin_cpu_supports has no name for it).
+  c.bf16 = c.int8 && __builtin_cpu_supports("avx512bf16");
+  return c;
+}
+
+// One token's activations, as the kernels index them.
+struct TokenActs {
+  const int8_t* q;
+  const float* d4;
+  const int32_t* nsum4;
+  const float* sum32;
+};
+
+MOE_TARGET_INT8 inline float HalfAt(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+MOE_TARGET_INT8 inline float HorizontalSum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 s2 = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+MOE_TARGET_INT8 inline float HorizontalSum(__m512 v) {
+  return HorizontalSum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)));
+}
+
+// acc += (dot + corr) * (w_scale * d4) for the 64 values at e of each token, where dot is
+// VPDPBUSD of the unsigned weight quants `wq` with the token's int8 activations.
+// kCorrShift < 0: no correction (unsigned weight values).
+template <int T, int kCorrShift>
+MOE_TARGET_INT8 inline void Accumulate(__m512 (&acc)[T], const TokenActs* a, int64_t e, __m512i wq,
+                                       __m512 w_scale) {
+  for (int t = 0; t < T; ++t) {
+    __m512i base = _mm512_setzero_si512();
+    if constexpr (kCorrShift >= 0) {
+      base = _mm512_slli_epi32(_mm512_loadu_si512(a[t].nsum4 + e / 4), kCorrShift);
+    }
+    const __m512i dot = _mm512_dpbusd_epi32(base, wq, _mm512_loadu_si512(a[t].q + e));
+    const __m512 scale = _mm512_mul_ps(w_scale, _mm512_loadu_ps(a[t].d4 + e / 4));
+    acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+  }
+}
+
+// Blocks b and b + 1 of a Q8_0 row into acc.
+template <int T>
+MOE_TARGET_INT8 inline void Q8_0Pair(const uint8_t* row, int64_t b, const TokenActs* a,
+                                     __m512 (&acc)[T]) {
+  const uint8_t* blk = row + b * 34;
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 36));
+  const __m512i wq = _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                                      _mm512_set1_epi8(static_cast<char>(0x80)));
+  const __m512 dw =
+      _mm512_insertf32x8(_mm512_set1_ps(HalfAt(blk)), _mm256_set1_ps(HalfAt(blk + 34)), 1);
+  Accumulate<T, 7>(acc, a, b * 32, wq, dw);
+}
+
+// Q8_0: two 34-byte blocks per 512-bit vector; quants q + 128 as unsigned, the 128 * sum(x_q)
+// taken back through nsum4 << 7. An odd last block uses the lower half (masked loads).
+template <int T>
+MOE_TARGET_INT8 void Q8_0Rows(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys,
+                              int64_t r0, int64_t r1) {
+  const int64_t nb = w.cols / 32;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // the odd last block
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.Row(r);
+    // Two chains (blocks 4i, 4i+1 and 4i+2, 4i+3): one is bound by the FMA latency.
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    int64_t b = 0;
+    for (; b + 4 <= nb; b += 4) {
+      Q8_0Pair<T>(row, b, a, acc);
+      Q8_0Pair<T>(row, b + 2, a, acc2);
+    }
+    if (b + 2 <= nb) {
+      Q8_0Pair<T>(row, b, a, acc);
+      b += 2;
+    }
+    for (int t = 0; t < T; ++t) acc[t] = _mm512_add_ps(acc[t], acc2[t]);
+    if (b < nb) {
+      const uint8_t* blk = row + b * 34;
+      const int64_t e = b * 32;
+      const __m512i wq = _mm512_xor_si512(_mm512_maskz_loadu_epi8(0xffffffffull, blk + 2), flip);
+      const __m512 dw = _mm512_set1_ps(HalfAt(blk));
+      for (int t = 0; t < T; ++t) {
+        const __m512i corr =
+            _mm512_slli_epi32(_mm512_maskz_loadu_epi32(0xff, a[t].nsum4 + e / 4), 7);
+        const __m512i dot =
+            _mm512_dpbusd_epi32(corr, wq, _mm512_maskz_loadu_epi8(0xffffffffull, a[t].q + e));
+        const __m512 scale = _mm512_mul_ps(dw, _mm512_maskz_loadu_ps(0xff, a[t].d4 + e / 4));
+        acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), scale, acc[t]);
+      }
+    }
+    for (int t = 0; t < T; ++t) y[t * ys + r] = HorizontalSum(acc[t]);
+  }
+}
+
+// Q4_K: sub-blocks 2p (low nibbles) and 2p+1 (high nibbles) of 32 bytes of quants per vector;
+// d * scale per sub-block in f32, and dmin * min * sum(x) per sub-block subtracted at the end.
+template <int T>
+MOE_TARGET_INT8 void Q4_KRows(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys,
+                              int64_t r0, int64_t r1) {
+  const int64_t nb = w.cols / 256;
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const __m128i scale_shift = _mm_set_epi32(4, 0, 0, 0);
+  const __m128i scale_mask = _mm_set_epi32(0x0f0f0f0f, 0x3f3f3f3f, 0x0f0f0f0f, 0x3f3f3f3f);
+  const __m128i scale_high = _mm_set_epi32(0x30303030, 0, 0x30303030, 0);
+  const __m512i d_dmin_index = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+  __m512i pair_index[4];
+  for (int p = 0; p < 4; ++p) {
+    pair_index[p] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32(2 * p)),
+                                       _mm256_set1_epi32(2 * p + 1), 1);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.Row(r);
+    __m512 accs[2][T];
+    __m256 min_acc[T];
+    for (int t = 0; t < T; ++t) {
+      accs[0][t] = accs[1][t] = _mm512_setzero_ps();
+      min_acc[t] = _mm256_setzero_ps();
+    }
+    int64_t b = 0;
+    do {  // nb >= 1 (see BF16Tile on do-while)
+      const uint8_t* blk = row + b * 144;
+      // ScaleMinK4 for all eight sub-blocks at once: the 12 scale bytes as words w0, w1, w2
+      // (the 16-byte load also takes 4 bytes of quants, unused); per byte, scales 0-3 =
+      // w0 & 63, 4-7 = (w2 & 15) | (w0 >> 6) << 4, mins 0-3 = w1 & 63, 4-7 = (w2 >> 4) |
+      // (w1 >> 6) << 4. Lanes of r: scales 0-3, 4-7, mins 0-3, 4-7.
+      const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
+      const __m128i w0212 = _mm_shuffle_epi32(v, 0x98), w0011 = _mm_shuffle_epi32(v, 0x50);
+      const __m128i r = _mm_or_si128(_mm_and_si128(_mm_srlv_epi32(w0212, scale_shift), scale_mask),
+                                     _mm_and_si128(_mm_srli_epi32(w0011, 2), scale_high));
+      // d for lanes 0-7, dmin for 8-15.
+      uint32_t d_dmin;
+      std::memcpy(&d_dmin, blk, 4);
+      const __m512 dd = _mm512_permutexvar_ps(
+          d_dmin_index,
+          _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(d_dmin)))));
+      const __m512 scales16 = _mm512_mul_ps(dd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(r)));
+      const __m256 mins = _mm512_extractf32x8_ps(scales16, 1);
+      const uint8_t* qs = blk + 16;
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        const __m512i raw = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * p)));
+        const __m512i wq = _mm512_and_si512(_mm512_mask_srli_epi16(raw, 0xffff0000u, raw, 4), m4);
+        Accumulate<T, -1>(accs[p & 1], a, b * 256 + 64 * p, wq,
+                          _mm512_permutexvar_ps(pair_index[p], scales16));
+      }
+      for (int t = 0; t < T; ++t) {
+        min_acc[t] = _mm256_fmadd_ps(mins, _mm256_loadu_ps(a[t].sum32 + b * 8), min_acc[t]);
+      }
+    } while (++b < nb);
+    for (int t = 0; t < T; ++t) {
+      y[t * ys + r] =
+          HorizontalSum(_mm512_add_ps(accs[0][t], accs[1][t])) - HorizontalSum(min_acc[t]);
+    }
+  }
+}
+
+// Q6_K: for h, m in {0, 1}, one vector holds the values 128h + 64m .. +63: 64 bytes of ql
+// (shifted by 4m) and 32 bytes of qh in both halves (shifted by 4m and 4m + 2). Values q - 32:
+// the 32 * sum(x_q) taken back through nsum4 << 5. Sixteen-value sub-blocks: four per vector.
+template <int T>
+MOE_TARGET_INT8 void Q6_KRows(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys,
+                              int64_t r0, int64_t r1) {
+  const int64_t nb = w.cols / 256;
+  const __m512i m4 = _mm512_set1_epi8(0x0f);
+  const __m512i m2 = _mm512_set1_epi8(0x03);
+  __m512i high_shift[2];
+  for (int m = 0; m < 2; ++m) {
+    high_shift[m] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16(4 * m)),
+                                       _mm256_set1_epi16(4 * m + 2), 1);
+  }
+  __m512i sub_index[4];
+  for (int hm = 0; hm < 4; ++hm) {
+    alignas(64) int32_t idx[16];
+    for (int i = 0; i < 16; ++i) idx[i] = 4 * hm + i / 4;
+    sub_index[hm] = _mm512_load_si512(idx);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = w.Row(r);
+    __m512 accs[2][T];
+    for (int t = 0; t < T; ++t) accs[0][t] = accs[1][t] = _mm512_setzero_ps();
+    int64_t b = 0;
+    do {  // nb >= 1
+      const uint8_t* blk = row + b * 210;
+      const uint8_t* ql = blk;
+      const uint8_t* qh = blk + 128;
+      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(HalfAt(blk + 208)),
+                                          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                                              reinterpret_cast<const __m128i*>(blk + 192)))));
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m512i high = _mm512_broadcast_i64x4(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * h)));
+        const __m512i low = _mm512_loadu_si512(ql + 64 * h);
+#pragma GCC unroll 2
+        for (int m = 0; m < 2; ++m) {
+          const __m512i lo = _mm512_and_si512(_mm512_srl_epi16(low, _mm_cvtsi32_si128(4 * m)), m4);
+          const __m512i hi =
+              _mm512_slli_epi16(_mm512_and_si512(_mm512_srlv_epi16(high, high_shift[m]), m2), 4);
+          Accumulate<T, 5>(accs[m], a, b * 256 + 128 * h + 64 * m, _mm512_or_si512(lo, hi),
+                           _mm512_permutexvar_ps(sub_index[2 * h + m], scales));
+        }
+      }
+    } while (++b < nb);
+    for (int t = 0; t < T; ++t) {
+      y[t * ys + r] = HorizontalSum(_mm512_add_ps(accs[0][t], accs[1][t]));
+    }
+  }
+}
+
+template <int T>
+void Int8RowsT(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys, int64_t r0,
+               int64_t r1) {
+  switch (w.dtype) {
+    case DType::kQ8_0:
+      return Q8_0Rows<T>(w, a, y, ys, r0, r1);
+    case DType::kQ4_K:
+      return Q4_KRows<T>(w, a, y, ys, r0, r1);
+    default:
+      return Q6_KRows<T>(w, a, y, ys, r0, r1);
+  }
+}
+
+// y[t, r] for kRows rows from w and kTokens tokens from x (bf16, rows ws / xs apart). One loop
+// with a mask for the partial last 32 columns: the accumulators stay in registers (a separate
+// tail step taking them by reference made GCC store them to the stack every iteration).
+template <int kRows, int kTokens>
+MOE_TARGET_BF16 void BF16Tile(const uint16_t* w, size_t ws, const uint16_t* x, size_t xs,
+                              size_t cols, float* y, size_t ys) {
+  __m512 acc[kRows][kTokens];
+  for (int r = 0; r < kRows; ++r) {
+    for (int t = 0; t < kTokens; ++t) acc[r][t] = _mm512_setzero_ps();
+  }
+  // do-while (cols > 0): with a loop that may not run, GCC 12 kept a stack copy of every
+  // accumulator and stored to it each iteration.
+  size_t c = 0;
+  do {
+    const __mmask32 mask =
+        c + 32 <= cols ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << (cols - c)) - 1);
+    __m512bh wv[kRows];
+    for (int r = 0; r < kRows; ++r) {
+      wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * ws + c);
+    }
+    for (int t = 0; t < kTokens; ++t) {
+      const auto xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + t * xs + c);
+      for (int r = 0; r < kRows; ++r) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], wv[r], xv);
+    }
+    c += 32;
+  } while (c < cols);
+  for (int r = 0; r < kRows; ++r) {
+    for (int t = 0; t < kTokens; ++t) y[t * ys + r] = HorizontalSum(acc[r][t]);
+  }
+}
+
+template <int kTokens>
+void BF16TokenTile(const uint16_t* w, size_t ws, const uint16_t* x, size_t xs, size_t cols,
+                   float* y, size_t ys, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  // One token: row by row. Four interleaved rows measured 28 vs 39 GB/s from memory (the
+  // prefetchers follow one sequential stream per thread better than four).
+  if constexpr (kTokens > 1) {
+    for (; r + 4 <= r1; r += 4) BF16Tile<4, kTokens>(w + r * ws, ws, x, xs, cols, y + r, ys);
+  }
+  for (; r < r1; ++r) BF16Tile<1, kTokens>(w + r * ws, ws, x, xs, cols, y + r, ys);
+}
+
+MOE_TARGET_BF16 void F32ToBF16RowImpl(const float* in, int64_t n, uint16_t* out) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh v = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + i));
+    std::memcpy(out + i, &v, sizeof(v));
+  }
+  for (; i < n; ++i) out[i] = F32ToBF16(in[i]);
+}
+
+// clamp(v * id, -127, 127) rounded to nearest even, as int8.
+MOE_TARGET_INT8 inline __m128i RoundToInt8(__m512 v, __m512 id) {
+  const __m512 lim = _mm512_set1_ps(127.0f);
+  v = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, id), _mm512_set1_ps(-127.0f)), lim);
+  return _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v));
+}
+
+// Same values as QuantizeActivationsScalar (x * (1 / d) rounded to nearest even, saturated),
+// except for NaN inputs (-128 here, 0 there).
+MOE_TARGET_INT8 void QuantizeActivationsImpl(const float* x, int64_t x_stride, int64_t tokens,
+                                             int64_t cols, Q8Activations* out) {
+  static_assert(kActivationGroup == 8);
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+  const __m256i ones = _mm256_set1_epi8(1);
+  const __m512i first_of_four = _mm512_set_epi32(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 12, 8, 4, 0);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t b = 0; b < cols / 32; ++b) {
+      const float* xb = x + t * x_stride + b * 32;
+      const size_t e = static_cast<size_t>(t * cols + b * 32);
+      __m128i q[2];
+      for (int h = 0; h < 2; ++h) {
+        const __m512 v = _mm512_loadu_ps(xb + 16 * h);
+        // The max of |v| over each 8-lane group, in every lane of the group.
+        __m512 m = _mm512_and_ps(v, abs_mask);
+        m = _mm512_max_ps(m, _mm512_permute_ps(m, 0xb1));
+        m = _mm512_max_ps(m, _mm512_permute_ps(m, 0x4e));
+        m = _mm512_max_ps(m, _mm512_shuffle_f32x4(m, m, 0xb1));
+        const __m512 d = _mm512_div_ps(m, _mm512_set1_ps(127.0f));
+        const __mmask16 nonzero = _mm512_cmp_ps_mask(d, _mm512_setzero_ps(), _CMP_GT_OQ);
+        const __m512 id = _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), d);
+        q[h] = RoundToInt8(v, id);
+        _mm_storeu_ps(&out->d4[e / 4 + 4 * h],
+                      _mm512_castps512_ps128(_mm512_permutexvar_ps(first_of_four, d)));
+      }
+      const __m256i qs = _mm256_set_m128i(q[1], q[0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out->q[e]), qs);
+      const __m256i sums = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ones, qs);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(&out->nsum4[e / 4]),
+                          _mm256_sub_epi32(_mm256_setzero_si256(), sums));
+      float block_sum = 0;  // as QuantizeActivationsScalar adds it (std::fma in both)
+      for (int g = 0; g < 4; ++g) {
+        const int32_t group_sum = -(out->nsum4[e / 4 + 2 * g] + out->nsum4[e / 4 + 2 * g + 1]);
+        block_sum = std::fma(out->d4[e / 4 + 2 * g], static_cast<float>(group_sum), block_sum);
+      }
+      out->sum32[e / 32] = block_sum;
+    }
+  }
+}
+
+}  // namespace
+
+Caps GetCaps() {
+  static const Caps detected = DetectCaps();
+  Caps c = detected;
+  c.int8 = c.int8 && g_limit_int8;
+  c.bf16 = c.bf16 && g_limit_bf16;
+  return c;
+}
+
+void Int8MatMulRows(const WeightMatrix& w, const Q8Activations& a, float* y, int64_t y_stride,
+                    int64_t row_begin, int64_t row_end) {
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += 4) {
+    TokenActs acts[4];
+    const int n = static_cast<int>(std::min<int64_t>(4, a.tokens - t0));
+    for (int t = 0; t < n; ++t) {
+      const int64_t e = (t0 + t) * a.cols;
+      acts[t] = {&a.q[e], &a.d4[e / 4], &a.nsum4[e / 4], &a.sum32[e / 32]};
+    }
+    float* yt = y + t0 * y_stride;
+    switch (n) {
+      case 1:
+        Int8RowsT<1>(w, acts, yt, y_stride, row_begin, row_end);
+        break;
+      case 2:
+        Int8RowsT<2>(w, acts, yt, y_stride, row_begin, row_end);
+        break;
+      case 3:
+        Int8RowsT<3>(w, acts, yt, y_stride, row_begin, row_end);
+        break;
+      default:
+        Int8RowsT<4>(w, acts, yt, y_stride, row_begin, row_end);
+        break;
+    }
+  }
+}
+
+void BF16MatMulRows(const uint16_t* w, int64_t w_stride, const BF16Activations& a, float* y,
+                    int64_t y_stride, int64_t row_begin, int64_t row_end) {
+  const auto ws = static_cast<size_t>(w_stride), cols = static_cast<size_t>(a.cols);
+  const auto ys = static_cast<size_t>(y_stride);
+  for (int64_t t0 = 0; t0 < a.tokens; t0 += 4) {
+    const uint16_t* x = &a.x[t0 * a.cols];
+    float* yt = y + t0 * y_stride;
+    switch (std::min<int64_t>(4, a.tokens - t0)) {
+      case 1:
+        BF16TokenTile<1>(w, ws, x, cols, cols, yt, ys, row_begin, row_end);
+        break;
+      case 2:
+        BF16TokenTile<2>(w, ws, x, cols, cols, yt, ys, row_begin, row_end);
+        break;
+      case 3:
+        BF16TokenTile<3>(w, ws, x, cols, cols, yt, ys, row_begin, row_end);
+        break;
+      default:
+        BF16TokenTile<4>(w, ws, x, cols, cols, yt, ys, row_begin, row_end);
+        break;
+    }
+  }
+}
+
+void F32ToBF16Row(const float* in, int64_t n, uint16_t* out) {
+  if (GetCaps().bf16) return F32ToBF16RowImpl(in, n, out);
+  for (int64_t i = 0; i < n; ++i) out[i] = F32ToBF16(in[i]);
+}
+
+#else  // !MOE_KERNELS_X86
+
+Caps GetCaps() { return {}; }
+
+namespace {
+void QuantizeActivationsImpl(const float* x, int64_t x_stride, int64_t tokens, int64_t cols,
+                             Q8Activations* out) {
+  QuantizeActivationsScalar(x, x_stride, tokens, cols, out);
+}
+}  // namespace
+
+void Int8MatMulRows(const WeightMatrix&, const Q8Activations&, float*, int64_t, int64_t, int64_t) {}
+
+void BF16MatMulRows(const uint16_t*, int64_t, const BF16Activations&, float*, int64_t, int64_t,
+                    int64_t) {}
+
+void F32ToBF16Row(const float* in, int64_t n, uint16_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = F32ToBF16(in[i]);
+}
+
+#endif  // MOE_KERNELS_X86
+
+}  // namespace moe::kernels::x86
