@@ -245,17 +245,15 @@ HWY_INLINE hn::Vec<DF> Nibbles(DF df, const uint8_t* q, int shift) {
   return hn::ConvertTo(df, hn::BitCast(hn::RebindToSigned<DF>(), v));
 }
 
-// Lanes(df) values q - 32 of a Q6_K block at e = 128 h + 32 k + l (see Q6_KBlock in quant.cc),
-// as f32.
+// Lanes(df) values q - 32 of a Q6_K block at e = 128 h + 32 k + l (layout: Q6_KParts), as f32.
 template <class DF>
-HWY_INLINE hn::Vec<DF> Q6Values(DF df, const uint8_t* ql, const uint8_t* qh, int h, int k,
-                                size_t l) {
+HWY_INLINE hn::Vec<DF> Q6Values(DF df, const Q6_KParts& p, int h, int k, size_t l) {
   const hn::RebindToUnsigned<DF> du;
   const hn::RebindToSigned<DF> di;
   const hn::Rebind<uint8_t, DF> du8;
-  auto lo = hn::PromoteTo(du, hn::LoadU(du8, ql + 64 * h + 32 * (k % 2) + l));
+  auto lo = hn::PromoteTo(du, hn::LoadU(du8, p.ql + 64 * h + 32 * (k % 2) + l));
   lo = hn::And(k < 2 ? lo : hn::ShiftRight<4>(lo), hn::Set(du, 0x0f));
-  auto hi = hn::PromoteTo(du, hn::LoadU(du8, qh + 32 * h + l));
+  auto hi = hn::PromoteTo(du, hn::LoadU(du8, p.qh + 32 * h + l));
   hi = hn::And(hn::ShiftRightSame(hi, 2 * k), hn::Set(du, 3));
   const auto q = hn::Sub(hn::BitCast(di, hn::Or(lo, hn::ShiftLeft<4>(hi))), hn::Set(di, 32));
   return hn::ConvertTo(df, q);
@@ -267,17 +265,13 @@ void DequantizeQ4_KRows(const uint8_t* src, int64_t n, float* out) {
   for (int64_t b = 0; b < n / 256; ++b) {
     const uint8_t* block = src + b * 144;
     const float d = LoadF16(block), dmin = LoadF16(block + 2);
-    const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
     for (int j = 0; j < 8; ++j) {
-      int sc = 0, mn = 0;
-      ScaleMinK4(s, j, &sc, &mn);
-      const auto scale = hn::Set(df, d * static_cast<float>(sc));
-      const auto min = hn::Set(df, dmin * static_cast<float>(mn));
-      const uint8_t* q = qs + 32 * (j / 2);
-      const int shift = (j % 2) * 4;
+      const K4SubBlock sub = K4SubBlockOf(block, d, dmin, j);
+      const auto scale = hn::Set(df, sub.scale);
+      const auto min = hn::Set(df, sub.min);
       for (size_t l = 0; l < 32; l += lanes) {
-        const auto f = Nibbles(df, q + l, shift);
+        const auto f = Nibbles(df, qs + sub.offset + l, sub.shift);
         hn::StoreU(hn::Sub(hn::Mul(scale, f), min), df, out + b * 256 + 32 * j + l);
       }
     }
@@ -288,18 +282,14 @@ void DequantizeQ6_KRows(const uint8_t* src, int64_t n, float* out) {
   const hn::ScalableTag<float> df;
   const size_t lanes = hn::Lanes(df);
   for (int64_t b = 0; b < n / 256; ++b) {
-    const uint8_t* block = src + b * 210;
-    const uint8_t* ql = block;
-    const uint8_t* qh = block + 128;
-    const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
-    const float d = LoadF16(block + 208);
+    const Q6_KParts p(src + b * 210);
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += lanes) {
           const int e = 128 * h + 32 * k + static_cast<int>(l);
           // lanes <= 16: a vector never straddles two 16-value sub-blocks.
-          const auto scale = hn::Set(df, d * static_cast<float>(scales[e / 16]));
-          hn::StoreU(hn::Mul(scale, Q6Values(df, ql, qh, h, k, l)), df, out + b * 256 + e);
+          const auto scale = hn::Set(df, p.d * static_cast<float>(p.scales[e / 16]));
+          hn::StoreU(hn::Mul(scale, Q6Values(df, p, h, k, l)), df, out + b * 256 + e);
         }
       }
     }
@@ -338,25 +328,21 @@ struct Q4_KDot {
   HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
                              hn::Vec<DF>* acc) const {
     const float d = LoadF16(block), dmin = LoadF16(block + 2);
-    const uint8_t* s = block + 4;
     const uint8_t* qs = block + 16;
     for (int j = 0; j < 8; ++j) {
-      int sc = 0, mn = 0;
-      ScaleMinK4(s, j, &sc, &mn);
-      const uint8_t* q = qs + 32 * (j / 2);
-      const int shift = (j % 2) * 4;
+      const K4SubBlock sub = K4SubBlockOf(block, d, dmin, j);
       hn::Vec<DF> qx[kTokens], xs[kTokens];
       for (size_t t = 0; t < kTokens; ++t) qx[t] = xs[t] = hn::Zero(df);
       for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
-        const auto qf = Nibbles(df, q + l, shift);
+        const auto qf = Nibbles(df, qs + sub.offset + l, sub.shift);
         for (size_t t = 0; t < kTokens; ++t) {
           const auto xv = hn::LoadU(df, x + t * x_stride + 32 * j + l);
           qx[t] = hn::MulAdd(qf, xv, qx[t]);
           xs[t] = hn::Add(xs[t], xv);
         }
       }
-      const auto scale = hn::Set(df, d * static_cast<float>(sc));
-      const auto min = hn::Set(df, dmin * static_cast<float>(mn));
+      const auto scale = hn::Set(df, sub.scale);
+      const auto min = hn::Set(df, sub.min);
       for (size_t t = 0; t < kTokens; ++t) {
         acc[t] = hn::NegMulAdd(xs[t], min, hn::MulAdd(qx[t], scale, acc[t]));
       }
@@ -369,16 +355,13 @@ struct Q6_KDot {
   template <size_t kTokens, class DF>
   HWY_INLINE void operator()(DF df, const uint8_t* block, const float* x, size_t x_stride,
                              hn::Vec<DF>* acc) const {
-    const uint8_t* ql = block;
-    const uint8_t* qh = block + 128;
-    const auto* scales = reinterpret_cast<const int8_t*>(block + 192);
-    const float d = LoadF16(block + 208);
+    const Q6_KParts p(block);
     for (int h = 0; h < 2; ++h) {
       for (int k = 0; k < 4; ++k) {
         for (size_t l = 0; l < 32; l += hn::Lanes(df)) {
           const size_t e = 128 * h + 32 * k + l;
-          const auto w = hn::Mul(hn::Set(df, d * static_cast<float>(scales[e / 16])),
-                                 Q6Values(df, ql, qh, h, k, l));
+          const auto w = hn::Mul(hn::Set(df, p.d * static_cast<float>(p.scales[e / 16])),
+                                 Q6Values(df, p, h, k, l));
           for (size_t t = 0; t < kTokens; ++t) {
             acc[t] = hn::MulAdd(w, hn::LoadU(df, x + t * x_stride + e), acc[t]);
           }

@@ -65,23 +65,18 @@ void Q5_1Block(const uint8_t* b, float* out) {
   }
 }
 
-// Q4_K and Q5_K: sub-block j (32 values) of chunk c = j / 2 takes the low (j even) or high
-// (j odd) nibbles of qs[32 c, 32 c + 32); Q5_K adds bit j of qh[l] as the fifth bit of value l.
+// Q4_K and Q5_K (sub-blocks: K4SubBlockOf); Q5_K adds bit j of qh[l] as the fifth bit of value
+// l of sub-block j.
 void QKBlock(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* out) {
   const float d = LoadF16(b);
   const float dmin = LoadF16(b + 2);
   for (int j = 0; j < 8; ++j) {
-    int sc = 0, mn = 0;
-    ScaleMinK4(b + 4, j, &sc, &mn);
-    const float scale = d * static_cast<float>(sc);
-    const float min = dmin * static_cast<float>(mn);
-    const uint8_t* q = qs + 32 * (j / 2);
-    const int shift = (j % 2) * 4;
+    const K4SubBlock sub = K4SubBlockOf(b, d, dmin, j);
     for (int l = 0; l < 32; ++l) {
-      int v = (q[l] >> shift) & 0x0f;
+      int v = (qs[sub.offset + l] >> sub.shift) & 0x0f;
       if (qh != nullptr) v |= ((qh[l] >> j) & 1) << 4;
-      const float t = scale * static_cast<float>(v);
-      out[32 * j + l] = t - min;
+      const float t = sub.scale * static_cast<float>(v);
+      out[32 * j + l] = t - sub.min;
     }
   }
 }
@@ -89,22 +84,17 @@ void QKBlock(const uint8_t* b, const uint8_t* qh, const uint8_t* qs, float* out)
 void Q4_KBlock(const uint8_t* b, float* out) { QKBlock(b, nullptr, b + 16, out); }
 void Q5_KBlock(const uint8_t* b, float* out) { QKBlock(b, b + 16, b + 48, out); }
 
-// Q6_K: value e = 128 h + 32 k + l (h < 2, k < 4, l < 32) has its low 4 bits in
-// ql[64 h + 32 (k % 2) + l] (low nibble for k < 2, high for k >= 2) and its high 2 bits in
-// qh[32 h + l] >> 2k; sub-block e / 16 gives its int8 scale.
+// Q6_K: the layout is in Q6_KParts.
 void Q6_KBlock(const uint8_t* b, float* out) {
-  const uint8_t* ql = b;
-  const uint8_t* qh = b + 128;
-  const auto* scales = reinterpret_cast<const int8_t*>(b + 192);
-  const float d = LoadF16(b + 208);
+  const Q6_KParts p(b);
   for (int h = 0; h < 2; ++h) {
     for (int k = 0; k < 4; ++k) {
       for (int l = 0; l < 32; ++l) {
         const int e = 128 * h + 32 * k + l;
-        const uint8_t low = ql[64 * h + 32 * (k % 2) + l];
+        const uint8_t low = p.ql[64 * h + 32 * (k % 2) + l];
         const int lo4 = k < 2 ? (low & 0x0f) : (low >> 4);
-        const int hi2 = (qh[32 * h + l] >> (2 * k)) & 3;
-        const float scale = d * static_cast<float>(scales[e / 16]);
+        const int hi2 = (p.qh[32 * h + l] >> (2 * k)) & 3;
+        const float scale = p.d * static_cast<float>(p.scales[e / 16]);
         out[e] = scale * static_cast<float>((lo4 | (hi2 << 4)) - 32);
       }
     }

@@ -38,6 +38,33 @@ inline void ScaleMinK4(const uint8_t* s, int j, int* scale, int* min) {
   }
 }
 
+// Sub-block j (0..7, 32 values) of a Q4_K/Q5_K block `b` whose d and dmin are given: its scale
+// d * sc and min dmin * m, and where its 4-bit values are — the low (shift 0, j even) or high
+// (shift 4) nibbles of the 32 bytes at qs + offset.
+struct K4SubBlock {
+  float scale;
+  float min;
+  int offset;
+  int shift;
+};
+inline K4SubBlock K4SubBlockOf(const uint8_t* b, float d, float dmin, int j) {
+  int sc = 0, mn = 0;
+  ScaleMinK4(b + 4, j, &sc, &mn);
+  return {d * static_cast<float>(sc), dmin * static_cast<float>(mn), 32 * (j / 2), (j % 2) * 4};
+}
+
+// The parts of a Q6_K block (210 bytes): value e = 128 h + 32 k + l (h < 2, k < 4, l < 32) has
+// its low 4 bits in ql[64 h + 32 (k % 2) + l] (low nibble for k < 2, high for k >= 2), its high
+// 2 bits in qh[32 h + l] >> 2k, and the int8 scale scales[e / 16] (times d).
+struct Q6_KParts {
+  explicit Q6_KParts(const uint8_t* b)
+      : ql(b), qh(b + 128), scales(reinterpret_cast<const int8_t*>(b + 192)), d(LoadF16(b + 208)) {}
+  const uint8_t* ql;
+  const uint8_t* qh;
+  const int8_t* scales;
+  float d;
+};
+
 // The quantizations QuantizeRow writes (quantize-on-load).
 constexpr bool CanQuantizeTo(DType t) {
   return t == DType::kQ8_0 || t == DType::kQ4_K || t == DType::kQ6_K;
