@@ -1,6 +1,7 @@
 #include "common/spm_vocab.h"
 
 #include <algorithm>
+#include <functional>
 #include <queue>
 
 #include "absl/strings/str_cat.h"
@@ -8,10 +9,6 @@
 
 namespace moe {
 namespace {
-
-constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // "▁"
-
-constexpr std::string_view kReplacement = "\xEF\xBF\xBD";  // U+FFFD
 
 // Length of the well-formed UTF-8 character at the start of `s` (1-4), or 0 when it is not one.
 size_t CharLength(std::string_view s) {
@@ -26,7 +23,7 @@ std::string Normalize(std::string_view text, bool dummy_prefix) {
   for (size_t pos = 0; pos < text.size();) {
     const size_t n = CharLength(text.substr(pos));
     if (n == 0) {
-      out.append(kReplacement);
+      out.append(kReplacementChar);
       ++pos;
     } else if (text[pos] == ' ') {
       out.append(kSpaceSymbol);
@@ -37,18 +34,6 @@ std::string Normalize(std::string_view text, bool dummy_prefix) {
     }
   }
   return out;
-}
-
-int ParseBytePiece(const std::string& piece) {
-  if (piece.size() != 6 || piece.compare(0, 3, "<0x") != 0 || piece[5] != '>') return -1;
-  int v = 0;
-  for (int i = 3; i < 5; ++i) {
-    const char c = piece[i];
-    const int d = c >= '0' && c <= '9' ? c - '0' : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
-    if (d < 0) return -1;
-    v = v * 16 + d;
-  }
-  return v;
 }
 
 }  // namespace
@@ -81,7 +66,7 @@ absl::StatusOr<std::unique_ptr<SpmVocabModel>> SpmVocabModel::Create(SpmVocab vo
     }
     m->any_.emplace(piece, static_cast<int32_t>(id));
     if (type == SpmVocab::kByte) {
-      const int byte = ParseBytePiece(piece);
+      const int byte = PieceByte(piece);
       if (byte < 0) {
         return absl::InvalidArgumentError(
             absl::StrCat(label, ": byte token ", id, " is \"", piece, "\", not <0xNN>"));
@@ -90,11 +75,17 @@ absl::StatusOr<std::unique_ptr<SpmVocabModel>> SpmVocabModel::Create(SpmVocab vo
     } else if (type == SpmVocab::kNormal || type == SpmVocab::kUserDefined ||
                type == SpmVocab::kUnused) {
       m->encodable_.emplace(piece, static_cast<int32_t>(id));  // first id wins, as in SP
-      if (type == SpmVocab::kUserDefined && !piece.empty()) m->user_defined_.push_back(piece);
+      if (type == SpmVocab::kUserDefined && !piece.empty()) m->user_defined_.insert(piece);
     }
   }
-  std::sort(m->user_defined_.begin(), m->user_defined_.end(),
-            [](const std::string& a, const std::string& b) { return a.size() > b.size(); });
+  for (const std::string& piece : m->user_defined_) {
+    m->user_defined_lengths_.push_back(piece.size());
+  }
+  std::sort(m->user_defined_lengths_.begin(), m->user_defined_lengths_.end(),
+            std::greater<size_t>());
+  m->user_defined_lengths_.erase(
+      std::unique(m->user_defined_lengths_.begin(), m->user_defined_lengths_.end()),
+      m->user_defined_lengths_.end());
   return m;
 }
 
@@ -126,10 +117,12 @@ std::vector<int> SpmVocabModel::EncodeNormalized(const std::string& text) const 
   std::vector<Symbol> symbols;
   const std::string_view s = text;
   for (size_t pos = 0; pos < s.size();) {
+    // The longest user-defined piece at `pos` (two pieces of one length cannot both match).
     size_t len = 0;
-    for (const std::string& u : user_defined_) {
-      if (s.substr(pos).starts_with(u)) {
-        len = u.size();
+    for (const size_t length : user_defined_lengths_) {
+      if (length <= s.size() - pos &&
+          user_defined_.contains(absl::string_view(s.data() + pos, length))) {
+        len = length;
         break;
       }
     }
@@ -188,8 +181,8 @@ std::vector<int> SpmVocabModel::EncodeNormalized(const std::string& text) const 
     for (unsigned char c : piece) all_bytes = all_bytes && byte_ids_[c] >= 0;
     if (all_bytes) {
       for (unsigned char c : piece) ids.push_back(byte_ids_[c]);
-    } else if (vocab_.unk_id >= 0) {
-      ids.push_back(vocab_.unk_id);
+    } else {
+      ids.push_back(vocab_.unk_id);  // Create guarantees an unk id
     }
   }
   return ids;

@@ -13,12 +13,15 @@
 #ifndef MOE_COMMON_SPM_VOCAB_H_
 #define MOE_COMMON_SPM_VOCAB_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "common/sentencepiece_model.h"
 
@@ -74,8 +77,11 @@ class SpmVocabModel : public SentencePieceModel {
   absl::flat_hash_map<std::string, int32_t> encodable_;
   // Every piece (control, unknown and byte pieces too) -> its first id, for PieceToId.
   absl::flat_hash_map<std::string, int32_t> any_;
-  std::vector<std::string> user_defined_;  // longest first
-  int32_t byte_ids_[256];                  // -1 where the vocabulary has no <0xNN> piece
+  // Non-empty user-defined pieces, which the text is split at (longest match first), and their
+  // distinct byte lengths, longest first.
+  absl::flat_hash_set<std::string> user_defined_;
+  std::vector<size_t> user_defined_lengths_;
+  int32_t byte_ids_[256];  // -1 where the vocabulary has no <0xNN> piece
 };
 
 }  // namespace moe

@@ -22,8 +22,6 @@ namespace {
 
 using json = nlohmann::json;
 
-constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";          // "▁" U+2581
-constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";      // U+FFFD
 constexpr std::string_view kDefaultUnkSurface = " \xE2\x81\x87 ";  // SentencePiece's " ⁇ "
 
 absl::StatusOr<std::string> ReadFile(const std::filesystem::path& path) {
@@ -88,24 +86,6 @@ absl::StatusOr<std::optional<std::vector<int32_t>>> TokenIds(const json& config,
   return ids;
 }
 
-// The byte of a byte-fallback piece "<0xNN>" (SentencePiece's ByteToPiece), or -1.
-int PieceByte(std::string_view piece) {
-  if (piece.size() != 6 || !piece.starts_with("<0x") || piece.back() != '>') return -1;
-  int value = 0;
-  for (const char c : piece.substr(3, 2)) {
-    const int digit = c >= '0' && c <= '9'   ? c - '0'
-                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
-                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
-                                             : -1;
-    if (digit < 0) return -1;
-    value = value * 16 + digit;
-  }
-  return value;
-}
-
-// Moves the complete characters at the front of `*pending` to `out`; an invalid byte becomes
-// U+FFFD, as does each byte of an incomplete character when `final` (the byte run has ended).
-// Returns whether anything was appended.
 // `text` with every "▁" replaced by `replacement`.
 std::string ReplaceSpaceSymbol(std::string_view text, std::string_view replacement) {
   std::string result;
@@ -121,6 +101,9 @@ std::string ReplaceSpaceSymbol(std::string_view text, std::string_view replaceme
   return result;
 }
 
+// Moves the complete characters at the front of `*pending` to `out`; an invalid byte becomes
+// U+FFFD, as does each byte of an incomplete character when `final` (the byte run has ended).
+// Returns whether anything was appended.
 bool DrainBytes(bool final, std::string* pending, std::string* out) {
   const std::string_view bytes = *pending;
   size_t pos = 0;
@@ -247,6 +230,13 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& f
                        file.GetFloatArray("tokenizer.ggml.scores"));
   MOE_ASSIGN_OR_RETURN(const std::vector<int64_t> types,
                        file.GetIntArray("tokenizer.ggml.token_type"));
+  if (vocab.pieces.empty() || scores.size() != vocab.pieces.size() ||
+      types.size() != vocab.pieces.size()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        file.path(), ": tokenizer.ggml.tokens has ", vocab.pieces.size(),
+        " entries, tokenizer.ggml.scores ", scores.size(), " and tokenizer.ggml.token_type ",
+        types.size(), " (they must be equal and non-zero)"));
+  }
   vocab.scores.assign(scores.begin(), scores.end());
   vocab.types.assign(types.begin(), types.end());
   const auto id_key = [&](const char* key, int32_t* out) -> absl::Status {
@@ -263,16 +253,14 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromGguf(const GgufFile& f
   MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.bos_token_id", &vocab.bos_id));
   MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.eos_token_id", &vocab.eos_id));
   MOE_RETURN_IF_ERROR(id_key("tokenizer.ggml.unknown_token_id", &vocab.unk_id));
-  if (vocab.unk_id < 0 && vocab.types.size() == vocab.pieces.size()) {
+  if (vocab.unk_id < 0) {
     const auto it = std::find(vocab.types.begin(), vocab.types.end(), SpmVocab::kUnknown);
     // llama.cpp's default for SentencePiece vocabularies is id 0.
     vocab.unk_id = it != vocab.types.end() ? static_cast<int32_t>(it - vocab.types.begin()) : 0;
   }
   // SentencePiece has exactly one unknown piece; converters may have written it as a control
   // token (llama.cpp does for vocabularies it reads from tokenizer.json).
-  if (vocab.unk_id >= 0 && static_cast<size_t>(vocab.unk_id) < vocab.types.size()) {
-    vocab.types[vocab.unk_id] = SpmVocab::kUnknown;
-  }
+  vocab.types[vocab.unk_id] = SpmVocab::kUnknown;
   if (file.FindValue("tokenizer.ggml.add_space_prefix") != nullptr) {
     MOE_ASSIGN_OR_RETURN(vocab.add_dummy_prefix, file.GetBool("tokenizer.ggml.add_space_prefix"));
   }

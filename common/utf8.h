@@ -1,4 +1,5 @@
-// UTF-8 validity as SentencePiece checks it, shared by the tokenizers.
+// UTF-8 validity as SentencePiece checks it, and SentencePiece's special symbols and byte
+// pieces, shared by the tokenizers.
 #ifndef MOE_COMMON_UTF8_H_
 #define MOE_COMMON_UTF8_H_
 
@@ -8,6 +9,9 @@
 #include <string_view>
 
 namespace moe {
+
+constexpr std::string_view kSpaceSymbol = "\xE2\x96\x81";  // "▁" U+2581, SentencePiece's space
+constexpr std::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
 
 // Length of the valid UTF-8 character at the start of `s` (1-4), 0 when `s` is a proper prefix
 // of a valid character, -1 when no continuation can make it valid. "Valid" is SentencePiece's
@@ -36,6 +40,22 @@ inline int Utf8CharLength(std::string_view s) {
     if (b < (i == 1 ? lo : 0x80) || b > (i == 1 ? hi : 0xBF)) return -1;
   }
   return s.size() >= static_cast<size_t>(length) ? length : 0;
+}
+
+// The byte of a byte-fallback piece "<0xNN>" (SentencePiece's ByteToPiece; either hex case is
+// accepted), or -1.
+inline int PieceByte(std::string_view piece) {
+  if (piece.size() != 6 || !piece.starts_with("<0x") || piece.back() != '>') return -1;
+  int value = 0;
+  for (const char c : piece.substr(3, 2)) {
+    const int digit = c >= '0' && c <= '9'   ? c - '0'
+                      : c >= 'A' && c <= 'F' ? c - 'A' + 10
+                      : c >= 'a' && c <= 'f' ? c - 'a' + 10
+                                             : -1;
+    if (digit < 0) return -1;
+    value = value * 16 + digit;
+  }
+  return value;
 }
 
 }  // namespace moe

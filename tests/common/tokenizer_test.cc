@@ -12,6 +12,7 @@
 
 #include "common/gguf.h"
 #include "common/sentencepiece_model.h"
+#include "common/spm_vocab.h"
 #include "nlohmann/json.hpp"
 
 namespace moe {
@@ -511,6 +512,40 @@ TEST_F(GgufTokenizerTest, MatchesSentencePieceOnTheCorpusAndHostileStrings) {
     ++compared;
   }
   EXPECT_GE(compared, 250);
+}
+
+// User-defined pieces split the text whole, the longest at each position first; byte pieces may
+// be written in either hex case; a character with neither a piece nor byte pieces is unk.
+TEST(SpmVocabModelTest, UserDefinedPiecesLongestFirstAndByteFallback) {
+  SpmVocab vocab;
+  const auto add = [&](std::string piece, SpmVocab::Type type) {
+    vocab.pieces.push_back(std::move(piece));
+    vocab.scores.push_back(0.0f);
+    vocab.types.push_back(type);
+  };
+  add("<unk>", SpmVocab::kUnknown);      // 0
+  add("<s>", SpmVocab::kControl);        // 1
+  add("</s>", SpmVocab::kControl);       // 2
+  add(kSpaceSymbol, SpmVocab::kNormal);  // 3
+  add("a", SpmVocab::kNormal);           // 4
+  add("b", SpmVocab::kNormal);           // 5
+  add("c", SpmVocab::kNormal);           // 6
+  add("x", SpmVocab::kNormal);           // 7
+  add("ab", SpmVocab::kUserDefined);     // 8
+  add("abc", SpmVocab::kUserDefined);    // 9
+  add("bc", SpmVocab::kUserDefined);     // 10
+  add("<0x0a>", SpmVocab::kByte);        // 11: lowercase hex
+  vocab.unk_id = 0;
+  vocab.bos_id = 1;
+  vocab.eos_id = 2;
+  vocab.add_dummy_prefix = false;
+  auto model = SpmVocabModel::Create(std::move(vocab), "test");
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ((*model)->Encode("abcab\nbcx"), (std::vector<int>{9, 8, 11, 10, 7}));
+  EXPECT_EQ((*model)->Encode("a b"), (std::vector<int>{4, 3, 5}));
+  EXPECT_EQ((*model)->Encode("ab"), (std::vector<int>{8}));
+  EXPECT_EQ((*model)->Encode("xa"), (std::vector<int>{7, 4}));
+  EXPECT_EQ((*model)->Encode("\xC3\xA9"), (std::vector<int>{0}));  // "é": no piece, no bytes
 }
 
 }  // namespace
