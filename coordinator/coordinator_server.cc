@@ -1,7 +1,6 @@
 #include "coordinator/coordinator_server.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/fingerprint.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"

@@ -2,9 +2,7 @@
 
 #include <deque>
 
-#include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
-#include "common/status_macros.h"
 
 namespace moe {
 

@@ -13,7 +13,6 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   }
   std::unique_ptr<LocalModel> m(new LocalModel());
   MOE_ASSIGN_OR_RETURN(m->checkpoint_, Checkpoint::Open(options.model_dir));
-  m->config_ = m->checkpoint_->config();
   if (options.load_tokenizer) {
     MOE_ASSIGN_OR_RETURN(m->tokenizer_, m->checkpoint_->LoadTokenizer());
   }
@@ -22,14 +21,14 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   shared.quantize = options.quantize;
   MOE_ASSIGN_OR_RETURN(m->weights_, m->checkpoint_->LoadWeights(shared));
   LOG(INFO) << "loaded shared weights of " << options.model_dir << " ("
-            << m->config_.num_hidden_layers << " layers, " << m->config_.num_local_experts
-            << " experts, top-" << m->config_.num_experts_per_tok << ", "
+            << m->config().num_hidden_layers << " layers, " << m->config().num_local_experts
+            << " experts, top-" << m->config().num_experts_per_tok << ", "
             << DTypeName(m->weights_->dtype()) << ")";
   if (options.transport_factory) {
     MOE_ASSIGN_OR_RETURN(m->transport_, options.transport_factory(*m->checkpoint_));
   } else {
     const Placement placement =
-        Placement::Contiguous(m->config_.num_local_experts, options.in_process_workers);
+        Placement::Contiguous(m->config().num_local_experts, options.in_process_workers);
     MOE_ASSIGN_OR_RETURN(m->transport_,
                          InProcessTransport::Create(*m->checkpoint_, placement, options.quantize));
   }

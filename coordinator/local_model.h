@@ -39,7 +39,7 @@ class LocalModel {
   static absl::StatusOr<std::unique_ptr<LocalModel>> Create(const LocalModelOptions& options);
 
   Engine* engine() { return engine_.get(); }
-  const ModelConfig& config() const { return config_; }
+  const ModelConfig& config() const { return checkpoint_->config(); }
   const ModelWeights& weights() const { return *weights_; }
   // nullptr when loaded with load_tokenizer = false.
   const Tokenizer* tokenizer() const { return tokenizer_.get(); }
@@ -48,7 +48,6 @@ class LocalModel {
 
  private:
   LocalModel() = default;
-  ModelConfig config_;
   std::shared_ptr<Checkpoint> checkpoint_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ModelWeights> weights_;

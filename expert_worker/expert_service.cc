@@ -79,8 +79,7 @@ class StreamState {
                                                      " rows is outside [0, ", kMaxForwardRows,
                                                      "] (the per-request limit)"));
     }
-    auto data = DecodeF32Tensor(t, *rows, hidden_, "hidden");
-    if (!data.ok()) return data.status();
+    if (absl::Status s = CheckF32Tensor(t, *rows, hidden_, "hidden"); !s.ok()) return s;
     // Protobuf does not promise float alignment of bytes fields: copy.
     x_.resize(static_cast<size_t>(*rows * hidden_));
     std::memcpy(x_.data(), t.data().data(), t.data().size());

@@ -4,10 +4,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/fingerprint.h"
+#include "common/checkpoint.h"
 #include "common/model_config.h"
 #include "common/rpc/rpc_util.h"
-#include "common/safetensors.h"
 #include "common/status_macros.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"

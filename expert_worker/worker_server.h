@@ -10,12 +10,10 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <string_view>
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "common/checkpoint.h"
 #include "common/expert_range.h"
 #include "common/metrics/metrics.h"
 #include "common/weights.h"

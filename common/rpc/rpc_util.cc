@@ -54,8 +54,8 @@ void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::
                               static_cast<size_t>(rows * cols) * sizeof(float));
 }
 
-absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, int64_t rows,
-                                             int64_t cols, const char* what) {
+absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
+                            const char* what) {
   if (t.dtype() != moecluster::v1::DTYPE_F32) {
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": dtype must be F32, got ", moecluster::v1::DType_Name(t.dtype())));
@@ -72,7 +72,7 @@ absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, in
                                                    " bytes for shape [", rows, ", ", cols,
                                                    "] F32, expected ", expected));
   }
-  return reinterpret_cast<const float*>(t.data().data());
+  return absl::OkStatus();
 }
 
 absl::Status ValidateListenAddress(const std::string& address, const char* flag) {

@@ -23,9 +23,10 @@ moecluster::v1::DType ToProtoDType(DType dtype);
 void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out);
 
 // Checks that `t` is an F32 tensor of shape [rows, cols] whose byte length is rows * cols * 4
-// (every field untrusted); `what` names it in errors. Returns a pointer into t's bytes.
-absl::StatusOr<const float*> DecodeF32Tensor(const moecluster::v1::Tensor& t, int64_t rows,
-                                             int64_t cols, const char* what);
+// (every field untrusted); `what` names it in errors. On OK, t.data() holds the rows * cols
+// floats; protobuf does not promise their alignment, so copy them out (memcpy) to read them.
+absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
+                            const char* what);
 
 // Parses "HOST:PORT" (PORT may be 0). INVALID_ARGUMENT naming the flag otherwise.
 absl::Status ValidateListenAddress(const std::string& address, const char* flag);

@@ -48,9 +48,8 @@ absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, u
   if (response.step() != step) {
     return absl::InternalError(absl::StrCat("answered step ", response.step(), " for step ", step));
   }
-  MOE_ASSIGN_OR_RETURN(const float* data,
-                       DecodeF32Tensor(response.output(), rows, hidden, "output"));
-  return static_cast<const void*>(data);
+  MOE_RETURN_IF_ERROR(CheckF32Tensor(response.output(), rows, hidden, "output"));
+  return static_cast<const void*>(response.output().data().data());
 }
 
 }  // namespace
@@ -121,7 +120,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
         absl::StrCat("experts ", m.ToString(),
                      " of every layer are hosted by no worker; start a worker "
                      "with --experts ",
-                     m.begin, "-", m.end - 1, " or widen an existing worker's range"));
+                     m.InclusiveSpelling(), " or widen an existing worker's range"));
   }
   for (auto& w : t->workers_) {
     Worker* raw = w.get();

@@ -200,13 +200,15 @@ TEST_F(ExpertServiceTest, ForwardMatchesLocalExpertFfnBitForBitOverSeveralSteps)
     pb::ForwardResponse response;
     ASSERT_TRUE(stream->Read(&response)) << "step " << i;
     EXPECT_EQ(response.step(), step_id);
-    auto out = DecodeF32Tensor(response.output(), steps[i].rows, kHidden, "output");
-    ASSERT_TRUE(out.ok()) << out.status();
+    const absl::Status checked =
+        CheckF32Tensor(response.output(), steps[i].rows, kHidden, "output");
+    ASSERT_TRUE(checked.ok()) << checked;
+    const char* out = response.output().data().data();
     const std::vector<float> expected = LocalForward(steps[i]);
     bool any_nonzero = false;
     for (int64_t k = 0; k < steps[i].rows * kHidden; ++k) {
       float got;
-      std::memcpy(&got, reinterpret_cast<const char*>(*out) + k * 4, 4);
+      std::memcpy(&got, out + k * 4, 4);
       EXPECT_EQ(got, expected[k]) << "step " << i << " element " << k;
       any_nonzero |= got != 0.0f;
       // Rows with no expert here are exactly zero.
