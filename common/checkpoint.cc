@@ -36,6 +36,7 @@ absl::StatusOr<std::string> GgufPath(const std::string& path) {
     }
   }
   std::sort(ggufs.begin(), ggufs.end());
+  if (ggufs.empty()) return std::string();  // reported by LoadModelConfig: config.json missing
   if (ggufs.size() == 1) return ggufs[0];
   // Every file one shard of the same split set: open it from its first file.
   const std::string first = GgufFile::FirstSplitPath(ggufs.front());
@@ -44,7 +45,6 @@ absl::StatusOr<std::string> GgufPath(const std::string& path) {
       })) {
     return first;
   }
-  if (ggufs.empty()) return std::string();  // reported by LoadModelConfig: config.json missing
   return absl::InvalidArgumentError(absl::StrCat(path, " holds several GGUF files (",
                                                  absl::StrJoin(ggufs, ", "),
                                                  "); pass --model with the one to load"));

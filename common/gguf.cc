@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <limits>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
@@ -49,6 +50,8 @@ class Cursor {
 
   uint64_t pos() const { return pos_; }
   uint64_t left() const { return size_ - pos_; }
+  // Array elements the metadata may still hold (kMaxGgufArrayElements in all).
+  uint64_t& array_elements_left() { return array_elements_left_; }
 
   template <typename T>
   absl::Status Read(T* out, const std::string& what) {
@@ -79,6 +82,7 @@ class Cursor {
   const uint8_t* data_;
   uint64_t size_;
   uint64_t pos_ = 0;
+  uint64_t array_elements_left_ = kMaxGgufArrayElements;
   const std::string& label_;
 };
 
@@ -172,6 +176,12 @@ absl::Status ReadValue(Cursor* c, GgufValueType type, int depth, const std::stri
         return Error(label, absl::StrCat(what, ": array of ", count, " elements cannot fit in the ",
                                          c->left(), " bytes left"));
       }
+      if (count > c->array_elements_left()) {
+        return Error(label, absl::StrCat(what, ": array of ", count,
+                                         " elements: the metadata's arrays hold more than ",
+                                         kMaxGgufArrayElements, " elements in all"));
+      }
+      c->array_elements_left() -= count;
       v->array.resize(count);
       for (uint64_t k = 0; k < count; ++k) {
         MOE_RETURN_IF_ERROR(ReadValue(c, v->array_type, depth + 1, what, label, &v->array[k]));
@@ -180,6 +190,32 @@ absl::Status ReadValue(Cursor* c, GgufValueType type, int depth, const std::stri
     }
   }
   return Error(label, absl::StrCat(what, ": unknown value type"));
+}
+
+bool IsUnsigned(GgufValueType t) {
+  return t == GgufValueType::kUint8 || t == GgufValueType::kUint16 || t == GgufValueType::kUint32 ||
+         t == GgufValueType::kUint64;
+}
+bool IsSigned(GgufValueType t) {
+  return t == GgufValueType::kInt8 || t == GgufValueType::kInt16 || t == GgufValueType::kInt32 ||
+         t == GgufValueType::kInt64;
+}
+bool IsFloat(GgufValueType t) {
+  return t == GgufValueType::kFloat32 || t == GgufValueType::kFloat64;
+}
+
+// A non-negative integer of any integer type, as GetUint reads it.
+std::optional<uint64_t> AsUint(const GgufValue& v) {
+  if (IsUnsigned(v.type)) return v.u;
+  if (IsSigned(v.type) && v.i >= 0) return static_cast<uint64_t>(v.i);
+  return std::nullopt;
+}
+
+// The non-negative integer at `key` of a header, if it has one.
+std::optional<uint64_t> UintKey(const GgufHeader& h, const std::string& key) {
+  const auto it = h.metadata.find(key);
+  if (it == h.metadata.end()) return std::nullopt;
+  return AsUint(it->second);
 }
 
 absl::Status ReadMetadata(Cursor* c, uint64_t count, const std::string& label, GgufHeader* h) {
@@ -402,9 +438,7 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
   if (!first.empty()) {
     // -0000K-of-0000N: N from the name must be what the first file says.
     const uint64_t named = std::stoull(first.substr(first.size() - 10, 5));
-    const GgufValue* count = f->FindValue("split.count");
-    const GgufValue* no = f->FindValue("split.no");
-    if (count == nullptr || count->u != named || no == nullptr || no->u != 0) {
+    if (UintKey(f->header_, "split.count") != named || UintKey(f->header_, "split.no") != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat(f->path_, ": named as the first of ", named,
                        " split files, but its split.count / split.no say otherwise"));
@@ -415,19 +449,18 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path
       part_path.replace(first.size() - 19, 5, number);
       GgufHeader part;
       MOE_RETURN_IF_ERROR(f->AddPart(part_path, &part));
-      const auto it = part.metadata.find("split.no");
-      if (it == part.metadata.end() || it->second.u != k - 1) {
+      if (UintKey(part, "split.no") != k - 1) {
         return absl::InvalidArgumentError(
             absl::StrCat(part_path, ": split.no is not ", k - 1, " as its name says"));
       }
       for (GgufTensorInfo& t : part.tensors) f->header_.tensors.push_back(std::move(t));
     }
-    const GgufValue* total = f->FindValue("split.tensors.count");
-    if (total != nullptr &&
-        static_cast<uint64_t>(total->i) != static_cast<uint64_t>(f->header_.tensors.size())) {
-      return absl::InvalidArgumentError(absl::StrCat(f->path_, ": split.tensors.count is ",
-                                                     total->i, " but the ", named, " files hold ",
-                                                     f->header_.tensors.size(), " tensors"));
+    const std::optional<uint64_t> total = UintKey(f->header_, "split.tensors.count");
+    if (f->FindValue("split.tensors.count") != nullptr && total != f->header_.tensors.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(f->path_, ": split.tensors.count is ",
+                       total.has_value() ? absl::StrCat(*total) : std::string("not a count"),
+                       " but the ", named, " files hold ", f->header_.tensors.size(), " tensors"));
     }
   }
   MOE_RETURN_IF_ERROR(f->IndexTensors());
@@ -487,18 +520,6 @@ absl::Status WrongType(const std::string& path, std::string_view key, const Gguf
                                                  GgufValueTypeName(v.type), ", expected ", wanted));
 }
 
-bool IsUnsigned(GgufValueType t) {
-  return t == GgufValueType::kUint8 || t == GgufValueType::kUint16 || t == GgufValueType::kUint32 ||
-         t == GgufValueType::kUint64;
-}
-bool IsSigned(GgufValueType t) {
-  return t == GgufValueType::kInt8 || t == GgufValueType::kInt16 || t == GgufValueType::kInt32 ||
-         t == GgufValueType::kInt64;
-}
-bool IsFloat(GgufValueType t) {
-  return t == GgufValueType::kFloat32 || t == GgufValueType::kFloat64;
-}
-
 }  // namespace
 
 absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
@@ -509,8 +530,7 @@ absl::StatusOr<std::string> GgufFile::GetString(std::string_view key) const {
 
 absl::StatusOr<uint64_t> GgufFile::GetUint(std::string_view key) const {
   MOE_ASSIGN_OR_RETURN(const GgufValue* v, Expect(key));
-  if (IsUnsigned(v->type)) return v->u;
-  if (IsSigned(v->type) && v->i >= 0) return static_cast<uint64_t>(v->i);
+  if (const std::optional<uint64_t> u = AsUint(*v)) return *u;
   return WrongType(path_, key, *v, "a non-negative integer");
 }
 

@@ -27,26 +27,11 @@
 namespace moe {
 
 inline constexpr int kMaxGgufArrayDepth = 3;
+// Array elements in all of a file's metadata together: each costs ~100 bytes parsed (a
+// GgufValue), so this bounds the memory a small hostile file can make the reader take
+// (~400 MB); the largest real vocabularies (256k tokens, scores, types and merges) are ~1M.
+inline constexpr uint64_t kMaxGgufArrayElements = uint64_t{1} << 22;
 inline constexpr uint32_t kGgufDefaultAlignment = 32;
-
-// ggml's tensor types (the ids of ggml.h's enum ggml_type, as stored in GGUF).
-enum class GgmlType : uint32_t {
-  kF32 = 0,
-  kF16 = 1,
-  kQ4_0 = 2,
-  kQ4_1 = 3,
-  kQ5_0 = 6,
-  kQ5_1 = 7,
-  kQ8_0 = 8,
-  kQ8_1 = 9,
-  kQ2_K = 10,
-  kQ3_K = 11,
-  kQ4_K = 12,
-  kQ5_K = 13,
-  kQ6_K = 14,
-  kQ8_K = 15,
-  kBF16 = 30,
-};
 
 // The block layout of a ggml type: `block_elements` values stored in `block_bytes` bytes.
 struct GgmlTypeInfo {

@@ -8,6 +8,7 @@
 #include "common/kernels.h"
 #include "common/status_macros.h"
 #include "common/weights.h"
+#include "glog/logging.h"
 
 namespace moe {
 namespace {
@@ -25,10 +26,14 @@ absl::Status Bad(const GgufFile& f, const std::string& what) {
   return absl::InvalidArgumentError(absl::StrCat(f.path(), ": ", what));
 }
 
-// A positive integer metadata value, or `fallback` (when >= 0) if the key is absent.
+// A positive integer metadata value, or `fallback` (when >= 0) if the key is absent; a
+// fallback of 0 (derived from other keys) is an error too.
 absl::StatusOr<int64_t> PositiveKey(const GgufFile& f, const std::string& key,
                                     int64_t fallback = -1) {
-  if (f.FindValue(key) == nullptr && fallback >= 0) return fallback;
+  if (f.FindValue(key) == nullptr && fallback > 0) return fallback;
+  if (f.FindValue(key) == nullptr && fallback == 0) {
+    return Bad(f, absl::StrCat("metadata ", key, " is missing and its default would be 0"));
+  }
   MOE_ASSIGN_OR_RETURN(uint64_t v, f.GetUint(key));
   if (v == 0 || v > (uint64_t{1} << 31)) {
     return Bad(f, absl::StrCat("metadata ", key, " = ", v, " is out of range"));
@@ -49,12 +54,22 @@ std::optional<DType> DTypeOfGgmlType(uint32_t ggml_type) {
   return std::nullopt;
 }
 
+uint32_t GgmlTypeOf(DType dtype) {
+  for (const auto& s : kSupportedTypes) {
+    if (s.dtype == dtype) return s.ggml_id;
+  }
+  LOG(FATAL) << "no ggml type for " << DTypeName(dtype);
+}
+
 absl::StatusOr<DType> DTypeOfGgufTensor(const GgufTensorInfo& t, const std::string& file) {
   if (const std::optional<DType> dtype = DTypeOfGgmlType(t.type_id)) return *dtype;
-  return absl::InvalidArgumentError(absl::StrCat(
-      file, ": tensor ", t.name, " has type ", t.type->name,
-      ", which moe-cluster cannot compute with (supported: F32, F16, BF16, Q8_0, Q4_0, Q4_1, "
-      "Q5_0, Q5_1, Q4_K, Q5_K, Q6_K)"));
+  std::vector<std::string> supported;
+  for (const auto& s : kSupportedTypes) supported.emplace_back(DTypeName(s.dtype));
+  return absl::InvalidArgumentError(absl::StrCat(file, ": tensor ", t.name, " has type ",
+                                                 t.type->name,
+                                                 ", which moe-cluster cannot compute with "
+                                                 "(supported: ",
+                                                 absl::StrJoin(supported, ", "), ")"));
 }
 
 absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
@@ -82,7 +97,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
   }
   MOE_ASSIGN_OR_RETURN(c.intermediate_size, PositiveKey(f, "llama.feed_forward_length"));
   MOE_ASSIGN_OR_RETURN(c.max_position_embeddings, PositiveKey(f, "llama.context_length"));
-  const int64_t default_head_dim = c.hidden_size / c.num_attention_heads;
+  // Without key_length, head_dim is hidden / heads, which must then divide evenly.
+  const int64_t default_head_dim =
+      c.hidden_size % c.num_attention_heads == 0 ? c.hidden_size / c.num_attention_heads : 0;
   MOE_ASSIGN_OR_RETURN(c.head_dim, PositiveKey(f, "llama.attention.key_length", default_head_dim));
   MOE_ASSIGN_OR_RETURN(int64_t rotary, PositiveKey(f, "llama.rope.dimension_count", c.head_dim));
   if (rotary != c.head_dim || c.head_dim % 2 != 0) {
@@ -111,6 +128,20 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
     }
   } else {
     c.num_local_experts = 1;
+  }
+  // The counts that size the loader's tables must match tensors that are in the file.
+  const std::string last_norm = absl::StrCat("blk.", c.num_hidden_layers - 1, ".attn_norm.weight");
+  if (f.FindTensor(last_norm) == nullptr) {
+    return Bad(f, absl::StrCat("llama.block_count is ", c.num_hidden_layers, " but tensor ",
+                               last_norm, " is missing"));
+  }
+  if (c.is_moe) {
+    const GgufTensorInfo* router = f.FindTensor("blk.0.ffn_gate_inp.weight");
+    if (router->dims.size() != 2 || router->dims[1] != c.num_local_experts) {
+      return Bad(f, absl::StrCat("llama.expert_count is ", c.num_local_experts,
+                                 " but tensor blk.0.ffn_gate_inp.weight is ",
+                                 Describe(router->dims, router->type->name)));
+    }
   }
   c.architecture = c.is_moe ? "MixtralForCausalLM" : "LlamaForCausalLM";
   const GgufTensorInfo* embed = f.FindTensor("token_embd.weight");
@@ -253,28 +284,25 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::LoadGguf(
       MOE_ASSIGN_OR_RETURN(out->w1, loader.Matrix(Blk(i, "ffn_gate"), ffn, hidden));
       MOE_ASSIGN_OR_RETURN(out->w3, loader.Matrix(Blk(i, "ffn_up"), ffn, hidden));
       MOE_ASSIGN_OR_RETURN(out->w2, loader.Matrix(Blk(i, "ffn_down"), hidden, ffn));
-    } else if (file->FindTensor(Blk(i, "ffn_gate_up_exps")) != nullptr) {
-      MOE_ASSIGN_OR_RETURN(const GgufTensorInfo* gate_up,
-                           loader.Tensor(Blk(i, "ffn_gate_up_exps"), {hidden, 2 * ffn, n}));
-      MOE_ASSIGN_OR_RETURN(const GgufTensorInfo* down,
-                           loader.Tensor(Blk(i, "ffn_down_exps"), {ffn, hidden, n}));
-      for (int64_t e = 0; e < hosted; ++e) {
-        const int64_t id = w->hosted_.begin + e;
-        MOE_ASSIGN_OR_RETURN(out[e].w1, loader.Slice(*gate_up, id, 0, ffn));
-        MOE_ASSIGN_OR_RETURN(out[e].w3, loader.Slice(*gate_up, id, ffn, ffn));
-        MOE_ASSIGN_OR_RETURN(out[e].w2, loader.Slice(*down, id, 0, hidden));
+    } else if (const bool fused = file->FindTensor(Blk(i, "ffn_gate_up_exps")) != nullptr;
+               fused || file->FindTensor(Blk(i, "ffn_gate_exps")) != nullptr) {
+      // Stacked: ffn_{gate,up}_exps {hidden, ffn, n}, or fused: ffn_gate_up_exps
+      // {hidden, 2 ffn, n} with up's rows after gate's.
+      const GgufTensorInfo *gate = nullptr, *up = nullptr;
+      if (fused) {
+        MOE_ASSIGN_OR_RETURN(gate, loader.Tensor(Blk(i, "ffn_gate_up_exps"), {hidden, 2 * ffn, n}));
+        up = gate;
+      } else {
+        MOE_ASSIGN_OR_RETURN(gate, loader.Tensor(Blk(i, "ffn_gate_exps"), {hidden, ffn, n}));
+        MOE_ASSIGN_OR_RETURN(up, loader.Tensor(Blk(i, "ffn_up_exps"), {hidden, ffn, n}));
       }
-    } else if (file->FindTensor(Blk(i, "ffn_gate_exps")) != nullptr) {
-      MOE_ASSIGN_OR_RETURN(const GgufTensorInfo* gate,
-                           loader.Tensor(Blk(i, "ffn_gate_exps"), {hidden, ffn, n}));
-      MOE_ASSIGN_OR_RETURN(const GgufTensorInfo* up,
-                           loader.Tensor(Blk(i, "ffn_up_exps"), {hidden, ffn, n}));
       MOE_ASSIGN_OR_RETURN(const GgufTensorInfo* down,
                            loader.Tensor(Blk(i, "ffn_down_exps"), {ffn, hidden, n}));
+      const int64_t up_row = fused ? ffn : 0;
       for (int64_t e = 0; e < hosted; ++e) {
         const int64_t id = w->hosted_.begin + e;
         MOE_ASSIGN_OR_RETURN(out[e].w1, loader.Slice(*gate, id, 0, ffn));
-        MOE_ASSIGN_OR_RETURN(out[e].w3, loader.Slice(*up, id, 0, ffn));
+        MOE_ASSIGN_OR_RETURN(out[e].w3, loader.Slice(*up, id, up_row, ffn));
         MOE_ASSIGN_OR_RETURN(out[e].w2, loader.Slice(*down, id, 0, hidden));
       }
     } else {

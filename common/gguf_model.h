@@ -39,6 +39,8 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& file);
 
 // The engine's dtype for a ggml type id, nullopt for the types it cannot compute with.
 std::optional<DType> DTypeOfGgmlType(uint32_t ggml_type);
+// The inverse: the ggml type id of a dtype the engine computes with (every DType has one).
+uint32_t GgmlTypeOf(DType dtype);
 
 // The engine's dtype for a tensor's ggml type. INVALID_ARGUMENT naming the tensor and its type
 // for the types moe-cluster cannot compute with (e.g. IQ2_XS), listing those it can.

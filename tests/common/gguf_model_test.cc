@@ -150,6 +150,10 @@ TEST(GgufModelTest, FilesItCannotServeGiveClearErrors) {
        "is not a multiple of head_count_kv"},
       {"vocab", [](GgufBuilder* b) { b->U32("llama.vocab_size", 9); }, "", kF32,
        "llama.vocab_size 9 differs from token_embd's 8 rows"},
+      {"layers", [](GgufBuilder* b) { b->U32("llama.block_count", 1u << 30); }, "", kF32,
+       "llama.block_count is 1073741824 but tensor blk.1073741823.attn_norm.weight is missing"},
+      {"head dim", [](GgufBuilder* b) { b->U32("llama.attention.head_count", 3); }, "", kF32,
+       "llama.attention.key_length is missing and its default would be 0"},
       {"missing tensor", nullptr, "blk.0.attn_v.weight", kF32,
        "tensor blk.0.attn_v.weight (expected {32, 16} of any supported type) is missing"},
       {"unsupported type", nullptr, "", 20 /* IQ4_NL */,
@@ -180,6 +184,24 @@ TEST(GgufModelTest, FilesItCannotServeGiveClearErrors) {
   EXPECT_THAT(missing.status().message(), HasSubstr("llama.embedding_length is missing"));
 }
 
+// The ggml ids the engine maps to its dtypes agree with the reader's block table and back.
+TEST(GgufModelTest, GgmlTypesAndDTypesAgree) {
+  int mapped = 0;
+  for (uint32_t id = 0; id < 64; ++id) {
+    const std::optional<DType> dtype = DTypeOfGgmlType(id);
+    if (!dtype.has_value()) continue;
+    SCOPED_TRACE(id);
+    const GgmlTypeInfo* info = FindGgmlType(id);
+    ASSERT_NE(info, nullptr);
+    EXPECT_EQ(info->block_elements, DTypeBlockElements(*dtype));
+    EXPECT_EQ(info->block_bytes, DTypeBlockBytes(*dtype));
+    EXPECT_EQ(std::string_view(info->name), DTypeName(*dtype));
+    EXPECT_EQ(GgmlTypeOf(*dtype), id);
+    ++mapped;
+  }
+  EXPECT_EQ(mapped, 11);
+}
+
 TEST(CheckpointTest, ChoosesTheFormatAndRefusesAmbiguity) {
   auto safetensors = Checkpoint::Open("tests/testdata/models/llama_dense");
   ASSERT_TRUE(safetensors.ok()) << safetensors.status();
@@ -188,6 +210,9 @@ TEST(CheckpointTest, ChoosesTheFormatAndRefusesAmbiguity) {
   testing::WriteFile(two + "/a.gguf", GgufBuilder().Build());
   testing::WriteFile(two + "/b.gguf", GgufBuilder().Build());
   EXPECT_THAT(Checkpoint::Open(two).status().message(), HasSubstr("holds several GGUF files"));
+  // A directory with neither config.json nor a .gguf file.
+  const std::string empty = testing::TempDir("empty_model");
+  EXPECT_THAT(Checkpoint::Open(empty).status().message(), HasSubstr("config.json"));
   const std::string text = testing::TempDir("text") + "/weights.bin";
   testing::WriteFile(text, {1, 2, 3});
   EXPECT_THAT(Checkpoint::Open(text).status().message(), HasSubstr("not a .gguf file"));

@@ -154,6 +154,20 @@ std::vector<BadCase> BadCases() {
   }
   cases.push_back(
       {"nesting", GgufBuilder().RawValue("k", 9, nested).Build(), "arrays nested deeper than 3"});
+  // Arrays of uint8 (1 byte each) that fit in the file but together pass the element budget.
+  const auto u8_array = [](uint64_t n) {
+    std::vector<uint8_t> raw = {0, 0, 0, 0};  // element type UINT8
+    for (int i = 0; i < 8; ++i) raw.push_back(static_cast<uint8_t>(n >> (8 * i)));
+    raw.resize(raw.size() + n, 1);
+    return raw;
+  };
+  cases.push_back({"array budget",
+                   GgufBuilder()
+                       .RawValue("a", 9, u8_array(kMaxGgufArrayElements / 2))
+                       .RawValue("b", 9, u8_array(kMaxGgufArrayElements / 2 + 1))
+                       .Build(),
+                   "metadata b: array of 2097153 elements: the metadata's arrays hold more than "
+                   "4194304 elements in all"});
   cases.push_back({"value type", GgufBuilder().RawValue("k", 13, {0}).Build(),
                    "metadata k: unknown value type 13"});
   cases.push_back({"bool 2", GgufBuilder().RawValue("k", 7, {2}).Build(), "bool value 2"});
@@ -329,6 +343,20 @@ TEST(GgufSplitTest, InconsistentSetsAreRefused) {
   testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard(0, 3, 2, "a"));
   EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
               HasSubstr("named as the first of 2 split files"));
+  // The split keys in other integer types than llama.cpp's (u16, u16, i32) read the same.
+  const auto shard32 = [](uint32_t no, const std::string& tensor) {
+    GgufBuilder b;
+    b.U32("split.no", no).U32("split.count", 2).U64("split.tensors.count", 2);
+    return b.Tensor(tensor, {8}, kF32, Bytes(32)).Build();
+  };
+  testing::WriteFile(dir + "/m-00001-of-00002.gguf", shard32(0, "a"));
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard32(1, "b"));
+  auto wide = GgufFile::Open(dir + "/m-00001-of-00002.gguf");
+  ASSERT_TRUE(wide.ok()) << wide.status();
+  EXPECT_EQ((*wide)->header().tensors.size(), 2u);
+  testing::WriteFile(dir + "/m-00002-of-00002.gguf", shard32(0, "b"));
+  EXPECT_THAT(GgufFile::Open(dir + "/m-00001-of-00002.gguf").status().message(),
+              HasSubstr("split.no is not 1"));
 }
 
 TEST(GgmlTypeTest, BlockLayouts) {

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/dtype.h"
+#include "common/gguf_model.h"
 #include "common/kernels.h"
 #include "common/kernels_x86.h"
 #include "common/quant.h"
@@ -28,27 +29,6 @@ std::vector<float> RandomFloats(size_t n, uint32_t seed, float scale = 1.0f) {
   std::vector<float> v(n);
   for (float& f : v) f = dist(rng);
   return v;
-}
-
-uint32_t GgmlId(DType dtype) {
-  switch (dtype) {
-    case DType::kBF16:
-      return 30;
-    case DType::kQ8_0:
-      return 8;
-    case DType::kQ4_0:
-      return 2;
-    case DType::kQ5_1:
-      return 7;
-    case DType::kQ4_K:
-      return 12;
-    case DType::kQ5_K:
-      return 13;
-    case DType::kQ6_K:
-      return 14;
-    default:
-      return 0;
-  }
 }
 
 class FastKernelTest : public ::testing::TestWithParam<x86::Caps> {
@@ -138,7 +118,7 @@ void CheckFast(DType dtype, int64_t rows, int64_t blocks, int64_t tokens) {
   SCOPED_TRACE(std::string(DTypeName(dtype)) + " rows=" + std::to_string(rows) +
                " cols=" + std::to_string(cols) + " tokens=" + std::to_string(tokens));
   const std::vector<uint8_t> bytes = testing::PatternTensorBytes(
-      GgmlId(dtype), rows * row_stride, static_cast<uint32_t>(rows * 7 + cols + tokens));
+      GgmlTypeOf(dtype), rows * row_stride, static_cast<uint32_t>(rows * 7 + cols + tokens));
   const WeightMatrix w{bytes.data(), dtype, rows, cols, row_stride};
   const std::vector<float> x = RandomFloats(tokens * x_stride, static_cast<uint32_t>(tokens));
   constexpr float kSentinel = 4321.0f;
@@ -216,7 +196,8 @@ TEST_P(FastKernelTest, CloseToExactOnModelSizedMatrices) {
   const int64_t rows = 512, cols = 2048;
   for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ6_K, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(dtype));
-    const std::vector<uint8_t> bytes = testing::PatternTensorBytes(GgmlId(dtype), rows * cols, 11);
+    const std::vector<uint8_t> bytes =
+        testing::PatternTensorBytes(GgmlTypeOf(dtype), rows * cols, 11);
     const WeightMatrix w{bytes.data(), dtype, rows, cols, cols};
     for (int64_t tokens : {1, 8, 64}) {
       const std::vector<float> x = RandomFloats(tokens * cols, 5);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/gguf.h"
+#include "common/gguf_model.h"
 #include "common/kernels.h"
 #include "common/safetensors.h"
 #include "gmock/gmock.h"
@@ -24,15 +25,10 @@ namespace {
 constexpr char kQuantFixture[] = "tests/testdata/gguf/quant_types.gguf";
 constexpr char kQuantExpected[] = "tests/testdata/gguf/quant_types_expected.safetensors";
 
-struct TypeCase {
-  DType dtype;
-  uint32_t ggml_id;
-};
-const TypeCase kTypes[] = {
-    {DType::kF32, 0},   {DType::kF16, 1},   {DType::kBF16, 30}, {DType::kQ8_0, 8},
-    {DType::kQ4_0, 2},  {DType::kQ4_1, 3},  {DType::kQ5_0, 6},  {DType::kQ5_1, 7},
-    {DType::kQ4_K, 12}, {DType::kQ5_K, 13}, {DType::kQ6_K, 14},
-};
+// Every dtype the engine computes with (ggml ids: GgmlTypeOf).
+const DType kTypes[] = {DType::kF32,  DType::kF16,  DType::kBF16, DType::kQ8_0,
+                        DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1,
+                        DType::kQ4_K, DType::kQ5_K, DType::kQ6_K};
 
 uint32_t Bits(float f) {
   uint32_t u;
@@ -49,11 +45,8 @@ TEST(QuantTest, DequantizationEqualsTheGgufPackageBitForBit) {
   int checked = 0;
   for (const GgufTensorInfo& t : (*file)->header().tensors) {
     SCOPED_TRACE(t.name);
-    const TypeCase* type = nullptr;
-    for (const TypeCase& c : kTypes) {
-      if (c.ggml_id == t.type_id) type = &c;
-    }
-    ASSERT_NE(type, nullptr) << "fixture tensor of an unexpected type " << t.type->name;
+    const std::optional<DType> dtype = DTypeOfGgmlType(t.type_id);
+    ASSERT_TRUE(dtype.has_value()) << "fixture tensor of an unexpected type " << t.type->name;
     auto ref = (*expected)->Map(t.name);
     ASSERT_TRUE(ref.ok()) << ref.status();
     ASSERT_EQ(ref->info->num_elements, t.rows() * t.row_elements());
@@ -61,7 +54,7 @@ TEST(QuantTest, DequantizationEqualsTheGgufPackageBitForBit) {
     std::vector<float> got(t.row_elements());
     int64_t mismatches = 0;
     for (int64_t r = 0; r < t.rows(); ++r) {
-      DequantizeRow((*file)->Data(t, r * t.row_bytes()), type->dtype, t.row_elements(), got.data());
+      DequantizeRow((*file)->Data(t, r * t.row_bytes()), *dtype, t.row_elements(), got.data());
       for (int64_t i = 0; i < t.row_elements(); ++i) {
         if (Bits(got[i]) != Bits(want[r * t.row_elements() + i]) && mismatches++ < 5) {
           ADD_FAILURE() << "row " << r << " value " << i << ": " << got[i] << " vs "
@@ -104,18 +97,18 @@ class QuantMatMulTest : public ::testing::TestWithParam<int64_t> {
 // MatMul on quantized weights = the dot of x with the dequantized rows (double reference),
 // within f32 accumulation error, on awkward row/token counts and row strides.
 TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
-  for (const TypeCase& type : kTypes) {
-    if (!IsQuantized(type.dtype)) continue;
-    const int64_t block = DTypeBlockElements(type.dtype);
+  for (const DType dtype : kTypes) {
+    if (!IsQuantized(dtype)) continue;
+    const int64_t block = DTypeBlockElements(dtype);
     for (const auto& [rows, blocks, tokens] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
              {1, 1, 1}, {3, 2, 2}, {37, 3, 5}, {5, 11, 17}, {130, 1, 4}}) {
       const int64_t cols = blocks * block;
       const int64_t row_stride = cols + block;  // one block of padding per row
-      SCOPED_TRACE(std::string(DTypeName(type.dtype)) + " rows=" + std::to_string(rows) +
+      SCOPED_TRACE(std::string(DTypeName(dtype)) + " rows=" + std::to_string(rows) +
                    " cols=" + std::to_string(cols) + " tokens=" + std::to_string(tokens));
       const std::vector<uint8_t> bytes = testing::PatternTensorBytes(
-          type.ggml_id, rows * row_stride, static_cast<uint32_t>(rows + cols));
-      const kernels::WeightMatrix w{bytes.data(), type.dtype, rows, cols, row_stride};
+          GgmlTypeOf(dtype), rows * row_stride, static_cast<uint32_t>(rows + cols));
+      const kernels::WeightMatrix w{bytes.data(), dtype, rows, cols, row_stride};
       std::mt19937 rng(static_cast<uint32_t>(tokens));
       std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
       std::vector<float> x(tokens * cols);
@@ -125,7 +118,7 @@ TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
       std::vector<float> row(cols);
       double worst = 0;
       for (int64_t r = 0; r < rows; ++r) {
-        DequantizeRow(w.Row(r), type.dtype, cols, row.data());
+        DequantizeRow(w.Row(r), dtype, cols, row.data());
         for (int64_t t = 0; t < tokens; ++t) {
           double ref = 0, mag = 0;
           for (int64_t c = 0; c < cols; ++c) {
@@ -145,21 +138,21 @@ TEST_P(QuantMatMulTest, EqualsDequantizeThenDot) {
 TEST_P(QuantMatMulTest, SimdDequantizationEqualsTheReferenceBitForBit) {
   auto file = GgufFile::Open(kQuantFixture);
   ASSERT_TRUE(file.ok()) << file.status();
-  for (const TypeCase& type : kTypes) {
-    SCOPED_TRACE(DTypeName(type.dtype));
+  for (const DType dtype : kTypes) {
+    SCOPED_TRACE(DTypeName(dtype));
     std::vector<std::vector<uint8_t>> inputs;
-    inputs.push_back(testing::PatternTensorBytes(type.ggml_id, 1024, 3));
+    inputs.push_back(testing::PatternTensorBytes(GgmlTypeOf(dtype), 1024, 3));
     for (const GgufTensorInfo& t : (*file)->header().tensors) {
-      if (t.type_id != type.ggml_id) continue;
+      if (t.type_id != GgmlTypeOf(dtype)) continue;
       const uint8_t* data = (*file)->Data(t);
       inputs.emplace_back(data, data + t.byte_size);
     }
     for (const std::vector<uint8_t>& bytes : inputs) {
-      const int64_t n = static_cast<int64_t>(bytes.size()) / DTypeBlockBytes(type.dtype) *
-                        DTypeBlockElements(type.dtype);
+      const int64_t n =
+          static_cast<int64_t>(bytes.size()) / DTypeBlockBytes(dtype) * DTypeBlockElements(dtype);
       std::vector<float> simd(n), reference(n);
-      kernels::ConvertToF32(bytes.data(), type.dtype, n, simd.data());
-      DequantizeRow(bytes.data(), type.dtype, n, reference.data());
+      kernels::ConvertToF32(bytes.data(), dtype, n, simd.data());
+      DequantizeRow(bytes.data(), dtype, n, reference.data());
       ASSERT_EQ(std::memcmp(simd.data(), reference.data(), n * sizeof(float)), 0);
     }
   }
