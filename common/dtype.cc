@@ -1,10 +1,13 @@
 #include "common/dtype.h"
 
 #include <bit>
-#include <cctype>
 #include <string>
+#include <vector>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 
 namespace moe {
 
@@ -46,13 +49,29 @@ absl::StatusOr<DType> ParseDType(std::string_view name) {
 
 absl::StatusOr<std::optional<DType>> ParseQuantizeFlag(std::string_view value) {
   if (value.empty()) return std::optional<DType>();
-  std::string lower(value);
-  for (char& c : lower) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  if (lower == "q8_0") return std::optional<DType>(DType::kQ8_0);
-  if (lower == "q4_k") return std::optional<DType>(DType::kQ4_K);
-  if (lower == "q6_k") return std::optional<DType>(DType::kQ6_K);
-  return absl::InvalidArgumentError(
-      absl::StrCat("--quantize \"", std::string(value), "\" is not one of q8_0, q4_k, q6_k"));
+  std::vector<std::string> choices;
+  for (DType t : kQuantizeTargets) {
+    if (absl::EqualsIgnoreCase(std::string(DTypeName(t)), std::string(value))) {
+      return std::optional<DType>(t);
+    }
+    choices.push_back(absl::AsciiStrToLower(std::string(DTypeName(t))));
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "--quantize \"", std::string(value), "\" is not one of ", absl::StrJoin(choices, ", ")));
+}
+
+bool AbslParseFlag(absl::string_view text, QuantizeOption* out, std::string* error) {
+  absl::StatusOr<std::optional<DType>> type = ParseQuantizeFlag(std::string(text));
+  if (!type.ok()) {
+    *error = std::string(type.status().message());
+    return false;
+  }
+  out->type = *type;
+  return true;
+}
+
+std::string AbslUnparseFlag(const QuantizeOption& option) {
+  return option.type.has_value() ? absl::AsciiStrToLower(std::string(DTypeName(*option.type))) : "";
 }
 
 float F16ToF32(uint16_t h) {

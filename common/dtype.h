@@ -9,9 +9,11 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 
 namespace moe {
 
@@ -78,9 +80,26 @@ std::string_view DTypeName(DType t);
 // Parses the safetensors spelling; any other type is INVALID_ARGUMENT naming it.
 absl::StatusOr<DType> ParseDType(std::string_view name);
 
+// The types quantize-on-load writes (QuantizeRow in quant.h).
+inline constexpr DType kQuantizeTargets[] = {DType::kQ8_0, DType::kQ4_K, DType::kQ6_K};
+constexpr bool CanQuantizeTo(DType t) {
+  for (DType target : kQuantizeTargets) {
+    if (t == target) return true;
+  }
+  return false;
+}
+
 // A --quantize value: "" -> nullopt (keep the stored types), "q8_0" / "q4_k" / "q6_k" (any case)
 // -> that type; anything else INVALID_ARGUMENT listing the choices.
 absl::StatusOr<std::optional<DType>> ParseQuantizeFlag(std::string_view value);
+
+// The type of every binary's --quantize flag: parsed (and refused with ParseQuantizeFlag's
+// message) by the flags library, so mains only read `.type`.
+struct QuantizeOption {
+  std::optional<DType> type;
+};
+bool AbslParseFlag(absl::string_view text, QuantizeOption* out, std::string* error);
+std::string AbslUnparseFlag(const QuantizeOption& option);
 
 // IEEE binary16 -> float (exact, handles subnormals, inf, NaN).
 float F16ToF32(uint16_t h);

@@ -413,7 +413,6 @@ absl::Status GgufFile::AddPart(const std::string& path, GgufHeader* header) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": not a regular file"));
   }
   Part part;
-  part.path = path;
   part.size = static_cast<uint64_t>(st.st_size);
   if (part.size > 0) {
     void* base = mmap(nullptr, part.size, PROT_READ, MAP_PRIVATE, fd, 0);
@@ -487,7 +486,7 @@ absl::StatusOr<std::unique_ptr<GgufFile>> GgufFile::FromImage(const uint8_t* dat
                                                               const std::string& label) {
   std::unique_ptr<GgufFile> f(new GgufFile());
   f->path_ = label;
-  f->parts_.push_back({label, data, size, /*mapped=*/false});
+  f->parts_.push_back({data, size, /*mapped=*/false});
   MOE_ASSIGN_OR_RETURN(f->header_, ParseGgufImage(data, size, label));
   MOE_RETURN_IF_ERROR(f->IndexTensors());
   return f;

@@ -155,7 +155,6 @@ class GgufFile {
 
  private:
   struct Part {
-    std::string path;
     const uint8_t* base = nullptr;
     uint64_t size = 0;
     bool mapped = true;  // munmap at destruction (false for FromImage)

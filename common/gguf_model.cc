@@ -41,6 +41,12 @@ absl::StatusOr<int64_t> PositiveKey(const GgufFile& f, const std::string& key,
   return static_cast<int64_t>(v);
 }
 
+// A float metadata value, or `fallback` if the key is absent.
+absl::StatusOr<double> FloatKey(const GgufFile& f, const std::string& key, double fallback) {
+  if (f.FindValue(key) == nullptr) return fallback;
+  return f.GetFloat(key);
+}
+
 std::string Describe(const std::vector<int64_t>& dims, const char* type) {
   return absl::StrCat("{", absl::StrJoin(dims, ", "), "} ", type);
 }
@@ -106,14 +112,9 @@ absl::StatusOr<ModelConfig> ModelConfigFromGguf(const GgufFile& f) {
     return Bad(f, absl::StrCat("llama.rope.dimension_count ", rotary, " with head_dim ", c.head_dim,
                                ": only full, even rotary dimensions are supported"));
   }
-  c.rope_theta = 1e4;  // llama.cpp's default for llama
-  if (f.FindValue("llama.rope.freq_base") != nullptr) {
-    MOE_ASSIGN_OR_RETURN(c.rope_theta, f.GetFloat("llama.rope.freq_base"));
-  }
-  c.rms_norm_eps = 1e-5;
-  if (f.FindValue("llama.attention.layer_norm_rms_epsilon") != nullptr) {
-    MOE_ASSIGN_OR_RETURN(c.rms_norm_eps, f.GetFloat("llama.attention.layer_norm_rms_epsilon"));
-  }
+  // llama.cpp's defaults for llama.
+  MOE_ASSIGN_OR_RETURN(c.rope_theta, FloatKey(f, "llama.rope.freq_base", 1e4));
+  MOE_ASSIGN_OR_RETURN(c.rms_norm_eps, FloatKey(f, "llama.attention.layer_norm_rms_epsilon", 1e-5));
   if (!(c.rope_theta > 0) || !(c.rms_norm_eps > 0) || !std::isfinite(c.rope_theta)) {
     return Bad(f, "llama.rope.freq_base and layer_norm_rms_epsilon must be positive");
   }

@@ -65,11 +65,6 @@ struct Q6_KParts {
   float d;
 };
 
-// The quantizations QuantizeRow writes (quantize-on-load).
-constexpr bool CanQuantizeTo(DType t) {
-  return t == DType::kQ8_0 || t == DType::kQ4_K || t == DType::kQ6_K;
-}
-
 // Writes the `n` finite values of `x` as DTypeBytes(dtype, n) bytes of `dtype` at `out`.
 //   Q8_0: ggml's reference (d = amax / 127, q = round(x / d)), bit-exact with the gguf package.
 //   Q4_K: per 32-value sub-block the least-squares (scale, min) for x ~ scale*q - min

@@ -1,6 +1,7 @@
 #include "common/weights.h"
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/quant.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -74,6 +75,13 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(const std::stri
 absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr<TensorStore> store,
                                                                  const ModelConfig& c,
                                                                  const WeightsOptions& options) {
+  if (options.quantize.has_value() && !CanQuantizeTo(*options.quantize)) {
+    std::vector<std::string> supported;
+    for (DType t : kQuantizeTargets) supported.emplace_back(DTypeName(t));
+    return absl::InvalidArgumentError(
+        absl::StrCat("cannot quantize to ", std::string(DTypeName(*options.quantize)),
+                     " (supported: ", absl::StrJoin(supported, ", "), ")"));
+  }
   std::unique_ptr<ModelWeights> w(new ModelWeights());
   w->config_ = c;
   w->store_ = store;
@@ -150,11 +158,6 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> ModelWeights::Load(std::shared_ptr
     }
   }
   if (options.quantize.has_value()) {
-    if (!CanQuantizeTo(*options.quantize)) {
-      return absl::InvalidArgumentError(absl::StrCat("cannot quantize to ",
-                                                     std::string(DTypeName(*options.quantize)),
-                                                     " (supported: Q8_0, Q4_K, Q6_K)"));
-    }
     // Norms and the router were copied to f32 already; once every matrix is quantized nothing
     // points into the mappings any more.
     if (w->QuantizeMatrices(*options.quantize)) {
@@ -208,13 +211,12 @@ uint64_t ModelWeights::owned_bytes() const {
 }
 
 absl::Status ModelWeights::SetHostedExperts(const ExpertRange& experts) {
-  hosted_ = experts;
-  if (hosted_.end == ExpertRange::kToLast) hosted_.end = config_.num_local_experts;
-  if (hosted_.begin < 0 || hosted_.begin > hosted_.end || hosted_.end > config_.num_local_experts) {
-    return absl::InvalidArgumentError(absl::StrCat("expert range ", hosted_.ToString(),
-                                                   " is outside the model's ",
-                                                   config_.num_local_experts, " experts"));
+  // {} (= {0, 0}): the shared weights only (a coordinator); anything else as --experts is.
+  if (experts.begin == 0 && experts.end == 0) {
+    hosted_ = ExpertRange{};
+    return absl::OkStatus();
   }
+  MOE_ASSIGN_OR_RETURN(hosted_, ResolveExpertRange(experts, config_.num_local_experts));
   return absl::OkStatus();
 }
 

@@ -9,6 +9,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/dtype.h"
 #include "common/main_init.h"
 #include "common/signals.h"
 #include "coordinator/coordinator_server.h"
@@ -20,7 +21,7 @@ ABSL_FLAG(std::string, model, "",
 ABSL_FLAG(std::vector<std::string>, workers, {},
           "Comma-separated expert workers HOST:PORT. Empty: run the experts in this process.");
 ABSL_FLAG(int64_t, in_process_workers, 1, "Without --workers: in-process expert slices.");
-ABSL_FLAG(std::string, quantize, "",
+ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's matrices while loading: q8_0, q4_k or q6_k "
           "(empty: keep the stored types).");
 ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to serve on (port 0: any free port).");
@@ -51,14 +52,7 @@ int main(int argc, char** argv) {
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.workers = absl::GetFlag(FLAGS_workers);
   options.in_process_workers = absl::GetFlag(FLAGS_in_process_workers);
-  absl::StatusOr<std::optional<moe::DType>> quantize =
-      moe::ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
-  if (!quantize.ok()) {
-    std::fprintf(stderr, "moe-coordinator: error: %s\n",
-                 std::string(quantize.status().message()).c_str());
-    return 1;
-  }
-  options.quantize = *quantize;
+  options.quantize = absl::GetFlag(FLAGS_quantize).type;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
   options.scheduler.max_running = absl::GetFlag(FLAGS_max_running);

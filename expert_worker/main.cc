@@ -13,6 +13,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/dtype.h"
 #include "common/main_init.h"
 #include "common/signals.h"
 #include "expert_worker/worker_server.h"
@@ -21,7 +22,7 @@
 ABSL_FLAG(std::string, model, "",
           "The model: a Hugging Face directory (config.json, *.safetensors) or a GGUF file (or a "
           "directory holding one, or one file of a split set).");
-ABSL_FLAG(std::string, quantize, "",
+ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's expert matrices while loading: q8_0, q4_k or q6_k "
           "(empty: keep the stored types).");
 ABSL_FLAG(std::string, experts, "all",
@@ -66,10 +67,7 @@ int main(int argc, char** argv) {
   moe::WorkerOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.experts = *range;
-  absl::StatusOr<std::optional<moe::DType>> quantize =
-      moe::ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
-  if (!quantize.ok()) return Fail(quantize.status());
-  options.quantize = *quantize;
+  options.quantize = absl::GetFlag(FLAGS_quantize).type;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);

@@ -18,6 +18,7 @@
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/time/clock.h"
+#include "common/dtype.h"
 #include "common/kernels.h"
 #include "common/main_init.h"
 #include "coordinator/local_model.h"
@@ -26,7 +27,7 @@
 #include "tools/client/load_bench.h"
 
 ABSL_FLAG(std::string, model, "", "Model: a Hugging Face directory or a GGUF file.");
-ABSL_FLAG(std::string, quantize, "",
+ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's matrices while loading (q8_0, q4_k, q6_k).");
 ABSL_FLAG(int64_t, prompt_tokens, 128, "Prefill length (random token ids).");
 ABSL_FLAG(int64_t, decode_steps, 32, "Decode steps timed per batch size.");
@@ -57,8 +58,6 @@ class ExpertTouchCounter : public RoutingObserver {
  private:
   std::vector<std::set<int32_t>> used_;
 };
-
-uint64_t MatrixBytes(const WeightMatrix& m) { return m.bytes(); }
 
 int RunRemote() {
   LoadBenchOptions o;
@@ -110,13 +109,7 @@ int Run() {
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.in_process_workers = absl::GetFlag(FLAGS_workers);
   options.load_tokenizer = false;
-  absl::StatusOr<std::optional<DType>> quantize = ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
-  if (!quantize.ok()) {
-    std::fprintf(stderr, "moe-bench: error: %s\n",
-                 std::string(quantize.status().message()).c_str());
-    return 2;
-  }
-  options.quantize = *quantize;
+  options.quantize = absl::GetFlag(FLAGS_quantize).type;
   if (options.model_dir.empty()) {
     std::fprintf(stderr, "moe-bench: error: --model is required\n");
     return 2;
@@ -132,11 +125,10 @@ int Run() {
   ExpertTouchCounter touched(c.num_hidden_layers);
   engine->AddRoutingObserver(&touched);
 
-  uint64_t shared_bytes = MatrixBytes(model.weights().lm_head());
+  uint64_t shared_bytes = model.weights().lm_head().bytes();
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const LayerWeights& w = model.weights().layer(l);
-    shared_bytes += MatrixBytes(w.q_proj) + MatrixBytes(w.k_proj) + MatrixBytes(w.v_proj) +
-                    MatrixBytes(w.o_proj);
+    shared_bytes += w.q_proj.bytes() + w.k_proj.bytes() + w.v_proj.bytes() + w.o_proj.bytes();
   }
   // One expert's bytes per layer as the engine holds them (stored, or quantized on load; GGUF
   // files mix types), from a load of expert 0 alone.
@@ -144,9 +136,12 @@ int Run() {
   probe_options.load_shared = false;
   probe_options.experts = {0, 1};
   probe_options.quantize = options.quantize;
-  auto probe = model.checkpoint().LoadWeights(probe_options);
-  CHECK(probe.ok()) << probe.status();
-  const uint64_t expert_bytes = (*probe)->expert_bytes() / c.num_hidden_layers;
+  uint64_t expert_bytes = 0;
+  {
+    auto probe = model.checkpoint().LoadWeights(probe_options);  // released before timing
+    CHECK(probe.ok()) << probe.status();
+    expert_bytes = (*probe)->expert_bytes() / c.num_hidden_layers;
+  }
 
   std::printf("memory read bandwidth %.1f GB/s (1 GiB, %d OpenMP threads)\n",
               MeasureReadBandwidth(), omp_get_max_threads());

@@ -9,13 +9,14 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/dtype.h"
 #include "common/main_init.h"
 #include "glog/logging.h"
 #include "tools/client/cli_commands.h"
 
 ABSL_FLAG(std::string, model, "",
           "Model (Hugging Face directory or GGUF file), to run the model in this process.");
-ABSL_FLAG(std::string, quantize, "",
+ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "With --model: quantize a safetensors checkpoint's matrices while loading (q8_0, q4_k, "
           "q6_k).");
 ABSL_FLAG(std::string, server, "", "Coordinator HOST:PORT, to query a running cluster.");
@@ -58,13 +59,8 @@ int main(int argc, char** argv) {
     o.stop = absl::GetFlag(FLAGS_stop);
     o.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
     o.in_process_workers = absl::GetFlag(FLAGS_workers);
-    absl::StatusOr<std::optional<moe::DType>> quantize =
-        moe::ParseQuantizeFlag(absl::GetFlag(FLAGS_quantize));
-    status = quantize.status();
-    if (status.ok()) {
-      o.quantize = *quantize;
-      status = moe::RunGenerate(o);
-    }
+    o.quantize = absl::GetFlag(FLAGS_quantize).type;
+    status = moe::RunGenerate(o);
   } else if (command == "status") {
     status = moe::RunStatus(absl::GetFlag(FLAGS_server));
   } else {

@@ -66,6 +66,13 @@ TEST(MoeCliTest, KernelsFlag) {
   EXPECT_THAT(r.output, HasSubstr("--kernels=turbo: expected 'fast' or 'exact'"));
 }
 
+// --quantize is parsed by the flags library: a bad value is refused with the choices.
+TEST(MoeCliTest, BadQuantizeValue) {
+  Result r = RunCli(std::string("generate --quantize q5_0 --model ") + kFixture + " --prompt hi");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_THAT(r.output, HasSubstr("--quantize \"q5_0\" is not one of q8_0, q4_k, q6_k"));
+}
+
 TEST(MoeCliTest, MissingModelDirectory) {
   Result r = RunCli("generate --model /nonexistent/model --prompt hi");
   EXPECT_EQ(r.exit_code, 1);
