@@ -118,10 +118,9 @@ TEST(GgufModelTest, MixtralFixtureConfigAndExpertSlices) {
   EXPECT_EQ((*w_quarter)->mapped_tensor_bytes() * 4, (*w_all)->mapped_tensor_bytes());
   EXPECT_EQ((*w_quarter)->mapped_tensor_bytes(), (*w_quarter)->expert_bytes());
   // Expert 8's w1 of the slice is the 9th slice of blk.0.ffn_gate_exps.
-  const GgufTensorInfo* gate = nullptr;
   auto file_only = GgufFile::Open(file);
   ASSERT_TRUE(file_only.ok());
-  gate = (*file_only)->FindTensor("blk.0.ffn_gate_exps.weight");
+  const GgufTensorInfo* gate = (*file_only)->FindTensor("blk.0.ffn_gate_exps.weight");
   ASSERT_NE(gate, nullptr);
   const uint64_t slice = gate->byte_size / 32;
   EXPECT_EQ(
@@ -161,12 +160,8 @@ TEST(GgufModelTest, FilesItCannotServeGiveClearErrors) {
   };
   for (const BadModel& c : cases) {
     SCOPED_TRACE(c.name);
-    const std::string dir = WriteTinyLlama(
-        std::string("bad_") + std::to_string(&c - cases.data()),
-        [&](GgufBuilder* b) {
-          if (c.metadata) c.metadata(b);
-        },
-        c.skip_tensor, c.ffn_gate_type);
+    const std::string dir = WriteTinyLlama(std::string("bad_") + std::to_string(&c - cases.data()),
+                                           c.metadata, c.skip_tensor, c.ffn_gate_type);
     auto checkpoint = Checkpoint::Open(dir);
     absl::Status s = checkpoint.status();
     if (s.ok()) s = (*checkpoint)->LoadWeights(WeightsOptions{}).status();

@@ -90,10 +90,8 @@ TEST(GgufTest, FileGettersCheckTypesAndNameTheKey) {
   EXPECT_FALSE((*f)->GetStringArray("tokenizer.ggml.scores").ok());
   const GgufTensorInfo* t = (*f)->FindTensor("output_norm.weight");
   ASSERT_NE(t, nullptr);
-  float first;
-  std::memcpy(&first, (*f)->Data(*t), 4);
-  std::vector<uint8_t> expected(4, 3);
-  EXPECT_EQ(std::memcmp(&first, expected.data(), 4), 0);
+  const uint8_t* data = (*f)->Data(*t);
+  EXPECT_THAT(std::vector<uint8_t>(data, data + 4), ::testing::ElementsAre(3, 3, 3, 3));
   EXPECT_EQ((*f)->FindTensor("nope"), nullptr);
   EXPECT_EQ(GgufFile::Open(dir + "/absent.gguf").status().code(), absl::StatusCode::kNotFound);
 }

@@ -10,6 +10,7 @@
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/test_helpers.h"
 #include "tests/testutil/golden_fixture.h"
 
 namespace moe {
@@ -17,7 +18,6 @@ namespace {
 
 constexpr char kModels[] = "tests/testdata/models/";
 
-using testing::ExpectLogitsNear;
 using testing::GoldenExpected;
 using testing::LoadExpected;
 
@@ -46,32 +46,11 @@ class GoldenTest : public ::testing::TestWithParam<Case> {
 };
 
 TEST_P(GoldenTest, PrefillLogitsMatchTransformersAtEveryPosition) {
-  const int64_t vocab = model_->config().vocab_size;
-  SequenceState seq;
-  StepInput in{&seq, expected_.prompt, /*all_logits=*/true};
-  std::vector<float> logits;
-  ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
-  ASSERT_EQ(logits.size(), expected_.logits.size());
-  for (size_t p = 0; p < expected_.prompt.size(); ++p) {
-    ExpectLogitsNear(&logits[p * vocab], &expected_.logits[p * vocab], vocab,
-                     "position " + std::to_string(p));
-  }
-  model_->engine()->Release(&seq);
+  testing::ExpectPrefillMatchesGolden(*model_, expected_);
 }
 
 TEST_P(GoldenTest, DecodeLogitsMatchTransformersStepByStep) {
-  const int64_t vocab = model_->config().vocab_size;
-  SequenceState seq;
-  StepInput in{&seq, expected_.prompt, false};
-  std::vector<float> logits;
-  ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
-  for (size_t i = 0; i < expected_.greedy.size(); ++i) {
-    ExpectLogitsNear(logits.data(), &expected_.decode_logits[i * vocab], vocab,
-                     "decode step " + std::to_string(i));
-    in = {&seq, {&expected_.greedy[i], 1}, false};
-    ASSERT_TRUE(model_->engine()->Step({&in, 1}, &logits).ok());
-  }
-  model_->engine()->Release(&seq);
+  testing::ExpectDecodeMatchesGolden(*model_, expected_);
 }
 
 TEST_P(GoldenTest, GreedyTokensEqualTransformers) {

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <numeric>
 #include <span>
 #include <string>
@@ -20,12 +21,11 @@
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "tests/coordinator/test_helpers.h"
 #include "tests/testutil/golden_fixture.h"
 
 namespace moe {
 namespace {
-
-using testing::ExpectLogitsNear;
 
 constexpr char kGgufModels[] = "tests/testdata/gguf";
 
@@ -52,37 +52,10 @@ class GgufGoldenTest : public ::testing::TestWithParam<Case> {
   testing::GoldenExpected expected_;
 };
 
-// Prefill logits at every position, then decode logits and greedy tokens step by step, vs the
-// reference.
-void ExpectMatchesGolden(LocalModel& model, const testing::GoldenExpected& expected) {
-  const int64_t vocab = model.config().vocab_size;
-  SequenceState seq;
-  StepInput in{&seq, expected.prompt, /*all_logits=*/true};
-  std::vector<float> logits;
-  ASSERT_TRUE(model.engine()->Step({&in, 1}, &logits).ok());
-  for (size_t p = 0; p < expected.prompt.size(); ++p) {
-    ExpectLogitsNear(&logits[p * vocab], &expected.logits[p * vocab], vocab,
-                     "position " + std::to_string(p));
-  }
-  std::vector<int32_t> greedy;
-  const float* last = &logits[(expected.prompt.size() - 1) * vocab];
-  std::vector<float> step_logits(last, last + vocab);
-  for (size_t i = 0; i < expected.greedy.size(); ++i) {
-    ExpectLogitsNear(step_logits.data(), &expected.decode_logits[i * vocab], vocab,
-                     "decode step " + std::to_string(i));
-    const int32_t next = static_cast<int32_t>(
-        std::max_element(step_logits.begin(), step_logits.end()) - step_logits.begin());
-    greedy.push_back(next);
-    in = {&seq, {&expected.greedy[i], 1}, false};
-    ASSERT_TRUE(model.engine()->Step({&in, 1}, &step_logits).ok());
-  }
-  EXPECT_EQ(greedy, expected.greedy);
-  model.engine()->Release(&seq);
-}
-
 TEST_P(GgufGoldenTest, LogitsAndGreedyTokensMatchTransformersOnTheSameFile) {
   EXPECT_TRUE(model_->checkpoint().is_gguf());
-  ExpectMatchesGolden(*model_, expected_);
+  testing::ExpectPrefillMatchesGolden(*model_, expected_);
+  testing::ExpectDecodeMatchesGolden(*model_, expected_);
 }
 
 std::vector<Case> Cases() {
@@ -110,10 +83,10 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GgufGoldenTest, ::testing::ValuesIn(Cases()),
 // against llama.cpp's on the same files (its own logits, <stem>.llamacpp.safetensors, written by
 // tools/fixtures/gen_gguf_kquants.py with llama-cpp-python): the engine's f32-activation path
 // must be no further from transformers than llama.cpp (which rounds activations to 8 bits).
-double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int64_t vocab,
-              double* max_kl, std::vector<double>* per_row = nullptr) {
-  double sum = 0;
-  *max_kl = 0;
+// KL(ref || got) at each of `rows` positions of `vocab` logits.
+std::vector<double> KlPerRow(const std::vector<float>& ref, const float* got, int64_t rows,
+                             int64_t vocab) {
+  std::vector<double> kls;
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = &ref[r * vocab];
     const float* q = got + r * vocab;
@@ -128,13 +101,15 @@ double MeanKl(const std::vector<float>& ref, const float* got, int64_t rows, int
       const double lp = double{p[i]} - pm - std::log(pz), lq = double{q[i]} - qm - std::log(qz);
       kl += std::exp(lp) * (lp - lq);
     }
-    sum += kl;
-    *max_kl = std::max(*max_kl, kl);
-    if (per_row != nullptr) per_row->push_back(kl);
+    kls.push_back(kl);
   }
-  return sum / static_cast<double>(rows);
+  return kls;
 }
 
+double Mean(const std::vector<double>& v) {
+  return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
+}
+double Max(const std::vector<double>& v) { return *std::max_element(v.begin(), v.end()); }
 double Median(std::vector<double> v) {
   std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
   return v[v.size() / 2];
@@ -206,19 +181,16 @@ TEST_P(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
       ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
     }
     const auto* their_logits = static_cast<const float*>(theirs->data);
-    double our_max = 0, their_max = 0;
-    std::vector<double> our_rows, their_rows;
-    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max, &our_rows);
-    const double their_kl =
-        MeanKl(expected->logits, their_logits, rows, vocab, &their_max, &their_rows);
+    const std::vector<double> our_rows = KlPerRow(expected->logits, ours.data(), rows, vocab);
+    const std::vector<double> their_rows = KlPerRow(expected->logits, their_logits, rows, vocab);
     std::printf(
         "%s: KL to transformers, mean/median/max: engine %.3g / %.3g / %.3g, llama.cpp %.3g / "
         "%.3g / %.3g\n",
-        std::filesystem::path(stem).filename().c_str(), our_kl, Median(our_rows), our_max, their_kl,
-        Median(their_rows), their_max);
+        std::filesystem::path(stem).filename().c_str(), Mean(our_rows), Median(our_rows),
+        Max(our_rows), Mean(their_rows), Median(their_rows), Max(their_rows));
     if (GetParam() == KlMode::kExact) {
-      EXPECT_LE(our_kl, their_kl);
-      EXPECT_LE(our_max, their_max);
+      EXPECT_LE(Mean(our_rows), Mean(their_rows));
+      EXPECT_LE(Max(our_rows), Max(their_rows));
     } else {
       EXPECT_LE(Median(our_rows), Median(their_rows));
     }
@@ -243,11 +215,8 @@ TEST_P(GgufKlTest, NoFurtherFromTransformersThanLlamaCpp) {
     ++files;
   }
   EXPECT_GE(files, 8);
-  const auto mean = [](const std::vector<double>& v) {
-    return std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size());
-  };
-  std::printf("all files: mean KL engine %.3g, llama.cpp %.3g\n", mean(all_ours), mean(all_theirs));
-  EXPECT_LE(mean(all_ours), mean(all_theirs));
+  std::printf("all files: mean KL engine %.3g, llama.cpp %.3g\n", Mean(all_ours), Mean(all_theirs));
+  EXPECT_LE(Mean(all_ours), Mean(all_theirs));
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, GgufKlTest,
@@ -288,7 +257,8 @@ TEST_P(QuantizeOnLoadTest, Q8_0MatchesTransformersOnTheConvertersQ8_0File) {
       testing::LoadGgufExpected(std::string(kGgufModels) + "/" + model + "/" + model + "-q8_0.gguf",
                                 (*m)->config().vocab_size);
   ASSERT_TRUE(expected.ok()) << expected.status();
-  ExpectMatchesGolden(**m, *expected);
+  testing::ExpectPrefillMatchesGolden(**m, *expected);
+  testing::ExpectDecodeMatchesGolden(**m, *expected);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeOnLoadTest,
@@ -330,15 +300,15 @@ TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
     ASSERT_TRUE((*m)->engine()->Step({&in, 1}, &ours).ok());
     auto theirs = testing::LoadGgufExpected(gguf + c.llama_file + ".gguf", vocab);
     ASSERT_TRUE(theirs.ok()) << theirs.status();
-    double our_max = 0, their_max = 0;
-    const double our_kl = MeanKl(expected->logits, ours.data(), rows, vocab, &our_max);
-    const double their_kl =
-        MeanKl(expected->logits, theirs->logits.data(), rows, vocab, &their_max);
+    const std::vector<double> our_rows = KlPerRow(expected->logits, ours.data(), rows, vocab);
+    const std::vector<double> their_rows =
+        KlPerRow(expected->logits, theirs->logits.data(), rows, vocab);
+    const double our_kl = Mean(our_rows), their_kl = Mean(their_rows);
     std::printf(
         "--quantize %s: KL to the unquantized model, mean %.3g (max %.3g); llama-quantize "
         "%s: %.3g (max %.3g)\n",
-        std::string(DTypeName(c.dtype)).c_str(), our_kl, our_max, c.llama_file, their_kl,
-        their_max);
+        std::string(DTypeName(c.dtype)).c_str(), our_kl, Max(our_rows), c.llama_file, their_kl,
+        Max(their_rows));
     EXPECT_GT(our_kl, 0.0);  // it did quantize
     EXPECT_LE(our_kl, c.factor * their_kl);
   }
@@ -386,16 +356,25 @@ TEST(GgufSplitTest, SplitSetEqualsTheUnsplitFileBitForBit) {
   }
 }
 
-// Every fixture directory contributes: a missing or renamed file set fails here rather than
-// silently shrinking the suite.
-TEST(GgufGoldenCasesTest, EveryModelInEveryType) {
-  const std::vector<Case> cases = Cases();
-  EXPECT_GE(cases.size(), 15u);
-  for (const char* type : {"-f16.gguf", "-q8_0.gguf", "-q4_0.gguf"}) {
-    int n = 0;
-    for (const Case& c : cases) n += c.path.ends_with(type) && c.workers == 1;
-    EXPECT_GE(n, 5) << type;
+// Every fixture directory contributes what it should: a missing or renamed file fails here
+// rather than silently shrinking the suites that loop over GgufFixtureFiles.
+TEST(GgufGoldenCasesTest, EveryFixtureFileIsThere) {
+  std::map<std::string, int> per_dir;
+  for (const std::string& f : testing::GgufFixtureFiles()) {
+    ++per_dir[std::filesystem::path(f).parent_path().filename().string()];
   }
+  const std::map<std::string, int> expected = {
+      {"layouts", 2},                   // per-expert and fused expert tensors
+      {"llama_dense", 3},               // f16, q8_0, q4_0 (converter)
+      {"mixtral_32e_gqa_fp16", 3},      //
+      {"mixtral_3e_sliding_bf16", 3},   //
+      {"mixtral_4e_h256_kquant", 7},    // llama-quantize's K-quants and legacy types
+      {"mixtral_4e_h320_fallback", 1},  // Q4_K_M with Q5_0/Q8_0 row fallbacks
+      {"mixtral_4e_tied_fused_sharded", 3},
+      {"mixtral_8e_top3_no_rope_theta", 3},
+  };
+  EXPECT_EQ(per_dir, expected);
+  EXPECT_EQ(Cases().size(), 29u);  // each file with 1 worker, the Mixtral q4_0 ones also with 3
 }
 
 }  // namespace
