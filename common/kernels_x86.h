@@ -5,7 +5,8 @@
 //
 //  - int8 (AVX-512 VNNI): activations quantized to int8 with an f32 scale per 8 values
 //    (Q8Activations; llama.cpp uses one per 32 or 256), weights' integer quants multiplied with
-//    VPDPBUSD, block scales applied in f32. For Q8_0, Q4_K and Q6_K weights at few tokens (decode).
+//    VPDPBUSD, block scales applied in f32. For Q8_0, Q4_K, Q5_K and Q6_K weights at few tokens
+//    (decode).
 //  - bf16 (AVX512-BF16): activations rounded to bf16, products with VDPBF16PS. For BF16 weights,
 //    and for quantized weights at many tokens (prefill), dequantized block by block into bf16.
 //
@@ -35,20 +36,23 @@ void LimitCaps(Caps limit);
 
 // Weight types with an int8 kernel.
 inline bool HasInt8Kernel(DType dtype) {
-  return dtype == DType::kQ8_0 || dtype == DType::kQ4_K || dtype == DType::kQ6_K;
+  return dtype == DType::kQ8_0 || dtype == DType::kQ4_K || dtype == DType::kQ5_K ||
+         dtype == DType::kQ6_K;
 }
 
 // Activations x [tokens, cols] (cols a multiple of 32) as int8 with an f32 scale per group of 8
 // values: per token, q[c] = round(x[c] / d), d = max|x| / 127 over c's group; d4[c / 4] = d;
-// nsum4[c / 4] = -(q[c..c+3] summed); sum32[c / 32] = the 32-value block's sum of the rounded
-// values d * q, group by group with std::fma (Q4_K's minimums are multiplied with it: with the
-// exact sum of x instead, the error grows with the minimum rather than with the weight, measured
-// 0.011 vs 0.0005 KL on a Q4_K_M file).
+// qu[c] = q[c] + 128 (as unsigned, for signed weights); nsum4[c / 4] = -(q[c..c+3] summed);
+// sum32[c / 32] = the 32-value block's sum of
+// the rounded values d * q, group by group with std::fma (Q4_K's minimums are multiplied with it:
+// with the exact sum of x instead, the error grows with the minimum rather than with the weight,
+// measured 0.011 vs 0.0005 KL on a Q4_K_M file).
 struct Q8Activations {
   int64_t tokens = 0;
   int64_t cols = 0;
   std::vector<int8_t> q;
   std::vector<float> d4;
+  std::vector<uint8_t> qu;
   std::vector<int32_t> nsum4;
   std::vector<float> sum32;
 };

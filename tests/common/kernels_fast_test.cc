@@ -80,6 +80,7 @@ TEST_P(FastKernelTest, QuantizeActivationsFollowsItsDefinition) {
           EXPECT_LE(std::fabs(xg[i] - q * d), d * 0.5f * (1 + 1e-5f)) << "t=" << t << " e=" << e;
         }
         EXPECT_EQ(max_q, amax > 0 ? 127 : 0);
+        for (int i = 0; i < 8; ++i) EXPECT_EQ(a.qu[e + i], a.q[e + i] + 128);
         for (int k = 0; k < 2; ++k) {
           int s4 = 0;
           for (int i = 0; i < 4; ++i) s4 += a.q[e + 4 * k + i];
@@ -104,6 +105,7 @@ TEST(QuantizeActivationsTest, SimdEqualsScalar) {
   x86::LimitCaps({.int8 = true, .bf16 = true});
   EXPECT_EQ(simd.q, scalar.q);
   EXPECT_EQ(simd.d4, scalar.d4);
+  EXPECT_EQ(simd.qu, scalar.qu);
   EXPECT_EQ(simd.nsum4, scalar.nsum4);
   EXPECT_EQ(simd.sum32, scalar.sum32);
 }
@@ -194,7 +196,7 @@ TEST_P(FastKernelTest, MatMulEqualsTheRoundedOperandsDot) {
 // int8 activations is about 1/254 per value, of bf16 2^-9.
 TEST_P(FastKernelTest, CloseToExactOnModelSizedMatrices) {
   const int64_t rows = 512, cols = 2048;
-  for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ6_K, DType::kBF16}) {
+  for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(dtype));
     const std::vector<uint8_t> bytes =
         testing::PatternTensorBytes(GgmlTypeOf(dtype), rows * cols, 11);
