@@ -31,6 +31,7 @@ ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's matrices while loading (q8_0, q4_k, q6_k).");
 ABSL_FLAG(int64_t, prompt_tokens, 128, "Prefill length (random token ids).");
 ABSL_FLAG(int64_t, decode_steps, 32, "Decode steps timed per batch size.");
+ABSL_FLAG(int64_t, prefill_runs, 3, "Timed prefill runs (after one untimed); the best is printed.");
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8"}),
           "Decode batch sizes (comma-separated).");
 ABSL_FLAG(int64_t, workers, 1, "In-process expert workers.");
@@ -155,9 +156,11 @@ int Run() {
               std::string(DTypeName(model.weights().dtype())).c_str());
 
   // Prefill: one sequence, the whole prompt in one step; the first, untimed, run faults the
-  // mapped weights in.
-  for (int run = 0; run < 2; ++run) {
-    std::vector<int32_t> prompt(absl::GetFlag(FLAGS_prompt_tokens));
+  // mapped weights in. The best of --prefill-runs: the machine is shared and noisy.
+  const int64_t prefill_runs = absl::GetFlag(FLAGS_prefill_runs);
+  double best_secs = 0;
+  std::vector<int32_t> prompt(absl::GetFlag(FLAGS_prompt_tokens));
+  for (int64_t run = 0; run <= prefill_runs && !prompt.empty(); ++run) {
     for (int32_t& t : prompt) t = token(rng);
     SequenceState seq;
     StepInput in{&seq, prompt, false};
@@ -166,10 +169,12 @@ int Run() {
     const double secs = absl::ToDoubleSeconds(absl::Now() - start);
     CHECK(s.ok()) << s;
     engine->Release(&seq);
-    if (run == 0) continue;
-    touched.TakeCount();
-    std::printf("prefill  %5zu tokens        %9.1f tok/s   (%.3f s)\n", prompt.size(),
-                prompt.size() / secs, secs);
+    if (run > 0 && (best_secs == 0 || secs < best_secs)) best_secs = secs;
+  }
+  touched.TakeCount();
+  if (best_secs > 0) {
+    std::printf("prefill  %5zu tokens        %9.1f tok/s   (%.3f s, best of %lld)\n", prompt.size(),
+                prompt.size() / best_secs, best_secs, static_cast<long long>(prefill_runs));
   }
   // Decode at each batch size: short prompts, then greedy steps with realistic routing.
   for (const std::string& b : absl::GetFlag(FLAGS_batches)) {
