@@ -476,6 +476,79 @@ void AxpyImpl(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, int64
   }
 }
 
+// out[i * out_stride + j] = scale * dot(q_i, k_j) with q_i = q + i * d, k_j = k + j * k_stride:
+// four queries at a time against each key, so a key is loaded once per four dot products.
+void DotRowsImpl(const float* HWY_RESTRICT q, int64_t nq, const float* HWY_RESTRICT k,
+                 int64_t k_stride, int64_t nk, int64_t d64, float scale, float* HWY_RESTRICT out,
+                 int64_t out_stride) {
+  const hn::ScalableTag<float> df;
+  const size_t d = static_cast<size_t>(d64);
+  const size_t full = d / hn::Lanes(df) * hn::Lanes(df);
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* kj = k + j * k_stride;
+    int64_t i = 0;
+    for (; i + 4 <= nq; i += 4) {
+      const float* qi = q + i * d64;
+      auto s0 = hn::Zero(df);
+      auto s1 = hn::Zero(df);
+      auto s2 = hn::Zero(df);
+      auto s3 = hn::Zero(df);
+      for (size_t c = 0; c < full; c += hn::Lanes(df)) {
+        const auto kv = hn::LoadU(df, kj + c);
+        s0 = hn::MulAdd(hn::LoadU(df, qi + c), kv, s0);
+        s1 = hn::MulAdd(hn::LoadU(df, qi + d + c), kv, s1);
+        s2 = hn::MulAdd(hn::LoadU(df, qi + 2 * d + c), kv, s2);
+        s3 = hn::MulAdd(hn::LoadU(df, qi + 3 * d + c), kv, s3);
+      }
+      float r[4] = {hn::GetLane(hn::SumOfLanes(df, s0)), hn::GetLane(hn::SumOfLanes(df, s1)),
+                    hn::GetLane(hn::SumOfLanes(df, s2)), hn::GetLane(hn::SumOfLanes(df, s3))};
+      for (size_t c = full; c < d; ++c) {
+        for (int x = 0; x < 4; ++x) r[x] = std::fma(qi[x * d + c], kj[c], r[x]);
+      }
+      for (int x = 0; x < 4; ++x) out[(i + x) * out_stride + j] = r[x] * scale;
+    }
+    for (; i < nq; ++i) out[i * out_stride + j] = DotImpl(q + i * d64, kj, d64) * scale;
+  }
+}
+
+// out_i[c] += sum_j p[i * p_stride + j] * v_j[c] for i < nq, c < d, with out_i = out + i * d and
+// v_j = v + j * v_stride; for each element the terms are added in order of j.
+void AccumulateRowsImpl(const float* HWY_RESTRICT p, int64_t p_stride, int64_t nq,
+                        const float* HWY_RESTRICT v, int64_t v_stride, int64_t nk, int64_t d64,
+                        float* HWY_RESTRICT out) {
+  const hn::ScalableTag<float> df;
+  const size_t lanes = hn::Lanes(df);
+  const size_t d = static_cast<size_t>(d64);
+  for (int64_t i = 0; i < nq; ++i) {
+    const float* pi = p + i * p_stride;
+    float* oi = out + i * d64;
+    size_t c = 0;
+    for (; c + 4 * lanes <= d; c += 4 * lanes) {
+      auto a0 = hn::LoadU(df, oi + c);
+      auto a1 = hn::LoadU(df, oi + c + lanes);
+      auto a2 = hn::LoadU(df, oi + c + 2 * lanes);
+      auto a3 = hn::LoadU(df, oi + c + 3 * lanes);
+      for (int64_t j = 0; j < nk; ++j) {
+        const float* vj = v + j * v_stride + c;
+        const auto pj = hn::Set(df, pi[j]);
+        a0 = hn::MulAdd(pj, hn::LoadU(df, vj), a0);
+        a1 = hn::MulAdd(pj, hn::LoadU(df, vj + lanes), a1);
+        a2 = hn::MulAdd(pj, hn::LoadU(df, vj + 2 * lanes), a2);
+        a3 = hn::MulAdd(pj, hn::LoadU(df, vj + 3 * lanes), a3);
+      }
+      hn::StoreU(a0, df, oi + c);
+      hn::StoreU(a1, df, oi + c + lanes);
+      hn::StoreU(a2, df, oi + c + 2 * lanes);
+      hn::StoreU(a3, df, oi + c + 3 * lanes);
+    }
+    for (; c < d; ++c) {
+      float a = oi[c];
+      for (int64_t j = 0; j < nk; ++j) a = std::fma(pi[j], v[j * v_stride + c], a);
+      oi[c] = a;
+    }
+  }
+}
+
 // out = (x * scale) * weight, the order of LlamaRMSNorm's two multiplies. out may equal x.
 void ScaleMulImpl(const float* x, float scale, const float* weight, size_t n, float* out) {
   const hn::ScalableTag<float> df;
@@ -587,6 +660,8 @@ HWY_EXPORT(HasFusedPath);
 HWY_EXPORT(MatMulFusedRows);
 HWY_EXPORT(DotImpl);
 HWY_EXPORT(AxpyImpl);
+HWY_EXPORT(DotRowsImpl);
+HWY_EXPORT(AccumulateRowsImpl);
 HWY_EXPORT(RmsNormImpl);
 HWY_EXPORT(RopeSplitHalfImpl);
 HWY_EXPORT(SiluMulImpl);
@@ -689,6 +764,7 @@ bool FastMatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t
     if (scratch.size() < static_cast<size_t>(n * w.cols)) scratch.resize(n * w.cols);
     const auto dequantize = HWY_DYNAMIC_DISPATCH(DequantizeRowSimd);
     for (int64_t r = 0; r < n; ++r) {
+      if (x86::DequantizeRowToBF16(w.Row(r0 + r), w.dtype, w.cols, &scratch[r * w.cols])) continue;
       dequantize(w.Row(r0 + r), w.dtype, w.cols, row.data());
       x86::F32ToBF16Row(row.data(), w.cols, &scratch[r * w.cols]);
     }
@@ -760,6 +836,16 @@ float Dot(const float* a, const float* b, int64_t n) {
 
 void Axpy(float a, const float* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AxpyImpl)(a, x, y, n);
+}
+
+void DotRows(const float* q, int64_t nq, const float* k, int64_t k_stride, int64_t nk, int64_t d,
+             float scale, float* out, int64_t out_stride) {
+  HWY_DYNAMIC_DISPATCH(DotRowsImpl)(q, nq, k, k_stride, nk, d, scale, out, out_stride);
+}
+
+void AccumulateRows(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t v_stride,
+                    int64_t nk, int64_t d, float* out) {
+  HWY_DYNAMIC_DISPATCH(AccumulateRowsImpl)(p, p_stride, nq, v, v_stride, nk, d, out);
 }
 
 void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps,

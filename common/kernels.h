@@ -76,6 +76,16 @@ float Dot(const float* a, const float* b, int64_t n);
 // y[i] += a * x[i].
 void Axpy(float a, const float* x, float* y, int64_t n);
 
+// Attention scores of nq queries (q: [nq, d], contiguous) against nk keys k_j = k + j * k_stride:
+// out[i * out_stride + j] = scale * dot(q_i, k_j).
+void DotRows(const float* q, int64_t nq, const float* k, int64_t k_stride, int64_t nk, int64_t d,
+             float scale, float* out, int64_t out_stride);
+
+// Attention's weighted sum of values, for nq rows: out[i * d + c] += sum_{j < nk}
+// p[i * p_stride + j] * v[j * v_stride + c] (each element's terms added in order of j).
+void AccumulateRows(const float* p, int64_t p_stride, int64_t nq, const float* v, int64_t v_stride,
+                    int64_t nk, int64_t d, float* out);
+
 // Per row t < tokens of x [tokens, n]: out = x * rsqrt(mean(x^2) + eps) * weight.
 // Sum of squares in f32 as transformers' LlamaRMSNorm/MixtralRMSNorm. out may equal x.
 void RmsNorm(const float* x, const float* weight, int64_t tokens, int64_t n, float eps, float* out);

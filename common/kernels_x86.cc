@@ -395,9 +395,6 @@ void Int8RowsT(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys, 
 // y[t, r] for kRows rows from w and kTokens tokens from x (bf16, rows ws / xs apart). One loop
 // with a mask for the partial last 32 columns: the accumulators stay in registers (a separate
 // tail step taking them by reference made GCC store them to the stack every iteration).
-// y[t, r] for kRows rows from w and kTokens tokens from x (bf16, rows ws / xs apart). One loop
-// with a mask for the partial last 32 columns: the accumulators stay in registers (a separate
-// tail step taking them by reference made GCC store them to the stack every iteration).
 template <int kRows, int kTokens>
 MOE_TARGET_BF16 void BF16Tile(const uint16_t* w, size_t ws, const uint16_t* x, size_t xs,
                               size_t cols, float* y, size_t ys) {
@@ -446,6 +443,85 @@ MOE_TARGET_BF16 void F32ToBF16RowImpl(const float* in, int64_t n, uint16_t* out)
     std::memcpy(out + i, &v, sizeof(v));
   }
   for (; i < n; ++i) out[i] = F32ToBF16(in[i]);
+}
+
+// 32 f32 values (lo: the first 16) as bf16 at out.
+MOE_TARGET_BF16 inline void StoreBF16x32(__m512 lo, __m512 hi, uint16_t* out) {
+  const __m512bh v = _mm512_cvtne2ps_pbh(hi, lo);
+  std::memcpy(out, &v, sizeof(v));
+}
+
+// 32 unsigned bytes as f32: [0, 16) and [16, 32).
+MOE_TARGET_BF16 inline __m512 BytesToF32(__m256i q, int half) {
+  const __m128i h = half ? _mm256_extracti128_si256(q, 1) : _mm256_castsi256_si128(q);
+  return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(h));
+}
+
+// Dequantization straight to bf16: the same f32 operations in the same order as DequantizeRow
+// (quant.cc; Mul then Sub, no FMA), then rounded, so each value is bf16(DequantizeRow's).
+MOE_TARGET_BF16 void Q8_0ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const uint8_t* blk = src + b * 34;
+    const __m512 d = _mm512_set1_ps(HalfAt(blk));
+    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    StoreBF16x32(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), out + b * 32);
+  }
+}
+
+template <bool kFiveBit>
+MOE_TARGET_BF16 void QK4ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
+  constexpr int64_t kBlockBytes = kFiveBit ? 176 : 144;
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const __m256i m1 = _mm256_set1_epi8(0x01);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const uint8_t* blk = src + b * kBlockBytes;
+    const float d = HalfAt(blk), dmin = HalfAt(blk + 2);
+    const uint8_t* qs = blk + (kFiveBit ? 48 : 16);
+    __m256i qh = _mm256_setzero_si256();
+    if constexpr (kFiveBit) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+    for (int j = 0; j < 8; ++j) {
+      const K4SubBlock sub = K4SubBlockOf(blk, d, dmin, j);
+      __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + sub.offset));
+      // 16-bit shifts: what crosses from a byte's neighbour is masked off.
+      q = _mm256_and_si256(_mm256_srl_epi16(q, _mm_cvtsi32_si128(sub.shift)), m4);
+      if constexpr (kFiveBit) {
+        const __m256i fifth = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(j)), m1);
+        q = _mm256_or_si256(q, _mm256_slli_epi16(fifth, 4));
+      }
+      const __m512 scale = _mm512_set1_ps(sub.scale), min = _mm512_set1_ps(sub.min);
+      StoreBF16x32(_mm512_sub_ps(_mm512_mul_ps(scale, BytesToF32(q, 0)), min),
+                   _mm512_sub_ps(_mm512_mul_ps(scale, BytesToF32(q, 1)), min),
+                   out + b * 256 + 32 * j);
+    }
+  }
+}
+
+MOE_TARGET_BF16 void Q6_KToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
+  const __m256i m4 = _mm256_set1_epi8(0x0f);
+  const __m256i m2 = _mm256_set1_epi8(0x03);
+  const __m256i m32 = _mm256_set1_epi8(32);
+  for (int64_t b = 0; b < n / 256; ++b) {
+    const Q6_KParts p(src + b * 210);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.qh + 32 * h));
+      for (int k = 0; k < 4; ++k) {
+        const int e = 128 * h + 32 * k;
+        const __m256i low =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.ql + 64 * h + 32 * (k % 2)));
+        const __m256i lo4 =
+            _mm256_and_si256(_mm256_srl_epi16(low, _mm_cvtsi32_si128(k < 2 ? 0 : 4)), m4);
+        const __m256i hi2 = _mm256_and_si256(_mm256_srl_epi16(high, _mm_cvtsi32_si128(2 * k)), m2);
+        const __m256i q = _mm256_sub_epi8(_mm256_or_si256(lo4, _mm256_slli_epi16(hi2, 4)), m32);
+        const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+        const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+        const __m512 s0 = _mm512_set1_ps(p.d * static_cast<float>(p.scales[e / 16]));
+        const __m512 s1 = _mm512_set1_ps(p.d * static_cast<float>(p.scales[e / 16 + 1]));
+        StoreBF16x32(_mm512_mul_ps(s0, lo), _mm512_mul_ps(s1, hi), out + b * 256 + e);
+      }
+    }
+  }
 }
 
 // clamp(v * id, -127, 127) rounded to nearest even, as int8.
@@ -561,6 +637,26 @@ void BF16MatMulRows(const uint16_t* w, int64_t w_stride, const BF16Activations& 
   }
 }
 
+bool DequantizeRowToBF16(const void* row, DType dtype, int64_t n, uint16_t* out) {
+  const auto* p = static_cast<const uint8_t*>(row);
+  switch (dtype) {
+    case DType::kQ8_0:
+      Q8_0ToBF16(p, n, out);
+      return true;
+    case DType::kQ4_K:
+      QK4ToBF16<false>(p, n, out);
+      return true;
+    case DType::kQ5_K:
+      QK4ToBF16<true>(p, n, out);
+      return true;
+    case DType::kQ6_K:
+      Q6_KToBF16(p, n, out);
+      return true;
+    default:
+      return false;
+  }
+}
+
 void F32ToBF16Row(const float* in, int64_t n, uint16_t* out) {
   if (GetCaps().bf16) return F32ToBF16RowImpl(in, n, out);
   for (int64_t i = 0; i < n; ++i) out[i] = F32ToBF16(in[i]);
@@ -581,6 +677,8 @@ void Int8MatMulRows(const WeightMatrix&, const Q8Activations&, float*, int64_t, 
 
 void BF16MatMulRows(const uint16_t*, int64_t, const BF16Activations&, float*, int64_t, int64_t,
                     int64_t) {}
+
+bool DequantizeRowToBF16(const void*, DType, int64_t, uint16_t*) { return false; }
 
 void F32ToBF16Row(const float* in, int64_t n, uint16_t* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = F32ToBF16(in[i]);

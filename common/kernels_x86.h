@@ -78,6 +78,11 @@ void ConvertActivations(const float* x, int64_t x_stride, int64_t tokens, int64_
 void BF16MatMulRows(const uint16_t* w, int64_t w_stride, const BF16Activations& a, float* y,
                     int64_t y_stride, int64_t row_begin, int64_t row_end);
 
+// REQUIRES: GetCaps().bf16; n a multiple of dtype's block. For Q8_0, Q4_K, Q5_K and Q6_K: out[i] =
+// bf16 of value i of the quantized row as DequantizeRow gives it (bit for bit), and true;
+// false (nothing written) for other types.
+bool DequantizeRowToBF16(const void* row, DType dtype, int64_t n, uint16_t* out);
+
 // out[i] = bf16(in[i]) for i < n (round to nearest even).
 void F32ToBF16Row(const float* in, int64_t n, uint16_t* out);
 

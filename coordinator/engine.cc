@@ -43,7 +43,8 @@ Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
       rope_sin_[p * half + i] = std::sin(angle);
     }
   }
-  scores_.resize(static_cast<size_t>(omp_get_max_threads()) * positions);
+  scores_per_thread_ = positions * (config_.num_attention_heads / config_.num_key_value_heads);
+  scores_.resize(static_cast<size_t>(omp_get_max_threads()) * scores_per_thread_);
 }
 
 absl::Status Engine::Validate(std::span<const StepInput> inputs) const {
@@ -103,32 +104,46 @@ void Engine::EnsureScratch(int64_t rows) {
 }
 
 // Scaled dot-product attention of every row against its sequence's cached keys and values
-// (causal; with sliding_window W a query at position p sees keys (p - W, p]).
+// (causal; with sliding_window W a query at position p sees keys (p - W, p]). The query heads
+// that share a key/value head go together, a cache block at a time (its slots are contiguous).
 void Engine::Attention(int64_t layer, int64_t rows, std::span<const StepInput> inputs) {
   const int64_t heads = config_.num_attention_heads;
-  const int64_t group = heads / config_.num_key_value_heads;
+  const int64_t kv_heads = config_.num_key_value_heads;
+  const int64_t group = heads / kv_heads;
   const int64_t d = config_.head_dim;
+  const int64_t kv_dim = config_.kv_dim();
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const int64_t window = config_.sliding_window;
-  const int64_t positions = config_.max_position_embeddings;
-#pragma omp parallel for collapse(2) schedule(static) if (rows * heads > 8)
+  const int64_t block = kv_cache_.block_size();
+  // Round-robin: a causal prompt's later rows see more keys.
+#pragma omp parallel for collapse(2) schedule(static, 1) if (rows * kv_heads > 2)
   for (int64_t t = 0; t < rows; ++t) {
-    for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t g = 0; g < kv_heads; ++g) {
       const BlockTable& table = inputs[row_input_[t]].seq->blocks;
       const int64_t pos = row_position_[t];
       const int64_t first = window > 0 ? std::max<int64_t>(0, pos - window + 1) : 0;
-      const int64_t kv_offset = (h / group) * d;
-      const float* q = &q_[(t * heads + h) * d];
-      float* scores = &scores_[omp_get_thread_num() * positions];
-      for (int64_t p = first; p <= pos; ++p) {
-        scores[p - first] = kernels::Dot(q, kv_cache_.Key(layer, table, p) + kv_offset, d) * scale;
-      }
-      kernels::Softmax(scores, pos - first + 1);
-      float* out = &attn_[(t * heads + h) * d];
-      std::fill(out, out + d, 0.0f);
-      for (int64_t p = first; p <= pos; ++p) {
-        kernels::Axpy(scores[p - first], kv_cache_.Value(layer, table, p) + kv_offset, out, d);
-      }
+      const int64_t n = pos - first + 1;
+      // Calls fn(p, keys in the block from p, the block's slot stride) block by block.
+      const auto for_each_block = [&](auto fn) {
+        for (int64_t p = first; p <= pos;) {
+          const int64_t end = std::min(pos + 1, (p / block + 1) * block);
+          fn(p, end - p);
+          p = end;
+        }
+      };
+      const float* q = &q_[(t * heads + g * group) * d];
+      float* scores = &scores_[omp_get_thread_num() * scores_per_thread_];  // [group][n]
+      for_each_block([&](int64_t p, int64_t nk) {
+        kernels::DotRows(q, group, kv_cache_.Key(layer, table, p) + g * d, kv_dim, nk, d, scale,
+                         scores + (p - first), n);
+      });
+      for (int64_t i = 0; i < group; ++i) kernels::Softmax(scores + i * n, n);
+      float* out = &attn_[(t * heads + g * group) * d];
+      std::fill(out, out + group * d, 0.0f);
+      for_each_block([&](int64_t p, int64_t nk) {
+        kernels::AccumulateRows(scores + (p - first), n, group,
+                                kv_cache_.Value(layer, table, p) + g * d, kv_dim, nk, d, out);
+      });
     }
   }
 }

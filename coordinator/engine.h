@@ -108,7 +108,8 @@ class Engine {
   std::vector<float> attn_;            // [rows, q_dim]
   std::vector<float> proj_;            // [rows, hidden]
   std::vector<float> router_logits_;   // [rows, experts]
-  std::vector<float> scores_;          // [threads, max_position]
+  std::vector<float> scores_;          // [threads][query heads per key/value head][max_position]
+  int64_t scores_per_thread_ = 0;
   std::vector<size_t> blocks_before_;  // per input, KV blocks held before this step
   Routing routing_;
 };

@@ -230,6 +230,64 @@ TEST_P(KernelTest, DotMatchesDoubleLoop) {
   EXPECT_EQ(Dot(nullptr, nullptr, 0), 0.0f);
 }
 
+// Attention's score tile: nq queries against nk keys a stride apart, written a stride apart;
+// entries between the rows' ends and the next row stay untouched.
+TEST_P(KernelTest, DotRowsMatchesDoubleLoop) {
+  for (int64_t d : {1, 15, 16, 64, 100, 128}) {
+    for (int64_t nq : {1, 3, 4, 8, 9}) {
+      for (int64_t nk : {1, 5, 16}) {
+        SCOPED_TRACE(testing::Message() << "d " << d << " nq " << nq << " nk " << nk);
+        const int64_t k_stride = d + 7;
+        const int64_t out_stride = nk + 2;
+        const std::vector<float> q = RandomFloats(static_cast<size_t>(nq * d), 5);
+        const std::vector<float> k = RandomFloats(static_cast<size_t>(nk * k_stride), 6);
+        std::vector<float> out(static_cast<size_t>(nq * out_stride), -7.0f);
+        DotRows(q.data(), nq, k.data(), k_stride, nk, d, 0.125f, out.data(), out_stride);
+        for (int64_t i = 0; i < nq; ++i) {
+          for (int64_t j = 0; j < nk; ++j) {
+            double ref = 0, mag = 0;
+            for (int64_t c = 0; c < d; ++c) {
+              ref += double{q[i * d + c]} * k[j * k_stride + c];
+              mag += std::abs(double{q[i * d + c]} * k[j * k_stride + c]);
+            }
+            ASSERT_NEAR(out[i * out_stride + j], 0.125 * ref, 1e-6 * mag) << i << " " << j;
+          }
+          for (int64_t j = nk; j < out_stride; ++j) ASSERT_EQ(out[i * out_stride + j], -7.0f);
+        }
+      }
+    }
+  }
+}
+
+// Attention's weighted sum of values: adds into out, values a stride apart.
+TEST_P(KernelTest, AccumulateRowsMatchesDoubleLoop) {
+  for (int64_t d : {1, 15, 16, 64, 100, 128}) {
+    for (int64_t nq : {1, 3, 8}) {
+      for (int64_t nk : {1, 5, 16}) {
+        SCOPED_TRACE(testing::Message() << "d " << d << " nq " << nq << " nk " << nk);
+        const int64_t v_stride = d + 3;
+        const int64_t p_stride = nk + 1;
+        const std::vector<float> p = RandomFloats(static_cast<size_t>(nq * p_stride), 7, 0, 1);
+        const std::vector<float> v = RandomFloats(static_cast<size_t>(nk * v_stride), 8);
+        const std::vector<float> out0 = RandomFloats(static_cast<size_t>(nq * d + 1), 9);
+        std::vector<float> out = out0;
+        AccumulateRows(p.data(), p_stride, nq, v.data(), v_stride, nk, d, out.data());
+        for (int64_t i = 0; i < nq; ++i) {
+          for (int64_t c = 0; c < d; ++c) {
+            double ref = out0[i * d + c], mag = std::abs(ref);
+            for (int64_t j = 0; j < nk; ++j) {
+              ref += double{p[i * p_stride + j]} * v[j * v_stride + c];
+              mag += std::abs(double{p[i * p_stride + j]} * v[j * v_stride + c]);
+            }
+            ASSERT_NEAR(out[i * d + c], ref, 1e-6 * mag) << i << " " << c;
+          }
+        }
+        EXPECT_EQ(out[nq * d], out0[nq * d]);
+      }
+    }
+  }
+}
+
 TEST_P(KernelTest, AxpyMatchesScalarLoop) {
   for (int64_t n : kSizes) {
     SCOPED_TRACE(n);
