@@ -160,9 +160,10 @@ MOE_TARGET_INT8 inline float HorizontalSum(__m512 v) {
 // Unsigned wq (0..63): VPDPBUSD(wq, q). Signed wq (kSigned): VPDPBUSD(q + 128, wq) less
 // 128 * sum(wq) per lane — that depends on the weights only, so it is computed once for all
 // tokens (the activations' offset copy qu is made when they are quantized).
-// kMinus32: unsigned wq stands for wq - 32 (Q6_K), taken back per token from the activations'
-// sums (nsum4 << 5) — cheaper than the signed form when there is one token.
-enum class WeightForm { kUnsigned, kSigned, kMinus32 };
+// kOffset: unsigned wq stands for wq - 2^kShift (Q6_K: 32; Q4_0: 8; Q5_0: 16), taken back per
+// token from the activations' sums (nsum4 << kShift) — cheaper than the signed form when there
+// is one token.
+enum class WeightForm { kUnsigned, kSigned, kOffset };
 // 64 bytes at p, or with kHalf the first 32 (the rest zero; nothing past them is read).
 template <bool kHalf>
 MOE_TARGET_INT8 inline __m512i LoadBytes(const void* p) {
@@ -175,7 +176,7 @@ MOE_TARGET_INT8 inline __m512i LoadLanes(const void* p) {
 }
 
 // kHalf: only the lower 256 bits (32 values) are there (masked loads; the upper lanes add 0).
-template <int T, WeightForm kForm, bool kHalf = false>
+template <int T, WeightForm kForm, bool kHalf = false, int kShift = 5>
 MOE_TARGET_INT8 inline void Accumulate(__m512 (&acc)[T], const TokenActs* a, int64_t e, __m512i wq,
                                        __m512 w_scale) {
   __m512i base = _mm512_setzero_si512();
@@ -184,8 +185,8 @@ MOE_TARGET_INT8 inline void Accumulate(__m512 (&acc)[T], const TokenActs* a, int
         base, _mm512_dpbusd_epi32(base, _mm512_set1_epi8(static_cast<char>(0x80)), wq));
   }
   for (int t = 0; t < T; ++t) {
-    if constexpr (kForm == WeightForm::kMinus32) {
-      base = _mm512_slli_epi32(LoadLanes<kHalf>(a[t].nsum4 + e / 4), 5);
+    if constexpr (kForm == WeightForm::kOffset) {
+      base = _mm512_slli_epi32(LoadLanes<kHalf>(a[t].nsum4 + e / 4), kShift);
     }
     const __m512i dot = kForm == WeightForm::kSigned
                             ? _mm512_dpbusd_epi32(base, LoadBytes<kHalf>(a[t].qu + e), wq)
@@ -195,46 +196,97 @@ MOE_TARGET_INT8 inline void Accumulate(__m512 (&acc)[T], const TokenActs* a, int
   }
 }
 
-// Blocks b and b + 1 of a Q8_0 row into acc.
-template <int T>
-MOE_TARGET_INT8 inline void Q8_0Pair(const uint8_t* row, int64_t b, const TokenActs* a,
-                                     __m512 (&acc)[T]) {
-  const uint8_t* blk = row + b * 34;
-  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-  const __m256i hi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 36));
-  const __m512i wq = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-  const __m512 dw =
-      _mm512_insertf32x8(_mm512_set1_ps(HalfAt(blk)), _mm256_set1_ps(HalfAt(blk + 34)), 1);
-  Accumulate<T, WeightForm::kSigned>(acc, a, b * 32, wq, dw);
+// The 32-value block types. Q8_0: d (half), 32 signed quants, x = q * d. Q4_0, Q4_1, Q5_0,
+// Q5_1: d (half), [m (half)], [qh (32 bits)], 16 bytes qs; value i is the low nibble of qs[i]
+// for i < 16, the high nibble of qs[i - 16] above, the Q5 types with bit i of qh as the fifth
+// bit. x = d * (q - 8) (Q4_0), d * (q - 16) (Q5_0), or d * q + m (Q4_1, Q5_1: m * the block's
+// sum of the activations is added per token).
+template <DType kType>
+struct Block32 {
+  static constexpr bool kQ8 = kType == DType::kQ8_0;
+  static constexpr bool kFive = kType == DType::kQ5_0 || kType == DType::kQ5_1;
+  static constexpr bool kMin = kType == DType::kQ4_1 || kType == DType::kQ5_1;
+  static constexpr int kQhAt = kMin ? 4 : 2;
+  static constexpr int kQsAt = kQhAt + (kFive ? 4 : 0);
+  static constexpr int64_t kBytes = kQ8 ? 34 : kQsAt + 16;
+  static constexpr int kShift = kFive ? 4 : 3;  // the offset 2^kShift of Q4_0 / Q5_0
+};
+
+// The 32 quants of a Block32 block in value order (signed for Q8_0, else unsigned).
+template <DType kType>
+MOE_TARGET_INT8 inline __m256i Block32Quants(const uint8_t* blk) {
+  using L = Block32<kType>;
+  if constexpr (L::kQ8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + L::kQsAt));
+  const __m128i m4 = _mm_set1_epi8(0x0f);
+  __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(raw, m4)),
+                                      _mm_and_si128(_mm_srli_epi16(raw, 4), m4), 1);
+  if constexpr (L::kFive) {
+    uint32_t qh;
+    std::memcpy(&qh, blk + L::kQhAt, 4);
+    q = _mm256_or_si256(q, _mm256_maskz_mov_epi8(qh, _mm256_set1_epi8(0x10)));
+  }
+  return q;
 }
 
-// Q8_0: two 34-byte blocks per 512-bit vector (signed quants). An odd last block uses the lower
-// half (masked loads: the upper lanes add 0).
-template <int T>
-MOE_TARGET_INT8 void Q8_0Rows(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys,
-                              int64_t r0, int64_t r1) {
+// Blocks b and b + 1 (kHalf: block b alone) of a Block32 row into acc; the minimums' terms
+// into mins.
+template <int T, DType kType, bool kHalf = false>
+MOE_TARGET_INT8 inline void Block32Pair(const uint8_t* row, int64_t b, const TokenActs* a,
+                                        __m512 (&acc)[T], float (&mins)[T]) {
+  using L = Block32<kType>;
+  const uint8_t* blk = row + b * L::kBytes;
+  __m512i wq = _mm512_zextsi256_si512(Block32Quants<kType>(blk));
+  __m512 dw = _mm512_set1_ps(HalfAt(blk));
+  if constexpr (!kHalf) {
+    wq = _mm512_inserti64x4(wq, Block32Quants<kType>(blk + L::kBytes), 1);
+    dw = _mm512_insertf32x8(dw, _mm256_set1_ps(HalfAt(blk + L::kBytes)), 1);
+  }
+  if constexpr (L::kQ8) {
+    Accumulate<T, WeightForm::kSigned, kHalf>(acc, a, b * 32, wq, dw);
+  } else if constexpr (L::kMin) {
+    Accumulate<T, WeightForm::kUnsigned, kHalf>(acc, a, b * 32, wq, dw);
+    const float m0 = HalfAt(blk + 2), m1 = kHalf ? 0.0f : HalfAt(blk + L::kBytes + 2);
+    for (int t = 0; t < T; ++t) {
+      mins[t] = std::fma(m0, a[t].sum32[b], mins[t]);
+      if constexpr (!kHalf) mins[t] = std::fma(m1, a[t].sum32[b + 1], mins[t]);
+    }
+  } else if constexpr (T == 1) {
+    Accumulate<T, WeightForm::kOffset, kHalf, L::kShift>(acc, a, b * 32, wq, dw);
+  } else {
+    const __m512i offset = _mm512_set1_epi8(1 << L::kShift);
+    Accumulate<T, WeightForm::kSigned, kHalf>(acc, a, b * 32, _mm512_sub_epi8(wq, offset), dw);
+  }
+}
+
+// Two blocks per 512-bit vector (an odd last block in the lower half: masked loads, the upper
+// lanes add 0); two accumulator chains (blocks 4i, 4i+1 and 4i+2, 4i+3): one is bound by the
+// FMA latency.
+template <int T, DType kType>
+MOE_TARGET_INT8 void Block32Rows(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys,
+                                 int64_t r0, int64_t r1) {
   const int64_t nb = w.cols / 32;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = w.Row(r);
-    // Two chains (blocks 4i, 4i+1 and 4i+2, 4i+3): one is bound by the FMA latency.
     __m512 acc[T], acc2[T];
-    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    float mins[T];
+    for (int t = 0; t < T; ++t) {
+      acc[t] = acc2[t] = _mm512_setzero_ps();
+      mins[t] = 0.0f;
+    }
     int64_t b = 0;
     for (; b + 4 <= nb; b += 4) {
-      Q8_0Pair<T>(row, b, a, acc);
-      Q8_0Pair<T>(row, b + 2, a, acc2);
+      Block32Pair<T, kType>(row, b, a, acc, mins);
+      Block32Pair<T, kType>(row, b + 2, a, acc2, mins);
     }
     if (b + 2 <= nb) {
-      Q8_0Pair<T>(row, b, a, acc);
+      Block32Pair<T, kType>(row, b, a, acc, mins);
       b += 2;
     }
-    for (int t = 0; t < T; ++t) acc[t] = _mm512_add_ps(acc[t], acc2[t]);
-    if (b < nb) {
-      const uint8_t* blk = row + b * 34;
-      Accumulate<T, WeightForm::kSigned, /*kHalf=*/true>(acc, a, b * 32, LoadBytes<true>(blk + 2),
-                                                         _mm512_set1_ps(HalfAt(blk)));
+    if (b < nb) Block32Pair<T, kType, /*kHalf=*/true>(row, b, a, acc, mins);
+    for (int t = 0; t < T; ++t) {
+      y[t * ys + r] = HorizontalSum(_mm512_add_ps(acc[t], acc2[t])) + mins[t];
     }
-    for (int t = 0; t < T; ++t) y[t * ys + r] = HorizontalSum(acc[t]);
   }
 }
 
@@ -363,7 +415,7 @@ MOE_TARGET_INT8 void Q6_KRows(const WeightMatrix& w, const TokenActs* a, float* 
           const __m512i q6 = _mm512_or_si512(lo, hi);
           const __m512 sp = _mm512_permutexvar_ps(sub_index[2 * h + m], scales);
           if constexpr (T == 1) {
-            Accumulate<T, WeightForm::kMinus32>(accs[m], a, b * 256 + 128 * h + 64 * m, q6, sp);
+            Accumulate<T, WeightForm::kOffset>(accs[m], a, b * 256 + 128 * h + 64 * m, q6, sp);
           } else {
             Accumulate<T, WeightForm::kSigned>(accs[m], a, b * 256 + 128 * h + 64 * m,
                                                _mm512_sub_epi8(q6, m32), sp);
@@ -382,11 +434,19 @@ void Int8RowsT(const WeightMatrix& w, const TokenActs* a, float* y, int64_t ys, 
                int64_t r1) {
   switch (w.dtype) {
     case DType::kQ8_0:
-      return Q8_0Rows<T>(w, a, y, ys, r0, r1);
+      return Block32Rows<T, DType::kQ8_0>(w, a, y, ys, r0, r1);
     case DType::kQ4_K:
       return QK4Rows<T, false>(w, a, y, ys, r0, r1);
     case DType::kQ5_K:
       return QK4Rows<T, true>(w, a, y, ys, r0, r1);
+    case DType::kQ4_0:
+      return Block32Rows<T, DType::kQ4_0>(w, a, y, ys, r0, r1);
+    case DType::kQ4_1:
+      return Block32Rows<T, DType::kQ4_1>(w, a, y, ys, r0, r1);
+    case DType::kQ5_0:
+      return Block32Rows<T, DType::kQ5_0>(w, a, y, ys, r0, r1);
+    case DType::kQ5_1:
+      return Block32Rows<T, DType::kQ5_1>(w, a, y, ys, r0, r1);
     default:
       return Q6_KRows<T>(w, a, y, ys, r0, r1);
   }
@@ -459,17 +519,6 @@ MOE_TARGET_BF16 inline __m512 BytesToF32(__m256i q, int half) {
 
 // Dequantization straight to bf16: the same f32 operations in the same order as DequantizeRow
 // (quant.cc; Mul then Sub, no FMA), then rounded, so each value is bf16(DequantizeRow's).
-MOE_TARGET_BF16 void Q8_0ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
-  for (int64_t b = 0; b < n / 32; ++b) {
-    const uint8_t* blk = src + b * 34;
-    const __m512 d = _mm512_set1_ps(HalfAt(blk));
-    const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
-    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
-    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
-    StoreBF16x32(_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d), out + b * 32);
-  }
-}
-
 template <bool kFiveBit>
 MOE_TARGET_BF16 void QK4ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
   constexpr int64_t kBlockBytes = kFiveBit ? 176 : 144;
@@ -494,6 +543,26 @@ MOE_TARGET_BF16 void QK4ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
       StoreBF16x32(_mm512_sub_ps(_mm512_mul_ps(scale, BytesToF32(q, 0)), min),
                    _mm512_sub_ps(_mm512_mul_ps(scale, BytesToF32(q, 1)), min),
                    out + b * 256 + 32 * j);
+    }
+  }
+}
+
+template <DType kType>
+MOE_TARGET_BF16 void Block32ToBF16(const uint8_t* src, int64_t n, uint16_t* out) {
+  using L = Block32<kType>;
+  for (int64_t b = 0; b < n / 32; ++b) {
+    const uint8_t* blk = src + b * L::kBytes;
+    const __m512 d = _mm512_set1_ps(HalfAt(blk));
+    __m256i q = Block32Quants<kType>(blk);
+    if constexpr (!L::kQ8 && !L::kMin) q = _mm256_sub_epi8(q, _mm256_set1_epi8(1 << L::kShift));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    if constexpr (L::kMin) {
+      const __m512 m = _mm512_set1_ps(HalfAt(blk + 2));
+      StoreBF16x32(_mm512_add_ps(_mm512_mul_ps(d, lo), m), _mm512_add_ps(_mm512_mul_ps(d, hi), m),
+                   out + b * 32);
+    } else {
+      StoreBF16x32(_mm512_mul_ps(d, lo), _mm512_mul_ps(d, hi), out + b * 32);
     }
   }
 }
@@ -641,7 +710,7 @@ bool DequantizeRowToBF16(const void* row, DType dtype, int64_t n, uint16_t* out)
   const auto* p = static_cast<const uint8_t*>(row);
   switch (dtype) {
     case DType::kQ8_0:
-      Q8_0ToBF16(p, n, out);
+      Block32ToBF16<DType::kQ8_0>(p, n, out);
       return true;
     case DType::kQ4_K:
       QK4ToBF16<false>(p, n, out);
@@ -651,6 +720,18 @@ bool DequantizeRowToBF16(const void* row, DType dtype, int64_t n, uint16_t* out)
       return true;
     case DType::kQ6_K:
       Q6_KToBF16(p, n, out);
+      return true;
+    case DType::kQ4_0:
+      Block32ToBF16<DType::kQ4_0>(p, n, out);
+      return true;
+    case DType::kQ4_1:
+      Block32ToBF16<DType::kQ4_1>(p, n, out);
+      return true;
+    case DType::kQ5_0:
+      Block32ToBF16<DType::kQ5_0>(p, n, out);
+      return true;
+    case DType::kQ5_1:
+      Block32ToBF16<DType::kQ5_1>(p, n, out);
       return true;
     default:
       return false;

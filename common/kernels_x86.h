@@ -5,7 +5,7 @@
 //
 //  - int8 (AVX-512 VNNI): activations quantized to int8 with an f32 scale per 8 values
 //    (Q8Activations; llama.cpp uses one per 32 or 256), weights' integer quants multiplied with
-//    VPDPBUSD, block scales applied in f32. For Q8_0, Q4_K, Q5_K and Q6_K weights at few tokens
+//    VPDPBUSD, block scales applied in f32. For quantized weights (every type) at few tokens
 //    (decode).
 //  - bf16 (AVX512-BF16): activations rounded to bf16, products with VDPBF16PS. For BF16 weights,
 //    and for quantized weights at many tokens (prefill), dequantized block by block into bf16.
@@ -35,10 +35,7 @@ Caps GetCaps();
 void LimitCaps(Caps limit);
 
 // Weight types with an int8 kernel.
-inline bool HasInt8Kernel(DType dtype) {
-  return dtype == DType::kQ8_0 || dtype == DType::kQ4_K || dtype == DType::kQ5_K ||
-         dtype == DType::kQ6_K;
-}
+inline bool HasInt8Kernel(DType dtype) { return IsQuantized(dtype); }
 
 // Activations x [tokens, cols] (cols a multiple of 32) as int8 with an f32 scale per group of 8
 // values: per token, q[c] = round(x[c] / d), d = max|x| / 127 over c's group; d4[c / 4] = d;
@@ -78,9 +75,9 @@ void ConvertActivations(const float* x, int64_t x_stride, int64_t tokens, int64_
 void BF16MatMulRows(const uint16_t* w, int64_t w_stride, const BF16Activations& a, float* y,
                     int64_t y_stride, int64_t row_begin, int64_t row_end);
 
-// REQUIRES: GetCaps().bf16; n a multiple of dtype's block. For Q8_0, Q4_K, Q5_K and Q6_K: out[i] =
-// bf16 of value i of the quantized row as DequantizeRow gives it (bit for bit), and true;
-// false (nothing written) for other types.
+// REQUIRES: GetCaps().bf16; n a multiple of dtype's block. For a quantized dtype: out[i] = bf16
+// of value i of the row as DequantizeRow gives it (bit for bit), and true; false (nothing
+// written) for other types.
 bool DequantizeRowToBF16(const void* row, DType dtype, int64_t n, uint16_t* out);
 
 // out[i] = bf16(in[i]) for i < n (round to nearest even).

@@ -14,7 +14,7 @@
 
 ABSL_FLAG(std::string, kernels, "",
           "MatMul arithmetic for BF16 and quantized weights: 'fast' rounds the activations as "
-          "llama.cpp does (int8 per 8 values for Q8_0/Q4_K/Q5_K/Q6_K weights at up to 8 tokens, "
+          "llama.cpp does (int8 per 8 values for quantized weights at up to 8 tokens, "
           "bf16 otherwise; AVX-512 VNNI / AVX512-BF16 where the CPU has them) or 'exact' (f32 "
           "activations, as the tests against transformers use). Default: the MOE_KERNELS "
           "environment variable, else fast.");

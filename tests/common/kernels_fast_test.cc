@@ -164,11 +164,12 @@ void CheckFast(DType dtype, int64_t rows, int64_t blocks, int64_t tokens) {
   EXPECT_LE(worst, 2e-5) << (int8 ? "int8 path" : "bf16 path");
 }
 
-// The bf16 path dequantizes Q8_0 / Q4_K / Q5_K / Q6_K rows straight to bf16: each value is the
-// bf16 rounding of DequantizeRow's (the exact path's) value, bit for bit; other types say no.
+// The bf16 path dequantizes quantized rows straight to bf16: each value is the bf16 rounding of
+// DequantizeRow's (the exact path's) value, bit for bit; other types say no.
 TEST(DequantizeRowToBF16Test, EqualsDequantizeThenRound) {
   if (!x86::GetCaps().bf16) GTEST_SKIP() << "this CPU has no AVX512-BF16";
-  for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K}) {
+  for (DType dtype : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1,
+                      DType::kQ4_K, DType::kQ5_K, DType::kQ6_K}) {
     SCOPED_TRACE(DTypeName(dtype));
     const int64_t n = 8 * 256;
     const std::vector<uint8_t> bytes = testing::PatternTensorBytes(GgmlTypeOf(dtype), n, 11);
@@ -179,15 +180,16 @@ TEST(DequantizeRowToBF16Test, EqualsDequantizeThenRound) {
     for (int64_t i = 0; i < n; ++i) ASSERT_EQ(bf16[i], F32ToBF16(f32[i])) << i;
     EXPECT_EQ(bf16[n], 0xdead);
   }
-  uint16_t untouched = 0xdead;
-  const std::vector<uint8_t> q4_0 = testing::PatternTensorBytes(GgmlTypeOf(DType::kQ4_0), 32, 1);
-  EXPECT_FALSE(x86::DequantizeRowToBF16(q4_0.data(), DType::kQ4_0, 32, &untouched));
-  EXPECT_EQ(untouched, 0xdead);
+  uint16_t untouched[32];
+  std::fill(std::begin(untouched), std::end(untouched), 0xdead);
+  const std::vector<float> f32(32, 1.0f);
+  EXPECT_FALSE(x86::DequantizeRowToBF16(f32.data(), DType::kF32, 32, untouched));
+  EXPECT_EQ(untouched[0], 0xdead);
 }
 
 TEST_P(FastKernelTest, MatMulEqualsTheRoundedOperandsDot) {
   for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ6_K, DType::kBF16, DType::kQ4_0,
-                      DType::kQ5_1, DType::kQ5_K}) {
+                      DType::kQ4_1, DType::kQ5_0, DType::kQ5_1, DType::kQ5_K}) {
     const bool k_quant = DTypeBlockElements(dtype) == 256;
     // Odd block counts (Q8_0's last block alone), one row, many rows (parallel), 1..9 tokens
     // (int8 at <= 8, bf16 above) and prefill-sized token counts.
@@ -217,7 +219,8 @@ TEST_P(FastKernelTest, MatMulEqualsTheRoundedOperandsDot) {
 // int8 activations is about 1/254 per value, of bf16 2^-9.
 TEST_P(FastKernelTest, CloseToExactOnModelSizedMatrices) {
   const int64_t rows = 512, cols = 2048;
-  for (DType dtype : {DType::kQ8_0, DType::kQ4_K, DType::kQ5_K, DType::kQ6_K, DType::kBF16}) {
+  for (DType dtype : {DType::kQ8_0, DType::kQ4_0, DType::kQ4_1, DType::kQ5_0, DType::kQ5_1,
+                      DType::kQ4_K, DType::kQ5_K, DType::kQ6_K, DType::kBF16}) {
     SCOPED_TRACE(DTypeName(dtype));
     const std::vector<uint8_t> bytes =
         testing::PatternTensorBytes(GgmlTypeOf(dtype), rows * cols, 11);
