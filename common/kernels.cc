@@ -699,8 +699,8 @@ void ForEachRowBlock(int64_t rows, int64_t block_rows, int64_t macs, const Fn& f
     for (int64_t b = 0; b < blocks; ++b) run_block(b);
     return;
   }
-  // Dynamic: a block is microseconds of work, and a core busy with another thread (gRPC, a
-  // second engine) then delays the call by one block rather than by its whole static share.
+  // Static, contiguous shares: each thread streams through the weights in order (round-robin
+  // blocks measured far slower: 106 vs 145-173 tok/s decoding a Q4_K_M file).
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < blocks; ++b) run_block(b);
 }

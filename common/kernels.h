@@ -49,10 +49,10 @@ void MatMul(const WeightMatrix& w, const float* x, int64_t x_stride, int64_t tok
 //  - kExact: f32 activations and accumulation, weights widened/dequantized exactly (the error
 //    bound above): what the tests against transformers use.
 //  - kFast: where the CPU has the instructions (AVX-512 VNNI, AVX512-BF16; kernels_x86.h),
-//    activations are rounded as llama.cpp does: Q8_0, Q4_K, Q5_K, Q6_K weights at up to
-//    kMaxInt8Tokens tokens take int8 activations (per 32 values, f32 scale) and int8 dot
-//    products; BF16 weights, and quantized weights at more tokens (dequantized to bf16 block by
-//    block), take bf16 activations and bf16 dot products. Elsewhere it is kExact.
+//    activations are rounded as llama.cpp does: quantized weights at up to kMaxInt8Tokens
+//    tokens take int8 activations (an f32 scale per 8 values) and int8 dot products; BF16
+//    weights, and quantized weights at more tokens (dequantized to bf16 block by block), take
+//    bf16 activations and bf16 dot products. Elsewhere it is kExact.
 // The default is kFast, or what MOE_KERNELS=exact|fast in the environment says.
 enum class MatMulMode { kExact, kFast };
 void SetMatMulMode(MatMulMode mode);
