@@ -136,56 +136,68 @@ int CeilSteps(float v, float unit, int hi) {
   return n;
 }
 
-// The least-squares (scale, min) for x ~ scale * q - min over one sub-block, q = the nearest
-// integer in [0, nmax] for the current fit, min >= 0: start from the range fit (min = -lo,
-// scale = (hi + min) / nmax), then refit to the rounded q a few times, keeping the best
-// squared error.
-void FitScaleMin(const float* x, int n, int nmax, float* scale, float* min) {
-  float lo = 0, hi = 0;
+// The weighted least-squares (scale, min) for x ~ scale * q - min over one sub-block, q in
+// [0, nmax], min >= 0, error sum_i w_i (scale q_i - min - x_i)^2. Candidates: the range
+// [lo, hi] (lo <= 0) split into nmax + t steps for t = -1, -0.9, ..., +1 (more or fewer levels
+// across the range moves where the rounding boundaries fall); each candidate's rounded q is
+// refitted in closed form, and the best fit is kept. (The search ggml's K-quant reference makes.)
+void FitScaleMin(const float* x, const float* w, int n, int nmax, float* scale, float* min) {
+  float lo = 0, hi = x[0], sw = 0, swx = 0;
   for (int i = 0; i < n; ++i) {
     lo = std::min(lo, x[i]);
     hi = std::max(hi, x[i]);
+    sw += w[i];
+    swx += w[i] * x[i];
   }
-  float a = (hi - lo) / static_cast<float>(nmax), m = -lo;
-  *scale = a;
-  *min = m;
-  if (a <= 0) return;
-  const auto error = [&](float sa, float sm) {
-    double e = 0;
+  *scale = 0;
+  *min = -lo;
+  if (!(hi > lo)) return;
+  // Plain loops over at most 32 floats (the compiler vectorizes them): this runs 22 times per
+  // sub-block on every matrix a checkpoint quantizes while it loads.
+  float q[32];
+  const auto round_all = [&](float steps_per_unit) {
+    for (int i = 0; i < n; ++i) {  // x - lo >= 0: truncating v + 0.5 rounds to nearest
+      const auto v = static_cast<int>(steps_per_unit * (x[i] - lo) + 0.5f);
+      q[i] = static_cast<float>(std::min(v, nmax));
+    }
+  };
+  const auto error = [&](float a, float m) {
+    float e = 0;
     for (int i = 0; i < n; ++i) {
-      const int q = RoundClamp((x[i] + sm) / sa, 0, nmax);
-      const double r = double{sa} * q - sm - x[i];
-      e += r * r;
+      const float r = a * q[i] - m - x[i];
+      e += w[i] * r * r;
     }
     return e;
   };
-  double best = error(a, m);
-  for (int iter = 0; iter < 4; ++iter) {
-    double sq = 0, sqq = 0, sx = 0, sqx = 0;
+  round_all(static_cast<float>(nmax) / (hi - lo));
+  float best_a = (hi - lo) / static_cast<float>(nmax), best_m = -lo;
+  float best = error(best_a, best_m);
+  for (int t = 0; t <= 20; ++t) {
+    round_all((static_cast<float>(nmax) - 1.0f + 0.1f * static_cast<float>(t)) / (hi - lo));
+    float swq = 0, swqq = 0, swqx = 0;
     for (int i = 0; i < n; ++i) {
-      const double q = RoundClamp((x[i] + m) / a, 0, nmax);
-      sq += q;
-      sqq += q * q;
-      sx += x[i];
-      sqx += q * x[i];
+      swq += w[i] * q[i];
+      swqq += w[i] * q[i] * q[i];
+      swqx += w[i] * q[i] * x[i];
     }
-    const double det = n * sqq - sq * sq;
-    if (det <= 0) break;
-    double na = (n * sqx - sq * sx) / det;
-    double nm = -(sx - na * sq) / n;
-    if (nm < 0) {  // min must stay >= 0: fit the scale alone
-      nm = 0;
-      na = sqq > 0 ? sqx / sqq : 0;
+    const float det = sw * swqq - swq * swq;
+    if (!(det > 0)) continue;
+    float a = (sw * swqx - swx * swq) / det;
+    float m = (swq * swqx - swqq * swx) / det;  // x ~ a q - m
+    if (m < 0) {                                // min must stay >= 0: fit the scale alone
+      m = 0;
+      a = swqx / swqq;
     }
-    if (!(na > 0)) break;
-    a = static_cast<float>(na);
-    m = static_cast<float>(nm);
-    const double e = error(a, m);
-    if (e >= best) break;
-    best = e;
-    *scale = a;
-    *min = m;
+    if (!(a > 0)) continue;
+    const float e = error(a, m);
+    if (e < best) {
+      best = e;
+      best_a = a;
+      best_m = m;
+    }
   }
+  *scale = best_a;
+  *min = best_m;
 }
 
 // Sub-block j of 32 values: x ~ (d*sc_j)*q - (dmin*mn_j), q in 0..15, with the least-squares
@@ -193,8 +205,14 @@ void FitScaleMin(const float* x, int n, int nmax, float* scale, float* min) {
 void QuantizeQ4_KBlock(const float* x, uint8_t* b) {
   float scale[8], min[8];
   float max_scale = 0, max_min = 0;
+  // Weights: the block's RMS plus the value's magnitude (large values matter more).
+  double sum_sq = 0;
+  for (int i = 0; i < 256; ++i) sum_sq += double{x[i]} * x[i];
+  const auto rms = static_cast<float>(std::sqrt(sum_sq / 256));
+  float w[256];
+  for (int i = 0; i < 256; ++i) w[i] = rms + std::fabs(x[i]);
   for (int j = 0; j < 8; ++j) {
-    FitScaleMin(x + 32 * j, 32, 15, &scale[j], &min[j]);
+    FitScaleMin(x + 32 * j, w + 32 * j, 32, 15, &scale[j], &min[j]);
     max_scale = std::max(max_scale, scale[j]);
     max_min = std::max(max_min, min[j]);
   }

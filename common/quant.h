@@ -67,14 +67,15 @@ struct Q6_KParts {
 
 // Writes the `n` finite values of `x` as DTypeBytes(dtype, n) bytes of `dtype` at `out`.
 //   Q8_0: ggml's reference (d = amax / 127, q = round(x / d)), bit-exact with the gguf package.
-//   Q4_K: per 32-value sub-block the least-squares (scale, min) for x ~ scale*q - min
-//         (refitted to the rounded q from the range fit), both as 6-bit multiples of half-float
-//         block scales; each value to the nearest of 0..15.
+//   Q4_K: per 32-value sub-block the weighted least-squares (scale, min) for x ~ scale*q - min
+//         (weights: the block's RMS + |x|; the best of 21 candidate roundings of the range, each
+//         refitted), both as 6-bit multiples of half-float block scales; each value to the
+//         nearest of 0..15.
 //   Q6_K: per 16-value sub-block a step with 32 steps covering its largest magnitude (an int8
 //         multiple of the block scale, rounded up); each value to the nearest of -32..31
 //         (error <= half a step, one step for a value of the opposite sign as large).
-// (ggml's reference also searches candidate scales and refines the 6-bit scales themselves;
-// these are simpler.)
+// (ggml's reference also searches candidate Q6_K scales and refines the 6-bit Q4_K scales
+// themselves.)
 // REQUIRES: CanQuantizeTo(dtype), n a multiple of its block.
 void QuantizeRow(const float* x, int64_t n, DType dtype, void* out);
 

@@ -183,15 +183,17 @@ bool ModelWeights::QuantizeMatrices(DType dtype) {
     for (WeightMatrix* m : {&e.w1, &e.w3, &e.w2}) matrices.push_back(m);
   }
   bool all = true;
-  std::vector<float> row;
   for (WeightMatrix* m : matrices) {
     if (m->cols % DTypeBlockElements(dtype) != 0 || IsQuantized(m->dtype)) {
       all = all && IsQuantized(m->dtype);
       continue;
     }
     std::vector<uint8_t>& bytes = owned_.emplace_back(m->rows * DTypeBytes(dtype, m->cols));
-    row.resize(static_cast<size_t>(m->cols));
+    // Rows are independent: on the OpenMP team (Q4_K's scale search is ~10 M values/s a core).
+#pragma omp parallel for schedule(static) if (m->rows * m->cols >= (1 << 16))
     for (int64_t r = 0; r < m->rows; ++r) {
+      thread_local std::vector<float> row;
+      row.resize(static_cast<size_t>(m->cols));
       kernels::ConvertToF32(m->Row(r), m->dtype, m->cols, row.data());
       QuantizeRow(row.data(), m->cols, dtype, &bytes[r * DTypeBytes(dtype, m->cols)]);
     }

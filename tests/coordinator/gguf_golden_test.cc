@@ -267,11 +267,11 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, QuantizeOnLoadTest,
                                            "mixtral_32e_gqa_fp16",
                                            "mixtral_4e_tied_fused_sharded"));
 
-// Q4_K and Q6_K quantize-on-load (closed-form scales, not ggml's least-squares search) on the
-// model whose rows allow them, measured as KL to transformers on the unquantized checkpoint,
-// next to the same measure for llama-quantize's files of that checkpoint (transformers on their
-// dequantized weights): ours must be within a small factor of llama.cpp's quantizer (Q4_K_M
-// keeps some tensors in Q6_K, so the pure Q4_K here gets more room).
+// Q4_K and Q6_K quantize-on-load on the model whose rows allow them, measured as KL to
+// transformers on the unquantized checkpoint, next to the same measure for llama-quantize's
+// files of that checkpoint (transformers on their dequantized weights): Q6_K no worse than
+// llama.cpp's (measured 0.034 vs 0.047), Q4_K within 10% of its Q4_K_M, which keeps some
+// tensors in Q6_K (measured 0.416 vs 0.402; 0.507 before the weighted scale search).
 TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
   const std::string dir = "tests/testdata/models/mixtral_4e_h256_kquant";
   const std::string gguf =
@@ -284,7 +284,7 @@ TEST(QuantizeOnLoadKTest, Q4_KAndQ6_KAreAsCloseAsLlamaQuantizesFiles) {
     const char* llama_file;
     double factor;
   };
-  for (const Case& c : {Case{DType::kQ6_K, "q6_k", 1.5}, Case{DType::kQ4_K, "q4_k_m", 1.5}}) {
+  for (const Case& c : {Case{DType::kQ6_K, "q6_k", 1.0}, Case{DType::kQ4_K, "q4_k_m", 1.1}}) {
     SCOPED_TRACE(DTypeName(c.dtype));
     LocalModelOptions options;
     options.model_dir = dir;
