@@ -483,6 +483,47 @@ MOE_TARGET_BF16 void BF16Tile(const uint16_t* w, size_t ws, const uint16_t* x, s
   }
 }
 
+// One row and one or two tokens with kChains independent accumulators per token: a single
+// chain is bound by VDPBF16PS's latency (64 bytes of weights per ~5 cycles, about what one core
+// can stream from memory, so nothing is left for the memory stalls).
+template <int kTokens>
+MOE_TARGET_BF16 void BF16Row(const uint16_t* w, const uint16_t* x, size_t xs, size_t cols, float* y,
+                             size_t ys) {
+  constexpr int kChains = kTokens == 1 ? 4 : 2;
+  constexpr size_t kStep = 32 * kChains;
+  __m512 acc[kChains][kTokens];
+  for (int k = 0; k < kChains; ++k) {
+    for (int t = 0; t < kTokens; ++t) acc[k][t] = _mm512_setzero_ps();
+  }
+  size_t c = 0;
+  if (cols >= kStep) {
+    do {  // see BF16Tile on do-while
+      for (int k = 0; k < kChains; ++k) {
+        const auto wv = (__m512bh)_mm512_loadu_si512(w + c + 32 * k);
+        for (int t = 0; t < kTokens; ++t) {
+          const auto xv = (__m512bh)_mm512_loadu_si512(x + t * xs + c + 32 * k);
+          acc[k][t] = _mm512_dpbf16_ps(acc[k][t], wv, xv);
+        }
+      }
+      c += kStep;
+    } while (c + kStep <= cols);
+  }
+  for (; c < cols; c += 32) {  // the last < kStep columns, 32 at a time, masked
+    const __mmask32 mask =
+        c + 32 <= cols ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << (cols - c)) - 1);
+    const auto wv = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + c);
+    for (int t = 0; t < kTokens; ++t) {
+      const auto xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + t * xs + c);
+      acc[0][t] = _mm512_dpbf16_ps(acc[0][t], wv, xv);
+    }
+  }
+  for (int t = 0; t < kTokens; ++t) {
+    __m512 sum = acc[0][t];
+    for (int k = 1; k < kChains; ++k) sum = _mm512_add_ps(sum, acc[k][t]);
+    y[t * ys] = HorizontalSum(sum);
+  }
+}
+
 template <int kTokens>
 void BF16TokenTile(const uint16_t* w, size_t ws, const uint16_t* x, size_t xs, size_t cols,
                    float* y, size_t ys, int64_t r0, int64_t r1) {
@@ -492,8 +533,10 @@ void BF16TokenTile(const uint16_t* w, size_t ws, const uint16_t* x, size_t xs, s
   // better than four); at four tokens four rows are faster (20-32 vs 12-15: weights reused).
   if constexpr (kTokens > 2) {
     for (; r + 4 <= r1; r += 4) BF16Tile<4, kTokens>(w + r * ws, ws, x, xs, cols, y + r, ys);
+    for (; r < r1; ++r) BF16Tile<1, kTokens>(w + r * ws, ws, x, xs, cols, y + r, ys);
+  } else {
+    for (; r < r1; ++r) BF16Row<kTokens>(w + r * ws, x, xs, cols, y + r, ys);
   }
-  for (; r < r1; ++r) BF16Tile<1, kTokens>(w + r * ws, ws, x, xs, cols, y + r, ys);
 }
 
 MOE_TARGET_BF16 void F32ToBF16RowImpl(const float* in, int64_t n, uint16_t* out) {
