@@ -236,12 +236,32 @@ MOE_TARGET_INT8 inline void Block32Pair(const uint8_t* row, int64_t b, const Tok
                                         __m512 (&acc)[T], float (&mins)[T]) {
   using L = Block32<kType>;
   const uint8_t* blk = row + b * L::kBytes;
-  __m512i wq = _mm512_zextsi256_si512(Block32Quants<kType>(blk));
-  __m512 dw = _mm512_set1_ps(HalfAt(blk));
-  if constexpr (!kHalf) {
-    wq = _mm512_inserti64x4(wq, Block32Quants<kType>(blk + L::kBytes), 1);
-    dw = _mm512_insertf32x8(dw, _mm256_set1_ps(HalfAt(blk + L::kBytes)), 1);
+  __m512i wq;
+  if constexpr (kHalf || L::kQ8) {
+    wq = _mm512_zextsi256_si512(Block32Quants<kType>(blk));
+    if constexpr (!kHalf) wq = _mm512_inserti64x4(wq, Block32Quants<kType>(blk + L::kBytes), 1);
+  } else {  // both blocks' nibbles at once: [lo0 lo1 hi0 hi1] -> [lo0 hi0 lo1 hi1] (128 bits each)
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i both = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + L::kQsAt))),
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + L::kBytes + L::kQsAt)), 1);
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(both, m4)),
+                                         _mm256_and_si256(_mm256_srli_epi16(both, 4), m4), 1);
+    wq = _mm512_shuffle_i64x2(v, v, _MM_SHUFFLE(3, 1, 2, 0));
+    if constexpr (L::kFive) {
+      uint32_t qh0, qh1;
+      std::memcpy(&qh0, blk + L::kQhAt, 4);
+      std::memcpy(&qh1, blk + L::kBytes + L::kQhAt, 4);
+      const __mmask64 fifth = qh0 | (uint64_t{qh1} << 32);
+      wq = _mm512_or_si512(wq, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)));
+    }
   }
+  uint16_t h0, h1 = 0;
+  std::memcpy(&h0, blk, 2);
+  if constexpr (!kHalf) std::memcpy(&h1, blk + L::kBytes, 2);
+  const __m512 dw = _mm512_cvtph_ps(
+      _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_set1_epi16(static_cast<int16_t>(h0))),
+                              _mm_set1_epi16(static_cast<int16_t>(h1)), 1));
   if constexpr (L::kQ8) {
     Accumulate<T, WeightForm::kSigned, kHalf>(acc, a, b * 32, wq, dw);
   } else if constexpr (L::kMin) {
