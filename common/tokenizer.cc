@@ -11,6 +11,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "common/gguf.h"
+#include "common/hf_tokenizer.h"
 #include "common/sentencepiece_model.h"
 #include "common/spm_vocab.h"
 #include "common/status_macros.h"
@@ -130,8 +131,8 @@ struct SpecialIds {
 
 // BOS/EOS ids: the first of generation_config.json and config.json that names them wins; the
 // model's own ids are the fallback.
-absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir,
-                                          const SentencePieceModel& model) {
+absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir, int32_t vocab_size,
+                                          int32_t model_bos, int32_t model_eos) {
   std::optional<std::vector<int32_t>> bos, eos;
   for (const char* name : {"generation_config.json", "config.json"}) {
     const std::filesystem::path path = dir / name;
@@ -139,21 +140,37 @@ absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir,
     if (!config) continue;
     if (!bos) {
       MOE_ASSIGN_OR_RETURN(
-          bos, TokenIds(*config, "bos_token_id", path, /*allow_list=*/false, model.piece_size()));
+          bos, TokenIds(*config, "bos_token_id", path, /*allow_list=*/false, vocab_size));
     }
     if (!eos) {
       MOE_ASSIGN_OR_RETURN(
-          eos, TokenIds(*config, "eos_token_id", path, /*allow_list=*/true, model.piece_size()));
+          eos, TokenIds(*config, "eos_token_id", path, /*allow_list=*/true, vocab_size));
     }
   }
-  if (!bos && model.bos_id() >= 0) bos = std::vector<int32_t>{model.bos_id()};
-  if (!eos && model.eos_id() >= 0) eos = std::vector<int32_t>{model.eos_id()};
+  if (!bos && model_bos >= 0) bos = std::vector<int32_t>{model_bos};
+  if (!eos && model_eos >= 0) eos = std::vector<int32_t>{model_eos};
   if (!bos || !eos) {
     return absl::InvalidArgumentError(absl::StrCat(
         dir.string(), ": no ", bos ? "eos" : "bos",
-        "_token_id in generation_config.json or config.json, and tokenizer.model defines none"));
+        "_token_id in generation_config.json or config.json, and the tokenizer defines none"));
   }
   return SpecialIds{bos->front(), *std::move(eos)};
+}
+
+// tokenizer_config.json's `key` as a token string ("<s>" or {"content": "<s>", ...}); "" when
+// absent or null.
+absl::StatusOr<std::string> ConfigTokenString(const std::optional<json>& config,
+                                              const std::string& key,
+                                              const std::filesystem::path& path) {
+  if (!config) return std::string();
+  const auto it = config->find(key);
+  if (it == config->end() || it->is_null()) return std::string();
+  if (it->is_string()) return it->get<std::string>();
+  if (it->is_object() && it->contains("content") && (*it)["content"].is_string()) {
+    return (*it)["content"].get<std::string>();
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat(path.string(), ": ", key, ": expected a token string, got ", Dump(*it)));
 }
 
 // tokenizer_config.json's "legacy"; true when absent or null, as in transformers.
@@ -180,12 +197,47 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& mo
   return tokenizer;
 }
 
+absl::Status Tokenizer::InitHf(const std::string& model_dir) {
+  const std::filesystem::path dir(model_dir);
+  const std::filesystem::path config_path = dir / "tokenizer_config.json";
+  MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(config_path));
+  bool clean_up = false;
+  if (config && config->contains("clean_up_tokenization_spaces")) {
+    const json& v = (*config)["clean_up_tokenization_spaces"];
+    if (!v.is_boolean() && !v.is_null()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          config_path.string(), ": clean_up_tokenization_spaces: expected a bool, got ", Dump(v)));
+    }
+    clean_up = v.is_boolean() && v.get<bool>();
+  }
+  MOE_ASSIGN_OR_RETURN(hf_, HfTokenizer::FromFile((dir / "tokenizer.json").string(), clean_up));
+  int32_t ids[2] = {-1, -1};
+  const char* keys[2] = {"bos_token", "eos_token"};
+  for (int i = 0; i < 2; ++i) {
+    MOE_ASSIGN_OR_RETURN(const std::string token, ConfigTokenString(config, keys[i], config_path));
+    if (token.empty()) continue;
+    ids[i] = hf_->TokenToId(token);
+    if (ids[i] < 0) {
+      return absl::InvalidArgumentError(absl::StrCat(config_path.string(), ": ", keys[i], " \"",
+                                                     token, "\" is not a token of tokenizer.json"));
+    }
+  }
+  MOE_ASSIGN_OR_RETURN(SpecialIds special_ids,
+                       ReadSpecialIds(dir, hf_->vocab_size(), ids[0], ids[1]));
+  bos_id_ = special_ids.bos;
+  eos_ids_ = std::move(special_ids.eos);
+  return absl::OkStatus();
+}
+
 absl::Status Tokenizer::Init(const std::string& model_dir) {
   const std::filesystem::path dir(model_dir);
-  const std::filesystem::path model_path = dir / "tokenizer.model";
   std::error_code error_code;
+  if (std::filesystem::exists(dir / "tokenizer.json", error_code)) return InitHf(model_dir);
+  const std::filesystem::path model_path = dir / "tokenizer.model";
   if (!std::filesystem::exists(model_path, error_code)) {
-    return absl::NotFoundError(absl::StrCat("tokenizer model not found: ", model_path.string()));
+    return absl::NotFoundError(absl::StrCat("tokenizer not found: neither ",
+                                            (dir / "tokenizer.json").string(), " nor ",
+                                            model_path.string()));
   }
   MOE_ASSIGN_OR_RETURN(const std::string serialized, ReadFile(model_path));
   std::string error;
@@ -194,7 +246,8 @@ absl::Status Tokenizer::Init(const std::string& model_dir) {
     return absl::InvalidArgumentError(
         absl::StrCat(model_path.string(), ": not a SentencePiece model: ", error));
   }
-  MOE_ASSIGN_OR_RETURN(SpecialIds special_ids, ReadSpecialIds(dir, *sp_));
+  MOE_ASSIGN_OR_RETURN(SpecialIds special_ids,
+                       ReadSpecialIds(dir, sp_->piece_size(), sp_->bos_id(), sp_->eos_id()));
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
   MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(dir));
@@ -308,13 +361,16 @@ absl::Status Tokenizer::BuildPieceTable(const std::string& model_path) {
   return absl::OkStatus();
 }
 
-int32_t Tokenizer::vocab_size() const { return sp_->piece_size(); }
+int32_t Tokenizer::vocab_size() const {
+  return hf_ != nullptr ? hf_->vocab_size() : sp_->piece_size();
+}
 
 bool Tokenizer::IsEos(int32_t id) const {
   return std::find(eos_ids_.begin(), eos_ids_.end(), id) != eos_ids_.end();
 }
 
 std::vector<int32_t> Tokenizer::Encode(std::string_view text, bool add_bos) const {
+  if (hf_ != nullptr) return hf_->Encode(text, add_bos);
   std::vector<int32_t> ids;
   if (add_bos && bos_id_ >= 0) ids.push_back(bos_id_);
   if (!text.empty()) EncodeText(text, &ids);
@@ -382,6 +438,7 @@ void Tokenizer::EncodeText(std::string_view text, std::vector<int32_t>* ids) con
 }
 
 std::string Tokenizer::Decode(std::span<const int32_t> ids) const {
+  if (hf_ != nullptr) return hf_->Decode(ids, /*skip_special_tokens=*/true);
   std::string text;
   DecodeState state;
   for (const int32_t id : ids) DecodeAppend(id, &state, &text);
@@ -456,6 +513,24 @@ void Tokenizer::DecodeFlush(DecodeState* state, std::string* out) const {
 
 IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer, bool continuation)
     : tokenizer_(tokenizer) {
+  if (tokenizer_->hf_ != nullptr) {
+    if (continuation) {
+      // A token before the first one takes the decoders' start-of-text stripping (Strip, the
+      // Metaspace decoder): the first normal token that decodes to text by itself.
+      const HfTokenizer& hf = *tokenizer_->hf_;
+      for (int32_t id = 0; id < hf.vocab_size(); ++id) {
+        if (hf.IsSpecial(id) || PieceByte(hf.IdToToken(id)) >= 0) continue;
+        const int32_t one[1] = {id};
+        const std::string text = hf.Decode(one);
+        if (!text.empty() && text.find(kReplacementChar) == std::string::npos) {
+          ids_ = {id};
+          read_ = 1;
+          break;
+        }
+      }
+    }
+    return;
+  }
   if (continuation) {
     // As if text had been output already: no first-token or leading-"▁" stripping.
     state_.first_token_done = true;
@@ -466,12 +541,42 @@ IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer, bool 
 
 std::string IncrementalDetokenizer::Add(int32_t id) {
   std::string delta;
+  if (tokenizer_->hf_ != nullptr) {
+    ids_.push_back(id);
+    const std::span<const int32_t> all(ids_);
+    const std::string before = tokenizer_->Decode(all.subspan(prefix_, read_ - prefix_));
+    const std::string now = tokenizer_->Decode(all.subspan(prefix_));
+    if (now.size() > before.size() && now.compare(0, before.size(), before) == 0 &&
+        !now.ends_with(kReplacementChar)) {
+      delta = now.substr(before.size());
+      // The released tokens become the window's start, unless they decode to nothing (skipped
+      // special tokens): a window's first text loses the decoders' start-of-text space.
+      if (!tokenizer_->Decode(all.subspan(read_)).empty()) prefix_ = read_;
+      read_ = ids_.size();
+      // Keep the window small: what lies before prefix_ is never decoded again.
+      ids_.erase(ids_.begin(), ids_.begin() + static_cast<std::ptrdiff_t>(prefix_));
+      read_ -= prefix_;
+      prefix_ = 0;
+    }
+    return delta;
+  }
   tokenizer_->DecodeAppend(id, &state_, &delta);
   return delta;
 }
 
 std::string IncrementalDetokenizer::Finish() {
   std::string delta;
+  if (tokenizer_->hf_ != nullptr) {
+    const std::span<const int32_t> all(ids_);
+    const std::string before = tokenizer_->Decode(all.subspan(prefix_, read_ - prefix_));
+    const std::string now = tokenizer_->Decode(all.subspan(prefix_));
+    if (now.size() > before.size() && now.compare(0, before.size(), before) == 0) {
+      delta = now.substr(before.size());
+    }
+    ids_.clear();
+    prefix_ = read_ = 0;
+    return delta;
+  }
   tokenizer_->DecodeFlush(&state_, &delta);
   return delta;
 }

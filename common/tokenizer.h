@@ -18,6 +18,7 @@ namespace moe {
 
 class SentencePieceModel;  // std-only wrapper around libsentencepiece (see sentencepiece_model.h)
 class GgufFile;
+class HfTokenizer;
 
 // Encode/Decode give exactly what transformers' slow LlamaTokenizer gives (tokenization_llama.py;
 // checked against 4.57.6 with sentencepiece 0.2.3, add_prefix_space=True,
@@ -34,10 +35,16 @@ class GgufFile;
 //    forms no valid character becomes one U+FFFD, as in SentencePiece) and maps "▁" to " ". With
 //    legacy=True SentencePiece's decoder then strips one more leading space, so " hello" ->
 //    "hello" and "  hello" -> " hello" (transformers does this too).
+// A directory with a tokenizer.json (Hugging Face's fast-tokenizer format) is loaded from it
+// instead (as transformers' AutoTokenizer prefers it): Encode/Decode then give what the fast
+// tokenizer gives (hf_tokenizer.h), added tokens included.
 // Thread-safety: all const methods may be called concurrently.
 class Tokenizer {
  public:
-  // Loads `model_dir`/tokenizer.model. BOS/EOS ids come from (first found wins)
+  // Loads `model_dir`/tokenizer.json, else `model_dir`/tokenizer.model. BOS/EOS ids come from
+  // (first found wins) generation_config.json, config.json, then the tokenizer itself
+  // (tokenizer.json: tokenizer_config.json's bos_token / eos_token). For tokenizer.model: BOS/EOS
+  // ids come from (first found wins)
   // generation_config.json, config.json, then the SentencePiece model itself; eos_token_id may
   // be a list. The legacy flag comes from tokenizer_config.json ("legacy"; true when absent, as
   // in transformers). NOT_FOUND naming the path if tokenizer.model is missing; INVALID_ARGUMENT
@@ -52,7 +59,8 @@ class Tokenizer {
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromGguf(const GgufFile& file);
   ~Tokenizer();
 
-  // Token ids as transformers' LlamaTokenizer gives them: BOS first when add_bos.
+  // Token ids as transformers' LlamaTokenizer gives them: BOS first when add_bos (tokenizer.json:
+  // add_bos = add_special_tokens, the post-processor's template).
   std::vector<int32_t> Encode(std::string_view text, bool add_bos = true) const;
 
   // Text of `ids` as transformers' decode(ids, skip_special_tokens=True) gives it. Ids outside
@@ -103,8 +111,11 @@ class Tokenizer {
   void DecodeNonByte(PieceKind kind, std::string_view surface, bool leading_space,
                      DecodeState* state, std::string* out) const;
 
-  // Constant after Load().
+  absl::Status InitHf(const std::string& model_dir);
+
+  // Constant after Load(). Exactly one of sp_ and hf_ is set.
   std::unique_ptr<SentencePieceModel> sp_;
+  std::unique_ptr<HfTokenizer> hf_;
   int32_t bos_id_ = 1;
   std::vector<int32_t> eos_ids_;
   bool legacy_ = true;
@@ -128,6 +139,8 @@ class Tokenizer {
 // token keeps its leading space: for a prompt "that" and a first token "▁all" the first delta is
 // " all", as vLLM and OpenAI-style APIs stream it; the deltas then equal
 // Decode(prompt + generated) minus Decode(prompt) for ordinary text.
+// (tokenizer.json: text is released once a window of the newest tokens decodes to more text
+// than the window without its newest token and does not end in U+FFFD, as vLLM does.)
 class IncrementalDetokenizer {
  public:
   // `tokenizer` must outlive this object.
@@ -141,6 +154,10 @@ class IncrementalDetokenizer {
  private:
   const Tokenizer* tokenizer_;
   Tokenizer::DecodeState state_;
+  // tokenizer.json: the ids since prefix_, decoded [prefix_, read_) already released.
+  std::vector<int32_t> ids_;
+  size_t prefix_ = 0;
+  size_t read_ = 0;
 };
 
 }  // namespace moe
