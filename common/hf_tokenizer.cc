@@ -12,6 +12,7 @@
 #include "common/status_macros.h"
 #include "common/utf8.h"
 #include "nlohmann/json.hpp"
+#include "unicode/uchar.h"
 
 namespace moe {
 namespace {
@@ -26,16 +27,24 @@ struct NormalizerStep {
 };
 
 struct DecoderStep {
-  enum Kind { kReplace, kByteFallback, kFuse, kStrip, kMetaspace } kind;
+  enum Kind { kReplace, kByteFallback, kFuse, kStrip, kMetaspace, kByteLevel } kind;
   std::string from, to;     // Replace; Metaspace: from = the replacement character
   int start = 0, stop = 0;  // Strip: characters `from` taken from each end
   Prepend prepend = Prepend::kAlways;
 };
 
-struct Metaspace {
+enum class SplitPattern;
+
+struct PreTokenizerStep {
+  enum Kind { kMetaspace, kSplit, kByteLevel } kind = kMetaspace;
+  // Metaspace
   std::string replacement = std::string(kSpaceSymbol);
   Prepend prepend = Prepend::kAlways;
   bool split = true;
+  // Split (Isolated) and ByteLevel (use_regex: GPT-2's pattern first)
+  SplitPattern pattern{};
+  bool add_prefix_space = false;
+  bool use_regex = false;
 };
 
 // One piece of the text on its way through the pipeline: an added token's id, or text with
@@ -74,6 +83,156 @@ size_t PreviousCodePoint(std::string_view s, size_t end) {
 bool IsWordChar(char32_t c) {
   return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
          (c >= 0x80 && !IsWhitespace(c));
+}
+
+// The pre-tokenizer patterns' classes: \p{L}, \p{N} (ICU's general categories) and \s.
+bool IsLetter(char32_t c) {
+  if (c < 0x80) return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
+  const int8_t t = u_charType(static_cast<UChar32>(c));
+  return t >= U_UPPERCASE_LETTER && t <= U_OTHER_LETTER;
+}
+bool IsNumber(char32_t c) {
+  if (c < 0x80) return c >= '0' && c <= '9';
+  const int8_t t = u_charType(static_cast<UChar32>(c));
+  return t == U_DECIMAL_DIGIT_NUMBER || t == U_LETTER_NUMBER || t == U_OTHER_NUMBER;
+}
+
+// The two pre-tokenizer regexes this implementation has, written out by hand (alternatives
+// tried in order at each position, as the regex engine does; every character matches one).
+constexpr std::string_view kGpt2Pattern =
+    "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
+constexpr std::string_view kLlama3Pattern =
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| "
+    "?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+enum class SplitPattern { kGpt2, kLlama3 };
+
+// The pieces of `text` the pattern matches (Isolated: each match is a piece).
+std::vector<std::string> RegexSplit(std::string_view text, SplitPattern pattern) {
+  std::vector<char32_t> cp;
+  std::vector<size_t> at;  // byte offset of each code point, plus the end
+  for (size_t pos = 0; pos < text.size();) {
+    const auto [c, length] = CodePointAt(text, pos);
+    cp.push_back(length == 1 && static_cast<unsigned char>(text[pos]) >= 0x80 ? 0xFFFD : c);
+    at.push_back(pos);
+    pos += length;
+  }
+  at.push_back(text.size());
+  const size_t n = cp.size();
+  const auto space = [&](size_t i) { return i < n && IsWhitespace(cp[i]); };
+  const auto letter = [&](size_t i) { return i < n && IsLetter(cp[i]); };
+  const auto number = [&](size_t i) { return i < n && IsNumber(cp[i]); };
+  const auto newline = [&](size_t i) { return i < n && (cp[i] == '\r' || cp[i] == '\n'); };
+  const auto other = [&](size_t i) { return i < n && !space(i) && !letter(i) && !number(i); };
+  const auto lower = [&](size_t i) -> char32_t {
+    if (i >= n) return 0;
+    return pattern == SplitPattern::kLlama3 && cp[i] >= 'A' && cp[i] <= 'Z' ? cp[i] + 32 : cp[i];
+  };
+  std::vector<std::string> pieces;
+  for (size_t i = 0; i < n;) {
+    size_t end = i;
+    // 's 't 're 've 'm 'll 'd (case-insensitive for Llama-3)
+    if (cp[i] == '\'') {
+      const char32_t a = lower(i + 1), b = lower(i + 2);
+      if (a == 's' || a == 't' || a == 'm' || a == 'd') {
+        end = i + 2;
+      } else if ((a == 'r' && b == 'e') || (a == 'v' && b == 'e') || (a == 'l' && b == 'l')) {
+        end = i + 3;
+      }
+    }
+    if (end == i && pattern == SplitPattern::kLlama3) {
+      if (letter(i) || (!newline(i) && !letter(i) && !number(i) && i < n && letter(i + 1))) {
+        end = letter(i) ? i : i + 1;  // [^\r\n\p{L}\p{N}]?\p{L}+
+        while (letter(end)) ++end;
+      } else if (number(i)) {  // \p{N}{1,3}
+        end = i;
+        while (end < i + 3 && number(end)) ++end;
+      } else if (other(i) || (cp[i] == ' ' && other(i + 1))) {  //  ?[^\s\p{L}\p{N}]+[\r\n]*
+        end = cp[i] == ' ' ? i + 1 : i;
+        while (other(end)) ++end;
+        while (newline(end)) ++end;
+      } else {
+        size_t run = i;  // whitespace from here
+        while (space(run)) ++run;
+        size_t last_newline = run;
+        for (size_t k = i; k < run; ++k) {
+          if (newline(k)) last_newline = k;
+        }
+        if (last_newline < run) {
+          end = last_newline + 1;  // \s*[\r\n]+
+        } else if (run == n || run - i == 1) {
+          end = run;  // \s+ (the whole run at the end, or a single space before text)
+        } else {
+          end = run - 1;  // \s+(?!\S): the run less its last character
+        }
+      }
+    } else if (end == i) {                                     // GPT-2
+      const size_t j = cp[i] == ' ' && i + 1 < n ? i + 1 : i;  // the optional space
+      if (letter(j)) {
+        end = j;
+        while (letter(end)) ++end;
+      } else if (number(j)) {
+        end = j;
+        while (number(end)) ++end;
+      } else if (other(j)) {
+        end = j;
+        while (other(end)) ++end;
+      } else {
+        size_t run = i;
+        while (space(run)) ++run;
+        end = run == n || run - i == 1 ? run : run - 1;
+      }
+    }
+    pieces.emplace_back(text.substr(at[i], at[end] - at[i]));
+    i = end;
+  }
+  return pieces;
+}
+
+// GPT-2's bytes_to_unicode: printable bytes stand for themselves, the others for U+0100 + k.
+struct ByteLevelMap {
+  ByteLevelMap() {
+    int next = 0;
+    for (int b = 0; b < 256; ++b) {
+      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+      const char32_t c = printable ? static_cast<char32_t>(b) : 0x100 + next++;
+      std::string utf8;
+      if (c < 0x80) {
+        utf8.push_back(static_cast<char>(c));
+      } else {
+        utf8.push_back(static_cast<char>(0xC0 | (c >> 6)));
+        utf8.push_back(static_cast<char>(0x80 | (c & 0x3F)));
+      }
+      to_char[b] = utf8;
+      to_byte.emplace(c, static_cast<uint8_t>(b));
+    }
+  }
+  std::string to_char[256];
+  absl::flat_hash_map<char32_t, uint8_t> to_byte;
+};
+const ByteLevelMap& ByteLevel() {
+  static const ByteLevelMap* map = new ByteLevelMap();
+  return *map;
+}
+
+// Rust's String::from_utf8_lossy: each maximal invalid subsequence becomes one U+FFFD.
+std::string Utf8Lossy(std::string_view bytes) {
+  std::string out;
+  for (size_t pos = 0; pos < bytes.size();) {
+    const int length = Utf8CharLength(bytes.substr(pos));
+    if (length > 0) {
+      out.append(bytes.substr(pos, length));
+      pos += length;
+      continue;
+    }
+    // The longest prefix that some continuation could still make valid, at least one byte.
+    size_t bad = 1;
+    while (pos + bad < bytes.size() && bad < 4 && Utf8CharLength(bytes.substr(pos, bad + 1)) == 0) {
+      ++bad;
+    }
+    out.append(kReplacementChar);
+    pos += bad;
+  }
+  return out;
 }
 
 void ReplaceAll(std::string* s, std::string_view from, std::string_view to) {
@@ -119,7 +278,7 @@ struct HfTokenizer::Impl {
   std::string label;
   bool clean_up = false;
   std::vector<NormalizerStep> normalizer;
-  std::vector<Metaspace> pre_tokenizer;
+  std::vector<PreTokenizerStep> pre_tokenizer;
   std::vector<DecoderStep> decoder;
   // BPE
   absl::flat_hash_map<std::string, int32_t> vocab;
@@ -169,6 +328,7 @@ struct HfTokenizer::Impl {
   absl::Status ParseDecoder(const json& j);
   absl::Status ParseModel(const json& j, const HfTokenizer& t);
   absl::Status ParsePostProcessor(const json& j, const HfTokenizer& t);
+  absl::Status ParseTemplate(const json& j, const HfTokenizer& t);
 
   void Split(const std::vector<Pattern>& patterns, Piece piece, std::vector<Piece>* out) const;
   void Normalize(std::string* text) const;
@@ -234,13 +394,39 @@ absl::Status HfTokenizer::Impl::ParseNormalizer(const json& j) {
 absl::Status HfTokenizer::Impl::ParsePreTokenizer(const json& j) {
   return ForEachComponent(
       j, "pre_tokenizer", "pretokenizers", [&](const json& c, const json& type) {
-        if (type != "Metaspace") return Unsupported("pre_tokenizer", type);
-        Metaspace m;
-        MOE_ASSIGN_OR_RETURN(m.replacement,
-                             StringField(c, "replacement", "pre_tokenizer Metaspace", *this));
-        MOE_ASSIGN_OR_RETURN(m.prepend, PrependScheme(c, "pre_tokenizer Metaspace", *this));
-        m.split = c.value("split", true);
-        pre_tokenizer.push_back(std::move(m));
+        PreTokenizerStep step;
+        if (type == "Metaspace") {
+          step.kind = PreTokenizerStep::kMetaspace;
+          MOE_ASSIGN_OR_RETURN(step.replacement,
+                               StringField(c, "replacement", "pre_tokenizer Metaspace", *this));
+          MOE_ASSIGN_OR_RETURN(step.prepend, PrependScheme(c, "pre_tokenizer Metaspace", *this));
+          step.split = c.value("split", true);
+        } else if (type == "Split") {
+          step.kind = PreTokenizerStep::kSplit;
+          const json pattern = c.value("pattern", json());
+          const std::string regex =
+              pattern.is_object() && pattern.value("Regex", json()).is_string()
+                  ? pattern["Regex"].get<std::string>()
+                  : "";
+          if (regex == kLlama3Pattern) {
+            step.pattern = SplitPattern::kLlama3;
+          } else if (regex == kGpt2Pattern) {
+            step.pattern = SplitPattern::kGpt2;
+          } else {
+            return Unsupported("pre_tokenizer Split with pattern", pattern);
+          }
+          if (c.value("behavior", json()) != "Isolated" || c.value("invert", false)) {
+            return Unsupported("pre_tokenizer Split with behavior", c.value("behavior", json()));
+          }
+        } else if (type == "ByteLevel") {
+          step.kind = PreTokenizerStep::kByteLevel;
+          step.add_prefix_space = c.value("add_prefix_space", false);
+          step.use_regex = c.value("use_regex", true);
+          step.pattern = SplitPattern::kGpt2;
+        } else {
+          return Unsupported("pre_tokenizer", type);
+        }
+        pre_tokenizer.push_back(std::move(step));
         return absl::OkStatus();
       });
 }
@@ -265,6 +451,8 @@ absl::Status HfTokenizer::Impl::ParseDecoder(const json& j) {
       }
       step.start = static_cast<int>(std::min<uint64_t>(c["start"].get<uint64_t>(), 1 << 20));
       step.stop = static_cast<int>(std::min<uint64_t>(c["stop"].get<uint64_t>(), 1 << 20));
+    } else if (type == "ByteLevel") {
+      step.kind = DecoderStep::kByteLevel;
     } else if (type == "Metaspace") {
       step.kind = DecoderStep::kMetaspace;
       MOE_ASSIGN_OR_RETURN(step.from, StringField(c, "replacement", "decoder Metaspace", *this));
@@ -348,10 +536,17 @@ absl::Status HfTokenizer::Impl::ParseModel(const json& j, const HfTokenizer& t) 
 }
 
 absl::Status HfTokenizer::Impl::ParsePostProcessor(const json& j, const HfTokenizer& t) {
-  if (j.is_null()) return absl::OkStatus();
-  if (!j.is_object()) return Error("post_processor", "expected an object or null");
-  const json& type = j.value("type", json());
-  if (type != "TemplateProcessing") return Unsupported("post_processor", type);
+  return ForEachComponent(j, "post_processor", "processors", [&](const json& c, const json& type) {
+    if (type == "ByteLevel") return absl::OkStatus();  // offsets only
+    if (type != "TemplateProcessing") return Unsupported("post_processor", type);
+    if (!prefix.empty() || !suffix.empty()) {
+      return Error("post_processor", "more than one TemplateProcessing");
+    }
+    return ParseTemplate(c, t);
+  });
+}
+
+absl::Status HfTokenizer::Impl::ParseTemplate(const json& j, const HfTokenizer& t) {
   if (!j.contains("single") || !j["single"].is_array()) {
     return Error("post_processor", "TemplateProcessing without a \"single\" template");
   }
@@ -531,22 +726,43 @@ void HfTokenizer::Impl::EncodeWord(std::string_view word, std::vector<int32_t>* 
 void HfTokenizer::Impl::EncodePiece(const Piece& piece, std::vector<int32_t>* ids) const {
   if (pre_tokenizer.empty()) return EncodeWord(piece.text, ids);
   std::vector<std::string> words = {piece.text};
-  for (const Metaspace& m : pre_tokenizer) {
+  for (const PreTokenizerStep& step : pre_tokenizer) {
     std::vector<std::string> split;
     for (std::string& w : words) {
-      ReplaceAll(&w, " ", m.replacement);
-      if (!w.starts_with(m.replacement) &&
-          (m.prepend == Prepend::kAlways || (m.prepend == Prepend::kFirst && piece.at_start))) {
-        w.insert(0, m.replacement);
+      if (step.kind == PreTokenizerStep::kSplit) {
+        for (std::string& p : RegexSplit(w, step.pattern)) split.push_back(std::move(p));
+        continue;
       }
-      if (!m.split) {
+      if (step.kind == PreTokenizerStep::kByteLevel) {
+        if (step.add_prefix_space && !w.starts_with(' '))
+          w = " " + w;  // (insert: GCC 12 -Wrestrict)
+        std::vector<std::string> parts;
+        if (step.use_regex) {
+          parts = RegexSplit(w, step.pattern);
+        } else {
+          parts.push_back(std::move(w));
+        }
+        for (const std::string& p : parts) {  // each byte as its stand-in character
+          std::string mapped;
+          for (const char b : p) mapped += ByteLevel().to_char[static_cast<unsigned char>(b)];
+          split.push_back(std::move(mapped));
+        }
+        continue;
+      }
+      ReplaceAll(&w, " ", step.replacement);
+      if (!w.starts_with(step.replacement) &&
+          (step.prepend == Prepend::kAlways ||
+           (step.prepend == Prepend::kFirst && piece.at_start))) {
+        w.insert(0, step.replacement);
+      }
+      if (!step.split) {
         split.push_back(std::move(w));
         continue;
       }
       // MergedWithNext: each replacement character starts a new word.
       size_t begin = 0;
-      for (size_t hit = w.find(m.replacement, 1); hit != std::string::npos;
-           hit = w.find(m.replacement, hit + m.replacement.size())) {
+      for (size_t hit = w.find(step.replacement, 1); hit != std::string::npos;
+           hit = w.find(step.replacement, hit + step.replacement.size())) {
         split.push_back(w.substr(begin, hit - begin));
         begin = hit;
       }
@@ -741,6 +957,25 @@ std::string HfTokenizer::Decode(std::span<const int32_t> ids, bool skip_special_
           t = t.substr(begin, end - begin);
         }
         break;
+      case DecoderStep::kByteLevel: {
+        // Each character back to its byte (a token with other characters: its own bytes),
+        // then UTF-8 with each invalid sequence as U+FFFD.
+        std::string bytes;
+        for (const std::string& t : tokens) {
+          std::string mapped;
+          bool all = true;
+          for (size_t pos = 0; pos < t.size() && all;) {
+            const auto [c, length] = CodePointAt(t, pos);
+            const auto it = ByteLevel().to_byte.find(c);
+            all = it != ByteLevel().to_byte.end();
+            if (all) mapped.push_back(static_cast<char>(it->second));
+            pos += length;
+          }
+          bytes += all ? mapped : t;
+        }
+        tokens.assign(1, Utf8Lossy(bytes));
+        break;
+      }
       case DecoderStep::kMetaspace:
         for (size_t i = 0; i < tokens.size(); ++i) {
           ReplaceAll(&tokens[i], d.from,

@@ -4,17 +4,20 @@
 //   1. added tokens are split out of the text first (leftmost-longest; `lstrip` / `rstrip` take
 //      the whitespace beside them, `single_word` only matches between non-word characters;
 //      tokens with `normalized` are matched in each remaining piece after normalization);
-//   2. each remaining piece is normalized (Replace, Prepend, Sequence), pre-tokenized (Metaspace,
-//      Sequence) and encoded by the model (BPE: merges by rank, leftmost first among equals;
-//      characters outside the vocabulary as <0xNN> byte pieces with `byte_fallback`, else the
-//      unknown token, consecutive ones fused with `fuse_unk`; `ignore_merges`);
+//   2. each remaining piece is normalized (Replace, Prepend, Sequence), pre-tokenized (Metaspace;
+//      Split with GPT-2's or Llama-3's regex, matched by hand-written code with ICU's Unicode
+//      letter/number classes; ByteLevel: GPT-2's byte-to-character map, with its regex when
+//      use_regex; Sequence) and encoded by the model (BPE: merges by rank, leftmost first among
+//      equals; characters outside the vocabulary as <0xNN> byte pieces with `byte_fallback`, else
+//      the unknown token, consecutive ones fused with `fuse_unk`; `ignore_merges`);
 //   3. the post-processor's template (TemplateProcessing) adds its special tokens.
-// Decode runs the decoder chain (Replace, ByteFallback, Fuse, Strip, Metaspace, Sequence) over
-// the tokens, special added tokens dropped when asked, then transformers'
+// Decode runs the decoder chain (Replace, ByteFallback, Fuse, Strip, Metaspace, ByteLevel,
+// Sequence) over the tokens, special added tokens dropped when asked, then transformers'
 // clean_up_tokenization when tokenizer_config.json's clean_up_tokenization_spaces is true.
 //
-// Supported: the Llama/Mistral SentencePiece-BPE form (what transformers' LlamaConverter writes).
-// Any other component type (e.g. the GPT-2 ByteLevel form) is UNIMPLEMENTED naming it.
+// Supported: the Llama/Mistral SentencePiece-BPE form (what transformers' LlamaConverter writes),
+// and the ByteLevel BPE forms of GPT-2 / SmolLM and Llama-3. Any other component type or Split
+// pattern is UNIMPLEMENTED naming it.
 // Thread-safety: const methods may be called concurrently.
 #ifndef MOE_COMMON_HF_TOKENIZER_H_
 #define MOE_COMMON_HF_TOKENIZER_H_

@@ -131,8 +131,11 @@ struct SpecialIds {
 
 // BOS/EOS ids: the first of generation_config.json and config.json that names them wins; the
 // model's own ids are the fallback.
+// `bos_required`: tokenizer.model encodes BOS itself; a tokenizer.json's template adds whatever
+// it adds (GPT-2-style tokenizers have no BOS).
 absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir, int32_t vocab_size,
-                                          int32_t model_bos, int32_t model_eos) {
+                                          int32_t model_bos, int32_t model_eos,
+                                          bool bos_required = true) {
   std::optional<std::vector<int32_t>> bos, eos;
   for (const char* name : {"generation_config.json", "config.json"}) {
     const std::filesystem::path path = dir / name;
@@ -149,6 +152,7 @@ absl::StatusOr<SpecialIds> ReadSpecialIds(const std::filesystem::path& dir, int3
   }
   if (!bos && model_bos >= 0) bos = std::vector<int32_t>{model_bos};
   if (!eos && model_eos >= 0) eos = std::vector<int32_t>{model_eos};
+  if (!bos && !bos_required) bos = std::vector<int32_t>{-1};
   if (!bos || !eos) {
     return absl::InvalidArgumentError(absl::StrCat(
         dir.string(), ": no ", bos ? "eos" : "bos",
@@ -223,7 +227,8 @@ absl::Status Tokenizer::InitHf(const std::string& model_dir) {
     }
   }
   MOE_ASSIGN_OR_RETURN(SpecialIds special_ids,
-                       ReadSpecialIds(dir, hf_->vocab_size(), ids[0], ids[1]));
+                       ReadSpecialIds(dir, hf_->vocab_size(), ids[0], ids[1],
+                                      /*bos_required=*/false));
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
   return absl::OkStatus();

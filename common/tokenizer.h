@@ -67,6 +67,7 @@ class Tokenizer {
   // [0, vocab_size()) are skipped (transformers would raise). Always valid UTF-8.
   std::string Decode(std::span<const int32_t> ids) const;
 
+  // -1 for a tokenizer.json without a BOS token (GPT-2 style).
   int32_t bos_id() const { return bos_id_; }
   const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
   bool IsEos(int32_t id) const;

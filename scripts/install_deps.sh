@@ -11,7 +11,7 @@ PACKAGES=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   libabsl-dev libgoogle-glog-dev prometheus-cpp-dev
   libgtest-dev googletest libgmock-dev libbenchmark-dev
-  libsentencepiece-dev sentencepiece nlohmann-json3-dev libhwy-dev libomp-dev
+  libsentencepiece-dev sentencepiece nlohmann-json3-dev libhwy-dev libomp-dev libicu-dev
 )
 case "${1:-}" in
   --tests) PACKAGES+=(prometheus python3 python3-venv clang clang-format) ;;

@@ -37,22 +37,27 @@ json ReadJson(const std::filesystem::path& path) {
 
 std::filesystem::path Dir(const char* name) { return std::filesystem::path(kFixtures) / name; }
 
-// The SentencePiece-BPE form with ChatML added tokens (BurningBruce-005's layout).
-class LlamaChatmlTest : public ::testing::Test {
+// llama_chatml: the SentencePiece-BPE form with ChatML added tokens (BurningBruce-005's layout);
+// bytelevel_bpe: the GPT-2 ByteLevel form with Llama-3's pre-tokenizer regex and ignore_merges.
+class HfTokenizerCasesTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    auto t = HfTokenizer::FromFile((Dir("llama_chatml") / "tokenizer.json").string(),
+    auto t = HfTokenizer::FromFile((Dir(GetParam()) / "tokenizer.json").string(),
                                    /*clean_up_tokenization_spaces=*/false);
     ASSERT_TRUE(t.ok()) << t.status();
     tokenizer_ = *std::move(t);
-    cases_ = ReadJson(Dir("llama_chatml") / "cases.json");
+    cases_ = ReadJson(Dir(GetParam()) / "cases.json");
     ASSERT_GE(cases_.size(), 60u);
   }
   std::unique_ptr<HfTokenizer> tokenizer_;
   json cases_;
 };
 
-TEST_F(LlamaChatmlTest, EncodeMatchesTransformersWithAndWithoutSpecialTokens) {
+INSTANTIATE_TEST_SUITE_P(Fixtures, HfTokenizerCasesTest,
+                         ::testing::Values("llama_chatml", "bytelevel_bpe", "gpt2_bpe"),
+                         [](const auto& info) { return std::string(info.param); });
+
+TEST_P(HfTokenizerCasesTest, EncodeMatchesTransformersWithAndWithoutSpecialTokens) {
   for (const json& c : cases_) {
     const std::string text = c["text"];
     SCOPED_TRACE(json(text).dump());
@@ -61,7 +66,7 @@ TEST_F(LlamaChatmlTest, EncodeMatchesTransformersWithAndWithoutSpecialTokens) {
   }
 }
 
-TEST_F(LlamaChatmlTest, DecodeMatchesTransformersSkippingSpecialTokensOrNot) {
+TEST_P(HfTokenizerCasesTest, DecodeMatchesTransformersSkippingSpecialTokensOrNot) {
   for (const json& c : cases_) {
     SCOPED_TRACE(c["text"].dump());
     const std::vector<int32_t> ids = c["ids"];
@@ -70,8 +75,8 @@ TEST_F(LlamaChatmlTest, DecodeMatchesTransformersSkippingSpecialTokensOrNot) {
   }
 }
 
-TEST_F(LlamaChatmlTest, ChatFormattedConversationsEncodeAsTransformers) {
-  const json chats = ReadJson(Dir("llama_chatml") / "chat_cases.json");
+TEST_P(HfTokenizerCasesTest, ChatFormattedConversationsEncodeAsTransformers) {
+  const json chats = ReadJson(Dir(GetParam()) / "chat_cases.json");
   ASSERT_GE(chats.size(), 4u);
   for (const json& c : chats) {
     const std::string rendered = c["rendered"];
@@ -81,7 +86,7 @@ TEST_F(LlamaChatmlTest, ChatFormattedConversationsEncodeAsTransformers) {
   }
 }
 
-TEST_F(LlamaChatmlTest, AddedTokensAreInTheIdSpace) {
+TEST_P(HfTokenizerCasesTest, AddedTokensAreInTheIdSpace) {
   const int32_t im_end = tokenizer_->TokenToId("<|im_end|>");
   const int32_t im_start = tokenizer_->TokenToId("<|im_start|>");
   EXPECT_GE(im_end, 1000);
@@ -95,15 +100,12 @@ TEST_F(LlamaChatmlTest, AddedTokensAreInTheIdSpace) {
 
 // Tokenizer::Load prefers tokenizer.json: the same ids, EOS from tokenizer_config.json's
 // eos_token, and streaming deltas that add up to Decode.
-TEST(TokenizerFromTokenizerJsonTest, LoadsTheDirectoryAndStreams) {
-  auto t = Tokenizer::Load(Dir("llama_chatml").string());
+TEST_P(HfTokenizerCasesTest, TokenizerLoadsTheDirectoryAndStreams) {
+  auto t = Tokenizer::Load(Dir(GetParam()).string());
   ASSERT_TRUE(t.ok()) << t.status();
-  const json cases = ReadJson(Dir("llama_chatml") / "cases.json");
-  auto hf = HfTokenizer::FromFile((Dir("llama_chatml") / "tokenizer.json").string(), false);
-  ASSERT_TRUE(hf.ok());
-  EXPECT_TRUE((*t)->IsEos((*hf)->TokenToId("<|im_end|>")));
-  EXPECT_EQ((*t)->vocab_size(), (*hf)->vocab_size());
-  for (const json& c : cases) {
+  EXPECT_TRUE((*t)->IsEos(tokenizer_->TokenToId("<|im_end|>")));
+  EXPECT_EQ((*t)->vocab_size(), tokenizer_->vocab_size());
+  for (const json& c : cases_) {
     const std::string text = c["text"];
     SCOPED_TRACE(json(text).dump());
     const std::vector<int32_t> ids = c["ids"];
@@ -115,14 +117,21 @@ TEST(TokenizerFromTokenizerJsonTest, LoadsTheDirectoryAndStreams) {
     streamed += stream.Finish();
     EXPECT_EQ(streamed, c["decoded"].get<std::string>());
   }
-  // A continuation keeps the first token's leading space ("▁hello▁world": the normalizer
-  // prepends "▁").
+  // A continuation streams what the ids add to the text before them: Decode(prompt + ids) less
+  // Decode(prompt) (llama_chatml: " hello world", its first "▁" kept; bytelevel_bpe:
+  // "hello world").
+  const std::vector<int32_t> prompt = (*t)->Encode("Say", false);
   const std::vector<int32_t> hello = (*t)->Encode("hello world", false);
+  std::vector<int32_t> both = prompt;
+  both.insert(both.end(), hello.begin(), hello.end());
+  const std::string whole = (*t)->Decode(both), before = (*t)->Decode(prompt);
+  ASSERT_EQ(whole.substr(0, before.size()), before);
   IncrementalDetokenizer continued(t->get(), /*continuation=*/true);
   std::string text;
   for (const int32_t id : hello) text += continued.Add(id);
   text += continued.Finish();
-  EXPECT_EQ(text, " hello world");
+  EXPECT_EQ(text, whole.substr(before.size()));
+  EXPECT_THAT(text, HasSubstr("hello world"));
 }
 
 class HfTokenizerErrorsTest : public ::testing::Test {
@@ -172,11 +181,11 @@ TEST_F(HfTokenizerErrorsTest, UnknownComponentsAreUnimplementedNamingThem) {
   j = base_;
   j["model"]["type"] = "WordPiece";
   EXPECT_THAT(Load(j).message(), HasSubstr("WordPiece"));
-  // The GPT-2 ByteLevel form is not there yet: a clear refusal, not wrong ids.
-  const auto bytelevel =
-      HfTokenizer::FromFile((Dir("bytelevel_bpe") / "tokenizer.json").string(), false);
-  EXPECT_EQ(bytelevel.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_THAT(bytelevel.status().message(), HasSubstr("pre_tokenizer"));
+  // Split patterns other than GPT-2's and Llama-3's: a clear refusal, not wrong ids.
+  j = ReadJson(Dir("bytelevel_bpe") / "tokenizer.json");
+  j["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "\\w+";
+  EXPECT_EQ(Load(j).code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(Load(j).message(), HasSubstr("pattern"));
 }
 
 }  // namespace
