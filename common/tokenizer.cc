@@ -251,18 +251,90 @@ absl::Status Tokenizer::Init(const std::string& model_dir) {
     return absl::InvalidArgumentError(
         absl::StrCat(model_path.string(), ": not a SentencePiece model: ", error));
   }
+  MOE_RETURN_IF_ERROR(ReadAddedTokens(dir));
+  const auto vocab = static_cast<int32_t>(sp_->piece_size() + added_.size());
+  // EOS: tokenizer_config.json's eos_token before the model's own (ChatML merges name
+  // <|im_end|> there).
+  int32_t model_eos = sp_->eos_id();
+  const std::filesystem::path config_path = dir / "tokenizer_config.json";
+  MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(config_path));
+  MOE_ASSIGN_OR_RETURN(const std::string eos_token,
+                       ConfigTokenString(config, "eos_token", config_path));
+  if (!eos_token.empty()) {
+    int32_t id = sp_->PieceToId(eos_token);
+    if (id == sp_->unk_id() && eos_token != sp_->IdToPiece(id)) id = -1;
+    for (const AddedToken& a : added_) {
+      if (a.content == eos_token) id = a.id;
+    }
+    if (id < 0) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path.string(), ": eos_token \"", eos_token, "\" is not a token"));
+    }
+    model_eos = id;
+  }
   MOE_ASSIGN_OR_RETURN(SpecialIds special_ids,
-                       ReadSpecialIds(dir, sp_->piece_size(), sp_->bos_id(), sp_->eos_id()));
+                       ReadSpecialIds(dir, vocab, sp_->bos_id(), model_eos));
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
   MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(dir));
   return FinishInit(model_path.string());
 }
 
+// added_tokens.json ({"<|im_end|>": 32000, ...}, as transformers' slow tokenizers save them):
+// ids right after the SentencePiece vocabulary, consecutive. Special unless
+// tokenizer_config.json's added_tokens_decoder says "special": false.
+absl::Status Tokenizer::ReadAddedTokens(const std::filesystem::path& dir) {
+  const std::filesystem::path path = dir / "added_tokens.json";
+  MOE_ASSIGN_OR_RETURN(const std::optional<json> added, ReadJson(path));
+  if (!added) return absl::OkStatus();
+  const std::filesystem::path config_path = dir / "tokenizer_config.json";
+  MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(config_path));
+  const int32_t base = sp_->piece_size();
+  std::vector<AddedToken> tokens;
+  for (const auto& [content, id] : added->items()) {
+    if (!id.is_number_integer() || id.get<int64_t>() < 0 || id.get<int64_t>() >= (1 << 24) ||
+        content.empty()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), ": \"", content, "\": expected a token id, got ", Dump(id)));
+    }
+    const auto value = static_cast<int32_t>(id.get<int64_t>());
+    if (value < base) {
+      if (sp_->IdToPiece(value) == content) continue;  // already a piece
+      return absl::InvalidArgumentError(absl::StrCat(path.string(), ": \"", content, "\" has id ",
+                                                     value, ", which is the piece \"",
+                                                     sp_->IdToPiece(value), "\""));
+    }
+    bool special = true;
+    if (config && config->contains("added_tokens_decoder")) {
+      const json& decoder = (*config)["added_tokens_decoder"];
+      const std::string key = std::to_string(value);
+      if (decoder.is_object() && decoder.contains(key) && decoder[key].is_object()) {
+        special = decoder[key].value("special", true);
+      }
+    }
+    tokens.push_back({content, value, special});
+  }
+  std::sort(tokens.begin(), tokens.end(),
+            [](const AddedToken& a, const AddedToken& b) { return a.id < b.id; });
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    if (tokens[i].id != base + static_cast<int32_t>(i)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(path.string(), ": added token ids must follow the ", base,
+                       " pieces of tokenizer.model without gaps; \"", tokens[i].content, "\" has ",
+                       tokens[i].id, ", expected ", base + static_cast<int32_t>(i)));
+    }
+  }
+  added_ = std::move(tokens);
+  return absl::OkStatus();
+}
+
 absl::Status Tokenizer::FinishInit(const std::string& label) {
   // The special tokens of transformers' LlamaTokenizer: split out of the text on Encode.
   for (const int32_t id : {sp_->unk_id(), sp_->bos_id(), sp_->eos_id()}) {
     if (id >= 0) special_tokens_.emplace_back(sp_->IdToPiece(id), id);
+  }
+  for (const AddedToken& a : added_) {  // split out of the text like them (transformers' Trie)
+    special_tokens_.emplace_back(a.content, a.id);
   }
   if (sp_->unk_id() >= 0) {
     unk_prefix_length_ = sp_->EncodeWithoutDummyPrefix(sp_->IdToPiece(sp_->unk_id())).size();
@@ -340,7 +412,12 @@ absl::Status Tokenizer::BuildPieceTable(const std::string& model_path) {
   // which are the same ids for Llama models.
   std::vector<int32_t> skipped = {sp_->unk_id(), sp_->bos_id(), sp_->eos_id(), bos_id_};
   skipped.insert(skipped.end(), eos_ids_.begin(), eos_ids_.end());
-  pieces_.resize(sp_->piece_size());
+  pieces_.resize(sp_->piece_size() + added_.size());
+  for (const AddedToken& a : added_) {  // special: dropped by Decode; else decoded as their text
+    Piece& piece = pieces_[a.id];
+    piece.skipped = a.special || std::find(skipped.begin(), skipped.end(), a.id) != skipped.end();
+    piece.surface = a.content;
+  }
   for (int32_t id = 0; id < sp_->piece_size(); ++id) {
     const std::string& text = sp_->IdToPiece(id);
     Piece& piece = pieces_[id];
@@ -367,7 +444,7 @@ absl::Status Tokenizer::BuildPieceTable(const std::string& model_path) {
 }
 
 int32_t Tokenizer::vocab_size() const {
-  return hf_ != nullptr ? hf_->vocab_size() : sp_->piece_size();
+  return hf_ != nullptr ? hf_->vocab_size() : static_cast<int32_t>(pieces_.size());
 }
 
 bool Tokenizer::IsEos(int32_t id) const {

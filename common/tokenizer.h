@@ -4,6 +4,7 @@
 #define MOE_COMMON_TOKENIZER_H_
 
 #include <cstdint>
+#include <filesystem>
 #include <memory>
 #include <span>
 #include <string>
@@ -113,6 +114,14 @@ class Tokenizer {
                      DecodeState* state, std::string* out) const;
 
   absl::Status InitHf(const std::string& model_dir);
+  absl::Status ReadAddedTokens(const std::filesystem::path& dir);
+
+  struct AddedToken {
+    std::string content;
+    int32_t id = 0;
+    bool special = true;
+  };
+  std::vector<AddedToken> added_;  // tokenizer.model + added_tokens.json: ids after the pieces
 
   // Constant after Load(). Exactly one of sp_ and hf_ is set.
   std::unique_ptr<SentencePieceModel> sp_;

@@ -5,6 +5,7 @@
 // tokenizer_config.json, streaming deltas); and bad files.
 #include "common/hf_tokenizer.h"
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -33,6 +34,14 @@ json ReadJson(const std::filesystem::path& path) {
   json j = json::parse(ReadFile(path), nullptr, /*allow_exceptions=*/false);
   EXPECT_FALSE(j.is_discarded()) << path;
   return j;
+}
+
+// The text an IncrementalDetokenizer streams for ids, deltas concatenated.
+std::string Streamed(const Tokenizer& t, const std::vector<int32_t>& ids) {
+  IncrementalDetokenizer stream(&t);
+  std::string text;
+  for (const int32_t id : ids) text += stream.Add(id);
+  return text + stream.Finish();
 }
 
 std::filesystem::path Dir(const char* name) { return std::filesystem::path(kFixtures) / name; }
@@ -111,11 +120,7 @@ TEST_P(HfTokenizerCasesTest, TokenizerLoadsTheDirectoryAndStreams) {
     const std::vector<int32_t> ids = c["ids"];
     EXPECT_EQ((*t)->Encode(text, true), ids);
     EXPECT_EQ((*t)->Decode(ids), c["decoded"].get<std::string>());
-    IncrementalDetokenizer stream(t->get());
-    std::string streamed;
-    for (const int32_t id : ids) streamed += stream.Add(id);
-    streamed += stream.Finish();
-    EXPECT_EQ(streamed, c["decoded"].get<std::string>());
+    EXPECT_EQ(Streamed(**t, ids), c["decoded"].get<std::string>());
   }
   // A continuation streams what the ids add to the text before them: Decode(prompt + ids) less
   // Decode(prompt) (llama_chatml: " hello world", its first "▁" kept; bytelevel_bpe:
@@ -132,6 +137,58 @@ TEST_P(HfTokenizerCasesTest, TokenizerLoadsTheDirectoryAndStreams) {
   text += continued.Finish();
   EXPECT_EQ(text, whole.substr(before.size()));
   EXPECT_THAT(text, HasSubstr("hello world"));
+}
+
+// tokenizer.model + added_tokens.json (BurningBruce-005 ships both): the added ChatML tokens
+// extend the vocabulary, are split out of the text as the slow LlamaTokenizer does, and EOS comes
+// from tokenizer_config.json's eos_token.
+TEST(SentencePieceAddedTokensTest, MatchesTheSlowTokenizer) {
+  auto t = Tokenizer::Load(Dir("sp_added_tokens").string());
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->vocab_size(), 1002);
+  EXPECT_TRUE((*t)->IsEos(1000));
+  EXPECT_FALSE((*t)->IsEos(2));
+  const json cases = ReadJson(Dir("sp_added_tokens") / "cases.json");
+  ASSERT_GE(cases.size(), 60u);
+  int with_added = 0, old_eos = 0;
+  for (const json& c : cases) {
+    const std::string text = c["text"];
+    SCOPED_TRACE(json(text).dump());
+    const std::vector<int32_t> ids = c["ids"];
+    with_added +=
+        std::count(ids.begin(), ids.end(), 1000) + std::count(ids.begin(), ids.end(), 1001);
+    EXPECT_EQ((*t)->Encode(text, true), ids);
+    EXPECT_EQ((*t)->Encode(text, false), c["ids_no_special"].get<std::vector<int32_t>>());
+    // Known difference: with eos_token moved to <|im_end|>, the slow tokenizer no longer counts
+    // "</s>" (id 2) as special and decodes it as " </s>" between spaces
+    // (spaces_between_special_tokens); moe-cluster still drops the model's EOS piece.
+    if (std::count(ids.begin(), ids.end(), 2) > 0) {
+      ++old_eos;
+      continue;
+    }
+    EXPECT_EQ((*t)->Decode(ids), c["decoded"].get<std::string>());
+    EXPECT_EQ(Streamed(**t, ids), c["decoded"].get<std::string>());
+  }
+  EXPECT_GT(with_added, 10);
+  EXPECT_LE(old_eos, 3);
+}
+
+TEST(SentencePieceAddedTokensTest, BadAddedTokensAreInvalidArgument) {
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / "moe_sp_added_tokens_test";
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(Dir("sp_added_tokens") / "tokenizer.model", dir / "tokenizer.model");
+  for (const std::string& added :
+       {std::string(R"({"<|im_end|>": 1005})"), std::string(R"({"<|im_end|>": "x"})"),
+        std::string(R"({"<|im_end|>": 5})"), std::string("[1, 2]")}) {
+    SCOPED_TRACE(added);
+    std::ofstream(dir / "added_tokens.json") << added;
+    const auto t = Tokenizer::Load(dir.string());
+    EXPECT_EQ(t.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(t.status().message(), HasSubstr("added_tokens.json"));
+  }
+  std::filesystem::remove_all(dir);
 }
 
 class HfTokenizerErrorsTest : public ::testing::Test {
