@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "common/chat_template.h"
 #include "common/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -93,6 +94,36 @@ TEST_P(HfTokenizerCasesTest, ChatFormattedConversationsEncodeAsTransformers) {
     // apply_chat_template(tokenize=True) encodes without adding special tokens.
     EXPECT_EQ(tokenizer_->Encode(rendered, false), c["ids"].get<std::vector<int32_t>>());
   }
+}
+
+// The model's own template (tokenizer_config.json or chat_template.jinja), rendered with its
+// bos/eos tokens, gives apply_chat_template's string, and the tokenizer its ids.
+TEST_P(HfTokenizerCasesTest, ChatTemplateOfTheDirectoryRendersAndEncodesAsTransformers) {
+  auto source = ChatTemplate::FindSource(Dir(GetParam()).string());
+  ASSERT_TRUE(source.ok()) << source.status();
+  auto chat = ChatTemplate::Parse(*source);
+  ASSERT_TRUE(chat.ok()) << chat.status();
+  const json config = ReadJson(Dir(GetParam()) / "tokenizer_config.json");
+  const auto token = [&](const char* key) {
+    const json v = config.value(key, json());
+    return v.is_string() ? v.get<std::string>() : std::string();
+  };
+  for (const json& c : ReadJson(Dir(GetParam()) / "chat_cases.json")) {
+    SCOPED_TRACE(c["messages"].dump());
+    std::vector<ChatMessage> messages;
+    for (const json& m : c["messages"]) messages.push_back({m["role"], m["content"]});
+    const auto rendered = (*chat)->Render(messages, c["add_generation_prompt"], token("bos_token"),
+                                          token("eos_token"));
+    ASSERT_TRUE(rendered.ok()) << rendered.status();
+    EXPECT_EQ(*rendered, c["rendered"].get<std::string>());
+    EXPECT_EQ(tokenizer_->Encode(*rendered, false), c["ids"].get<std::vector<int32_t>>());
+  }
+}
+
+TEST(ChatTemplateSourceTest, MissingTemplateIsNotFoundWithAHint) {
+  const auto source = ChatTemplate::FindSource(Dir("sp_added_tokens").string() + "/nonexistent");
+  EXPECT_EQ(source.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(source.status().message(), HasSubstr("--chat-template"));
 }
 
 TEST_P(HfTokenizerCasesTest, AddedTokensAreInTheIdSpace) {
