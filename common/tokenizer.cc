@@ -447,6 +447,13 @@ int32_t Tokenizer::vocab_size() const {
   return hf_ != nullptr ? hf_->vocab_size() : static_cast<int32_t>(pieces_.size());
 }
 
+std::string Tokenizer::TokenText(int32_t id) const {
+  if (id < 0 || id >= vocab_size()) return "";
+  if (hf_ != nullptr) return hf_->IdToToken(id);
+  if (id < sp_->piece_size()) return sp_->IdToPiece(id);
+  return added_[id - sp_->piece_size()].content;
+}
+
 bool Tokenizer::IsEos(int32_t id) const {
   return std::find(eos_ids_.begin(), eos_ids_.end(), id) != eos_ids_.end();
 }

@@ -70,6 +70,8 @@ class Tokenizer {
 
   // -1 for a tokenizer.json without a BOS token (GPT-2 style).
   int32_t bos_id() const { return bos_id_; }
+  // The vocabulary's string for `id` (a piece, or an added token's text); "" when out of range.
+  std::string TokenText(int32_t id) const;
   const std::vector<int32_t>& eos_ids() const { return eos_ids_; }
   bool IsEos(int32_t id) const;
   int32_t vocab_size() const;

@@ -1,6 +1,7 @@
 // moe-cli: the command-line client.
 //   moe-cli generate --model DIR --prompt TEXT [sampling flags]     (in this process)
 //   moe-cli generate --server HOST:PORT --prompt TEXT [...]         (a running coordinator)
+//   moe-cli chat --model DIR --message TEXT [--system TEXT] [--chat-template FILE]
 //   moe-cli status --server HOST:PORT                               (workers, expert load)
 #include <cstdio>
 #include <string>
@@ -21,6 +22,11 @@ ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "q6_k).");
 ABSL_FLAG(std::string, server, "", "Coordinator HOST:PORT, to query a running cluster.");
 ABSL_FLAG(std::string, prompt, "", "Prompt text.");
+ABSL_FLAG(std::string, message, "", "chat: the user's message.");
+ABSL_FLAG(std::string, system, "", "chat: a system message before it (none if empty).");
+ABSL_FLAG(std::string, chat_template, "",
+          "chat: a Jinja chat template file instead of the model's own (chat_template.jinja or "
+          "tokenizer_config.json's chat_template).");
 ABSL_FLAG(int64_t, max_tokens, 64, "Maximum number of tokens to generate.");
 ABSL_FLAG(double, temperature, 0.0, "Sampling temperature; 0 = greedy.");
 ABSL_FLAG(double, top_p, 1.0, "Nucleus sampling threshold in (0, 1]; 1 = off.");
@@ -40,12 +46,15 @@ int main(int argc, char** argv) {
       "      streams a completion computed in this process;\n"
       "  moe-cli generate --server HOST:PORT --prompt TEXT [same flags]\n"
       "      streams it from a running coordinator;\n"
+      "  moe-cli chat --model DIR --message TEXT [--system TEXT] [--chat-template FILE]\n"
+      "      [sampling flags] streams the reply to one message, through the model's chat\n"
+      "      template;\n"
       "  moe-cli status --server HOST:PORT\n"
       "      prints the workers, their experts and the tokens routed per layer and expert.\n"
       "Flag names take dashes or underscores (--max-tokens == --max_tokens).");
   const std::string command = args.size() == 1 ? args[0] : "";
   absl::Status status;
-  if (command == "generate") {
+  if (command == "generate" || command == "chat") {
     moe::CliGenerateOptions o;
     o.model_dir = absl::GetFlag(FLAGS_model);
     o.server = absl::GetFlag(FLAGS_server);
@@ -60,7 +69,14 @@ int main(int argc, char** argv) {
     o.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
     o.in_process_workers = absl::GetFlag(FLAGS_workers);
     o.quantize = absl::GetFlag(FLAGS_quantize).type;
-    status = moe::RunGenerate(o);
+    if (command == "chat") {
+      o.prompt = absl::GetFlag(FLAGS_message);
+      o.system = absl::GetFlag(FLAGS_system);
+      o.chat_template_file = absl::GetFlag(FLAGS_chat_template);
+      status = moe::RunChat(o);
+    } else {
+      status = moe::RunGenerate(o);
+    }
   } else if (command == "status") {
     status = moe::RunStatus(absl::GetFlag(FLAGS_server));
   } else {

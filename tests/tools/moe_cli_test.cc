@@ -5,8 +5,13 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 
+#include "absl/strings/str_cat.h"
+#include "common/chat_template.h"
+#include "common/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testutil/checkpoint_writer.h"
@@ -109,6 +114,42 @@ TEST(MoeCliTest, BadSamplingParameter) {
   Result r = RunCli(std::string("generate --model ") + kFixture + " --prompt hi --top-p 1.5");
   EXPECT_EQ(r.exit_code, 1);
   EXPECT_THAT(r.output, HasSubstr("top_p"));
+}
+
+// chat: the prompt is the chat template rendered for the message (with the generation prompt),
+// encoded without an added BOS — as many tokens as that gives, computed here independently.
+TEST(MoeCliTest, ChatRendersTheTemplate) {
+  const std::string chatml = "tests/testdata/chat_templates/chatml.jinja";
+  Result r = RunCli(std::string("chat --model ") + kFixture +
+                    " --system 'Be brief.' --message 'hello there' --chat-template " + chatml +
+                    " --max-tokens 4 --ignore-eos");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  auto tokenizer = Tokenizer::Load(kFixture);
+  ASSERT_TRUE(tokenizer.ok());
+  std::ifstream in(chatml);
+  auto chat = ChatTemplate::Parse(
+      std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>()));
+  ASSERT_TRUE(chat.ok());
+  auto rendered =
+      (*chat)->Render({{"system", "Be brief."}, {"user", "hello there"}}, true, "<s>", "</s>");
+  ASSERT_TRUE(rendered.ok());
+  const size_t prompt = (*tokenizer)->Encode(*rendered, /*add_bos=*/false).size();
+  EXPECT_THAT(r.output, HasSubstr(absl::StrCat("[", prompt, " prompt tokens, 4 generated")));
+  EXPECT_THAT(r.output, ::testing::Not(HasSubstr("hello there")));  // the reply only
+}
+
+TEST(MoeCliTest, ChatWithoutATemplateSaysHowToGiveOne) {
+  Result r = RunCli(std::string("chat --model ") + kFixture + " --message hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("no chat template"));
+  EXPECT_THAT(r.output, HasSubstr("--chat-template FILE"));
+  r = RunCli(std::string("chat --model ") + kFixture +
+             " --chat-template /nonexistent --message hi");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("cannot open --chat-template /nonexistent"));
+  r = RunCli(std::string("chat --model ") + kFixture);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_THAT(r.output, HasSubstr("--message"));
 }
 
 TEST(MoeCliTest, HelpListsTheFlags) {

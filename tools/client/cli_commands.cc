@@ -1,10 +1,16 @@
 #include "tools/client/cli_commands.h"
 
 #include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 
 #include "absl/strings/ascii.h"
+#include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/chat_template.h"
+#include "common/status_macros.h"
+#include "common/tokenizer.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
 #include "tools/client/inference_client.h"
@@ -35,6 +41,31 @@ class Timer {
   absl::Time first_ = absl::InfinitePast();
 };
 
+absl::StatusOr<std::vector<int32_t>> ChatPrompt(const CliGenerateOptions& o,
+                                                const Tokenizer& tokenizer) {
+  std::string source;
+  if (!o.chat_template_file.empty()) {
+    std::ifstream in(o.chat_template_file, std::ios::binary);
+    if (!in.is_open()) {
+      return absl::NotFoundError(
+          absl::StrCat("cannot open --chat-template ", o.chat_template_file));
+    }
+    source.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  } else {
+    MOE_ASSIGN_OR_RETURN(source, ChatTemplate::FindSource(o.model_dir));
+  }
+  MOE_ASSIGN_OR_RETURN(const auto chat, ChatTemplate::Parse(source));
+  std::vector<ChatMessage> messages;
+  if (!o.system.empty()) messages.push_back({"system", o.system});
+  messages.push_back({"user", o.prompt});
+  const std::string eos =
+      tokenizer.eos_ids().empty() ? std::string() : tokenizer.TokenText(tokenizer.eos_ids()[0]);
+  MOE_ASSIGN_OR_RETURN(const std::string rendered,
+                       chat->Render(messages, /*add_generation_prompt=*/true,
+                                    tokenizer.TokenText(tokenizer.bos_id()), eos));
+  return tokenizer.Encode(rendered, /*add_bos=*/false);
+}
+
 absl::Status RunLocal(const CliGenerateOptions& o) {
   LocalModelOptions options;
   options.model_dir = o.model_dir;
@@ -43,12 +74,16 @@ absl::Status RunLocal(const CliGenerateOptions& o) {
   auto model = LocalModel::Create(options);
   if (!model.ok()) return model.status();
   GenerationRequest request;
-  request.prompt = (*model)->tokenizer()->Encode(o.prompt);
+  if (o.chat) {
+    MOE_ASSIGN_OR_RETURN(request.prompt, ChatPrompt(o, *(*model)->tokenizer()));
+  } else {
+    request.prompt = (*model)->tokenizer()->Encode(o.prompt);
+  }
   request.params.max_tokens = o.max_tokens;
   request.params.sampling = o.sampling;
   request.params.stop = o.stop;
   request.params.ignore_eos = o.ignore_eos;
-  std::cout << o.prompt << std::flush;
+  if (!o.chat) std::cout << o.prompt << std::flush;
   Timer timer;
   auto outputs = Generate((*model)->engine(), (*model)->tokenizer(), {&request, 1},
                           [&](size_t, int32_t, std::string_view delta) {
@@ -94,6 +129,19 @@ absl::Status RunGenerate(const CliGenerateOptions& options) {
     return absl::InvalidArgumentError("give --model DIR (local) or --server HOST:PORT (remote)");
   }
   return RunLocal(options);
+}
+
+absl::Status RunChat(const CliGenerateOptions& options) {
+  if (!options.server.empty()) {
+    return absl::UnimplementedError(
+        "moe-cli chat --server needs the coordinator's chat API, which is not there yet; run the "
+        "model in this process with --model DIR");
+  }
+  if (options.model_dir.empty()) return absl::InvalidArgumentError("chat needs --model DIR");
+  if (options.prompt.empty()) return absl::InvalidArgumentError("chat needs --message TEXT");
+  CliGenerateOptions o = options;
+  o.chat = true;
+  return RunLocal(o);
 }
 
 absl::Status RunStatus(const std::string& server) {

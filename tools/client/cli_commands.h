@@ -4,6 +4,7 @@
 #define MOE_TOOLS_CLIENT_CLI_COMMANDS_H_
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -23,10 +24,17 @@ struct CliGenerateOptions {
   bool ignore_eos = false;
   int64_t in_process_workers = 1;
   std::optional<DType> quantize;  // local: quantize-on-load
+  // `moe-cli chat`: the prompt is the model's chat template rendered for [system,] user
+  // message (with the generation prompt), encoded without adding BOS (the template has it).
+  bool chat = false;
+  std::string system;
+  std::string chat_template_file;  // overrides the model's template
 };
 
 // Streams the prompt and the completion to stdout, a summary line to stderr.
 absl::Status RunGenerate(const CliGenerateOptions& options);
+// `moe-cli chat --model`: one user message (options.prompt), the reply streamed.
+absl::Status RunChat(const CliGenerateOptions& options);
 
 // Prints workers, placement and the expert-load table of a coordinator.
 absl::Status RunStatus(const std::string& server);
