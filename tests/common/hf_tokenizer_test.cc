@@ -9,11 +9,13 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <string>
 #include <vector>
 
 #include "common/chat_template.h"
 #include "common/tokenizer.h"
+#include "common/utf8.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -124,6 +126,32 @@ TEST(ChatTemplateSourceTest, MissingTemplateIsNotFoundWithAHint) {
   const auto source = ChatTemplate::FindSource(Dir("sp_added_tokens").string() + "/nonexistent");
   EXPECT_EQ(source.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(source.status().message(), HasSubstr("--chat-template"));
+}
+
+// Untrusted input: random bytes (invalid UTF-8 included) encode without a crash to ids in the
+// vocabulary; random ids (out of range included) decode to valid UTF-8.
+TEST_P(HfTokenizerCasesTest, RandomBytesAndIdsAreSafe) {
+  std::mt19937 rng(42);
+  for (int round = 0; round < 200; ++round) {
+    std::string text(rng() % 64, '\0');
+    for (char& c : text) {
+      c = static_cast<char>(round % 2 == 0 ? rng() % 256 : " a\n<|>\xC3\xA9\xF0\x9F"[rng() % 12]);
+    }
+    for (const int32_t id : tokenizer_->Encode(text, true)) {
+      ASSERT_GE(id, 0);
+      ASSERT_LT(id, tokenizer_->vocab_size());
+    }
+    std::vector<int32_t> ids(rng() % 32);
+    for (int32_t& id : ids) id = static_cast<int32_t>(rng() % (tokenizer_->vocab_size() + 8)) - 4;
+    for (const bool skip : {true, false}) {
+      const std::string decoded = tokenizer_->Decode(ids, skip);
+      for (size_t p = 0; p < decoded.size();) {
+        const int length = Utf8CharLength(std::string_view(decoded).substr(p));
+        ASSERT_GT(length, 0) << "invalid UTF-8 at " << p;
+        p += length;
+      }
+    }
+  }
 }
 
 TEST_P(HfTokenizerCasesTest, AddedTokensAreInTheIdSpace) {
