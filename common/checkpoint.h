@@ -34,8 +34,9 @@ class Checkpoint {
 
   // Maps and validates the tensors `options` asks for (see ModelWeights).
   absl::StatusOr<std::unique_ptr<ModelWeights>> LoadWeights(const WeightsOptions& options) const;
-  // The tokenizer: tokenizer.model (+ config files) of a directory, or the vocabulary in a GGUF
-  // file's metadata (Tokenizer::FromGguf).
+  // The tokenizer: tokenizer.json, else tokenizer.model (+ added_tokens.json and the config
+  // files) of a directory (Tokenizer::Load), or the vocabulary in a GGUF file's metadata
+  // (Tokenizer::FromGguf).
   absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer() const;
 
  private:
