@@ -12,6 +12,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -1206,13 +1207,8 @@ class Renderer {
     return s;
   }
   static std::string ReplaceAll(std::string s, const std::string& from, const std::string& to) {
-    if (from.empty()) return s;
-    std::string out;
-    size_t pos = 0;
-    for (size_t hit; (hit = s.find(from, pos)) != std::string::npos; pos = hit + from.size()) {
-      out.append(s, pos, hit - pos).append(to);
-    }
-    return out.append(s, pos, std::string::npos);
+    if (!from.empty()) absl::StrReplaceAll({{from, to}}, &s);
+    return s;
   }
 
   absl::StatusOr<Value> Call(const Expr& e) {

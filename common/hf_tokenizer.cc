@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
 #include "common/status_macros.h"
 #include "common/utf8.h"
 #include "nlohmann/json.hpp"
@@ -18,6 +19,9 @@ namespace moe {
 namespace {
 
 using json = nlohmann::json;
+
+// Debian's Abseil has its own string_view.
+absl::string_view View(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 enum class Prepend { kAlways, kFirst, kNever };
 
@@ -236,15 +240,7 @@ std::string Utf8Lossy(std::string_view bytes) {
 }
 
 void ReplaceAll(std::string* s, std::string_view from, std::string_view to) {
-  if (from.empty()) return;
-  std::string out;
-  size_t pos = 0;
-  for (size_t hit; (hit = s->find(from, pos)) != std::string::npos; pos = hit + from.size()) {
-    out.append(*s, pos, hit - pos);
-    out.append(to);
-  }
-  out.append(*s, pos, std::string::npos);
-  *s = std::move(out);
+  if (!from.empty()) absl::StrReplaceAll({{View(from), View(to)}}, s);
 }
 
 // transformers' PreTrainedTokenizerBase.clean_up_tokenization.
@@ -264,9 +260,6 @@ std::string CleanUpTokenization(std::string text) {
   }
   return text;
 }
-
-// Debian's Abseil has its own string_view.
-absl::string_view View(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 std::string Dump(const json& value) {
   return value.dump(/*indent=*/-1, ' ', /*ensure_ascii=*/false, json::error_handler_t::replace);
