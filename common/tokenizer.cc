@@ -177,10 +177,10 @@ absl::StatusOr<std::string> ConfigTokenString(const std::optional<json>& config,
       absl::StrCat(path.string(), ": ", key, ": expected a token string, got ", Dump(*it)));
 }
 
-// tokenizer_config.json's "legacy"; true when absent or null, as in transformers.
-absl::StatusOr<bool> ReadLegacy(const std::filesystem::path& dir) {
-  const std::filesystem::path path = dir / "tokenizer_config.json";
-  MOE_ASSIGN_OR_RETURN(const std::optional<json> config, ReadJson(path));
+// tokenizer_config.json's (`config`, read from `path`) "legacy"; true when absent or null, as in
+// transformers.
+absl::StatusOr<bool> ReadLegacy(const std::optional<json>& config,
+                                const std::filesystem::path& path) {
   if (!config) return true;
   const auto it = config->find("legacy");
   if (it == config->end() || it->is_null()) return true;
@@ -229,6 +229,17 @@ absl::Status Tokenizer::InitHf(const std::string& model_dir) {
   MOE_ASSIGN_OR_RETURN(SpecialIds special_ids,
                        ReadSpecialIds(dir, hf_->vocab_size(), ids[0], ids[1],
                                       /*bos_required=*/false));
+  // A token before the first one takes the decoders' start-of-text stripping (Strip, the
+  // Metaspace decoder) when a detokenizer continues text: the first normal token that decodes
+  // to text by itself.
+  for (int32_t id = 0; id < hf_->vocab_size() && continuation_sentinel_ < 0; ++id) {
+    if (hf_->IsSpecial(id) || PieceByte(hf_->IdToToken(id)) >= 0) continue;
+    const int32_t one[1] = {id};
+    const std::string text = hf_->Decode(one);
+    if (!text.empty() && text.find(kReplacementChar) == std::string::npos) {
+      continuation_sentinel_ = id;
+    }
+  }
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
   return absl::OkStatus();
@@ -276,7 +287,7 @@ absl::Status Tokenizer::Init(const std::string& model_dir) {
                        ReadSpecialIds(dir, vocab, sp_->bos_id(), model_eos));
   bos_id_ = special_ids.bos;
   eos_ids_ = std::move(special_ids.eos);
-  MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(dir));
+  MOE_ASSIGN_OR_RETURN(legacy_, ReadLegacy(config, config_path));
   return FinishInit(model_path.string());
 }
 
@@ -603,20 +614,10 @@ void Tokenizer::DecodeFlush(DecodeState* state, std::string* out) const {
 IncrementalDetokenizer::IncrementalDetokenizer(const Tokenizer* tokenizer, bool continuation)
     : tokenizer_(tokenizer) {
   if (tokenizer_->hf_ != nullptr) {
-    if (continuation) {
-      // A token before the first one takes the decoders' start-of-text stripping (Strip, the
-      // Metaspace decoder): the first normal token that decodes to text by itself.
-      const HfTokenizer& hf = *tokenizer_->hf_;
-      for (int32_t id = 0; id < hf.vocab_size(); ++id) {
-        if (hf.IsSpecial(id) || PieceByte(hf.IdToToken(id)) >= 0) continue;
-        const int32_t one[1] = {id};
-        const std::string text = hf.Decode(one);
-        if (!text.empty() && text.find(kReplacementChar) == std::string::npos) {
-          ids_ = {id};
-          read_ = 1;
-          break;
-        }
-      }
+    if (continuation && tokenizer_->continuation_sentinel_ >= 0) {
+      ids_ = {tokenizer_->continuation_sentinel_};
+      read_ = 1;
+      window_text_ = tokenizer_->Decode(ids_);
     }
     return;
   }
@@ -633,14 +634,20 @@ std::string IncrementalDetokenizer::Add(int32_t id) {
   if (tokenizer_->hf_ != nullptr) {
     ids_.push_back(id);
     const std::span<const int32_t> all(ids_);
-    const std::string before = tokenizer_->Decode(all.subspan(prefix_, read_ - prefix_));
     const std::string now = tokenizer_->Decode(all.subspan(prefix_));
-    if (now.size() > before.size() && now.compare(0, before.size(), before) == 0 &&
+    if (now.size() > window_text_.size() &&
+        now.compare(0, window_text_.size(), window_text_) == 0 &&
         !now.ends_with(kReplacementChar)) {
-      delta = now.substr(before.size());
+      delta = now.substr(window_text_.size());
       // The released tokens become the window's start, unless they decode to nothing (skipped
       // special tokens): a window's first text loses the decoders' start-of-text space.
-      if (!tokenizer_->Decode(all.subspan(read_)).empty()) prefix_ = read_;
+      std::string released = tokenizer_->Decode(all.subspan(read_));
+      if (released.empty()) {
+        window_text_ = now;
+      } else {
+        prefix_ = read_;
+        window_text_ = std::move(released);
+      }
       read_ = ids_.size();
       // Keep the window small: what lies before prefix_ is never decoded again.
       ids_.erase(ids_.begin(), ids_.begin() + static_cast<std::ptrdiff_t>(prefix_));
@@ -656,14 +663,14 @@ std::string IncrementalDetokenizer::Add(int32_t id) {
 std::string IncrementalDetokenizer::Finish() {
   std::string delta;
   if (tokenizer_->hf_ != nullptr) {
-    const std::span<const int32_t> all(ids_);
-    const std::string before = tokenizer_->Decode(all.subspan(prefix_, read_ - prefix_));
-    const std::string now = tokenizer_->Decode(all.subspan(prefix_));
-    if (now.size() > before.size() && now.compare(0, before.size(), before) == 0) {
-      delta = now.substr(before.size());
+    const std::string now = tokenizer_->Decode(std::span<const int32_t>(ids_).subspan(prefix_));
+    if (now.size() > window_text_.size() &&
+        now.compare(0, window_text_.size(), window_text_) == 0) {
+      delta = now.substr(window_text_.size());
     }
     ids_.clear();
     prefix_ = read_ = 0;
+    window_text_.clear();
     return delta;
   }
   tokenizer_->DecodeFlush(&state_, &delta);

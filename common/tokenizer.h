@@ -123,7 +123,8 @@ class Tokenizer {
     int32_t id = 0;
     bool special = true;
   };
-  std::vector<AddedToken> added_;  // tokenizer.model + added_tokens.json: ids after the pieces
+  std::vector<AddedToken> added_;       // tokenizer.model + added_tokens.json: ids after the pieces
+  int32_t continuation_sentinel_ = -1;  // tokenizer.json: see IncrementalDetokenizer
 
   // Constant after Load(). Exactly one of sp_ and hf_ is set.
   std::unique_ptr<SentencePieceModel> sp_;
@@ -166,10 +167,12 @@ class IncrementalDetokenizer {
  private:
   const Tokenizer* tokenizer_;
   Tokenizer::DecodeState state_;
-  // tokenizer.json: the ids since prefix_, decoded [prefix_, read_) already released.
+  // tokenizer.json: the ids since prefix_, decoded [prefix_, read_) already released as
+  // window_text_.
   std::vector<int32_t> ids_;
   size_t prefix_ = 0;
   size_t read_ = 0;
+  std::string window_text_;
 };
 
 }  // namespace moe
