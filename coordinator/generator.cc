@@ -1,12 +1,59 @@
 #include "coordinator/generator.h"
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
 #include "coordinator/scheduler.h"
 
 namespace moe {
+
+void ComputeLogprobs(std::span<const float> logits, int32_t token, int32_t top_n,
+                     TokenLogprobs* out) {
+  auto value = [](float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; };
+  float max = -std::numeric_limits<float>::infinity();
+  for (float x : logits) max = std::max(max, value(x));
+  double sum = 0.0;
+  if (std::isfinite(max)) {
+    for (float x : logits) sum += std::exp(static_cast<double>(value(x) - max));
+  }
+  // Every logit -inf (or some +inf): no finite distribution; report -inf / 0 consistently.
+  const float log_sum = std::isfinite(max) ? max + static_cast<float>(std::log(sum)) : max;
+  auto logprob = [&](int32_t id) {
+    const float x = value(logits[id]);
+    if (!std::isfinite(log_sum))
+      return x == log_sum ? 0.0f : -std::numeric_limits<float>::infinity();
+    return x - log_sum;
+  };
+  out->token = token;
+  out->logprob = logprob(token);
+  out->top.clear();
+  if (top_n <= 0) return;
+  // A min-heap of the best top_n (logit desc, id asc as the order).
+  auto better = [&](int32_t a, int32_t b) {
+    const float va = value(logits[a]), vb = value(logits[b]);
+    return va > vb || (va == vb && a < b);
+  };
+  std::vector<int32_t> heap;
+  heap.reserve(top_n + 1);
+  const int32_t vocab = static_cast<int32_t>(logits.size());
+  for (int32_t id = 0; id < vocab; ++id) {
+    if (static_cast<int32_t>(heap.size()) < top_n) {
+      heap.push_back(id);
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (better(id, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = id;
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  std::sort(heap.begin(), heap.end(), better);
+  out->top.reserve(heap.size());
+  for (int32_t id : heap) out->top.push_back({id, logprob(id)});
+}
 
 std::string_view FinishReasonName(FinishReason reason) {
   switch (reason) {
@@ -38,8 +85,18 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& request,
                      "max_position_embeddings = ", config.max_position_embeddings, ")"));
   }
   const GenerationParams& p = request.params;
-  if (p.max_tokens < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", p.max_tokens));
+  for (const auto& [name, value] : {std::pair<const char*, int32_t>{"logprobs", p.logprobs},
+                                    {"prompt_logprobs", p.prompt_logprobs}}) {
+    if (value < -1 || value > kMaxTopLogprobs) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be in [0, ", kMaxTopLogprobs, "] (or unset), got ", value));
+    }
+  }
+  const int64_t min_tokens = p.prompt_logprobs >= 0 ? 0 : 1;
+  if (p.max_tokens < min_tokens) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "max_tokens must be >= ", min_tokens,
+        min_tokens == 0 ? "" : " (0 only when scoring the prompt)", ", got ", p.max_tokens));
   }
   if (prompt + p.max_tokens > config.max_position_embeddings) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -95,6 +152,7 @@ SequenceDecoder::SequenceDecoder(const GenerationRequest* request, const Tokeniz
                                  int32_t vocab_size)
     : request_(request),
       tokenizer_(tokenizer),
+      vocab_size_(vocab_size),
       sampler_(request->params.sampling, vocab_size),
       detokenizer_(tokenizer, /*continuation=*/true),
       stop_(request->params.stop) {
@@ -105,12 +163,36 @@ SequenceDecoder::SequenceDecoder(const GenerationRequest* request, const Tokeniz
 }
 
 std::span<const int32_t> SequenceDecoder::NextInput() const {
-  if (output_.tokens.empty()) return request_->prompt;
+  if (!prefilled_) return request_->prompt;
   return {&history_.back(), 1};
 }
 
+float* SequenceDecoder::Prefilled(float* prompt_rows) {
+  prefilled_ = true;
+  const size_t n = request_->prompt.size();
+  if (!wants_prompt_logits()) return prompt_rows;
+  output_.prompt_logprobs.resize(n - 1);
+  for (size_t i = 0; i + 1 < n; ++i) {
+    ComputeLogprobs({prompt_rows + i * vocab_size_, static_cast<size_t>(vocab_size_)},
+                    request_->prompt[i + 1], request_->params.prompt_logprobs,
+                    &output_.prompt_logprobs[i]);
+  }
+  if (request_->params.max_tokens == 0) output_.finish = FinishReason::kLength;
+  return prompt_rows + (n - 1) * vocab_size_;
+}
+
 std::string SequenceDecoder::Advance(float* logits) {
-  const int32_t token = sampler_.Sample(logits, history_);
+  if (request_->params.logprobs >= 0) {
+    // Before sampling, which overwrites the logits; for the sampled token, so filled after.
+    output_.logprobs.emplace_back();
+  }
+  const int32_t token = [&] {
+    if (request_->params.logprobs < 0) return sampler_.Sample(logits, history_);
+    scratch_.assign(logits, logits + vocab_size_);
+    const int32_t t = sampler_.Sample(logits, history_);
+    ComputeLogprobs(scratch_, t, request_->params.logprobs, &output_.logprobs.back());
+    return t;
+  }();
   history_.push_back(token);
   output_.tokens.push_back(token);
   std::string delta = Detokenize(token);
@@ -151,8 +233,8 @@ class CollectingSink : public GenerationSink {
                  absl::Status* first_error)
       : index_(index), on_token_(on_token), output_(output), first_error_(first_error) {}
 
-  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
-                const TokenRoutes*) override {
+  void OnTokens(std::span<const int32_t> tokens, std::string_view text, const TokenRoutes*,
+                std::span<const TokenLogprobs>) override {
     if (!*on_token_) return;
     // The text belongs with the last token.
     for (size_t i = 0; i < tokens.size(); ++i) {

@@ -22,13 +22,43 @@ namespace moe {
 enum class FinishReason { kNone, kLength, kStop, kEos };
 std::string_view FinishReasonName(FinishReason reason);  // "length", "stop", "eos"
 
+// The most alternatives a request may ask for per position (OpenAI's and vLLM's limit).
+inline constexpr int32_t kMaxTopLogprobs = 20;
+
 struct GenerationParams {
   SamplingParams sampling;
-  int64_t max_tokens = 128;       // >= 1; prompt + max_tokens must fit max_position_embeddings
+  // >= 1, or 0 to only score the prompt (prompt_logprobs >= 0); prompt + max_tokens must fit
+  // max_position_embeddings.
+  int64_t max_tokens = 128;
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
   bool ignore_eos = false;        // keep going past EOS (benchmarks, fixtures)
   bool trace_routing = false;     // report each token's expert routing (TokenRoutes)
+  // Log-probabilities (see TokenLogprobs) of each generated token, with this many most likely
+  // alternatives: -1 none, else 0..kMaxTopLogprobs.
+  int32_t logprobs = -1;
+  // The same for every prompt token but the first. The prompt is then prefilled with logits at
+  // every position (one forward pass, no per-token recompute).
+  int32_t prompt_logprobs = -1;
 };
+
+// One position's log-probabilities: log_softmax of the model's logits (f32, before repetition
+// penalty, temperature, top-k and top-p: the model's own distribution, as vLLM reports by
+// default), for the token at that position and the `top` most likely tokens (descending, ties
+// by lower id).
+struct TopLogprob {
+  int32_t token = 0;
+  float logprob = 0.0f;
+};
+struct TokenLogprobs {
+  int32_t token = 0;
+  float logprob = 0.0f;
+  std::vector<TopLogprob> top;
+};
+
+// Fills *out for `token` from one row of logits (NaN counts as -inf) with the `top_n` most
+// likely alternatives. Exact log_softmax in f32 with the sum in double.
+void ComputeLogprobs(std::span<const float> logits, int32_t token, int32_t top_n,
+                     TokenLogprobs* out);
 
 struct GenerationRequest {
   std::vector<int32_t> prompt;  // token ids, BOS included if wanted
@@ -39,6 +69,8 @@ struct GenerationOutput {
   std::vector<int32_t> tokens;  // generated ids (EOS included when it ended the sequence)
   std::string text;             // detokenized, stop string excluded
   FinishReason finish = FinishReason::kNone;
+  std::vector<TokenLogprobs> logprobs;         // per generated token, with params.logprobs >= 0
+  std::vector<TokenLogprobs> prompt_logprobs;  // prompt tokens 1.. with params.prompt_logprobs >= 0
 };
 
 // The experts that produced generated tokens: for token t, layer l and choice j < top_k, expert
@@ -51,8 +83,9 @@ struct TokenRoutes {
   std::vector<float> weights;    // [tokens, layers, top_k]
 };
 
-// OK or INVALID_ARGUMENT naming the parameter (empty prompt, max_tokens < 1 or past the
-// context, bad sampling settings, empty stop string).
+// OK or INVALID_ARGUMENT naming the parameter (empty prompt, max_tokens < 1 (0 without
+// prompt_logprobs) or past the context, bad sampling settings, empty stop string, logprobs or
+// prompt_logprobs outside -1..kMaxTopLogprobs).
 absl::Status ValidateGenerationRequest(const GenerationRequest& request, const ModelConfig& config);
 
 // Holds back streamed text that could be the start of a stop string, and cuts the text at the
@@ -90,6 +123,15 @@ class SequenceDecoder {
   // The tokens the engine must append next: the whole prompt before the first Advance(), then
   // the last generated token. Valid until the next Advance().
   std::span<const int32_t> NextInput() const;
+  // True until the prompt's logits arrived (Prefilled()).
+  bool prefilling() const { return !prefilled_; }
+  // With prompt_logprobs >= 0 the prefill needs logits at every prompt position.
+  bool wants_prompt_logits() const { return request_->params.prompt_logprobs >= 0; }
+  // After the prefill step: `prompt_rows` holds the logits of every prompt position when
+  // wants_prompt_logits() (prompt size rows of vocab_size), else only the last. Scores the
+  // prompt if asked; with max_tokens = 0 the sequence then finishes (kLength, no tokens) and
+  // Advance() must not be called. Returns the logits row for Advance().
+  float* Prefilled(float* prompt_rows);
   // Samples the next token from `logits` (vocab_size floats, overwritten), appends it and
   // returns the text that became final (may be empty). Once finished() the returned text
   // includes everything held back. REQUIRES: !finished().
@@ -106,10 +148,13 @@ class SequenceDecoder {
 
   const GenerationRequest* request_;
   const Tokenizer* tokenizer_;
+  const int32_t vocab_size_;
+  bool prefilled_ = false;
   Sampler sampler_;
   IncrementalDetokenizer detokenizer_;
   StopMatcher stop_;
   std::vector<int32_t> history_;  // prompt + generated
+  std::vector<float> scratch_;    // the logits row before sampling, for logprobs
   GenerationOutput output_;
 };
 

@@ -1,8 +1,11 @@
 #include "coordinator/inference_service.h"
 
-#include <deque>
+#include <span>
+#include <utility>
+#include <vector>
 
 #include "common/rpc/rpc_util.h"
+#include "coordinator/request_batch.h"
 
 namespace moe {
 
@@ -24,77 +27,55 @@ pb::FinishReason ToProto(FinishReason reason) {
   return pb::FINISH_REASON_UNSPECIFIED;
 }
 
-// Buffers a request's output between the scheduler thread and the gRPC handler thread.
-class StreamSink : public GenerationSink {
- public:
-  explicit StreamSink(std::string request_id) : request_id_(std::move(request_id)) {}
-
-  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
-                const TokenRoutes* routes) override {
-    pb::GenerateResponse response;
-    pb::TokenDelta* delta = response.mutable_delta();
-    delta->set_text(std::string(text));
-    delta->mutable_token_ids()->Assign(tokens.begin(), tokens.end());
-    if (routes != nullptr) AppendRoutes(*routes, tokens, delta);
-    absl::MutexLock lock(&mu_);
-    queue_.push_back(std::move(response));
+void ToProto(const TokenLogprobs& in, pb::TokenLogprob* out) {
+  out->set_token_id(in.token);
+  out->set_logprob(in.logprob);
+  for (const TopLogprob& t : in.top) {
+    pb::TopLogprob* top = out->add_top();
+    top->set_token_id(t.token);
+    top->set_logprob(t.logprob);
   }
+}
 
-  void OnFinished(const absl::Status& status, const GenerationOutput& output) override {
-    absl::MutexLock lock(&mu_);
-    status_ = status;
-    if (status.ok()) {
-      pb::GenerateResponse response;
-      pb::Final* final = response.mutable_final();
-      final->set_request_id(request_id_);
-      final->set_finish_reason(ToProto(output.finish));
-      final->set_text(output.text);
-      final->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(output.tokens.size()));
-      queue_.push_back(std::move(response));
-    }
-    finished_ = true;
-  }
-
-  // Waits up to `timeout` for output; moves it into `out`. Returns true once finished and
-  // drained.
-  bool Take(absl::Duration timeout, std::deque<pb::GenerateResponse>* out) {
-    absl::MutexLock lock(&mu_);
-    auto ready = [this]()
-                     ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !queue_.empty() || finished_; };
-    mu_.AwaitWithTimeout(absl::Condition(&ready), timeout);
-    out->swap(queue_);
-    queue_.clear();
-    return finished_;
-  }
-  absl::Status status() {
-    absl::MutexLock lock(&mu_);
-    return status_;
-  }
-
- private:
-  static void AppendRoutes(const TokenRoutes& routes, std::span<const int32_t> tokens,
-                           pb::TokenDelta* delta) {
-    const int64_t per_token = routes.layers * routes.top_k;
-    for (size_t t = 0; t < tokens.size(); ++t) {
-      pb::TokenRoute* route = delta->add_routing();
-      route->set_token_id(tokens[t]);
-      for (int64_t l = 0; l < routes.layers; ++l) {
-        pb::LayerRoute* layer = route->add_layers();
-        for (int64_t k = 0; k < routes.top_k; ++k) {
-          const size_t i = t * per_token + l * routes.top_k + k;
-          layer->add_experts(routes.experts[i]);
-          layer->add_weights(routes.weights[i]);
-        }
+void AppendRoutes(const TokenRoutes& routes, std::span<const int32_t> tokens,
+                  pb::TokenDelta* delta) {
+  const int64_t per_token = routes.layers * routes.top_k;
+  for (size_t t = 0; t < tokens.size(); ++t) {
+    pb::TokenRoute* route = delta->add_routing();
+    route->set_token_id(tokens[t]);
+    for (int64_t l = 0; l < routes.layers; ++l) {
+      pb::LayerRoute* layer = route->add_layers();
+      for (int64_t k = 0; k < routes.top_k; ++k) {
+        const size_t i = t * per_token + l * routes.top_k + k;
+        layer->add_experts(routes.experts[i]);
+        layer->add_weights(routes.weights[i]);
       }
     }
   }
+}
 
-  const std::string request_id_;
-  absl::Mutex mu_;
-  std::deque<pb::GenerateResponse> queue_ ABSL_GUARDED_BY(mu_);
-  bool finished_ ABSL_GUARDED_BY(mu_) = false;
-  absl::Status status_ ABSL_GUARDED_BY(mu_);
-};
+// One event of the request as the client sees it.
+pb::GenerateResponse ToProto(const RequestBatch::Event& e, const std::string& request_id,
+                             size_t prompt_tokens) {
+  pb::GenerateResponse response;
+  if (!e.finished) {
+    pb::TokenDelta* delta = response.mutable_delta();
+    delta->set_text(e.text);
+    delta->mutable_token_ids()->Assign(e.tokens.begin(), e.tokens.end());
+    if (e.routes) AppendRoutes(*e.routes, e.tokens, delta);
+    for (const TokenLogprobs& l : e.logprobs) ToProto(l, delta->add_logprobs());
+    return response;
+  }
+  const GenerationOutput& output = e.output;
+  pb::Final* final = response.mutable_final();
+  final->set_request_id(request_id);
+  final->set_finish_reason(ToProto(output.finish));
+  final->set_text(output.text);
+  final->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(prompt_tokens));
+  final->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(output.tokens.size()));
+  for (const TokenLogprobs& l : output.prompt_logprobs) ToProto(l, final->add_prompt_logprobs());
+  return response;
+}
 
 }  // namespace
 
@@ -116,6 +97,8 @@ GenerationRequest FromProto(const pb::GenerateRequest& r, const Tokenizer& token
   out.params.stop.assign(r.stop().begin(), r.stop().end());
   out.params.ignore_eos = r.ignore_eos();
   out.params.trace_routing = r.trace_routing();
+  if (r.has_logprobs()) out.params.logprobs = r.logprobs();
+  if (r.has_prompt_logprobs()) out.params.prompt_logprobs = r.prompt_logprobs();
   return out;
 }
 
@@ -128,26 +111,28 @@ grpc::Status InferenceService::Generate(grpc::ServerContext* context,
   };
   GenerationRequest converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
   const size_t prompt_tokens = converted.prompt.size();
-  StreamSink sink(request->request_id());
-  auto id = deps_.scheduler->Submit(std::move(converted), &sink);
-  if (!id.ok()) return rejected(id.status());
-  std::deque<pb::GenerateResponse> batch;
+  RequestBatch batch(deps_.scheduler);
+  std::vector<GenerationRequest> one;
+  one.push_back(std::move(converted));
+  if (absl::Status s = batch.Submit(std::move(one)); !s.ok()) return rejected(s);
+  std::vector<RequestBatch::Event> events;
+  absl::Status status;
   bool cancelled = false;
   // Poll for client cancellation between outputs: the sync API has no cancel callback.
   for (bool finished = false; !finished;) {
-    finished = sink.Take(absl::Milliseconds(50), &batch);
-    for (pb::GenerateResponse& response : batch) {
-      if (response.has_final()) {
-        response.mutable_final()->mutable_usage()->set_prompt_tokens(
-            static_cast<uint32_t>(prompt_tokens));
+    finished = batch.Take(absl::Milliseconds(50), &events);
+    for (const RequestBatch::Event& e : events) {
+      if (e.finished) status = e.status;
+      if (e.finished && !e.status.ok()) break;
+      if (!cancelled && !writer->Write(ToProto(e, request->request_id(), prompt_tokens))) {
+        cancelled = true;
       }
-      if (!cancelled && !writer->Write(response)) cancelled = true;
     }
-    batch.clear();
+    events.clear();
     if (!cancelled && context->IsCancelled()) cancelled = true;
-    if (cancelled) deps_.scheduler->Cancel(*id);  // idempotent; OnFinished still arrives
+    if (cancelled) batch.CancelAll();  // idempotent; the end still arrives
   }
-  return ToGrpcStatus(sink.status());
+  return ToGrpcStatus(status);
 }
 
 grpc::Status InferenceService::Tokenize(grpc::ServerContext*, const pb::TokenizeRequest* request,

@@ -243,11 +243,12 @@ size_t Scheduler::BuildBatch() {
   for (size_t i = 0; i < running_.size(); ++i) {
     Sequence& s = *running_[i];
     const std::span<const int32_t> tokens = s.decoder.NextInput();
-    if (s.decoder.output().tokens.empty()) {
+    const bool prefill = s.decoder.prefilling();
+    if (prefill) {
       first_prefill = std::min(first_prefill, i);
       step_prompt_tokens_ += static_cast<int64_t>(tokens.size());
     }
-    inputs_.push_back({&s.state, tokens, /*all_logits=*/false});
+    inputs_.push_back({&s.state, tokens, prefill && s.decoder.wants_prompt_logits()});
     rows += static_cast<int64_t>(tokens.size());
     if (s.request.params.trace_routing) {
       s.trace_row = rows - 1;
@@ -266,20 +267,31 @@ void Scheduler::Emit() {
   const Clock::time_point now = Clock::now();
   ttft_.clear();
   itl_.clear();
+  int64_t generated = 0;
+  size_t row = 0;  // the first logits row of running_[j]
   for (size_t j = 0; j < running_.size(); ++j) {
     Sequence& s = *running_[j];
-    if (s.decoder.output().tokens.empty()) {
+    float* logits = &logits_[row * vocab];
+    row += inputs_[j].all_logits ? inputs_[j].tokens.size() : 1;
+    if (s.decoder.prefilling()) {
+      logits = s.decoder.Prefilled(logits);
+      if (s.decoder.finished()) continue;  // scoring only (max_tokens = 0)
       ttft_.push_back(SecondsBetween(s.arrival, now));
     } else {
       itl_.push_back(SecondsBetween(s.last_token, now));
     }
     s.last_token = now;
-    const std::string text = s.decoder.Advance(&logits_[j * vocab]);
-    const int32_t token = s.decoder.output().tokens.back();
-    s.sink->OnTokens({&token, 1}, text, s.request.params.trace_routing ? &s.routes : nullptr);
+    ++generated;
+    const std::string text = s.decoder.Advance(logits);
+    const GenerationOutput& out = s.decoder.output();
+    const int32_t token = out.tokens.back();
+    s.sink->OnTokens({&token, 1}, text, s.request.params.trace_routing ? &s.routes : nullptr,
+                     out.logprobs.empty()
+                         ? std::span<const TokenLogprobs>()
+                         : std::span<const TokenLogprobs>(&out.logprobs.back(), 1));
   }
   if (observer_ != nullptr) {
-    observer_->OnStep({step_prompt_tokens_, static_cast<int64_t>(running_.size()), ttft_, itl_});
+    observer_->OnStep({step_prompt_tokens_, generated, ttft_, itl_});
   }
   std::vector<SequencePtr> finished;  // allocates only when a sequence finished
   Extract(&running_, &finished, [](const Sequence& s) { return s.decoder.finished(); });

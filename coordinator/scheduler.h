@@ -43,9 +43,10 @@ class GenerationSink {
   virtual ~GenerationSink() = default;
   // New tokens (one per step) and the text that became final (may be empty). `routes`: when the
   // request asked for trace_routing, the routing of the rows that produced `tokens` (valid
-  // during the call only); else nullptr.
+  // during the call only); else nullptr. `logprobs`: one per token when the request asked for
+  // logprobs, else empty. A scoring-only request (max_tokens = 0) gets no OnTokens.
   virtual void OnTokens(std::span<const int32_t> tokens, std::string_view text,
-                        const TokenRoutes* routes) = 0;
+                        const TokenRoutes* routes, std::span<const TokenLogprobs> logprobs) = 0;
   // Exactly once per accepted request, last: OK with the output (finish reason, all tokens,
   // text), or the error: CANCELLED after Cancel(); the engine's error for a failed step (e.g.
   // UNAVAILABLE naming the expert worker, RESOURCE_EXHAUSTED when the KV cache ran out);

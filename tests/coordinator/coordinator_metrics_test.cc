@@ -123,7 +123,8 @@ using testing::FailingTransport;
 
 class NullSink : public GenerationSink {
  public:
-  void OnTokens(std::span<const int32_t>, std::string_view, const TokenRoutes*) override {}
+  void OnTokens(std::span<const int32_t>, std::string_view, const TokenRoutes*,
+                std::span<const TokenLogprobs>) override {}
   void OnFinished(const absl::Status& status, const GenerationOutput& output) override {
     this->status = status;
     tokens = static_cast<int64_t>(output.tokens.size());

@@ -1,6 +1,7 @@
 // Golden tests: the engine against transformers. Each fixture under tests/testdata/models/ was
 // written by tools/fixtures/gen_models.py together with the logits and greedy tokens that
 // transformers computed in float32 from the same stored weights.
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -83,6 +84,75 @@ TEST_P(GoldenTest, BatchedSequencesEqualSolo) {
   }
   EXPECT_EQ(std::vector<int32_t>((*batched)[0].tokens),
             std::vector<int32_t>(expected_.greedy.begin(), expected_.greedy.begin() + 8));
+}
+
+// log_softmax of a reference logits row, in double.
+std::vector<double> ReferenceLogSoftmax(const float* row, int64_t n) {
+  const double max = *std::max_element(row, row + n);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(row[i] - max);
+  std::vector<double> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = row[i] - max - std::log(sum);
+  return out;
+}
+
+// Our logprobs vs transformers' logits (bound: twice the logits tolerance), the top-N ids vs
+// the reference's order where the reference is not within the tolerance of a tie.
+void ExpectLogprobsNear(const TokenLogprobs& got, const float* ref_row, int64_t vocab,
+                        int32_t token, size_t top_n, const std::string& what) {
+  const std::vector<double> ref = ReferenceLogSoftmax(ref_row, vocab);
+  float max_ref = 0;
+  for (int64_t i = 0; i < vocab; ++i) max_ref = std::max(max_ref, std::fabs(ref_row[i]));
+  const double tol = 2e-3 * max_ref;
+  EXPECT_EQ(got.token, token) << what;
+  EXPECT_NEAR(got.logprob, ref[token], tol) << what;
+  ASSERT_EQ(got.top.size(), top_n) << what;
+  std::vector<int32_t> order(vocab);
+  for (int32_t i = 0; i < vocab; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int32_t a, int32_t b) { return ref[a] > ref[b]; });
+  for (size_t k = 0; k < top_n; ++k) {
+    EXPECT_NEAR(got.top[k].logprob, ref[order[k]], tol) << what << " top " << k;
+    if (k + 1 < top_n && ref[order[k]] - ref[order[k + 1]] > 2 * tol &&
+        (k == 0 || ref[order[k - 1]] - ref[order[k]] > 2 * tol)) {
+      EXPECT_EQ(got.top[k].token, order[k]) << what << " top " << k;
+    }
+  }
+}
+
+TEST_P(GoldenTest, PromptAndTokenLogprobsMatchTransformers) {
+  const int64_t vocab = model_->config().vocab_size;
+  GenerationRequest r;
+  r.prompt = expected_.prompt;
+  r.params.max_tokens = static_cast<int64_t>(expected_.greedy.size());
+  r.params.ignore_eos = true;
+  r.params.logprobs = 3;
+  r.params.prompt_logprobs = 5;
+  auto out = Generate(model_->engine(), model_->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  const GenerationOutput& o = (*out)[0];
+  EXPECT_EQ(o.tokens, expected_.greedy);  // all_logits at prefill changes nothing
+  ASSERT_EQ(o.prompt_logprobs.size(), expected_.prompt.size() - 1);
+  for (size_t i = 0; i + 1 < expected_.prompt.size(); ++i) {
+    ExpectLogprobsNear(o.prompt_logprobs[i], &expected_.logits[i * vocab], vocab,
+                       expected_.prompt[i + 1], 5, "prompt position " + std::to_string(i + 1));
+  }
+  ASSERT_EQ(o.logprobs.size(), expected_.greedy.size());
+  for (size_t i = 0; i < expected_.greedy.size(); ++i) {
+    ExpectLogprobsNear(o.logprobs[i], &expected_.decode_logits[i * vocab], vocab,
+                       expected_.greedy[i], 3, "generated token " + std::to_string(i));
+  }
+  // Scoring only: the same prompt logprobs, no token.
+  r.params.max_tokens = 0;
+  auto scored = Generate(model_->engine(), model_->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(scored.ok()) << scored.status();
+  EXPECT_TRUE((*scored)[0].tokens.empty());
+  EXPECT_EQ((*scored)[0].finish, FinishReason::kLength);
+  ASSERT_EQ((*scored)[0].prompt_logprobs.size(), o.prompt_logprobs.size());
+  for (size_t i = 0; i < o.prompt_logprobs.size(); ++i) {
+    EXPECT_EQ((*scored)[0].prompt_logprobs[i].logprob, o.prompt_logprobs[i].logprob) << i;
+  }
+  EXPECT_EQ(model_->engine()->kv_cache().used_blocks(), 0);
 }
 
 std::vector<Case> Cases() {

@@ -1,5 +1,6 @@
 #include "coordinator/generator.h"
 
+#include <cmath>
 #include <filesystem>
 
 #include "coordinator/local_model.h"
@@ -14,6 +15,27 @@ namespace {
 using ::testing::HasSubstr;
 
 constexpr char kFixture[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
+
+TEST(ComputeLogprobsTest, ExactLogSoftmaxAndTopInOrderWithTiesByLowerId) {
+  const std::vector<float> logits = {1.0f, 3.0f, NAN, 3.0f, -INFINITY, 0.5f};
+  TokenLogprobs out;
+  ComputeLogprobs(logits, 5, 4, &out);
+  const double z = std::log(std::exp(1.0) + 2 * std::exp(3.0) + std::exp(0.5));
+  EXPECT_EQ(out.token, 5);
+  EXPECT_NEAR(out.logprob, 0.5 - z, 1e-6);
+  ASSERT_EQ(out.top.size(), 4u);
+  const int32_t ids[] = {1, 3, 0, 5};
+  for (int k = 0; k < 4; ++k) EXPECT_EQ(out.top[k].token, ids[k]) << k;
+  EXPECT_NEAR(out.top[0].logprob, 3.0 - z, 1e-6);
+  EXPECT_EQ(out.top[0].logprob, out.top[1].logprob);
+  // NaN and -inf logits have probability 0; more alternatives than the vocabulary: all.
+  ComputeLogprobs(logits, 2, 20, &out);
+  EXPECT_EQ(out.logprob, -INFINITY);
+  ASSERT_EQ(out.top.size(), logits.size());
+  EXPECT_EQ(out.top[5].logprob, -INFINITY);
+  ComputeLogprobs(logits, 1, 0, &out);
+  EXPECT_TRUE(out.top.empty());
+}
 
 TEST(StopMatcherTest, HoldsBackPossibleStartAndCutsAtStop) {
   StopMatcher m({"END", "xyz"});
@@ -166,6 +188,13 @@ TEST_F(GeneratorTest, InvalidRequestsNameTheParameter) {
       {[](GenerationRequest* r) { r->params.sampling.temperature = -1; }, "temperature"},
       {[](GenerationRequest* r) { r->params.sampling.top_p = 0; }, "top_p"},
       {[](GenerationRequest* r) { r->params.stop = {""}; }, "stop strings"},
+      {[](GenerationRequest* r) { r->params.logprobs = kMaxTopLogprobs + 1; }, "logprobs must be"},
+      {[](GenerationRequest* r) { r->params.prompt_logprobs = -2; }, "prompt_logprobs must be"},
+      {[](GenerationRequest* r) {
+         r->params.max_tokens = -1;
+         r->params.prompt_logprobs = 0;
+       },
+       "max_tokens must be >= 0"},
   };
   for (const Bad& b : cases) {
     GenerationRequest r = Request("x", 4);

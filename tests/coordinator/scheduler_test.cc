@@ -28,12 +28,13 @@ class RecordingSink : public GenerationSink {
  public:
   explicit RecordingSink(absl::BlockingCounter* all_done = nullptr) : all_done_(all_done) {}
 
-  void OnTokens(std::span<const int32_t> tokens, std::string_view text,
-                const TokenRoutes* routes) override {
+  void OnTokens(std::span<const int32_t> tokens, std::string_view text, const TokenRoutes* routes,
+                std::span<const TokenLogprobs> logprobs) override {
     size_t count;
     {
       absl::MutexLock lock(&mu_);
       tokens_.insert(tokens_.end(), tokens.begin(), tokens.end());
+      logprobs_.insert(logprobs_.end(), logprobs.begin(), logprobs.end());
       streamed_ += text;
       if (routes != nullptr) routes_.push_back(*routes);
       count = tokens_.size();
@@ -73,6 +74,10 @@ class RecordingSink : public GenerationSink {
     absl::MutexLock lock(&mu_);
     return routes_;
   }
+  std::vector<TokenLogprobs> logprobs() const {
+    absl::MutexLock lock(&mu_);
+    return logprobs_;
+  }
 
   std::function<void(size_t tokens_so_far)> on_tokens;
 
@@ -82,6 +87,7 @@ class RecordingSink : public GenerationSink {
   std::vector<int32_t> tokens_ ABSL_GUARDED_BY(mu_);
   std::string streamed_ ABSL_GUARDED_BY(mu_);
   std::vector<TokenRoutes> routes_ ABSL_GUARDED_BY(mu_);
+  std::vector<TokenLogprobs> logprobs_ ABSL_GUARDED_BY(mu_);
   absl::Status status_ ABSL_GUARDED_BY(mu_);
   GenerationOutput output_ ABSL_GUARDED_BY(mu_);
   int finished_ ABSL_GUARDED_BY(mu_) = 0;
@@ -204,6 +210,47 @@ TEST_F(SchedulerTest, RequestsJoinAndLeaveTheBatchAndGetTheirSoloTokens) {
   EXPECT_EQ(stats.waiting, 0);
   EXPECT_EQ(stats.kv_used_blocks, 0);
   EXPECT_EQ(stats.kv_total_blocks, engine_->kv_cache().num_blocks());
+}
+
+TEST_F(SchedulerTest, LogprobsStreamWithTheirTokensAndScoringAloneSamplesNothing) {
+  // A scoring-only request (max_tokens = 0, all prompt logits) batched with a generating one
+  // that streams logprobs: rows of both are laid out right and the generator gets its solo
+  // tokens.
+  GenerationRequest gen = Request("We hold these truths", 6);
+  gen.params.logprobs = 2;
+  GenerationRequest score = Request("Four score and seven years ago", 0);
+  score.params.max_tokens = 0;
+  score.params.prompt_logprobs = 1;
+  const Solo solo = RunSolo(gen);
+  const Solo scored = RunSolo(score);
+  Scheduler scheduler(engine_, tokenizer(), {});
+  RecordingSink gen_sink, score_sink;
+  ASSERT_TRUE(scheduler.Submit(score, &score_sink).ok());
+  ASSERT_TRUE(scheduler.Submit(gen, &gen_sink).ok());
+  RunUntilIdle(&scheduler);
+  ExpectSameAsSolo(gen_sink, solo, "generating request");
+  const std::vector<TokenLogprobs> streamed = gen_sink.logprobs();
+  ASSERT_EQ(streamed.size(), solo.output.tokens.size());
+  ASSERT_EQ(gen_sink.output().logprobs.size(), streamed.size());
+  for (size_t i = 0; i < streamed.size(); ++i) {
+    EXPECT_EQ(streamed[i].token, solo.output.tokens[i]) << i;
+    EXPECT_EQ(streamed[i].logprob, gen_sink.output().logprobs[i].logprob) << i;
+    EXPECT_NEAR(streamed[i].logprob, solo.output.logprobs[i].logprob, 1e-4) << i;
+    ASSERT_EQ(streamed[i].top.size(), 2u);
+    EXPECT_EQ(streamed[i].top[0].token, streamed[i].token) << "greedy picks the most likely";
+    EXPECT_LE(streamed[i].logprob, 0.0f);
+  }
+  ASSERT_TRUE(score_sink.status().ok()) << score_sink.status();
+  EXPECT_TRUE(score_sink.tokens().empty());
+  EXPECT_EQ(score_sink.output().finish, FinishReason::kLength);
+  ASSERT_EQ(score_sink.output().prompt_logprobs.size(), score.prompt.size() - 1);
+  for (size_t i = 0; i + 1 < score.prompt.size(); ++i) {
+    EXPECT_EQ(score_sink.output().prompt_logprobs[i].token, score.prompt[i + 1]);
+    EXPECT_NEAR(score_sink.output().prompt_logprobs[i].logprob,
+                scored.output.prompt_logprobs[i].logprob, 1e-4)
+        << i;
+  }
+  EXPECT_EQ(scheduler.stats().kv_used_blocks, 0);
 }
 
 TEST_F(SchedulerTest, RequestSubmittedMidDecodeJoinsAndEqualsSolo) {

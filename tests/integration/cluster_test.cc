@@ -130,6 +130,53 @@ TEST(ClusterGgufTest, TextPromptThroughCoordinatorAndWorkersEqualsTransformers) 
   }
 }
 
+// --- Logprobs through the cluster: per token (streamed) and the prompt's, as in-process. ---
+
+TEST(ClusterLogprobsTest, StreamedAndPromptLogprobsEqualInProcess) {
+  const std::string dir = "tests/testdata/models/mixtral_32e_gqa_fp16";
+  const testing::GoldenExpected expected = Expected(dir);
+  auto cluster = Cluster::Start(dir, ContiguousRanges(32, 2));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  pb::GenerateRequest request = IdsRequest(expected.prompt, 5);
+  request.set_logprobs(2);
+  request.set_prompt_logprobs(3);
+  std::vector<pb::TokenLogprob> streamed;
+  auto result = (*cluster)->client().Generate(request, [&](const pb::TokenDelta& d) {
+    EXPECT_EQ(d.logprobs_size(), d.token_ids_size());
+    streamed.insert(streamed.end(), d.logprobs().begin(), d.logprobs().end());
+  });
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+
+  LocalModelOptions options;
+  options.model_dir = dir;
+  options.in_process_workers = 2;  // the same placement: bit-identical logits
+  auto local = LocalModel::Create(options);
+  ASSERT_TRUE(local.ok()) << local.status();
+  GenerationRequest r;
+  r.prompt = expected.prompt;
+  r.params.max_tokens = 5;
+  r.params.ignore_eos = true;
+  r.params.logprobs = 2;
+  r.params.prompt_logprobs = 3;
+  auto out = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  const GenerationOutput& o = (*out)[0];
+  ASSERT_EQ(streamed.size(), o.logprobs.size());
+  for (size_t i = 0; i < streamed.size(); ++i) {
+    EXPECT_EQ(streamed[i].token_id(), o.tokens[i]);
+    EXPECT_EQ(streamed[i].logprob(), o.logprobs[i].logprob) << i;
+    ASSERT_EQ(streamed[i].top_size(), 2);
+    EXPECT_EQ(streamed[i].top(1).token_id(), o.logprobs[i].top[1].token);
+  }
+  ASSERT_EQ(result->final.prompt_logprobs_size(), static_cast<int>(expected.prompt.size()) - 1);
+  for (size_t i = 0; i + 1 < expected.prompt.size(); ++i) {
+    const pb::TokenLogprob& p = result->final.prompt_logprobs(static_cast<int>(i));
+    EXPECT_EQ(p.token_id(), expected.prompt[i + 1]);
+    EXPECT_EQ(p.logprob(), o.prompt_logprobs[i].logprob) << i;
+    EXPECT_EQ(p.top_size(), 3);
+  }
+}
+
 // --- Logits over gRPC equal the in-process transport's bit for bit (same placement). ---
 
 // `model`: a fixture directory or a GGUF file; `expected`: its golden prompt and tokens.
