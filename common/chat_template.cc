@@ -1424,6 +1424,23 @@ class Renderer {
 
 }  // namespace
 
+absl::StatusOr<std::string> ChatTemplate::ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in.is_open()) return absl::NotFoundError(absl::StrCat("cannot open chat template ", path));
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+absl::StatusOr<std::vector<int32_t>> ChatTemplate::Encode(const std::vector<ChatMessage>& messages,
+                                                          bool add_generation_prompt,
+                                                          const Tokenizer& tokenizer) const {
+  const std::string eos =
+      tokenizer.eos_ids().empty() ? std::string() : tokenizer.TokenText(tokenizer.eos_ids()[0]);
+  absl::StatusOr<std::string> rendered =
+      Render(messages, add_generation_prompt, tokenizer.TokenText(tokenizer.bos_id()), eos);
+  if (!rendered.ok()) return rendered.status();
+  return tokenizer.Encode(*rendered, /*add_bos=*/false);
+}
+
 absl::StatusOr<std::string> ChatTemplate::FindSource(const std::string& model_dir) {
   const std::filesystem::path dir(model_dir);
   std::error_code error;

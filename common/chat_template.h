@@ -19,12 +19,14 @@
 #ifndef MOE_COMMON_CHAT_TEMPLATE_H_
 #define MOE_COMMON_CHAT_TEMPLATE_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/tokenizer.h"
 
 namespace moe {
 
@@ -41,6 +43,8 @@ class ChatTemplate {
   // tokenizer_config.json's "chat_template" (a string, or a list of {"name", "template"} of which
   // "default" is taken). NOT_FOUND naming the directory when it has none.
   static absl::StatusOr<std::string> FindSource(const std::string& model_dir);
+  // The text of a template file (--chat-template FILE). NOT_FOUND naming it when unreadable.
+  static absl::StatusOr<std::string> ReadFile(const std::string& path);
 
   // Parses `source`. INVALID_ARGUMENT with the position for a syntax error.
   static absl::StatusOr<std::unique_ptr<ChatTemplate>> Parse(std::string_view source);
@@ -50,6 +54,13 @@ class ChatTemplate {
   absl::StatusOr<std::string> Render(const std::vector<ChatMessage>& messages,
                                      bool add_generation_prompt, const std::string& bos_token,
                                      const std::string& eos_token) const;
+
+  // Render() with the tokenizer's BOS and first EOS token texts, encoded without adding BOS
+  // (the template writes it when the model wants it), as transformers' apply_chat_template(
+  // tokenize=True) does.
+  absl::StatusOr<std::vector<int32_t>> Encode(const std::vector<ChatMessage>& messages,
+                                              bool add_generation_prompt,
+                                              const Tokenizer& tokenizer) const;
 
   struct Node;
 

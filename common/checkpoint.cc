@@ -6,6 +6,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/chat_template.h"
 #include "common/fingerprint.h"
 #include "common/gguf_model.h"
 #include "common/status_macros.h"
@@ -80,6 +81,17 @@ absl::StatusOr<std::unique_ptr<ModelWeights>> Checkpoint::LoadWeights(
 absl::StatusOr<std::unique_ptr<Tokenizer>> Checkpoint::LoadTokenizer() const {
   if (gguf_ != nullptr) return Tokenizer::FromGguf(*gguf_);
   return Tokenizer::Load(path_);
+}
+
+absl::StatusOr<std::string> Checkpoint::ChatTemplateSource() const {
+  if (gguf_ == nullptr) return ChatTemplate::FindSource(path_);
+  absl::StatusOr<std::string> source = gguf_->GetString("tokenizer.chat_template");
+  if (absl::IsNotFound(source.status())) {
+    return absl::NotFoundError(absl::StrCat(
+        path_,
+        " has no chat template (no tokenizer.chat_template); give one with --chat-template"));
+  }
+  return source;
 }
 
 }  // namespace moe

@@ -38,6 +38,9 @@ class Checkpoint {
   // files) of a directory (Tokenizer::Load), or the vocabulary in a GGUF file's metadata
   // (Tokenizer::FromGguf).
   absl::StatusOr<std::unique_ptr<Tokenizer>> LoadTokenizer() const;
+  // The chat template's source: the directory's (ChatTemplate::FindSource) or the GGUF file's
+  // tokenizer.chat_template. NOT_FOUND saying so when the model has none.
+  absl::StatusOr<std::string> ChatTemplateSource() const;
 
  private:
   Checkpoint() = default;

@@ -19,6 +19,9 @@ absl::StatusOr<std::unique_ptr<CoordinatorServer>> CoordinatorServer::Create(
   if (!options.metrics_listen.empty()) {
     MOE_RETURN_IF_ERROR(ValidateListenAddress(options.metrics_listen, "metrics-listen"));
   }
+  if (!options.http_listen.empty()) {
+    MOE_RETURN_IF_ERROR(ValidateListenAddress(options.http_listen, "http-listen"));
+  }
   MOE_RETURN_IF_ERROR(ValidateSchedulerOptions(options.scheduler));
   std::unique_ptr<CoordinatorServer> server(new CoordinatorServer());
   MOE_RETURN_IF_ERROR(server->Start(options));
@@ -109,15 +112,64 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
     set_health(true);
   }
   scheduler_->Start();
+  if (!options.http_listen.empty()) MOE_RETURN_IF_ERROR(StartHttp(options));
   LOG(INFO) << "coordinator serving " << options.model_dir << " on " << address_ << " with "
             << (options.workers.empty() ? std::string("in-process experts")
                                         : absl::StrCat(options.workers.size(), " expert workers"));
   return absl::OkStatus();
 }
 
+absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
+  OpenAiApiDeps deps;
+  deps.scheduler = scheduler_.get();
+  deps.tokenizer = model_->tokenizer();
+  deps.config = &model_->config();
+  deps.model_name = options.served_model_name;
+  if (deps.model_name.empty()) {
+    std::string path = options.model_dir;
+    while (path.size() > 1 && path.back() == '/') path.pop_back();
+    deps.model_name = path.substr(path.rfind('/') + 1);
+  }
+  deps.max_sequences_per_request = std::max<int64_t>(options.scheduler.max_waiting, 1);
+  absl::StatusOr<std::string> source = options.chat_template_file.empty()
+                                           ? model_->checkpoint().ChatTemplateSource()
+                                           : ChatTemplate::ReadFile(options.chat_template_file);
+  if (source.ok()) {
+    absl::StatusOr<std::unique_ptr<ChatTemplate>> parsed = ChatTemplate::Parse(*source);
+    if (parsed.ok()) {
+      chat_template_ = std::move(*parsed);
+      deps.chat_template = chat_template_.get();
+      deps.chat_template_source = *source;
+    } else if (!options.chat_template_file.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--chat-template ", options.chat_template_file,
+                                                     ": ", parsed.status().message()));
+    } else {
+      LOG(WARNING) << "the model's chat template does not parse (" << parsed.status().message()
+                   << "); /v1/chat/completions is off (give one with --chat-template)";
+    }
+  } else if (!options.chat_template_file.empty() || !absl::IsNotFound(source.status())) {
+    return source.status();
+  } else {
+    LOG(INFO) << "the model has no chat template; /v1/chat/completions is off";
+  }
+  GrpcTransport* transport = grpc_transport_;
+  if (transport != nullptr) deps.healthy = [transport] { return transport->AllExpertsServed(); };
+  if (metrics_ != nullptr) {
+    CoordinatorMetrics* metrics = metrics_.get();
+    deps.on_rejected = [metrics]() { metrics->OnRejected(); };
+  }
+  openai_ = std::make_unique<OpenAiApi>(std::move(deps));
+  OpenAiApi* api = openai_.get();
+  MOE_ASSIGN_OR_RETURN(http_server_,
+                       HttpServer::Start(options.http_listen, options.http,
+                                         [api](const HttpRequest& r) { return api->Handle(r); }));
+  return absl::OkStatus();
+}
+
 void CoordinatorServer::Shutdown() {
   if (server_ == nullptr || shut_down_) return;
   shut_down_ = true;
+  http_server_.reset();  // cancels its requests: the scheduler is still running
   if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
   server_->GetHealthCheckService()->Shutdown();
   // The scheduler keeps running while the server drains: calls still open at the deadline are

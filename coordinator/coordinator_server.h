@@ -14,8 +14,10 @@
 #include "common/metrics/metrics.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/expert_load.h"
+#include "coordinator/http_server.h"
 #include "coordinator/inference_service.h"
 #include "coordinator/local_model.h"
+#include "coordinator/openai_api.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/transport/grpc_transport.h"
 #include "grpcpp/grpcpp.h"
@@ -31,6 +33,11 @@ struct CoordinatorOptions {
   std::optional<DType> quantize;  // quantize-on-load of the coordinator's (and in-process) weights
   std::string listen = "127.0.0.1:50051";  // port 0 picks a free port
   std::string metrics_listen;              // Prometheus /metrics HOST:PORT; empty: none
+  // The OpenAI-compatible HTTP API (openai_api.h) on HOST:PORT; empty: none.
+  std::string http_listen;
+  HttpServerOptions http;
+  std::string served_model_name;   // the API's model name; empty: the model path's basename
+  std::string chat_template_file;  // overrides the model's chat template
   absl::Duration worker_connect_timeout = absl::Seconds(60);
   absl::Duration step_timeout = absl::Seconds(10);
   SchedulerOptions scheduler;
@@ -49,15 +56,18 @@ class CoordinatorServer {
   const std::string& address() const { return address_; }
   // Where /metrics is served (HOST:PORT), empty without metrics_listen.
   std::string metrics_address() const { return metrics_server_ ? metrics_server_->address() : ""; }
+  // Where the OpenAI-compatible API is served (HOST:PORT), empty without http_listen.
+  std::string http_address() const { return http_server_ ? http_server_->address() : ""; }
   const LocalModel& model() const { return *model_; }
-  // Stops accepting calls, lets in-flight calls drain (5 s), then fails what is left and stops
-  // the scheduler. Idempotent.
+  // Stops accepting calls, lets in-flight calls drain (5 s; HTTP requests are cancelled), then
+  // fails what is left and stops the scheduler. Idempotent.
   void Shutdown();
   void Wait();
 
  private:
   CoordinatorServer() = default;
   absl::Status Start(const CoordinatorOptions& options);
+  absl::Status StartHttp(const CoordinatorOptions& options);
 
   std::unique_ptr<LocalModel> model_;
   GrpcTransport* grpc_transport_ = nullptr;  // owned by model_; null when in-process
@@ -66,6 +76,9 @@ class CoordinatorServer {
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<ChatTemplate> chat_template_;
+  std::unique_ptr<OpenAiApi> openai_;
+  std::unique_ptr<HttpServer> http_server_;        // after openai_: its handlers call it
   std::unique_ptr<MetricsServer> metrics_server_;  // last: scrapes read everything above
   std::string address_;
   bool shut_down_ = false;

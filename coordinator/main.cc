@@ -1,6 +1,8 @@
 // moe-coordinator: serves the public Inference API for a model whose experts live in expert
 // workers (or in this process). Prints "READY HOST:PORT" on stdout once serving, preceded by
-// "METRICS HOST:PORT" with --metrics-listen.
+// "HTTP HOST:PORT" with --http-listen and "METRICS HOST:PORT" with --metrics-listen.
+#include <sys/resource.h>
+
 #include <cstdio>
 #include <iostream>
 #include <string>
@@ -28,6 +30,20 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50051", "HOST:PORT to serve on (port 0
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9400; "
           "port 0: any free port). Empty: no metrics endpoint.");
+ABSL_FLAG(std::string, http_listen, "",
+          "HOST:PORT for the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+          "/v1/models, /tokenize, /detokenize, /tokenizer_info, /health; port 0: any free port). "
+          "Empty: no HTTP API.");
+ABSL_FLAG(std::string, served_model_name, "",
+          "The model name the HTTP API answers to (requests' \"model\"). Default: the last "
+          "component of --model.");
+ABSL_FLAG(std::string, chat_template, "",
+          "A Jinja2 chat template file for /v1/chat/completions, instead of the model's own "
+          "(chat_template.jinja, tokenizer_config.json or the GGUF tokenizer.chat_template).");
+ABSL_FLAG(int64_t, http_max_body_bytes, 8 << 20, "Largest HTTP request body; bigger ones get 413.");
+ABSL_FLAG(int64_t, http_threads, 64,
+          "HTTP requests handled at once (each waits for its generation); more are queued, and "
+          "past 4x this answered 503.");
 ABSL_FLAG(int64_t, max_running, 16, "Sequences decoded together (continuous batching).");
 ABSL_FLAG(int64_t, max_waiting, 64, "Queued requests beyond this get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_step_tokens, 512, "Token budget per engine step (decode + prefill).");
@@ -39,15 +55,30 @@ ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(10),
 ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
           "How long to wait at start for every worker to answer.");
 
+namespace {
+
+// Raises the soft limit on open descriptors to the hard one.
+void RaiseFileLimit() {
+  rlimit limit{};
+  if (getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+  }
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   moe::BlockTerminationSignals();
   moe::InitMain(
       argc, argv, __FILE__,
       "moe-coordinator --model DIR --workers HOST:PORT[,HOST:PORT...] [--listen HOST:PORT]\n"
       "Serves moecluster.v1.Inference; experts run in the workers (or in-process without "
-      "--workers). Prometheus metrics with --metrics-listen. Flag names take dashes or "
+      "--workers). OpenAI-compatible HTTP API with --http-listen. Prometheus metrics with "
+      "--metrics-listen. Flag names take dashes or "
       "underscores.");
 
+  RaiseFileLimit();  // every HTTP connection is a descriptor
   moe::CoordinatorOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.workers = absl::GetFlag(FLAGS_workers);
@@ -55,6 +86,19 @@ int main(int argc, char** argv) {
   options.quantize = absl::GetFlag(FLAGS_quantize).type;
   options.listen = absl::GetFlag(FLAGS_listen);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.http_listen = absl::GetFlag(FLAGS_http_listen);
+  options.served_model_name = absl::GetFlag(FLAGS_served_model_name);
+  options.chat_template_file = absl::GetFlag(FLAGS_chat_template);
+  if (absl::GetFlag(FLAGS_http_max_body_bytes) < 1 || absl::GetFlag(FLAGS_http_threads) < 1 ||
+      absl::GetFlag(FLAGS_http_threads) > 4096) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --http-max-body-bytes must be >= 1 and --http-threads "
+                 "in [1, 4096]\n");
+    return 1;
+  }
+  options.http.max_body_bytes = static_cast<size_t>(absl::GetFlag(FLAGS_http_max_body_bytes));
+  options.http.handler_threads = static_cast<int>(absl::GetFlag(FLAGS_http_threads));
+  options.http.max_queued = 4 * static_cast<size_t>(options.http.handler_threads);
   options.scheduler.max_running = absl::GetFlag(FLAGS_max_running);
   options.scheduler.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   options.scheduler.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
@@ -70,6 +114,9 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe-coordinator: error: %s\n",
                  std::string(server.status().message()).c_str());
     return 1;
+  }
+  if (!(*server)->http_address().empty()) {
+    std::cout << "HTTP " << (*server)->http_address() << std::endl;
   }
   if (!(*server)->metrics_address().empty()) {
     std::cout << "METRICS " << (*server)->metrics_address() << std::endl;
