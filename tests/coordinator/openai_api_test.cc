@@ -1,0 +1,411 @@
+// The OpenAI-compatible API over real HTTP (HttpServer on loopback) on a scheduler running a
+// committed fixture model: log-probabilities against transformers' logits, the response shapes,
+// streaming, and the refusals (each with its status and OpenAI's error shape).
+#include "coordinator/openai_api.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_split.h"
+#include "common/chat_template.h"
+#include "coordinator/http_server.h"
+#include "coordinator/local_model.h"
+#include "coordinator/scheduler.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testutil/golden_fixture.h"
+#include "tests/testutil/http.h"
+
+namespace moe {
+namespace {
+
+using json = nlohmann::json;
+using ::moe::testing::HttpExchange;
+using ::moe::testing::HttpPost;
+using ::moe::testing::ParseHttpReply;
+using ::testing::HasSubstr;
+
+constexpr char kModel[] = "tests/testdata/models/mixtral_32e_gqa_fp16";
+
+std::vector<double> LogSoftmax(const float* row, int64_t n) {
+  double max = row[0];
+  for (int64_t i = 1; i < n; ++i) max = std::max<double>(max, row[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += std::exp(row[i] - max);
+  std::vector<double> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = row[i] - max - std::log(sum);
+  return out;
+}
+
+class OpenAiApiTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    LocalModelOptions options;
+    options.model_dir = kModel;
+    options.in_process_workers = 2;
+    auto model = LocalModel::Create(options);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = model->release();
+    auto expected = testing::LoadExpected(kModel);
+    ASSERT_TRUE(expected.ok()) << expected.status();
+    expected_ = new testing::GoldenExpected(std::move(*expected));
+    auto source = ChatTemplate::ReadFile("tests/testdata/chat_templates/chatml.jinja");
+    ASSERT_TRUE(source.ok()) << source.status();
+    auto chat = ChatTemplate::Parse(*source);
+    ASSERT_TRUE(chat.ok()) << chat.status();
+    chat_ = chat->release();
+    SchedulerOptions s;
+    s.max_waiting = 8;
+    scheduler_ = new Scheduler(model_->engine(), model_->tokenizer(), s);
+    scheduler_->Start();
+    OpenAiApiDeps deps;
+    deps.scheduler = scheduler_;
+    deps.tokenizer = model_->tokenizer();
+    deps.config = &model_->config();
+    deps.model_name = "fixture";
+    deps.chat_template = chat_;
+    deps.chat_template_source = *source;
+    deps.max_sequences_per_request = 8;
+    api_ = new OpenAiApi(deps);
+    HttpServerOptions http;
+    http.max_body_bytes = 1 << 20;
+    http.handler_threads = 4;
+    auto server = HttpServer::Start("127.0.0.1:0", http,
+                                    [](const HttpRequest& r) { return api_->Handle(r); });
+    ASSERT_TRUE(server.ok()) << server.status();
+    server_ = server->release();
+  }
+  static void TearDownTestSuite() {
+    delete server_;
+    delete api_;
+    delete scheduler_;
+    delete chat_;
+    delete expected_;
+    delete model_;
+  }
+
+  static testing::HttpReply Post(const std::string& path, const std::string& body) {
+    return ParseHttpReply(HttpPost(server_->address(), path, body));
+  }
+  static json PostJson(const std::string& path, const json& body, int want_status = 200) {
+    const testing::HttpReply r = Post(path, body.dump());
+    EXPECT_EQ(r.status, want_status) << path << " " << body.dump() << " -> " << r.body;
+    return json::parse(r.body, nullptr, false);
+  }
+  // The `data:` events of an SSE body, [DONE] last.
+  static std::vector<std::string> Events(const std::string& body) {
+    std::vector<std::string> out;
+    for (absl::string_view line : absl::StrSplit(body, "\n\n", absl::SkipEmpty())) {
+      EXPECT_TRUE(absl::StartsWith(line, "data: ")) << line;
+      out.emplace_back(line.substr(6));
+    }
+    return out;
+  }
+
+  static LocalModel* model_;
+  static testing::GoldenExpected* expected_;
+  static ChatTemplate* chat_;
+  static Scheduler* scheduler_;
+  static OpenAiApi* api_;
+  static HttpServer* server_;
+};
+
+LocalModel* OpenAiApiTest::model_ = nullptr;
+testing::GoldenExpected* OpenAiApiTest::expected_ = nullptr;
+ChatTemplate* OpenAiApiTest::chat_ = nullptr;
+Scheduler* OpenAiApiTest::scheduler_ = nullptr;
+OpenAiApi* OpenAiApiTest::api_ = nullptr;
+HttpServer* OpenAiApiTest::server_ = nullptr;
+
+TEST_F(OpenAiApiTest, EchoLogprobsOfThePromptMatchTransformers) {
+  const int64_t vocab = model_->config().vocab_size;
+  const std::vector<int32_t>& prompt = expected_->prompt;
+  const json r = PostJson("/v1/completions", {{"model", "fixture"},
+                                              {"prompt", prompt},
+                                              {"max_tokens", 0},
+                                              {"echo", true},
+                                              {"logprobs", 3}});
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  const json& lp = r["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["token_logprobs"].size(), prompt.size());
+  ASSERT_EQ(lp["tokens"].size(), prompt.size());
+  ASSERT_EQ(lp["text_offset"].size(), prompt.size());
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  std::string joined;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    EXPECT_EQ(lp["text_offset"][i].get<size_t>(), joined.size()) << i;  // ASCII fixture text
+    joined += lp["tokens"][i].get<std::string>();
+  }
+  EXPECT_EQ(r["choices"][0]["text"], joined);
+  EXPECT_EQ(joined, model_->tokenizer()->Decode(prompt));
+  for (size_t i = 1; i < prompt.size(); ++i) {
+    const std::vector<double> ref = LogSoftmax(&expected_->logits[(i - 1) * vocab], vocab);
+    EXPECT_NEAR(lp["token_logprobs"][i].get<double>(), ref[prompt[i]], 1e-3) << i;
+    const json& top = lp["top_logprobs"][i];
+    ASSERT_TRUE(top.is_object());
+    EXPECT_GE(top.size(), 1u);
+    EXPECT_LE(top.size(), 3u);
+    double best = -1e9;
+    for (auto it = top.begin(); it != top.end(); ++it) best = std::max(best, it->get<double>());
+    EXPECT_NEAR(best, *std::max_element(ref.begin(), ref.end()), 1e-3) << i;
+  }
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(r["usage"]["prompt_tokens"], prompt.size());
+  EXPECT_EQ(r["usage"]["completion_tokens"], 0);
+}
+
+TEST_F(OpenAiApiTest, GreedyCompletionIsTransformersGreedyAndStreamsTheSameText) {
+  const std::vector<int32_t>& greedy = expected_->greedy;
+  const int64_t vocab = model_->config().vocab_size;
+  const json body = {{"prompt", expected_->prompt},
+                     {"max_tokens", greedy.size()},
+                     {"temperature", 0},
+                     {"ignore_eos", true},
+                     {"logprobs", 1}};
+  const json r = PostJson("/v1/completions", body);
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  EXPECT_EQ(r["object"], "text_completion");
+  EXPECT_THAT(r["id"].get<std::string>(), ::testing::StartsWith("cmpl-"));
+  const json& choice = r["choices"][0];
+  IncrementalDetokenizer detok(model_->tokenizer(), /*continuation=*/true);
+  std::string want;
+  for (int32_t t : greedy) want += detok.Add(t);
+  want += detok.Finish();
+  EXPECT_EQ(choice["text"], want);
+  EXPECT_EQ(choice["finish_reason"], "length");
+  EXPECT_EQ(r["usage"]["completion_tokens"], greedy.size());
+  ASSERT_EQ(choice["logprobs"]["token_logprobs"].size(), greedy.size());
+  for (size_t i = 0; i < greedy.size(); ++i) {
+    const std::vector<double> ref = LogSoftmax(&expected_->decode_logits[i * vocab], vocab);
+    EXPECT_NEAR(choice["logprobs"]["token_logprobs"][i].get<double>(), ref[greedy[i]], 1e-3);
+  }
+
+  json streamed = body;
+  streamed["stream"] = true;
+  streamed["stream_options"] = {{"include_usage", true}};
+  const testing::HttpReply s = Post("/v1/completions", streamed.dump());
+  ASSERT_EQ(s.status, 200) << s.body;
+  EXPECT_THAT(s.headers, HasSubstr("text/event-stream"));
+  EXPECT_TRUE(s.complete_chunks);
+  const std::vector<std::string> events = Events(s.body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  std::string finish;
+  size_t streamed_logprobs = 0;
+  for (size_t i = 0; i + 2 < events.size(); ++i) {
+    const json chunk = json::parse(events[i]);
+    ASSERT_EQ(chunk["choices"].size(), 1u) << events[i];
+    text += chunk["choices"][0]["text"].get<std::string>();
+    if (!chunk["choices"][0]["logprobs"].is_null()) {
+      streamed_logprobs += chunk["choices"][0]["logprobs"]["token_logprobs"].size();
+    }
+    if (!chunk["choices"][0]["finish_reason"].is_null())
+      finish = chunk["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, want);
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(streamed_logprobs, greedy.size());
+  const json usage = json::parse(events[events.size() - 2]);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"]["completion_tokens"], greedy.size());
+}
+
+TEST_F(OpenAiApiTest, SeveralPromptsAndNGiveIndexedChoices) {
+  const std::vector<int32_t> a(expected_->prompt.begin(), expected_->prompt.begin() + 5);
+  const json r = PostJson("/v1/completions", {{"prompt", {a, expected_->prompt}},
+                                              {"max_tokens", 3},
+                                              {"n", 2},
+                                              {"temperature", 0},
+                                              {"ignore_eos", true}});
+  ASSERT_EQ(r["choices"].size(), 4u) << r.dump();
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(r["choices"][i]["index"], i);
+  // Greedy: both samples of one prompt agree.
+  EXPECT_EQ(r["choices"][0]["text"], r["choices"][1]["text"]);
+  EXPECT_EQ(r["choices"][2]["text"], r["choices"][3]["text"]);
+  EXPECT_EQ(r["usage"]["prompt_tokens"], a.size() + expected_->prompt.size());
+  EXPECT_EQ(r["usage"]["completion_tokens"], 12);
+  // Seeded sampling is reproducible.
+  const json sampled = {{"prompt", "Hello"}, {"max_tokens", 6}, {"temperature", 1.0},
+                        {"seed", 7},         {"n", 2},          {"ignore_eos", true}};
+  const json x = PostJson("/v1/completions", sampled);
+  const json y = PostJson("/v1/completions", sampled);
+  EXPECT_EQ(x["choices"], y["choices"]);
+}
+
+TEST_F(OpenAiApiTest, ChatUsesTheTemplateAndReportsChatLogprobs) {
+  const std::vector<ChatMessage> messages = {{"system", "Be brief."}, {"user", "Hi there"}};
+  auto ids = chat_->Encode(messages, true, *model_->tokenizer());
+  ASSERT_TRUE(ids.ok()) << ids.status();
+  const json body = {
+      {"model", "fixture"},
+      {"messages",
+       {{{"role", "system"}, {"content", "Be brief."}},
+        {{"role", "user"}, {"content", {{{"type", "text"}, {"text", "Hi there"}}}}}}},
+      {"max_tokens", 4},
+      {"temperature", 0},
+      {"logprobs", true},
+      {"top_logprobs", 2}};
+  const json r = PostJson("/v1/chat/completions", body);
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  EXPECT_EQ(r["object"], "chat.completion");
+  EXPECT_EQ(r["usage"]["prompt_tokens"], ids->size());
+  const json& choice = r["choices"][0];
+  EXPECT_EQ(choice["message"]["role"], "assistant");
+  const json& content = choice["logprobs"]["content"];
+  ASSERT_EQ(content.size(), r["usage"]["completion_tokens"].get<size_t>());
+  for (const json& entry : content) {
+    ASSERT_EQ(entry["top_logprobs"].size(), 2u);
+    // Greedy: the chosen token is the most likely one.
+    EXPECT_EQ(entry["logprob"], entry["top_logprobs"][0]["logprob"]);
+    std::string bytes;
+    for (const json& b : entry["bytes"]) bytes += static_cast<char>(b.get<int>());
+    EXPECT_EQ(bytes, entry["token"].get<std::string>());
+  }
+
+  json streamed = body;
+  streamed["stream"] = true;
+  const testing::HttpReply s = Post("/v1/chat/completions", streamed.dump());
+  ASSERT_EQ(s.status, 200) << s.body;
+  const std::vector<std::string> events = Events(s.body);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  const json first = json::parse(events[0]);
+  EXPECT_EQ(first["object"], "chat.completion.chunk");
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+  std::string text;
+  for (size_t i = 1; i + 1 < events.size(); ++i) {
+    const json delta = json::parse(events[i])["choices"][0]["delta"];
+    if (delta.contains("content")) text += delta["content"].get<std::string>();
+  }
+  EXPECT_EQ(text, choice["message"]["content"]);
+}
+
+TEST_F(OpenAiApiTest, ModelsTokenizeDetokenizeInfoHealth) {
+  const json models =
+      json::parse(ParseHttpReply(testing::HttpGet(server_->address(), "/v1/models")).body);
+  EXPECT_EQ(models["data"][0]["id"], "fixture");
+  const json t = PostJson("/tokenize", {{"prompt", "Hello world"}});
+  EXPECT_EQ(t["tokens"].get<std::vector<int32_t>>(), model_->tokenizer()->Encode("Hello world"));
+  EXPECT_EQ(t["count"], t["tokens"].size());
+  const json d = PostJson("/detokenize", {{"tokens", t["tokens"]}});
+  EXPECT_EQ(d["prompt"], "Hello world");
+  const json info =
+      json::parse(ParseHttpReply(testing::HttpGet(server_->address(), "/tokenizer_info")).body);
+  EXPECT_EQ(info["eos_token"], model_->tokenizer()->TokenText(model_->tokenizer()->eos_ids()[0]));
+  EXPECT_THAT(info["chat_template"].get<std::string>(), HasSubstr("<|im_start|>"));
+  EXPECT_EQ(ParseHttpReply(testing::HttpGet(server_->address(), "/health")).status, 200);
+}
+
+TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
+  struct Bad {
+    std::string path;
+    std::string body;
+    int status;
+    std::string param;  // "" : null
+  };
+  const std::string big_nest = std::string(100, '[') + std::string(100, ']');
+  const std::vector<Bad> table = {
+      {"/v1/completions", "{not json", 400, ""},
+      {"/v1/completions", "[1, 2]", 400, ""},
+      {"/v1/completions", R"({"prompt": "a", "bogus": 1})", 400, "bogus"},
+      {"/v1/completions", R"({"prompt": 5})", 400, "prompt"},
+      {"/v1/completions", R"({"prompt": []})", 400, "prompt"},
+      {"/v1/completions", R"({"prompt": [1, "a"]})", 400, "prompt"},
+      {"/v1/completions", R"({"prompt": [99999999]})", 400, "prompt"},
+      {"/v1/completions", R"({"prompt": "a", "max_tokens": "ten"})", 400, "max_tokens"},
+      {"/v1/completions", R"({"prompt": "a", "max_tokens": 1000000000})", 400, "max_tokens"},
+      {"/v1/completions", R"({"prompt": "a", "max_tokens": 0})", 400, "max_tokens"},
+      {"/v1/completions", R"({"prompt": "a", "n": 100000})", 400, "n"},
+      {"/v1/completions", R"({"prompt": "a", "n": 9})", 400, "n"},
+      {"/v1/completions", R"({"prompt": "a", "logprobs": 1000})", 400, "logprobs"},
+      {"/v1/completions", R"({"prompt": "a", "temperature": -1})", 400, "temperature"},
+      {"/v1/completions", R"({"prompt": "a", "top_p": 0})", 400, "top_p"},
+      {"/v1/completions", R"({"prompt": "a", "stop": [""]})", 400, "stop"},
+      {"/v1/completions", R"({"prompt": "a", "presence_penalty": 1})", 400, "presence_penalty"},
+      {"/v1/completions", R"({"prompt": "a", "model": "gpt-4"})", 404, "model"},
+      {"/v1/completions", "{\"prompt\": \"\xff\xfe\"}", 400, ""},
+      {"/v1/completions", big_nest, 400, ""},
+      {"/v1/chat/completions", R"({"messages": "hi"})", 400, "messages"},
+      {"/v1/chat/completions", R"({"messages": [{"role": "user", "content": 3}]})", 400,
+       "messages"},
+      {"/v1/chat/completions", R"({"messages": [{"role": "user", "content": "x"}], "tools": [{}]})",
+       400, "tools"},
+      {"/v1/chat/completions",
+       R"({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})", 400,
+       "top_logprobs"},
+      {"/detokenize", R"({"tokens": [-1]})", 400, "tokens"},
+      {"/v1/nothing", "{}", 404, ""},
+  };
+  for (const Bad& bad : table) {
+    const testing::HttpReply r = Post(bad.path, bad.body);
+    EXPECT_EQ(r.status, bad.status) << bad.path << " " << bad.body << " -> " << r.body;
+    const json e = json::parse(r.body, nullptr, false);
+    ASSERT_TRUE(e.is_object() && e.contains("error")) << r.body;
+    EXPECT_TRUE(e["error"]["message"].is_string()) << r.body;
+    EXPECT_EQ(e["error"]["code"], bad.status) << r.body;
+    if (bad.param.empty()) {
+      EXPECT_TRUE(e["error"]["param"].is_null()) << bad.body << " -> " << r.body;
+    } else {
+      EXPECT_EQ(e["error"]["param"], bad.param) << bad.body << " -> " << r.body;
+    }
+  }
+  EXPECT_EQ(ParseHttpReply(testing::HttpGet(server_->address(), "/v1/completions")).status, 405);
+  // Transport refusals: a body over the limit (refused from its Content-Length, unread), a
+  // malformed request line.
+  const std::string address = server_->address();
+  testing::HttpReply big = ParseHttpReply(HttpExchange(
+      address, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n{"));
+  EXPECT_EQ(big.status, 413) << big.body;
+  EXPECT_EQ(ParseHttpReply(HttpExchange(address, "NOT HTTP AT ALL\r\n\r\n")).status, 400);
+  // Still serving.
+  EXPECT_EQ(PostJson("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 1}})["choices"].size(),
+            1u);
+}
+
+TEST_F(OpenAiApiTest, KeepAliveServesSeveralRequestsOnOneConnection) {
+  const int fd = testing::ConnectTcp(server_->address());
+  ASSERT_GE(fd, 0);
+  const std::string body = R"({"prompt": "Hello", "max_tokens": 2, "temperature": 0})";
+  const std::string request =
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + std::to_string(body.size()) +
+      "\r\n\r\n" + body;
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(write(fd, request.data(), request.size()), static_cast<ssize_t>(request.size()));
+    std::string got;
+    char buf[4096];
+    while (got.find("\"usage\"") == std::string::npos || got.back() != '}') {
+      const ssize_t n = read(fd, buf, sizeof(buf));
+      ASSERT_GT(n, 0) << "request " << i << " got " << got;
+      got.append(buf, n);
+    }
+    EXPECT_EQ(ParseHttpReply(got).status, 200) << got;
+  }
+  close(fd);
+}
+
+TEST_F(OpenAiApiTest, IdleConnectionsDoNotBlockRequests) {
+  // Many more idle connections than handler threads (4): a request is still served at once.
+  std::vector<int> idle;
+  for (int i = 0; i < 500; ++i) {
+    const int fd = testing::ConnectTcp(server_->address());
+    ASSERT_GE(fd, 0);
+    idle.push_back(fd);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  EXPECT_EQ(PostJson("/v1/completions", {{"prompt", "ok"}, {"max_tokens", 1}})["choices"].size(),
+            1u);
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+  for (int fd : idle) close(fd);
+}
+
+}  // namespace
+}  // namespace moe
