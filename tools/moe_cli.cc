@@ -1,7 +1,8 @@
 // moe-cli: the command-line client.
 //   moe-cli generate --model DIR --prompt TEXT [sampling flags]     (in this process)
 //   moe-cli generate --server HOST:PORT --prompt TEXT [...]         (a running coordinator)
-//   moe-cli chat --model DIR --message TEXT [--system TEXT] [--chat-template FILE]
+//   moe-cli chat --model DIR [--message TEXT] [--system TEXT] [--chat-template FILE]
+//   moe-cli chat --server HOST:PORT [--message TEXT]   (a coordinator's --http-listen address)
 //   moe-cli status --server HOST:PORT                               (workers, expert load)
 #include <cstdio>
 #include <string>
@@ -35,6 +36,11 @@ ABSL_FLAG(double, repetition_penalty, 1.0, "Repetition penalty (> 0); 1 = off.")
 ABSL_FLAG(uint64_t, seed, 0, "Sampling seed: same seed, same output.");
 ABSL_FLAG(std::vector<std::string>, stop, {}, "Comma-separated stop strings.");
 ABSL_FLAG(bool, ignore_eos, false, "Keep generating past the end-of-sequence token.");
+ABSL_FLAG(bool, json, false,
+          "generate: print one JSON object (prompt, text, finish_reason, and per token its id, "
+          "text and log-probability) instead of streaming the text; for scripts.");
+ABSL_FLAG(int32_t, logprobs, 0,
+          "generate --json: also list this many most likely alternatives per token (0..20).");
 ABSL_FLAG(int64_t, workers, 1, "With --model: in-process expert workers to split experts over.");
 
 int main(int argc, char** argv) {
@@ -45,10 +51,15 @@ int main(int argc, char** argv) {
       "      [--top-p P] [--top-k K] [--repetition-penalty R] [--seed S] [--stop a,b]\n"
       "      streams a completion computed in this process;\n"
       "  moe-cli generate --server HOST:PORT --prompt TEXT [same flags]\n"
-      "      streams it from a running coordinator;\n"
-      "  moe-cli chat --model DIR --message TEXT [--system TEXT] [--chat-template FILE]\n"
-      "      [sampling flags] streams the reply to one message, through the model's chat\n"
-      "      template;\n"
+      "      streams it from a running coordinator (its gRPC --listen address);\n"
+      "      with --json [--logprobs N] either prints one JSON object instead: text, and per\n"
+      "      token its id, text and log-probability (for scripts);\n"
+      "  moe-cli chat --model DIR [--message TEXT] [--system TEXT] [--chat-template FILE]\n"
+      "  moe-cli chat --server HOST:PORT [--message TEXT] [--system TEXT]\n"
+      "      [sampling flags] streams the reply to one message through the model's chat\n"
+      "      template, in this process or through a coordinator's OpenAI API (its\n"
+      "      --http-listen address); without --message, a conversation, one message per\n"
+      "      line of stdin (/exit ends);\n"
       "  moe-cli status --server HOST:PORT\n"
       "      prints the workers, their experts and the tokens routed per layer and expert.\n"
       "Flag names take dashes or underscores (--max-tokens == --max_tokens).");
@@ -69,6 +80,8 @@ int main(int argc, char** argv) {
     o.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
     o.in_process_workers = absl::GetFlag(FLAGS_workers);
     o.quantize = absl::GetFlag(FLAGS_quantize).type;
+    o.json = absl::GetFlag(FLAGS_json);
+    o.logprobs = absl::GetFlag(FLAGS_logprobs);
     if (command == "chat") {
       o.prompt = absl::GetFlag(FLAGS_message);
       o.system = absl::GetFlag(FLAGS_system);

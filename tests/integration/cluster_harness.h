@@ -40,6 +40,8 @@ class Cluster {
 
   InferenceClient& client() { return *client_; }
   const std::string& address() const { return address_; }
+  // The OpenAI HTTP API's HOST:PORT when coordinator_args had --http-listen, else "".
+  std::string http_address() const { return coordinator_->Announced("HTTP"); }
   std::vector<WorkerProcess>& workers() { return workers_; }
   Subprocess& coordinator() { return *coordinator_; }
   // The coordinator's and workers' logs, for failure messages.

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
@@ -17,9 +18,11 @@
 #include "coordinator/transport/grpc_transport.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/integration/cluster_harness.h"
 #include "tests/testutil/checkpoint_writer.h"
 #include "tests/testutil/golden_fixture.h"
+#include "tests/testutil/http.h"
 
 namespace moe {
 namespace {
@@ -228,6 +231,83 @@ void ExpectLogitsBitIdentical(const std::string& model, const testing::GoldenExp
     ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
     ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << model;
   }
+}
+
+// --- The OpenAI HTTP API through workers: the in-process numbers, moe-cli chat, a dead worker. ---
+
+TEST(ClusterHttpTest, EchoLogprobsEqualInProcessChatWorksAndAWorkerDownIs503) {
+  const std::string dir = "tests/testdata/models/mixtral_32e_gqa_fp16";
+  const std::string chatml = "tests/testdata/chat_templates/chatml.jinja";
+  const testing::GoldenExpected expected = Expected(dir);
+  auto cluster = Cluster::Start(
+      dir, ContiguousRanges(32, 2),
+      {"--http-listen", "127.0.0.1:0", "--chat-template", chatml, "--step-timeout", "3s"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  const std::string http = c.http_address();
+  ASSERT_FALSE(http.empty()) << c.Logs();
+
+  const nlohmann::json body = {{"prompt", expected.prompt},
+                               {"max_tokens", 3},
+                               {"temperature", 0},
+                               {"echo", true},
+                               {"logprobs", 2},
+                               {"ignore_eos", true}};
+  const testing::HttpReply reply =
+      testing::ParseHttpReply(testing::HttpPost(http, "/v1/completions", body.dump()));
+  ASSERT_EQ(reply.status, 200) << reply.body << c.Logs();
+  const nlohmann::json lp = nlohmann::json::parse(reply.body)["choices"][0]["logprobs"];
+
+  LocalModelOptions options;
+  options.model_dir = dir;
+  options.in_process_workers = 2;  // the same placement: bit-identical logits
+  auto local = LocalModel::Create(options);
+  ASSERT_TRUE(local.ok()) << local.status();
+  GenerationRequest r;
+  r.prompt = expected.prompt;
+  r.params.max_tokens = 3;
+  r.params.ignore_eos = true;
+  r.params.logprobs = 2;
+  r.params.prompt_logprobs = 2;
+  auto out = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
+  ASSERT_TRUE(out.ok()) << out.status();
+  const GenerationOutput& o = (*out)[0];
+  const size_t n = expected.prompt.size();
+  ASSERT_EQ(lp["token_logprobs"].size(), n + 3);
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  for (size_t i = 1; i < n; ++i) {
+    EXPECT_EQ(lp["token_logprobs"][i].get<float>(), o.prompt_logprobs[i - 1].logprob) << i;
+  }
+  for (size_t i = 0; i < 3; ++i) {
+    EXPECT_EQ(lp["token_logprobs"][n + i].get<float>(), o.logprobs[i].logprob) << i;
+  }
+
+  // moe-cli chat through the coordinator's chat API.
+  const std::string cmd = absl::StrCat(MOE_CLI_PATH, " chat --server ", http,
+                                       " --message 'hello there' --max-tokens 4 --ignore-eos 2>&1");
+  FILE* pipe = popen(cmd.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string cli;
+  char buf[4096];
+  for (size_t k; (k = fread(buf, 1, sizeof(buf), pipe)) > 0;) cli.append(buf, k);
+  EXPECT_EQ(pclose(pipe), 0) << cli;
+  EXPECT_THAT(cli, HasSubstr("4 generated, finish: length")) << cli;
+
+  // A worker dies: the next completion gets 503 naming it, then /health says so too; the
+  // server stays up.
+  c.workers()[1].process->Stop(SIGKILL);
+  const testing::HttpReply down = testing::ParseHttpReply(
+      testing::HttpPost(http, "/v1/completions", R"({"prompt": [1, 2, 3], "max_tokens": 2})"));
+  EXPECT_EQ(down.status, 503) << down.body;
+  EXPECT_THAT(down.body, HasSubstr(c.workers()[1].address)) << down.body;
+  testing::HttpReply health;
+  for (int i = 0; i < 100; ++i) {
+    health = testing::ParseHttpReply(testing::HttpGet(http, "/health"));
+    if (health.status == 503) break;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  EXPECT_EQ(health.status, 503) << health.body;
+  EXPECT_EQ(testing::ParseHttpReply(testing::HttpGet(http, "/v1/models")).status, 200);
 }
 
 TEST(ClusterLogitsTest, GrpcEqualsInProcessBitForBit) {

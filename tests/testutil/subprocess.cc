@@ -65,6 +65,9 @@ absl::StatusOr<std::string> Subprocess::WaitForReady(absl::Duration timeout) {
       const std::string line = buffered_.substr(0, newline);
       buffered_.erase(0, newline + 1);
       if (line.rfind("READY ", 0) == 0) return line.substr(6);
+      if (const size_t space = line.find(' '); space != std::string::npos) {
+        announced_[line.substr(0, space)] = line.substr(space + 1);
+      }
       continue;
     }
     const int64_t ms = absl::ToInt64Milliseconds(deadline - absl::Now());
@@ -80,6 +83,11 @@ absl::StatusOr<std::string> Subprocess::WaitForReady(absl::Duration timeout) {
     }
     buffered_.append(buf, n);
   }
+}
+
+std::string Subprocess::Announced(const std::string& key) const {
+  auto it = announced_.find(key);
+  return it == announced_.end() ? "" : it->second;
 }
 
 int Subprocess::WaitForExit(absl::Duration timeout) {

@@ -6,6 +6,7 @@
 
 #include <sys/types.h>
 
+#include <map>
 #include <string>
 #include <vector>
 
@@ -27,6 +28,8 @@ class Subprocess {
   // Reads stdout until a line "READY <address>"; returns the address. DEADLINE_EXCEEDED if the
   // line does not come in time, or the exit status if the process ends first.
   absl::StatusOr<std::string> WaitForReady(absl::Duration timeout);
+  // The value of a "KEY VALUE" line printed before READY (e.g. "HTTP"), "" when none was.
+  std::string Announced(const std::string& key) const;
   // Sends `signal` and waits for the exit; returns the exit code (128 + signal if killed).
   int Stop(int signal);
   // Waits for the process to exit on its own; returns the exit code, or -1 on timeout.
@@ -40,6 +43,7 @@ class Subprocess {
   pid_t pid_ = -1;
   int stdout_fd_ = -1;
   std::string buffered_;
+  std::map<std::string, std::string> announced_;
   int exit_code_ = -1;
 };
 

@@ -8,12 +8,14 @@
 #include <fstream>
 #include <iterator>
 #include <string>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/chat_template.h"
 #include "common/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "tests/testutil/checkpoint_writer.h"
 
 namespace moe {
@@ -146,10 +148,66 @@ TEST(MoeCliTest, ChatWithoutATemplateSaysHowToGiveOne) {
   r = RunCli(std::string("chat --model ") + kFixture +
              " --chat-template /nonexistent --message hi");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.output, HasSubstr("cannot open --chat-template /nonexistent"));
-  r = RunCli(std::string("chat --model ") + kFixture);
+  EXPECT_THAT(r.output, HasSubstr("cannot open chat template /nonexistent"));
+  r = RunCli("chat --message hi");
   EXPECT_EQ(r.exit_code, 1);
-  EXPECT_THAT(r.output, HasSubstr("--message"));
+  EXPECT_THAT(r.output, HasSubstr("--server HOST:PORT"));
+}
+
+TEST(MoeCliTest, InteractiveChatKeepsTheConversation) {
+  // Two lines on stdin: two replies, the second prompted with the whole conversation.
+  const std::string chatml = "tests/testdata/chat_templates/chatml.jinja";
+  const std::string cmd =
+      absl::StrCat("printf 'hello there\\nand again\\n' | ", MOE_CLI_PATH, " chat --model ",
+                   kFixture, " --chat-template ", chatml, " --max-tokens 3 --ignore-eos 2>&1");
+  FILE* pipe = popen(cmd.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  std::string out;
+  std::array<char, 4096> buf;
+  for (size_t n; (n = fread(buf.data(), 1, buf.size(), pipe)) > 0;) out.append(buf.data(), n);
+  ASSERT_EQ(pclose(pipe), 0) << out;
+  std::vector<size_t> prompts;
+  for (size_t pos = 0; (pos = out.find("\n[", pos)) != std::string::npos; ++pos) {
+    prompts.push_back(std::strtoul(out.c_str() + pos + 2, nullptr, 10));
+  }
+  ASSERT_EQ(prompts.size(), 2u) << out;
+  // The second prompt holds the first exchange: user, the 3-token reply, the new message.
+  EXPECT_GT(prompts[1], prompts[0] + 3) << out;
+  EXPECT_THAT(out, HasSubstr("3 generated, finish: length"));
+}
+
+TEST(MoeCliTest, GenerateJsonListsTokensAndLogprobs) {
+  Result r = RunCli(std::string("generate --model ") + kFixture +
+                    " --prompt 'We hold' --max-tokens 5 --ignore-eos --json --logprobs 2");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // The JSON object is stdout's one line (the log goes to stderr, merged here).
+  const size_t brace = r.output.find("\n{");
+  ASSERT_NE(brace, std::string::npos) << r.output;
+  const std::string line = r.output.substr(brace + 1, r.output.find('\n', brace + 1) - brace - 1);
+  const nlohmann::json j = nlohmann::json::parse(line, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.output;
+  EXPECT_EQ(j["prompt"], "We hold");
+  EXPECT_EQ(j["finish_reason"], "length");
+  ASSERT_EQ(j["tokens"].size(), 5u) << r.output;
+  auto tokenizer = Tokenizer::Load(kFixture);
+  ASSERT_TRUE(tokenizer.ok());
+  EXPECT_EQ(j["prompt_tokens"], (*tokenizer)->Encode("We hold").size());
+  std::string text;
+  std::vector<int32_t> ids;
+  for (const nlohmann::json& t : j["tokens"]) {
+    text += t["text"].get<std::string>();
+    ids.push_back(t["id"].get<int32_t>());
+    EXPECT_LE(t["logprob"].get<double>(), 0.0);
+    ASSERT_EQ(t["top_logprobs"].size(), 2u);
+    // Greedy: each token is its position's most likely one.
+    EXPECT_EQ(t["top_logprobs"][0]["id"], t["id"]);
+    EXPECT_EQ(t["top_logprobs"][0]["logprob"], t["logprob"]);
+    EXPECT_GE(t["top_logprobs"][0]["logprob"].get<double>(),
+              t["top_logprobs"][1]["logprob"].get<double>());
+  }
+  EXPECT_EQ(text, j["text"]);
+  EXPECT_EQ((*tokenizer)->Decode(ids), j["text"].get<std::string>().substr(
+                                           j["text"].get<std::string>().find_first_not_of(' ')));
 }
 
 TEST(MoeCliTest, HelpListsTheFlags) {

@@ -1,9 +1,12 @@
 #include "tools/client/cli_commands.h"
 
+#include <unistd.h>
+
 #include <cstdio>
-#include <fstream>
+#include <functional>
 #include <iostream>
-#include <iterator>
+#include <memory>
+#include <optional>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -13,6 +16,8 @@
 #include "common/tokenizer.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
+#include "nlohmann/json.hpp"
+#include "tools/client/http_client.h"
 #include "tools/client/inference_client.h"
 
 namespace moe {
@@ -41,58 +46,88 @@ class Timer {
   absl::Time first_ = absl::InfinitePast();
 };
 
-absl::StatusOr<std::vector<int32_t>> ChatPrompt(const CliGenerateOptions& o,
-                                                const Tokenizer& tokenizer) {
-  std::string source;
-  if (!o.chat_template_file.empty()) {
-    std::ifstream in(o.chat_template_file, std::ios::binary);
-    if (!in.is_open()) {
-      return absl::NotFoundError(
-          absl::StrCat("cannot open --chat-template ", o.chat_template_file));
+// One token of `generate --json`.
+struct JsonToken {
+  int32_t id = 0;
+  std::string text;  // the text that became final with it
+  std::optional<TokenLogprobs> logprobs;
+};
+
+void PrintJson(std::string_view prompt, size_t prompt_tokens, const std::vector<JsonToken>& tokens,
+               std::string_view text, std::string_view finish) {
+  nlohmann::json out = {{"prompt", std::string(prompt)},
+                        {"prompt_tokens", prompt_tokens},
+                        {"text", std::string(text)},
+                        {"finish_reason", std::string(finish)},
+                        {"tokens", nlohmann::json::array()}};
+  for (const JsonToken& t : tokens) {
+    nlohmann::json j = {{"id", t.id}, {"text", t.text}};
+    if (t.logprobs) {
+      j["logprob"] = t.logprobs->logprob;
+      nlohmann::json top = nlohmann::json::array();
+      for (const TopLogprob& alt : t.logprobs->top) {
+        top.push_back({{"id", alt.token}, {"logprob", alt.logprob}});
+      }
+      j["top_logprobs"] = std::move(top);
     }
-    source.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  } else {
-    MOE_ASSIGN_OR_RETURN(source, ChatTemplate::FindSource(o.model_dir));
+    out["tokens"].push_back(std::move(j));
   }
-  MOE_ASSIGN_OR_RETURN(const auto chat, ChatTemplate::Parse(source));
-  std::vector<ChatMessage> messages;
-  if (!o.system.empty()) messages.push_back({"system", o.system});
-  messages.push_back({"user", o.prompt});
-  const std::string eos =
-      tokenizer.eos_ids().empty() ? std::string() : tokenizer.TokenText(tokenizer.eos_ids()[0]);
-  MOE_ASSIGN_OR_RETURN(const std::string rendered,
-                       chat->Render(messages, /*add_generation_prompt=*/true,
-                                    tokenizer.TokenText(tokenizer.bos_id()), eos));
-  return tokenizer.Encode(rendered, /*add_bos=*/false);
+  std::cout << out.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) << std::endl;
 }
 
-absl::Status RunLocal(const CliGenerateOptions& o) {
+absl::StatusOr<std::unique_ptr<ChatTemplate>> LoadChatTemplate(const CliGenerateOptions& o,
+                                                               const LocalModel& model) {
+  MOE_ASSIGN_OR_RETURN(const std::string source,
+                       o.chat_template_file.empty() ? model.checkpoint().ChatTemplateSource()
+                                                    : ChatTemplate::ReadFile(o.chat_template_file));
+  return ChatTemplate::Parse(source);
+}
+
+absl::StatusOr<std::unique_ptr<LocalModel>> LoadLocal(const CliGenerateOptions& o) {
   LocalModelOptions options;
   options.model_dir = o.model_dir;
   options.in_process_workers = o.in_process_workers;
   options.quantize = o.quantize;
-  auto model = LocalModel::Create(options);
-  if (!model.ok()) return model.status();
+  return LocalModel::Create(options);
+}
+
+GenerationParams Params(const CliGenerateOptions& o) {
+  GenerationParams p;
+  p.max_tokens = o.max_tokens;
+  p.sampling = o.sampling;
+  p.stop = o.stop;
+  p.ignore_eos = o.ignore_eos;
+  if (o.json) p.logprobs = std::max(o.logprobs, 0);
+  return p;
+}
+
+absl::Status RunLocal(const CliGenerateOptions& o) {
+  MOE_ASSIGN_OR_RETURN(const std::unique_ptr<LocalModel> model, LoadLocal(o));
   GenerationRequest request;
-  if (o.chat) {
-    MOE_ASSIGN_OR_RETURN(request.prompt, ChatPrompt(o, *(*model)->tokenizer()));
-  } else {
-    request.prompt = (*model)->tokenizer()->Encode(o.prompt);
-  }
-  request.params.max_tokens = o.max_tokens;
-  request.params.sampling = o.sampling;
-  request.params.stop = o.stop;
-  request.params.ignore_eos = o.ignore_eos;
-  if (!o.chat) std::cout << o.prompt << std::flush;
+  request.prompt = model->tokenizer()->Encode(o.prompt);
+  request.params = Params(o);
+  if (!o.json) std::cout << o.prompt << std::flush;
   Timer timer;
-  auto outputs = Generate((*model)->engine(), (*model)->tokenizer(), {&request, 1},
-                          [&](size_t, int32_t, std::string_view delta) {
+  std::vector<JsonToken> tokens;
+  auto outputs = Generate(model->engine(), model->tokenizer(), {&request, 1},
+                          [&](size_t, int32_t token, std::string_view delta) {
                             timer.OnToken();
-                            std::cout << delta << std::flush;
+                            if (o.json) {
+                              tokens.push_back({token, std::string(delta), std::nullopt});
+                            } else {
+                              std::cout << delta << std::flush;
+                            }
                           });
   if (!outputs.ok()) return outputs.status();
-  timer.Print(request.prompt.size(), (*outputs)[0].tokens.size(),
-              FinishReasonName((*outputs)[0].finish));
+  const GenerationOutput& out = (*outputs)[0];
+  if (o.json) {
+    for (size_t i = 0; i < tokens.size() && i < out.logprobs.size(); ++i) {
+      tokens[i].logprobs = out.logprobs[i];
+    }
+    PrintJson(o.prompt, request.prompt.size(), tokens, out.text, FinishReasonName(out.finish));
+    return absl::OkStatus();
+  }
+  timer.Print(request.prompt.size(), out.tokens.size(), FinishReasonName(out.finish));
   return absl::OkStatus();
 }
 
@@ -108,17 +143,118 @@ absl::Status RunRemote(const CliGenerateOptions& o) {
   request.set_seed(o.sampling.seed);
   for (const std::string& s : o.stop) request.add_stop(s);
   request.set_ignore_eos(o.ignore_eos);
-  std::cout << o.prompt << std::flush;
+  if (o.json) request.set_logprobs(std::max(o.logprobs, 0));
+  if (!o.json) std::cout << o.prompt << std::flush;
   Timer timer;
+  std::vector<JsonToken> tokens;
   auto result = client.Generate(request, [&](const pb::TokenDelta& delta) {
     timer.OnToken();
-    std::cout << delta.text() << std::flush;
+    if (!o.json) {
+      std::cout << delta.text() << std::flush;
+      return;
+    }
+    for (int i = 0; i < delta.token_ids_size(); ++i) {
+      JsonToken t{delta.token_ids(i), i + 1 == delta.token_ids_size() ? delta.text() : "", {}};
+      if (i < delta.logprobs_size()) {
+        const pb::TokenLogprob& l = delta.logprobs(i);
+        t.logprobs.emplace();
+        t.logprobs->token = l.token_id();
+        t.logprobs->logprob = l.logprob();
+        for (const pb::TopLogprob& alt : l.top()) {
+          t.logprobs->top.push_back({alt.token_id(), alt.logprob()});
+        }
+      }
+      tokens.push_back(std::move(t));
+    }
   });
   if (!result.ok()) return result.status();
   const std::string finish = pb::FinishReason_Name(result->final.finish_reason());
-  timer.Print(result->final.usage().prompt_tokens(), result->tokens.size(),
-              absl::AsciiStrToLower(finish.substr(finish.rfind('_') + 1)));
+  const std::string reason = absl::AsciiStrToLower(finish.substr(finish.rfind('_') + 1));
+  if (o.json) {
+    PrintJson(o.prompt, result->final.usage().prompt_tokens(), tokens, result->final.text(),
+              reason);
+    return absl::OkStatus();
+  }
+  timer.Print(result->final.usage().prompt_tokens(), result->tokens.size(), reason);
   return absl::OkStatus();
+}
+
+// Answers a conversation: streams the reply's text to stdout and returns it whole.
+using ChatReplier = std::function<absl::StatusOr<std::string>(const std::vector<ChatMessage>&)>;
+
+absl::StatusOr<ChatReplier> LocalChat(const CliGenerateOptions& o) {
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<LocalModel> model, LoadLocal(o));
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<ChatTemplate> chat, LoadChatTemplate(o, *model));
+  return ChatReplier(
+      [o, model, chat](const std::vector<ChatMessage>& messages) -> absl::StatusOr<std::string> {
+        GenerationRequest request;
+        MOE_ASSIGN_OR_RETURN(request.prompt, chat->Encode(messages, true, *model->tokenizer()));
+        request.params = Params(o);
+        Timer timer;
+        auto outputs = Generate(model->engine(), model->tokenizer(), {&request, 1},
+                                [&](size_t, int32_t, std::string_view delta) {
+                                  timer.OnToken();
+                                  std::cout << delta << std::flush;
+                                });
+        if (!outputs.ok()) return outputs.status();
+        timer.Print(request.prompt.size(), (*outputs)[0].tokens.size(),
+                    FinishReasonName((*outputs)[0].finish));
+        return (*outputs)[0].text;
+      });
+}
+
+ChatReplier RemoteChat(const CliGenerateOptions& o) {
+  return [o](const std::vector<ChatMessage>& messages) -> absl::StatusOr<std::string> {
+    nlohmann::json body = {{"messages", nlohmann::json::array()},
+                           {"max_tokens", o.max_tokens},
+                           {"temperature", o.sampling.temperature},
+                           {"top_p", o.sampling.top_p},
+                           {"top_k", o.sampling.top_k},
+                           {"repetition_penalty", o.sampling.repetition_penalty},
+                           {"seed", o.sampling.seed},
+                           {"ignore_eos", o.ignore_eos},
+                           {"stream", true},
+                           {"stream_options", {{"include_usage", true}}}};
+    if (!o.stop.empty()) body["stop"] = o.stop;
+    for (const ChatMessage& m : messages) {
+      body["messages"].push_back({{"role", m.role}, {"content", m.content}});
+    }
+    std::string text, finish, error;
+    size_t prompt_tokens = 0, completion_tokens = 0;
+    Timer timer;
+    auto answer =
+        HttpPostJson(o.server, "/v1/chat/completions", body.dump(), [&](const std::string& data) {
+          if (data == "[DONE]") return false;
+          const nlohmann::json chunk = nlohmann::json::parse(data, nullptr, false);
+          if (!chunk.is_object()) return true;
+          if (chunk.contains("error")) {
+            error = chunk["error"].value("message", "the server failed the request");
+            return false;
+          }
+          if (chunk.value("usage", nlohmann::json()).is_object()) {
+            prompt_tokens = chunk["usage"].value("prompt_tokens", size_t{0});
+            completion_tokens = chunk["usage"].value("completion_tokens", size_t{0});
+          }
+          for (const nlohmann::json& c : chunk.value("choices", nlohmann::json::array())) {
+            const nlohmann::json delta = c.value("delta", nlohmann::json::object());
+            if (delta.value("content", nlohmann::json()).is_string()) {
+              const std::string piece = delta["content"].get<std::string>();
+              if (!piece.empty()) timer.OnToken();
+              std::cout << piece << std::flush;
+              text += piece;
+            }
+            if (c.value("finish_reason", nlohmann::json()).is_string()) {
+              finish = c["finish_reason"].get<std::string>();
+            }
+          }
+          return true;
+        });
+    if (!answer.ok()) return answer.status();
+    if (answer->status != 200) return absl::UnavailableError(HttpErrorMessage(*answer));
+    if (!error.empty()) return absl::UnavailableError(error);
+    timer.Print(prompt_tokens, completion_tokens, finish);
+    return text;
+  };
 }
 
 }  // namespace
@@ -132,16 +268,40 @@ absl::Status RunGenerate(const CliGenerateOptions& options) {
 }
 
 absl::Status RunChat(const CliGenerateOptions& options) {
+  ChatReplier reply;
   if (!options.server.empty()) {
-    return absl::UnimplementedError(
-        "moe-cli chat --server needs the coordinator's chat API, which is not there yet; run the "
-        "model in this process with --model DIR");
+    if (!options.chat_template_file.empty()) {
+      return absl::InvalidArgumentError(
+          "--chat-template is for --model; a server uses its own (moe-coordinator "
+          "--chat-template FILE)");
+    }
+    reply = RemoteChat(options);
+  } else if (options.model_dir.empty()) {
+    return absl::InvalidArgumentError(
+        "chat needs --model DIR (in this process) or --server HOST:PORT (a coordinator's "
+        "--http-listen address)");
+  } else {
+    MOE_ASSIGN_OR_RETURN(reply, LocalChat(options));
   }
-  if (options.model_dir.empty()) return absl::InvalidArgumentError("chat needs --model DIR");
-  if (options.prompt.empty()) return absl::InvalidArgumentError("chat needs --message TEXT");
-  CliGenerateOptions o = options;
-  o.chat = true;
-  return RunLocal(o);
+  std::vector<ChatMessage> messages;
+  if (!options.system.empty()) messages.push_back({"system", options.system});
+  if (!options.prompt.empty()) {  // one-shot
+    messages.push_back({"user", options.prompt});
+    return reply(messages).status();
+  }
+  // Interactive: one user message per line of stdin, until EOF or /exit.
+  const bool tty = isatty(STDIN_FILENO) != 0;
+  if (tty) std::fprintf(stderr, "(one message per line; /exit or Ctrl-D ends)\n");
+  for (std::string line;;) {
+    if (tty) std::fprintf(stderr, "> ");
+    if (!std::getline(std::cin, line) || line == "/exit") break;
+    if (line.empty()) continue;
+    messages.push_back({"user", line});
+    MOE_ASSIGN_OR_RETURN(std::string answer, reply(messages));
+    std::cout << std::endl;
+    messages.push_back({"assistant", std::move(answer)});
+  }
+  return absl::OkStatus();
 }
 
 absl::Status RunStatus(const std::string& server) {

@@ -24,16 +24,21 @@ struct CliGenerateOptions {
   bool ignore_eos = false;
   int64_t in_process_workers = 1;
   std::optional<DType> quantize;  // local: quantize-on-load
-  // `moe-cli chat`: the prompt is the model's chat template rendered for [system,] user
-  // message (with the generation prompt), encoded without adding BOS (the template has it).
-  bool chat = false;
+  // `moe-cli chat`: the messages go through the model's chat template (with the generation
+  // prompt), encoded without adding BOS (the template has it).
   std::string system;
   std::string chat_template_file;  // overrides the model's template
+  // `generate --json`: one JSON object on stdout instead of the streamed text: prompt, text,
+  // finish_reason and per token its id, text and log-probability (with `logprobs` alternatives).
+  bool json = false;
+  int32_t logprobs = 0;
 };
 
 // Streams the prompt and the completion to stdout, a summary line to stderr.
 absl::Status RunGenerate(const CliGenerateOptions& options);
-// `moe-cli chat --model`: one user message (options.prompt), the reply streamed.
+// `moe-cli chat`: with --model in this process, with --server through a coordinator's OpenAI
+// chat API. One message (options.prompt) and its reply, or, without one, a conversation read
+// line by line from stdin.
 absl::Status RunChat(const CliGenerateOptions& options);
 
 // Prints workers, placement and the expert-load table of a coordinator.
