@@ -7,12 +7,14 @@ placement for its pod ordinal) and the coordinator with the rendered arguments, 
 what a pod has and this machine has not: the model's mount path, the ConfigMap mount, the
 binaries' directory, the listen addresses (127.0.0.1, port 0 or a free port), and each worker
 DNS name, mapped to the address its worker printed. The cluster must form, serve moe-cli status
-and generate, serve /metrics on the rendered metrics ports, and stop cleanly on SIGTERM.
+and generate and the OpenAI API, serve /metrics on the rendered metrics ports, and stop cleanly
+on SIGTERM.
 
     build/venv-deploy/bin/python tests/deploy/chart_cluster_test.py --bin-dir build/bin
 """
 
 import argparse
+import json
 import os
 import pathlib
 import re
@@ -109,6 +111,7 @@ class ChartClusterTest(unittest.TestCase):
         args = replace_flag(args, "workers", ",".join(addresses[name] for name in listed))
         args = replace_flag(args, "model", MODEL)
         args = replace_flag(args, "listen", "127.0.0.1:0")
+        args = replace_flag(args, "http-listen", "127.0.0.1:0")
         coordinator_metrics = free_port()
         if metrics:
             args = replace_flag(args, "metrics-listen", f"127.0.0.1:{coordinator_metrics}")
@@ -134,6 +137,16 @@ class ChartClusterTest(unittest.TestCase):
                                   timeout=60)
         self.assertEqual(generate.returncode, 0, generate.stderr)
         self.assertIn("4 generated", generate.stderr)
+
+        # The rendered --http-listen serves the OpenAI API.
+        http = process.announced["HTTP"]
+        request = urllib.request.Request(
+            f"http://{http}/v1/completions", method="POST",
+            data=b'{"prompt": "Hello", "max_tokens": 4, "temperature": 0}',
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            completion = json.loads(r.read())
+        self.assertEqual(completion["usage"]["completion_tokens"], 4)
 
         if metrics:
             for port in [coordinator_metrics] + list(worker_metrics.values()):

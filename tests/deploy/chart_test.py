@@ -419,6 +419,21 @@ class ChartTest(unittest.TestCase):
             container = workload["spec"]["template"]["spec"]["containers"][0]
             self.assertFalse([a for a in container["args"] if a.startswith("--metrics-listen")])
 
+    def test_http_api_port_and_flag(self):
+        rendered = self.rendered["cpu-2-workers"]
+        container = rendered.coordinator()["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(flag(container["args"], "http-listen"), "0.0.0.0:8000")
+        self.assertIn({"name": "http", "containerPort": 8000, "protocol": "TCP"},
+                      container["ports"])
+        service = next(s for s in rendered.of_kind("Service")
+                       if s["metadata"]["name"].endswith("coordinator"))
+        self.assertIn({"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"},
+                      service["spec"]["ports"])
+        off = self.render(minimal_values(coordinator__http__enabled=False))
+        container = off.coordinator()["spec"]["template"]["spec"]["containers"][0]
+        self.assertFalse([a for a in container["args"] if a.startswith("--http-listen")])
+        self.assertNotIn("http", [p["name"] for p in container["ports"]])
+
     def test_services_select_their_pods(self):
         for vs, rendered in self.rendered.items():
             for workload in rendered.workloads():
@@ -476,6 +491,8 @@ class ChartTest(unittest.TestCase):
                       "50051:50051", notes)
         self.assertIn("moe-cli generate --server localhost:50051 --prompt", notes)
         self.assertIn("moe-cli status --server localhost:50051", notes)
+        self.assertIn("8000:8000", notes)
+        self.assertIn("localhost:8000/v1/completions", notes)
         self.assertIn("demo-moe-cluster-worker-1  experts 16-31", notes)
 
     # ---- rendering refuses impossible values ----
