@@ -96,6 +96,23 @@ TEST(GgufModelTest, ConfigFromMetadata) {
   EXPECT_EQ((*w)->lm_head().data, (*w)->embed_tokens().data);
 }
 
+TEST(GgufModelTest, ChatTemplateFromMetadata) {
+  const std::string chatml =
+      "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+      "<|im_end|>\n{% endfor %}";
+  auto with = Checkpoint::Open(WriteTinyLlama(
+      "chat_template", [&](GgufBuilder* b) { b->String("tokenizer.chat_template", chatml); }));
+  ASSERT_TRUE(with.ok()) << with.status();
+  auto source = (*with)->ChatTemplateSource();
+  ASSERT_TRUE(source.ok()) << source.status();
+  EXPECT_EQ(*source, chatml);
+  auto without = Checkpoint::Open(WriteTinyLlama("no_chat_template"));
+  ASSERT_TRUE(without.ok()) << without.status();
+  auto none = (*without)->ChatTemplateSource();
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(none.status().message(), ::testing::HasSubstr("--chat-template"));
+}
+
 TEST(GgufModelTest, MixtralFixtureConfigAndExpertSlices) {
   const std::string file =
       "tests/testdata/gguf/mixtral_32e_gqa_fp16/mixtral_32e_gqa_fp16-q8_0.gguf";
