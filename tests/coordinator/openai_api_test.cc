@@ -371,6 +371,45 @@ TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
             1u);
 }
 
+TEST_F(OpenAiApiTest, FullQueueIs429AndTheQueuedRequestStillCompletes) {
+  // A scheduler of its own (own model: one engine per scheduler) that is not started yet, so the
+  // first request stays queued; with max_waiting = 1 the second is refused.
+  LocalModelOptions options;
+  options.model_dir = kModel;
+  auto model = LocalModel::Create(options);
+  ASSERT_TRUE(model.ok()) << model.status();
+  SchedulerOptions s;
+  s.max_waiting = 1;
+  Scheduler scheduler((*model)->engine(), (*model)->tokenizer(), s);
+  OpenAiApiDeps deps;
+  deps.scheduler = &scheduler;
+  deps.tokenizer = (*model)->tokenizer();
+  deps.config = &(*model)->config();
+  deps.model_name = "fixture";
+  int rejected = 0;
+  deps.on_rejected = [&] { ++rejected; };
+  OpenAiApi api(deps);
+  HttpRequest request;
+  request.method = "POST";
+  request.path = "/v1/completions";
+  request.body = R"({"prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": true})";
+  HttpResponse first = api.Handle(request);
+  ASSERT_EQ(first.status, 200) << first.body;
+  ASSERT_TRUE(first.stream);
+  const HttpResponse second = api.Handle(request);
+  EXPECT_EQ(second.status, 429) << second.body;
+  EXPECT_EQ(json::parse(second.body)["error"]["type"], "rate_limit_error");
+  EXPECT_EQ(rejected, 1);
+  scheduler.Start();
+  std::string streamed;
+  first.stream([&](std::string_view chunk) {
+    streamed += chunk;
+    return true;
+  });
+  EXPECT_THAT(streamed, HasSubstr("\"finish_reason\":\"length\""));
+  EXPECT_THAT(streamed, ::testing::EndsWith("data: [DONE]\n\n"));
+}
+
 TEST_F(OpenAiApiTest, KeepAliveServesSeveralRequestsOnOneConnection) {
   const int fd = testing::ConnectTcp(server_->address());
   ASSERT_GE(fd, 0);
