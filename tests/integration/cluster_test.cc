@@ -43,6 +43,28 @@ testing::GoldenExpected Expected(const std::string& dir) {
   return e.ok() ? std::move(*e) : testing::GoldenExpected{};
 }
 
+// The same generation in this process with 2 in-process expert slices (the placement of the
+// 2-worker clusters below: bit-identical logits), with logprobs; fails the test on error.
+GenerationOutput InProcessWithLogprobs(const std::string& dir, const std::vector<int32_t>& prompt,
+                                       int64_t max_tokens, int32_t logprobs,
+                                       int32_t prompt_logprobs) {
+  LocalModelOptions options;
+  options.model_dir = dir;
+  options.in_process_workers = 2;
+  auto local = LocalModel::Create(options);
+  EXPECT_TRUE(local.ok()) << local.status();
+  if (!local.ok()) return {};
+  GenerationRequest r;
+  r.prompt = prompt;
+  r.params.max_tokens = max_tokens;
+  r.params.ignore_eos = true;
+  r.params.logprobs = logprobs;
+  r.params.prompt_logprobs = prompt_logprobs;
+  auto out = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
+  EXPECT_TRUE(out.ok()) << out.status();
+  return out.ok() ? std::move((*out)[0]) : GenerationOutput{};
+}
+
 pb::GenerateRequest IdsRequest(const std::vector<int32_t>& prompt, int max_tokens) {
   pb::GenerateRequest r;
   r.mutable_prompt_ids()->mutable_ids()->Assign(prompt.begin(), prompt.end());
@@ -150,20 +172,8 @@ TEST(ClusterLogprobsTest, StreamedAndPromptLogprobsEqualInProcess) {
   });
   ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
 
-  LocalModelOptions options;
-  options.model_dir = dir;
-  options.in_process_workers = 2;  // the same placement: bit-identical logits
-  auto local = LocalModel::Create(options);
-  ASSERT_TRUE(local.ok()) << local.status();
-  GenerationRequest r;
-  r.prompt = expected.prompt;
-  r.params.max_tokens = 5;
-  r.params.ignore_eos = true;
-  r.params.logprobs = 2;
-  r.params.prompt_logprobs = 3;
-  auto out = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
-  ASSERT_TRUE(out.ok()) << out.status();
-  const GenerationOutput& o = (*out)[0];
+  const GenerationOutput o = InProcessWithLogprobs(dir, expected.prompt, 5, 2, 3);
+  ASSERT_EQ(o.prompt_logprobs.size(), expected.prompt.size() - 1);
   ASSERT_EQ(streamed.size(), o.logprobs.size());
   for (size_t i = 0; i < streamed.size(); ++i) {
     EXPECT_EQ(streamed[i].token_id(), o.tokens[i]);
@@ -258,20 +268,9 @@ TEST(ClusterHttpTest, EchoLogprobsEqualInProcessChatWorksAndAWorkerDownIs503) {
   ASSERT_EQ(reply.status, 200) << reply.body << c.Logs();
   const nlohmann::json lp = nlohmann::json::parse(reply.body)["choices"][0]["logprobs"];
 
-  LocalModelOptions options;
-  options.model_dir = dir;
-  options.in_process_workers = 2;  // the same placement: bit-identical logits
-  auto local = LocalModel::Create(options);
-  ASSERT_TRUE(local.ok()) << local.status();
-  GenerationRequest r;
-  r.prompt = expected.prompt;
-  r.params.max_tokens = 3;
-  r.params.ignore_eos = true;
-  r.params.logprobs = 2;
-  r.params.prompt_logprobs = 2;
-  auto out = Generate((*local)->engine(), (*local)->tokenizer(), {&r, 1}, nullptr);
-  ASSERT_TRUE(out.ok()) << out.status();
-  const GenerationOutput& o = (*out)[0];
+  const GenerationOutput o = InProcessWithLogprobs(dir, expected.prompt, 3, 2, 2);
+  ASSERT_EQ(o.prompt_logprobs.size(), expected.prompt.size() - 1);
+  ASSERT_EQ(o.logprobs.size(), 3u);
   const size_t n = expected.prompt.size();
   ASSERT_EQ(lp["token_logprobs"].size(), n + 3);
   EXPECT_TRUE(lp["token_logprobs"][0].is_null());
