@@ -290,8 +290,12 @@ class LegacyLogprobs {
       return;
     }
     token_logprobs_.push_back(ReportedLogprob(lp->logprob));
+    // As OpenAI and vLLM do: the chosen token (spelled as in `tokens`) and the alternatives, so
+    // up to N + 1 entries; a spelling shared by several ids keeps the first (most likely).
     json top = json::object();
+    top[tokens_.back().get<std::string>()] = ReportedLogprob(lp->logprob);
     for (const TopLogprob& t : lp->top) {
+      if (t.token == token) continue;
       const std::string key = TokenString(*tokenizer_, t.token);
       if (!top.contains(key)) top[key] = ReportedLogprob(t.logprob);
     }
