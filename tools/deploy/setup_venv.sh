@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the Python venv of the deployment tests and installs the pinned packages
-# of tools/deploy/requirements.txt from PyPI as binary wheels.
-#   tools/deploy/setup_venv.sh [VENV_DIR]        (default: build/venv-deploy)
-# Idempotent: when VENV_DIR was made from the same requirements.txt and Python, it returns at
-# once. The interpreter is $PYTHON, else python3 (3.11 or newer: rpds-py 2026 needs it).
-# CTest runs it as the deploy_venv fixture (tests/deploy/CMakeLists.txt).
+# Creates (or reuses) a Python venv of the Python tests and installs the pinned packages of a
+# requirements file from PyPI as binary wheels.
+#   tools/deploy/setup_venv.sh [VENV_DIR [REQUIREMENTS]]
+#     VENV_DIR      default: build/venv-deploy
+#     REQUIREMENTS  default: tools/deploy/requirements.txt (the deployment tests);
+#                   tools/evals/requirements.txt for the evaluation tests (build/venv-evals)
+# Idempotent: when VENV_DIR was made from the same requirements file (same contents) and Python,
+# it returns at once. The interpreter is $PYTHON, else python3 (3.11 or newer: rpds-py 2026
+# needs it). A requirements file may name sdist-only packages on a `--no-binary` line.
+# CTest runs it as the deploy_venv fixture (tests/deploy/CMakeLists.txt) and the evals_venv
+# fixture (tests/evals/CMakeLists.txt).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/../.." && pwd)"
 venv="${1:-$root/build/venv-deploy}"
-requirements="$root/tools/deploy/requirements.txt"
+requirements="$(realpath -m "${2:-$root/tools/deploy/requirements.txt}")"
 python="${PYTHON:-python3}"
+if [[ ! -f "$requirements" ]]; then
+  echo "setup_venv: requirements file $requirements not found" >&2
+  exit 1
+fi
 
 if ! command -v "$python" >/dev/null; then
   echo "setup_venv: $python not found; install Python 3.11+ (Debian: apt-get install python3 python3-venv)" >&2
