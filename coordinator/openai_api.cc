@@ -538,7 +538,12 @@ class OpenAiApi::Call {
 
   std::optional<ApiError> ReadPrompts(const json& p) {
     const Tokenizer& tokenizer = *deps_->tokenizer;
+    std::optional<ApiError> too_long;
     auto add_text = [&](const std::string& text) {
+      if (text.size() > deps_->max_prompt_bytes) {
+        too_long = TooLong(text.size(), "prompt");
+        return;
+      }
       prompts_.push_back(tokenizer.Encode(text));
       prompt_texts_.push_back(text);
     };
@@ -586,10 +591,19 @@ class OpenAiApi::Call {
     } else {
       return Fields::Error("prompt", "a non-empty string, list of strings, or token ids");
     }
+    if (too_long) return too_long;
     for (const auto& prompt : prompts_) {
       if (prompt.empty()) return ApiError{400, "prompt encodes to no tokens", "prompt"};
     }
     return std::nullopt;
+  }
+
+  ApiError TooLong(size_t bytes, const char* param) const {
+    return ApiError{400,
+                    absl::StrCat(param, " of ", bytes, " bytes cannot fit the model's context (",
+                                 deps_->config->max_position_embeddings, " tokens, at most ",
+                                 deps_->max_prompt_bytes, " bytes of text)"),
+                    param};
   }
 
   std::optional<ApiError> ParseChat(const json& body) {
@@ -634,6 +648,9 @@ class OpenAiApi::Call {
                       "--chat-template FILE, or use /v1/completions",
                       "messages"};
     }
+    size_t bytes = 0;
+    for (const ChatMessage& m : messages) bytes += m.content.size() + m.role.size();
+    if (bytes > deps_->max_prompt_bytes) return TooLong(bytes, "messages");
     absl::StatusOr<std::vector<int32_t>> ids =
         deps_->chat_template->Encode(messages, add_generation_prompt, *deps_->tokenizer);
     if (!ids.ok()) {
@@ -874,7 +891,17 @@ class OpenAiApi::Call {
   std::vector<Choice> choices_;
 };
 
-OpenAiApi::OpenAiApi(OpenAiApiDeps deps) : deps_(std::move(deps)) {}
+size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens) {
+  size_t longest = 1;
+  for (int32_t id = 0; id < tokenizer.vocab_size(); ++id) {
+    longest = std::max(longest, tokenizer.TokenText(id).size());
+  }
+  return longest * static_cast<size_t>(std::max<int64_t>(max_tokens, 1));
+}
+
+OpenAiApi::OpenAiApi(OpenAiApiDeps deps) : deps_(std::move(deps)) {
+  deps_.max_prompt_bytes = MaxPromptBytes(*deps_.tokenizer, deps_.config->max_position_embeddings);
+}
 OpenAiApi::~OpenAiApi() = default;
 
 namespace {
@@ -905,6 +932,15 @@ HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
     if (deps.chat_template == nullptr) {
       return ErrorResponse({400, "this model has no chat template", "messages"});
     }
+    size_t bytes = 0;
+    for (const ChatMessage& m : chat) bytes += m.content.size() + m.role.size();
+    if (bytes > deps.max_prompt_bytes) {
+      return ErrorResponse(
+          {400,
+           absl::StrCat("messages of ", bytes, " bytes cannot fit the model's context (at most ",
+                        deps.max_prompt_bytes, " bytes of text)"),
+           "messages"});
+    }
     auto ids = deps.chat_template->Encode(chat, add_generation_prompt, *deps.tokenizer);
     if (!ids.ok()) return ErrorResponse({400, std::string(ids.status().message()), "messages"});
     tokens = std::move(*ids);
@@ -913,6 +949,13 @@ HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
     if (auto e = f.String("prompt", &prompt)) return ErrorResponse(*e);
     if (f.Find("prompt") == nullptr) {
       return ErrorResponse({400, "prompt (or messages) is required", "prompt"});
+    }
+    if (prompt.size() > deps.max_prompt_bytes) {
+      return ErrorResponse({400,
+                            absl::StrCat("prompt of ", prompt.size(),
+                                         " bytes cannot fit the model's context (at most ",
+                                         deps.max_prompt_bytes, " bytes of text)"),
+                            "prompt"});
     }
     tokens = deps.tokenizer->Encode(prompt, add_special);
   }

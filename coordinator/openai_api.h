@@ -36,6 +36,8 @@ struct OpenAiApiDeps {
   std::function<bool()> healthy;
   // Called for each request refused before it was queued (metrics); may be empty.
   std::function<void()> on_rejected;
+  // Set by OpenAiApi: MaxPromptBytes(tokenizer, context).
+  size_t max_prompt_bytes = 0;
 };
 
 // Thread-safety: Handle may be called concurrently.
@@ -51,6 +53,11 @@ class OpenAiApi {
  private:
   OpenAiApiDeps deps_;
 };
+
+// The most bytes of text that can still encode to at most `max_tokens` tokens: max_tokens times
+// the longest token text of the vocabulary. Longer text is refused before it is tokenized
+// (tokenizing costs far more memory than the text).
+size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens);
 
 }  // namespace moe
 

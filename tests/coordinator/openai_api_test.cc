@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "absl/strings/str_split.h"
@@ -359,6 +360,22 @@ TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
     } else {
       EXPECT_EQ(e["error"]["param"], bad.param) << bad.body << " -> " << r.body;
     }
+  }
+  // Text that cannot fit the context is refused before it is tokenized (tokenizing costs far
+  // more memory than the text): 900 KB of prompt for a 256-token model.
+  const std::string huge(900'000, 'a');
+  for (const auto& [path, body, param] : std::vector<std::tuple<std::string, json, std::string>>{
+           {"/v1/completions", {{"prompt", huge}}, "prompt"},
+           {"/v1/completions", {{"prompt", {"ok", huge}}}, "prompt"},
+           {"/v1/chat/completions",
+            {{"messages", {{{"role", "user"}, {"content", huge}}}}},
+            "messages"},
+           {"/tokenize", {{"prompt", huge}}, "prompt"},
+           {"/tokenize", {{"messages", {{{"role", "user"}, {"content", huge}}}}}, "messages"}}) {
+    const testing::HttpReply r = Post(path, body.dump());
+    EXPECT_EQ(r.status, 400) << path << " " << r.body;
+    EXPECT_THAT(r.body, HasSubstr("cannot fit the model's context")) << path;
+    EXPECT_EQ(json::parse(r.body)["error"]["param"], param) << path;
   }
   EXPECT_EQ(ParseHttpReply(testing::HttpGet(server_->address(), "/v1/completions")).status, 405);
   // Transport refusals: a body over the limit (refused from its Content-Length, unread), a
