@@ -677,4 +677,12 @@ std::string IncrementalDetokenizer::Finish() {
   return delta;
 }
 
+size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens) {
+  size_t longest = 1;
+  for (int32_t id = 0; id < tokenizer.vocab_size(); ++id) {
+    longest = std::max(longest, tokenizer.TokenText(id).size());
+  }
+  return longest * static_cast<size_t>(std::max<int64_t>(max_tokens, 1));
+}
+
 }  // namespace moe

@@ -140,6 +140,11 @@ class Tokenizer {
   bool remove_extra_whitespaces_ = false;  // the model's NormalizerSpec setting
 };
 
+// The most bytes of text that can still encode to at most `max_tokens` tokens: max_tokens times
+// the longest token text of the vocabulary. The APIs refuse longer text before tokenizing it
+// (tokenizing costs far more memory than the text).
+size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens);
+
 // Turns a stream of generated token ids into text deltas. The concatenation of all deltas
 // (including Finish()'s) equals tokenizer.Decode(all ids fed to this detokenizer): in particular
 // a "▁" at the start of the first generated token is dropped, as transformers' TextStreamer and

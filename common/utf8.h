@@ -42,6 +42,18 @@ inline int Utf8CharLength(std::string_view s) {
   return s.size() >= static_cast<size_t>(length) ? length : 0;
 }
 
+// The offset of the first byte of `s` that does not start a valid character (an incomplete
+// character at the end included), or s.size() when all of `s` is valid UTF-8.
+inline size_t FirstInvalidUtf8(std::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    const int n = Utf8CharLength(s.substr(i));
+    if (n <= 0) return i;
+    i += static_cast<size_t>(n);
+  }
+  return i;
+}
+
 // The byte of a byte-fallback piece "<0xNN>" (SentencePiece's ByteToPiece; either hex case is
 // accepted), or -1.
 inline int PieceByte(std::string_view piece) {

@@ -48,6 +48,9 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       return transport;
     };
   }
+  if (!options.api_token_file.empty()) {
+    MOE_ASSIGN_OR_RETURN(api_tokens_, ApiTokens::Load(options.api_token_file));
+  }
   MOE_ASSIGN_OR_RETURN(model_, LocalModel::Create(model_options));
   const ModelConfig& c = model_->config();
   expert_load_ = std::make_unique<ExpertLoadCounter>(c.num_hidden_layers, c.num_local_experts);
@@ -81,6 +84,8 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.dtype = std::string(DTypeName(model_->weights().dtype()));
   deps.fingerprint = model_->checkpoint().fingerprint();
   deps.workers = workers;
+  deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
+  deps.max_prompt_bytes = MaxPromptBytes(*model_->tokenizer(), c.max_position_embeddings);
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };
@@ -131,6 +136,7 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
     deps.model_name = path.substr(path.rfind('/') + 1);
   }
   deps.max_sequences_per_request = std::max<int64_t>(options.scheduler.max_waiting, 1);
+  deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
   absl::StatusOr<std::string> source = options.chat_template_file.empty()
                                            ? model_->checkpoint().ChatTemplateSource()
                                            : ChatTemplate::ReadFile(options.chat_template_file);

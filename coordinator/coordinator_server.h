@@ -38,6 +38,8 @@ struct CoordinatorOptions {
   HttpServerOptions http;
   std::string served_model_name;   // the API's model name; empty: the model path's basename
   std::string chat_template_file;  // overrides the model's chat template
+  // Bearer tokens the public APIs require (ApiTokens file); empty: open.
+  std::string api_token_file;
   absl::Duration worker_connect_timeout = absl::Seconds(60);
   absl::Duration step_timeout = absl::Seconds(10);
   SchedulerOptions scheduler;
@@ -76,6 +78,7 @@ class CoordinatorServer {
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<InferenceService> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::optional<ApiTokens> api_tokens_;
   std::unique_ptr<ChatTemplate> chat_template_;
   std::unique_ptr<OpenAiApi> openai_;
   std::unique_ptr<HttpServer> http_server_;        // after openai_: its handlers call it

@@ -250,6 +250,8 @@ class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
     const std::string_view target(message.target().data(), message.target().size());
     request.path = std::string(target.substr(0, target.find('?')));
     request.body = std::move(message.body());
+    const auto authorization = message[http::field::authorization];
+    request.authorization.assign(authorization.data(), authorization.size());
     keep_alive_ = message.keep_alive();
     if (!server_->Enqueue(shared_from_this(), std::move(request))) {
       Reply(503, "the server is busy (every HTTP handler thread is taken); retry later");

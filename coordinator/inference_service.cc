@@ -4,7 +4,9 @@
 #include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
+#include "common/utf8.h"
 #include "coordinator/request_batch.h"
 
 namespace moe {
@@ -102,9 +104,42 @@ GenerationRequest FromProto(const pb::GenerateRequest& r, const Tokenizer& token
   return out;
 }
 
+grpc::Status InferenceService::Authorize(const grpc::ServerContext* context) const {
+  if (deps_.api_tokens == nullptr) return grpc::Status::OK;
+  const auto& metadata = context->client_metadata();
+  auto it = metadata.find("authorization");
+  if (it == metadata.end()) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED,
+                        "this server needs an API token: send the metadata \"authorization: "
+                        "Bearer <token>\" (moe-cli --api-token-file)");
+  }
+  if (!deps_.api_tokens->Accepts(std::string_view(it->second.data(), it->second.size()))) {
+    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "the API token is not accepted");
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status InferenceService::CheckText(const std::string& text, const char* field) const {
+  if (deps_.max_prompt_bytes > 0 && text.size() > deps_.max_prompt_bytes) {
+    return grpc::Status(
+        grpc::StatusCode::INVALID_ARGUMENT,
+        absl::StrCat(field, " of ", text.size(), " bytes cannot fit the model's context (at most ",
+                     deps_.max_prompt_bytes, " bytes of text)"));
+  }
+  if (const size_t bad = FirstInvalidUtf8(text); bad != text.size()) {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat(field, " is not valid UTF-8 (byte ", bad, ")"));
+  }
+  return grpc::Status::OK;
+}
+
 grpc::Status InferenceService::Generate(grpc::ServerContext* context,
                                         const pb::GenerateRequest* request,
                                         grpc::ServerWriter<pb::GenerateResponse>* writer) {
+  if (grpc::Status s = Authorize(context); !s.ok()) return s;
+  if (!request->has_prompt_ids()) {
+    if (grpc::Status s = CheckText(request->prompt(), "prompt"); !s.ok()) return s;
+  }
   auto rejected = [this](const absl::Status& status) {
     if (deps_.on_rejected) deps_.on_rejected();
     return ToGrpcStatus(status);
@@ -135,16 +170,21 @@ grpc::Status InferenceService::Generate(grpc::ServerContext* context,
   return ToGrpcStatus(status);
 }
 
-grpc::Status InferenceService::Tokenize(grpc::ServerContext*, const pb::TokenizeRequest* request,
+grpc::Status InferenceService::Tokenize(grpc::ServerContext* context,
+                                        const pb::TokenizeRequest* request,
                                         pb::TokenizeResponse* response) {
+  if (grpc::Status s = Authorize(context); !s.ok()) return s;
+  if (grpc::Status s = CheckText(request->text(), "text"); !s.ok()) return s;
   for (int32_t id : deps_.tokenizer->Encode(request->text(), request->add_bos())) {
     response->add_ids(id);
   }
   return grpc::Status::OK;
 }
 
-grpc::Status InferenceService::GetModelInfo(grpc::ServerContext*, const pb::GetModelInfoRequest*,
+grpc::Status InferenceService::GetModelInfo(grpc::ServerContext* context,
+                                            const pb::GetModelInfoRequest*,
                                             pb::ModelInfo* response) {
+  if (grpc::Status s = Authorize(context); !s.ok()) return s;
   const ModelConfig& c = *deps_.config;
   response->set_architecture(c.architecture);
   response->set_vocab_size(static_cast<int32_t>(c.vocab_size));
@@ -158,9 +198,10 @@ grpc::Status InferenceService::GetModelInfo(grpc::ServerContext*, const pb::GetM
   return grpc::Status::OK;
 }
 
-grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext*,
+grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext* context,
                                                 const pb::GetClusterStatusRequest*,
                                                 pb::ClusterStatus* response) {
+  if (grpc::Status s = Authorize(context); !s.ok()) return s;
   const std::vector<WorkerSnapshot> workers = deps_.workers();
   for (const WorkerSnapshot& w : workers) {
     pb::WorkerStatus* s = response->add_workers();

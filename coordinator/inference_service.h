@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/api_tokens.h"
 #include "common/tokenizer.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/scheduler.h"
@@ -28,6 +29,12 @@ struct InferenceServiceDeps {
   int64_t default_max_tokens = 64;
   // Called for each Generate refused before it was queued (metrics); may be empty.
   std::function<void()> on_rejected;
+  // Non-null: every call needs the metadata "authorization: Bearer <token>" (else
+  // UNAUTHENTICATED). grpc.health.v1 stays open.
+  const ApiTokens* api_tokens = nullptr;
+  // Text prompts longer than this are refused before they are tokenized (MaxPromptBytes);
+  // 0: no bound.
+  size_t max_prompt_bytes = 0;
 };
 
 // Converts a public request to the scheduler's form (text prompts tokenized, unset fields
@@ -55,6 +62,11 @@ class InferenceService final : public moecluster::v1::Inference::Service {
                                 moecluster::v1::ClusterStatus* response) override;
 
  private:
+  // OK, or UNAUTHENTICATED when a token is required and `context` lacks it.
+  grpc::Status Authorize(const grpc::ServerContext* context) const;
+  // OK, or INVALID_ARGUMENT for a text the tokenizer must not see (too long, not UTF-8).
+  grpc::Status CheckText(const std::string& text, const char* field) const;
+
   InferenceServiceDeps deps_;
 };
 

@@ -40,6 +40,11 @@ ABSL_FLAG(std::string, served_model_name, "",
 ABSL_FLAG(std::string, chat_template, "",
           "A Jinja2 chat template file for /v1/chat/completions, instead of the model's own "
           "(chat_template.jinja, tokenizer_config.json or the GGUF tokenizer.chat_template).");
+ABSL_FLAG(std::string, api_token_file, "",
+          "A file of bearer tokens (one per line, >= 16 characters; '#' comments): the public "
+          "gRPC API (metadata \"authorization: Bearer T\") and the HTTP API (header "
+          "\"Authorization: Bearer T\", the OpenAI clients' api_key) then refuse calls without "
+          "one (UNAUTHENTICATED / 401); health checks stay open. Empty: no authentication.");
 ABSL_FLAG(int64_t, http_max_body_bytes, 8 << 20, "Largest HTTP request body; bigger ones get 413.");
 ABSL_FLAG(int64_t, http_threads, 64,
           "HTTP requests handled at once (each waits for its generation); more are queued, and "
@@ -89,6 +94,7 @@ int main(int argc, char** argv) {
   options.http_listen = absl::GetFlag(FLAGS_http_listen);
   options.served_model_name = absl::GetFlag(FLAGS_served_model_name);
   options.chat_template_file = absl::GetFlag(FLAGS_chat_template);
+  options.api_token_file = absl::GetFlag(FLAGS_api_token_file);
   if (absl::GetFlag(FLAGS_http_max_body_bytes) < 1 || absl::GetFlag(FLAGS_http_threads) < 1 ||
       absl::GetFlag(FLAGS_http_threads) > 4096) {
     std::fprintf(stderr,

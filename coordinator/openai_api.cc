@@ -35,6 +35,7 @@ struct ApiError {
 };
 
 std::string ErrorType(int status) {
+  if (status == 401) return "authentication_error";
   if (status == 429) return "rate_limit_error";
   if (status >= 500) return "server_error";
   if (status == 404) return "not_found_error";
@@ -891,14 +892,6 @@ class OpenAiApi::Call {
   std::vector<Choice> choices_;
 };
 
-size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens) {
-  size_t longest = 1;
-  for (int32_t id = 0; id < tokenizer.vocab_size(); ++id) {
-    longest = std::max(longest, tokenizer.TokenText(id).size());
-  }
-  return longest * static_cast<size_t>(std::max<int64_t>(max_tokens, 1));
-}
-
 OpenAiApi::OpenAiApi(OpenAiApiDeps deps) : deps_(std::move(deps)) {
   deps_.max_prompt_bytes = MaxPromptBytes(*deps_.tokenizer, deps_.config->max_position_embeddings);
 }
@@ -1004,6 +997,15 @@ HttpResponse OpenAiApi::Handle(const HttpRequest& request) const {
     return ErrorResponse(
         {405, absl::StrCat(request.method, " is not allowed on ", path, "; use ", allowed), ""});
   };
+  if (deps_.api_tokens != nullptr && path != "/health" &&
+      !deps_.api_tokens->Accepts(request.authorization)) {
+    return ErrorResponse({401,
+                          request.authorization.empty()
+                              ? "this server needs an API key: send \"Authorization: Bearer "
+                                "<token>\" (the OpenAI clients' api_key)"
+                              : "the API key is not accepted",
+                          ""});
+  }
   if (path == "/v1/completions" || path == "/v1/chat/completions") {
     if (!post) return wrong_method("POST");
     Call call(&deps_, path == "/v1/chat/completions");

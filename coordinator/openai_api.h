@@ -4,7 +4,8 @@
 // Requests are untrusted: the JSON is parsed with a nesting limit, every field is type-checked
 // and unknown fields are refused, and each error is answered in OpenAI's error shape
 // {"error": {"message", "type", "param", "code"}} with its HTTP status (400 naming the
-// parameter, 404 unknown model or path, 405 wrong method, 429 queue full, 503 a worker down).
+// parameter, 401 without the API token when one is required, 404 unknown model or path, 405
+// wrong method, 429 queue full, 503 a worker down).
 #ifndef MOE_COORDINATOR_OPENAI_API_H_
 #define MOE_COORDINATOR_OPENAI_API_H_
 
@@ -13,6 +14,7 @@
 #include <memory>
 #include <string>
 
+#include "common/api_tokens.h"
 #include "common/chat_template.h"
 #include "common/model_config.h"
 #include "common/tokenizer.h"
@@ -36,6 +38,8 @@ struct OpenAiApiDeps {
   std::function<bool()> healthy;
   // Called for each request refused before it was queued (metrics); may be empty.
   std::function<void()> on_rejected;
+  // Non-null: every endpoint but /health needs "Authorization: Bearer <token>" (else 401).
+  const ApiTokens* api_tokens = nullptr;
   // Set by OpenAiApi: MaxPromptBytes(tokenizer, context).
   size_t max_prompt_bytes = 0;
 };
@@ -53,11 +57,6 @@ class OpenAiApi {
  private:
   OpenAiApiDeps deps_;
 };
-
-// The most bytes of text that can still encode to at most `max_tokens` tokens: max_tokens times
-// the longest token text of the vocabulary. Longer text is refused before it is tokenized
-// (tokenizing costs far more memory than the text).
-size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens);
 
 }  // namespace moe
 

@@ -5,12 +5,14 @@
 //   moe-cli chat --server HOST:PORT [--message TEXT]   (a coordinator's --http-listen address)
 //   moe-cli status --server HOST:PORT                               (workers, expert load)
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "common/api_tokens.h"
 #include "common/dtype.h"
 #include "common/main_init.h"
 #include "glog/logging.h"
@@ -22,6 +24,9 @@ ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "With --model: quantize a safetensors checkpoint's matrices while loading (q8_0, q4_k, "
           "q6_k).");
 ABSL_FLAG(std::string, server, "", "Coordinator HOST:PORT, to query a running cluster.");
+ABSL_FLAG(std::string, api_token_file, "",
+          "With --server: a file whose first token is sent as the coordinator's API token "
+          "(moe-coordinator --api-token-file). Default: $MOE_API_TOKEN when set.");
 ABSL_FLAG(std::string, prompt, "", "Prompt text.");
 ABSL_FLAG(std::string, message, "", "chat: the user's message.");
 ABSL_FLAG(std::string, system, "", "chat: a system message before it (none if empty).");
@@ -65,10 +70,22 @@ int main(int argc, char** argv) {
       "Flag names take dashes or underscores (--max-tokens == --max_tokens).");
   const std::string command = args.size() == 1 ? args[0] : "";
   absl::Status status;
+  std::string api_token;
+  if (!absl::GetFlag(FLAGS_api_token_file).empty()) {
+    auto token = moe::ApiTokens::LoadFirst(absl::GetFlag(FLAGS_api_token_file));
+    if (!token.ok()) {
+      std::fprintf(stderr, "moe-cli: error: %s\n", std::string(token.status().message()).c_str());
+      return 1;
+    }
+    api_token = *token;
+  } else if (const char* env = std::getenv("MOE_API_TOKEN"); env != nullptr) {
+    api_token = env;
+  }
   if (command == "generate" || command == "chat") {
     moe::CliGenerateOptions o;
     o.model_dir = absl::GetFlag(FLAGS_model);
     o.server = absl::GetFlag(FLAGS_server);
+    o.api_token = api_token;
     o.prompt = absl::GetFlag(FLAGS_prompt);
     o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
     o.sampling.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
@@ -91,7 +108,7 @@ int main(int argc, char** argv) {
       status = moe::RunGenerate(o);
     }
   } else if (command == "status") {
-    status = moe::RunStatus(absl::GetFlag(FLAGS_server));
+    status = moe::RunStatus(absl::GetFlag(FLAGS_server), api_token);
   } else {
     std::fprintf(stderr, "%s\n(run with --help for all flags)\n",
                  absl::ProgramUsageMessage().data());

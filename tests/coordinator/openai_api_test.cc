@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "absl/strings/str_split.h"
+#include "common/api_tokens.h"
 #include "common/chat_template.h"
 #include "coordinator/http_server.h"
 #include "coordinator/local_model.h"
@@ -427,6 +429,43 @@ TEST_F(OpenAiApiTest, FullQueueIs429AndTheQueuedRequestStillCompletes) {
   });
   EXPECT_THAT(streamed, HasSubstr("\"finish_reason\":\"length\""));
   EXPECT_THAT(streamed, ::testing::EndsWith("data: [DONE]\n\n"));
+}
+
+TEST_F(OpenAiApiTest, WithTokensEveryEndpointButHealthNeedsOne) {
+  const std::string path = ::testing::TempDir() + "/api_tokens";
+  std::ofstream(path) << "0123456789abcdef0123\n";
+  auto tokens = ApiTokens::Load(path);
+  ASSERT_TRUE(tokens.ok()) << tokens.status();
+  OpenAiApiDeps deps;
+  deps.scheduler = scheduler_;
+  deps.tokenizer = model_->tokenizer();
+  deps.config = &model_->config();
+  deps.model_name = "fixture";
+  deps.api_tokens = &*tokens;
+  OpenAiApi api(deps);
+  // The header travels from the HTTP request to the handler.
+  auto server =
+      HttpServer::Start("127.0.0.1:0", {}, [&](const HttpRequest& r) { return api.Handle(r); });
+  ASSERT_TRUE(server.ok()) << server.status();
+  const std::string body = R"({"prompt": "Hello"})";  // valid for both endpoints
+  auto post = [&](const std::string& target, const std::string& authorization) {
+    return ParseHttpReply(
+        HttpExchange((*server)->address(),
+                     "POST " + target + " HTTP/1.1\r\nHost: x\r\n" +
+                         (authorization.empty() ? "" : "Authorization: " + authorization + "\r\n") +
+                         "Content-Length: " + std::to_string(body.size()) +
+                         "\r\nConnection: close\r\n\r\n" + body));
+  };
+  for (const std::string target : {"/v1/completions", "/tokenize"}) {
+    const testing::HttpReply none = post(target, "");
+    EXPECT_EQ(none.status, 401) << target << " " << none.body;
+    EXPECT_EQ(json::parse(none.body)["error"]["type"], "authentication_error");
+    EXPECT_THAT(none.body, HasSubstr("Authorization: Bearer"));
+    EXPECT_EQ(post(target, "Bearer wrong-token-0123456789").status, 401) << target;
+    EXPECT_EQ(post(target, "Bearer 0123456789abcdef0123").status, 200) << target;
+  }
+  EXPECT_EQ(ParseHttpReply(testing::HttpGet((*server)->address(), "/v1/models")).status, 401);
+  EXPECT_EQ(ParseHttpReply(testing::HttpGet((*server)->address(), "/health")).status, 200);
 }
 
 TEST_F(OpenAiApiTest, KeepAliveServesSeveralRequestsOnOneConnection) {

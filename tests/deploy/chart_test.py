@@ -434,6 +434,20 @@ class ChartTest(unittest.TestCase):
         self.assertFalse([a for a in container["args"] if a.startswith("--http-listen")])
         self.assertNotIn("http", [p["name"] for p in container["ports"]])
 
+    def test_api_tokens_from_a_secret(self):
+        container = self.rendered["cpu-2-workers"].coordinator()["spec"]["template"]["spec"][
+            "containers"][0]
+        self.assertFalse([a for a in container["args"] if a.startswith("--api-token-file")])
+        on = self.render(minimal_values(coordinator__apiTokens__secretName="moe-api-tokens"))
+        pod = on.coordinator()["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        self.assertEqual(flag(container["args"], "api-token-file"),
+                         "/etc/moe-cluster/api-tokens/tokens")
+        self.assertIn({"name": "api-tokens", "mountPath": "/etc/moe-cluster/api-tokens",
+                       "readOnly": True}, container["volumeMounts"])
+        volume = next(v for v in pod["volumes"] if v["name"] == "api-tokens")
+        self.assertEqual(volume["secret"]["secretName"], "moe-api-tokens")
+
     def test_services_select_their_pods(self):
         for vs, rendered in self.rendered.items():
             for workload in rendered.workloads():

@@ -3,7 +3,9 @@
 #include <signal.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -307,6 +309,63 @@ TEST(ClusterHttpTest, EchoLogprobsEqualInProcessChatWorksAndAWorkerDownIs503) {
   }
   EXPECT_EQ(health.status, 503) << health.body;
   EXPECT_EQ(testing::ParseHttpReply(testing::HttpGet(http, "/v1/models")).status, 200);
+}
+
+// --- API tokens and hostile prompt text (issue 11's first findings). ---
+
+TEST(ClusterAuthTest, TokensGuardBothApisAndHostileTextIsRefusedBeforeTokenizing) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const std::string tokens = testing::TempDir("cluster_auth") + "/tokens";
+  std::ofstream(tokens) << "# the demo's token\n0123456789abcdef0123\n";
+  auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2),
+                                {"--api-token-file", tokens, "--http-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  // Health is open; the API is not.
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+  auto refused = c.client().Generate(IdsRequest({1, 450, 29}, 4));
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnauthenticated) << refused.status();
+  EXPECT_THAT(refused.status().message(), HasSubstr("authorization: Bearer"));
+  EXPECT_EQ(c.client().GetClusterStatus().status().code(), absl::StatusCode::kUnauthenticated);
+  EXPECT_EQ(InferenceClient(c.address(), "wrong-token-0123456789").GetModelInfo().status().code(),
+            absl::StatusCode::kUnauthenticated);
+  InferenceClient client(c.address(), "0123456789abcdef0123");
+  auto ok = client.Generate(IdsRequest({1, 450, 29}, 4));
+  ASSERT_TRUE(ok.ok()) << ok.status();
+  EXPECT_EQ(ok->tokens.size(), 4u);
+  EXPECT_TRUE(client.GetClusterStatus().ok());
+  // moe-cli with the token file (gRPC and HTTP).
+  for (const std::string& args :
+       {absl::StrCat("generate --server ", c.address(), " --prompt Hello --max-tokens 3"),
+        absl::StrCat("status --server ", c.address())}) {
+    const std::string with =
+        absl::StrCat(MOE_CLI_PATH, " ", args, " --api-token-file ", tokens, " >/dev/null 2>&1");
+    const std::string without = absl::StrCat(MOE_CLI_PATH, " ", args, " >/dev/null 2>&1");
+    EXPECT_EQ(std::system(with.c_str()), 0) << args;
+    EXPECT_NE(std::system(without.c_str()), 0) << args;
+  }
+  const std::string http = c.http_address();
+  EXPECT_EQ(testing::ParseHttpReply(testing::HttpGet(http, "/v1/models")).status, 401);
+  EXPECT_EQ(testing::ParseHttpReply(testing::HttpGet(http, "/health")).status, 200);
+
+  // Prompt text is checked before the tokenizer sees it: invalid UTF-8 names its byte, and 60 MB
+  // of text is refused at once without the coordinator's memory growing.
+  pb::GenerateRequest bad_utf8;
+  bad_utf8.set_prompt(std::string("ok \xff\xfe"));
+  bad_utf8.set_max_tokens(2);
+  auto utf8 = client.Generate(bad_utf8);
+  EXPECT_EQ(utf8.status().code(), absl::StatusCode::kInvalidArgument) << utf8.status();
+  EXPECT_THAT(utf8.status().message(), HasSubstr("prompt is not valid UTF-8 (byte 3)"));
+  const uint64_t rss_before = c.coordinator().RssBytes();
+  pb::GenerateRequest huge;
+  huge.set_prompt(std::string(60 << 20, 'a'));
+  huge.set_max_tokens(2);
+  auto too_long = client.Generate(huge);
+  EXPECT_EQ(too_long.status().code(), absl::StatusCode::kInvalidArgument) << too_long.status();
+  EXPECT_THAT(too_long.status().message(), HasSubstr("cannot fit the model's context"));
+  // The message itself is held while it is checked (60 MB, plus gRPC's copy), never tokenized
+  // (~240 bytes per byte: gigabytes).
+  EXPECT_LT(c.coordinator().RssBytes(), rss_before + (uint64_t{400} << 20));
 }
 
 TEST(ClusterLogitsTest, GrpcEqualsInProcessBitForBit) {

@@ -132,7 +132,7 @@ absl::Status RunLocal(const CliGenerateOptions& o) {
 }
 
 absl::Status RunRemote(const CliGenerateOptions& o) {
-  InferenceClient client(o.server);
+  InferenceClient client(o.server, o.api_token);
   pb::GenerateRequest request;
   request.set_prompt(o.prompt);
   request.set_max_tokens(static_cast<int32_t>(o.max_tokens));
@@ -222,8 +222,9 @@ ChatReplier RemoteChat(const CliGenerateOptions& o) {
     std::string text, finish, error;
     size_t prompt_tokens = 0, completion_tokens = 0;
     Timer timer;
-    auto answer =
-        HttpPostJson(o.server, "/v1/chat/completions", body.dump(), [&](const std::string& data) {
+    auto answer = HttpPostJson(
+        o.server, "/v1/chat/completions", body.dump(),
+        [&](const std::string& data) {
           if (data == "[DONE]") return false;
           const nlohmann::json chunk = nlohmann::json::parse(data, nullptr, false);
           if (!chunk.is_object()) return true;
@@ -248,7 +249,8 @@ ChatReplier RemoteChat(const CliGenerateOptions& o) {
             }
           }
           return true;
-        });
+        },
+        o.api_token);
     if (!answer.ok()) return answer.status();
     if (answer->status != 200) return absl::UnavailableError(HttpErrorMessage(*answer));
     if (!error.empty()) return absl::UnavailableError(error);
@@ -304,9 +306,9 @@ absl::Status RunChat(const CliGenerateOptions& options) {
   return absl::OkStatus();
 }
 
-absl::Status RunStatus(const std::string& server) {
+absl::Status RunStatus(const std::string& server, const std::string& api_token) {
   if (server.empty()) return absl::InvalidArgumentError("status needs --server HOST:PORT");
-  InferenceClient client(server);
+  InferenceClient client(server, api_token);
   auto status = client.GetClusterStatus();
   if (!status.ok()) return status.status();
   std::cout << FormatClusterStatus(*status);

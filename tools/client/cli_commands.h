@@ -17,6 +17,7 @@ namespace moe {
 struct CliGenerateOptions {
   std::string model_dir;  // local: run the model in this process
   std::string server;     // remote: HOST:PORT of a coordinator (wins over model_dir)
+  std::string api_token;  // remote: the server's API token (empty: none)
   std::string prompt;
   int64_t max_tokens = 64;
   SamplingParams sampling;
@@ -42,7 +43,7 @@ absl::Status RunGenerate(const CliGenerateOptions& options);
 absl::Status RunChat(const CliGenerateOptions& options);
 
 // Prints workers, placement and the expert-load table of a coordinator.
-absl::Status RunStatus(const std::string& server);
+absl::Status RunStatus(const std::string& server, const std::string& api_token = "");
 
 }  // namespace moe
 

@@ -55,13 +55,14 @@ int Connect(const std::string& server, std::string* error) {
 absl::StatusOr<HttpAnswer> HttpPostJson(const std::string& server, const std::string& path,
                                         const std::string& body,
                                         const std::function<bool(const std::string&)>& on_event,
-                                        absl::Duration timeout) {
+                                        const std::string& api_token, absl::Duration timeout) {
   std::string error;
   const int fd = Connect(server, &error);
   if (fd < 0) return absl::UnavailableError(error);
   const std::string request = absl::StrCat(
       "POST ", path, " HTTP/1.1\r\nHost: ", server,
       "\r\nContent-Type: application/json\r\nAccept: */*\r\nContent-Length: ", body.size(),
+      api_token.empty() ? "" : absl::StrCat("\r\nAuthorization: Bearer ", api_token),
       "\r\nConnection: close\r\n\r\n", body);
   for (size_t sent = 0; sent < request.size();) {
     const ssize_t n = send(fd, request.data() + sent, request.size() - sent, MSG_NOSIGNAL);

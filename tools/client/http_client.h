@@ -20,9 +20,11 @@ struct HttpAnswer {
 // With `on_event`, a 200 answer is read as server-sent events: each `data:` payload is passed
 // on as it arrives (the answer's body then stays empty); return false to stop reading.
 // UNAVAILABLE when the server cannot be reached, DEADLINE_EXCEEDED after `timeout` of silence.
+// `api_token`: sent as "Authorization: Bearer <token>" (empty: none).
 absl::StatusOr<HttpAnswer> HttpPostJson(const std::string& server, const std::string& path,
                                         const std::string& body,
                                         const std::function<bool(const std::string&)>& on_event,
+                                        const std::string& api_token = "",
                                         absl::Duration timeout = absl::Seconds(300));
 
 // The error message of an OpenAI-style error body ({"error": {"message": ...}}), else the body.

@@ -9,14 +9,20 @@ namespace moe {
 
 namespace pb = moecluster::v1;
 
-InferenceClient::InferenceClient(const std::string& address)
-    : channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+InferenceClient::InferenceClient(const std::string& address, const std::string& api_token)
+    : api_token_(api_token),
+      channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
       stub_(pb::Inference::NewStub(channel_)) {}
+
+void InferenceClient::Prepare(grpc::ClientContext* context) const {
+  if (!api_token_.empty()) context->AddMetadata("authorization", "Bearer " + api_token_);
+}
 
 absl::StatusOr<ClientResult> InferenceClient::Generate(
     const pb::GenerateRequest& request, const std::function<void(const pb::TokenDelta&)>& on_delta,
     const std::function<void(grpc::ClientContext*)>& context_hook) {
   grpc::ClientContext context;
+  Prepare(&context);
   if (context_hook) context_hook(&context);
   auto reader = stub_->Generate(&context, request);
   ClientResult result;
@@ -40,6 +46,7 @@ absl::StatusOr<ClientResult> InferenceClient::Generate(
 absl::StatusOr<pb::ClusterStatus> InferenceClient::GetClusterStatus() {
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  Prepare(&context);
   pb::ClusterStatus status;
   grpc::Status s = stub_->GetClusterStatus(&context, pb::GetClusterStatusRequest(), &status);
   if (!s.ok()) return FromGrpcStatus(s);
@@ -49,6 +56,7 @@ absl::StatusOr<pb::ClusterStatus> InferenceClient::GetClusterStatus() {
 absl::StatusOr<pb::ModelInfo> InferenceClient::GetModelInfo() {
   grpc::ClientContext context;
   context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(10)));
+  Prepare(&context);
   pb::ModelInfo info;
   grpc::Status s = stub_->GetModelInfo(&context, pb::GetModelInfoRequest(), &info);
   if (!s.ok()) return FromGrpcStatus(s);

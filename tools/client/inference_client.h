@@ -26,7 +26,8 @@ struct ClientResult {
 // Thread-safety: all methods may be called concurrently.
 class InferenceClient {
  public:
-  explicit InferenceClient(const std::string& address);
+  // `api_token`: sent as "authorization: Bearer <token>" on every call (empty: none).
+  explicit InferenceClient(const std::string& address, const std::string& api_token = "");
 
   // Streams a generation; `on_delta` (optional) sees each TokenDelta as it arrives. Returns the
   // server's status (e.g. INVALID_ARGUMENT, UNAVAILABLE) if the stream ends with an error.
@@ -47,6 +48,9 @@ class InferenceClient {
   bool WaitForConnected(absl::Duration timeout);
 
  private:
+  void Prepare(grpc::ClientContext* context) const;
+
+  std::string api_token_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<moecluster::v1::Inference::Stub> stub_;
 };
