@@ -685,4 +685,11 @@ size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens) {
   return longest * static_cast<size_t>(std::max<int64_t>(max_tokens, 1));
 }
 
+absl::Status CheckPromptBytes(size_t bytes, size_t max_bytes, std::string_view field) {
+  if (max_bytes == 0 || bytes <= max_bytes) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(std::string(field), " of ", bytes,
+                                                 " bytes cannot fit the model's context (at most ",
+                                                 max_bytes, " bytes of text)"));
+}
+
 }  // namespace moe

@@ -144,6 +144,9 @@ class Tokenizer {
 // the longest token text of the vocabulary. The APIs refuse longer text before tokenizing it
 // (tokenizing costs far more memory than the text).
 size_t MaxPromptBytes(const Tokenizer& tokenizer, int64_t max_tokens);
+// OK, or INVALID_ARGUMENT naming `field` when `bytes` of text are over `max_bytes`
+// (MaxPromptBytes; 0: no bound).
+absl::Status CheckPromptBytes(size_t bytes, size_t max_bytes, std::string_view field);
 
 // Turns a stream of generated token ids into text deltas. The concatenation of all deltas
 // (including Finish()'s) equals tokenizer.Decode(all ids fed to this detokenizer): in particular

@@ -120,11 +120,8 @@ grpc::Status InferenceService::Authorize(const grpc::ServerContext* context) con
 }
 
 grpc::Status InferenceService::CheckText(const std::string& text, const char* field) const {
-  if (deps_.max_prompt_bytes > 0 && text.size() > deps_.max_prompt_bytes) {
-    return grpc::Status(
-        grpc::StatusCode::INVALID_ARGUMENT,
-        absl::StrCat(field, " of ", text.size(), " bytes cannot fit the model's context (at most ",
-                     deps_.max_prompt_bytes, " bytes of text)"));
+  if (absl::Status s = CheckPromptBytes(text.size(), deps_.max_prompt_bytes, field); !s.ok()) {
+    return ToGrpcStatus(s);
   }
   if (const size_t bad = FirstInvalidUtf8(text); bad != text.size()) {
     return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,

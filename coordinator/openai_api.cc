@@ -393,6 +393,13 @@ std::optional<ApiError> ReadStop(Fields& f, std::vector<std::string>* stop) {
   return std::nullopt;
 }
 
+// A 400 naming `param` for text that cannot fit the context (CheckPromptBytes).
+std::optional<ApiError> TextFits(size_t bytes, size_t max_bytes, const char* param) {
+  const absl::Status s = CheckPromptBytes(bytes, max_bytes, param);
+  if (s.ok()) return std::nullopt;
+  return ApiError{400, std::string(s.message()), param};
+}
+
 }  // namespace
 
 // One completions or chat request: parsed, submitted, answered (whole or streamed).
@@ -541,10 +548,7 @@ class OpenAiApi::Call {
     const Tokenizer& tokenizer = *deps_->tokenizer;
     std::optional<ApiError> too_long;
     auto add_text = [&](const std::string& text) {
-      if (text.size() > deps_->max_prompt_bytes) {
-        too_long = TooLong(text.size(), "prompt");
-        return;
-      }
+      if ((too_long = TooLong(text.size(), "prompt"))) return;
       prompts_.push_back(tokenizer.Encode(text));
       prompt_texts_.push_back(text);
     };
@@ -599,12 +603,8 @@ class OpenAiApi::Call {
     return std::nullopt;
   }
 
-  ApiError TooLong(size_t bytes, const char* param) const {
-    return ApiError{400,
-                    absl::StrCat(param, " of ", bytes, " bytes cannot fit the model's context (",
-                                 deps_->config->max_position_embeddings, " tokens, at most ",
-                                 deps_->max_prompt_bytes, " bytes of text)"),
-                    param};
+  std::optional<ApiError> TooLong(size_t bytes, const char* param) const {
+    return TextFits(bytes, deps_->max_prompt_bytes, param);
   }
 
   std::optional<ApiError> ParseChat(const json& body) {
@@ -651,7 +651,7 @@ class OpenAiApi::Call {
     }
     size_t bytes = 0;
     for (const ChatMessage& m : messages) bytes += m.content.size() + m.role.size();
-    if (bytes > deps_->max_prompt_bytes) return TooLong(bytes, "messages");
+    MOE_RETURN_IF_API_ERROR(TooLong(bytes, "messages"));
     absl::StatusOr<std::vector<int32_t>> ids =
         deps_->chat_template->Encode(messages, add_generation_prompt, *deps_->tokenizer);
     if (!ids.ok()) {
@@ -927,13 +927,7 @@ HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
     }
     size_t bytes = 0;
     for (const ChatMessage& m : chat) bytes += m.content.size() + m.role.size();
-    if (bytes > deps.max_prompt_bytes) {
-      return ErrorResponse(
-          {400,
-           absl::StrCat("messages of ", bytes, " bytes cannot fit the model's context (at most ",
-                        deps.max_prompt_bytes, " bytes of text)"),
-           "messages"});
-    }
+    if (auto e = TextFits(bytes, deps.max_prompt_bytes, "messages")) return ErrorResponse(*e);
     auto ids = deps.chat_template->Encode(chat, add_generation_prompt, *deps.tokenizer);
     if (!ids.ok()) return ErrorResponse({400, std::string(ids.status().message()), "messages"});
     tokens = std::move(*ids);
@@ -943,12 +937,8 @@ HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
     if (f.Find("prompt") == nullptr) {
       return ErrorResponse({400, "prompt (or messages) is required", "prompt"});
     }
-    if (prompt.size() > deps.max_prompt_bytes) {
-      return ErrorResponse({400,
-                            absl::StrCat("prompt of ", prompt.size(),
-                                         " bytes cannot fit the model's context (at most ",
-                                         deps.max_prompt_bytes, " bytes of text)"),
-                            "prompt"});
+    if (auto e = TextFits(prompt.size(), deps.max_prompt_bytes, "prompt")) {
+      return ErrorResponse(*e);
     }
     tokens = deps.tokenizer->Encode(prompt, add_special);
   }
