@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <cstring>
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
@@ -42,14 +44,31 @@ void EncodeRequest(uint64_t step, int64_t layer, const WorkerDispatch& d, const 
   }
 }
 
-// A worker's answer is untrusted: the step it echoes and the output's dtype, shape and size.
+// Bigger than any honest hidden-state value (fp16 checkpoints keep them below 65504), far below
+// what a broken or hostile worker could send.
+constexpr float kMaxPartialSum = 1e8f;
+
+// A worker's answer is untrusted: the step it echoes, the output's dtype, shape and size, and
+// its values.
 absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, uint64_t step,
                                           int64_t rows, int64_t hidden) {
   if (response.step() != step) {
     return absl::InternalError(absl::StrCat("answered step ", response.step(), " for step ", step));
   }
   MOE_RETURN_IF_ERROR(CheckF32Tensor(response.output(), rows, hidden, "output"));
-  return static_cast<const void*>(response.output().data().data());
+  // The values too: a NaN, an infinity or an absurd magnitude would flow into the residual
+  // stream and the next layer's routing (and get an honest worker blamed for it there).
+  const char* data = response.output().data().data();
+  for (int64_t i = 0; i < rows * hidden; ++i) {
+    float v;
+    std::memcpy(&v, data + i * sizeof(float), sizeof(float));
+    if (!(std::fabs(v) <= kMaxPartialSum)) {  // NaN fails too
+      return absl::InternalError(absl::StrCat("output row ", i / hidden, " holds ", v,
+                                              " (partial sums must be finite and within ±",
+                                              kMaxPartialSum, ")"));
+    }
+  }
+  return static_cast<const void*>(data);
 }
 
 }  // namespace

@@ -29,7 +29,7 @@ constexpr int64_t kExperts = 8;
 constexpr int64_t kHidden = 4;
 constexpr char kFingerprint[] = "fake-model";
 
-enum class Mode { kCorrect, kWrongStep, kWrongShape, kClose, kHang };
+enum class Mode { kCorrect, kWrongStep, kWrongShape, kClose, kHang, kNaN, kHuge };
 
 // An ExpertWorker whose expert e computes (e + 1) * x, so every answer is exact in f32.
 class FakeWorker final : public pb::ExpertWorker::Service {
@@ -87,6 +87,8 @@ class FakeWorker final : public pb::ExpertWorker::Service {
           for (int64_t k = 0; k < kHidden; ++k) out[r * kHidden + k] += scale * x[r * kHidden + k];
         }
       }
+      if (mode == Mode::kNaN && rows > 0) out[kHidden + 1] = std::nanf("");
+      if (mode == Mode::kHuge && rows > 0) out[0] = 1e30f;
       pb::ForwardResponse response;
       response.set_step(mode == Mode::kWrongStep ? req.step() + 1 : req.step());
       EncodeF32Tensor(out.data(), mode == Mode::kWrongShape ? rows - 1 : rows, kHidden,
@@ -289,7 +291,8 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItRec
 }
 
 std::string GarbageName(const ::testing::TestParamInfo<GarbageCase>& info) {
-  static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "Close", "Hang"};
+  static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "Close",
+                                       "Hang",    "NaN",       "Huge"};
   return kNames[static_cast<int>(info.param.mode)];
 }
 
@@ -298,7 +301,9 @@ INSTANTIATE_TEST_SUITE_P(Answers, GrpcTransportGarbageTest,
                                            GarbageCase{Mode::kWrongShape,
                                                        "output: expected shape [2, 4], got [1, 4]"},
                                            GarbageCase{Mode::kClose, "fake closes"},
-                                           GarbageCase{Mode::kHang, "no answer within 300ms"}),
+                                           GarbageCase{Mode::kHang, "no answer within 300ms"},
+                                           GarbageCase{Mode::kNaN, "output row 1 holds nan"},
+                                           GarbageCase{Mode::kHuge, "output row 0 holds 1e+30"}),
                          GarbageName);
 
 TEST(GrpcTransportTest, ReplicaTakesOverWhenTheFirstCopyIsDown) {
