@@ -93,6 +93,13 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                         .Help("Prompt tokens prefilled")
                         .Register(r)
                         .Add({});
+  preemptions_ = &prometheus::BuildCounter()
+                      .Name("moe_preemptions_total")
+                      .Help(
+                          "Running sequences preempted when the KV cache ran out (their blocks "
+                          "freed; they resume later by prefilling their tokens again)")
+                      .Register(r)
+                      .Add({});
   generation_tokens_ = &prometheus::BuildCounter()
                             .Name("moe_generation_tokens_total")
                             .Help("Tokens generated (sampled)")
@@ -213,6 +220,7 @@ void CoordinatorMetrics::OnRejected() { rejected_->Increment(); }
 void CoordinatorMetrics::OnStep(const StepReport& report) {
   if (report.prompt_tokens > 0)
     prompt_tokens_->Increment(static_cast<double>(report.prompt_tokens));
+  if (report.preempted > 0) preemptions_->Increment(static_cast<double>(report.preempted));
   if (report.generated_tokens > 0) {
     generation_tokens_->Increment(static_cast<double>(report.generated_tokens));
   }

@@ -101,6 +101,7 @@ class CoordinatorMetrics : public SchedulerObserver, public DispatchObserver {
   std::vector<prometheus::Counter*> expert_tokens_;  // [layer * experts + expert]
   std::vector<prometheus::Gauge*> imbalance_;        // [layer]
   prometheus::Counter* prompt_tokens_;
+  prometheus::Counter* preemptions_;
   prometheus::Counter* generation_tokens_;
   prometheus::Counter* outcome_[4];  // by RequestOutcome
   prometheus::Counter* rejected_;

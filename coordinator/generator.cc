@@ -164,13 +164,19 @@ SequenceDecoder::SequenceDecoder(const GenerationRequest* request, const Tokeniz
 
 std::span<const int32_t> SequenceDecoder::NextInput() const {
   if (!prefilled_) return request_->prompt;
+  if (recompute_) return history_;
   return {&history_.back(), 1};
 }
 
 float* SequenceDecoder::Prefilled(float* prompt_rows) {
+  if (recompute_) {  // a resumed sequence: the last row continues it; the prompt was scored
+    recompute_ = false;
+    return prompt_rows;
+  }
+  const bool scored = wants_prompt_logits();
   prefilled_ = true;
   const size_t n = request_->prompt.size();
-  if (!wants_prompt_logits()) return prompt_rows;
+  if (!scored) return prompt_rows;
   output_.prompt_logprobs.resize(n - 1);
   for (size_t i = 0; i + 1 < n; ++i) {
     ComputeLogprobs({prompt_rows + i * vocab_size_, static_cast<size_t>(vocab_size_)},

@@ -121,12 +121,21 @@ class SequenceDecoder {
   SequenceDecoder& operator=(const SequenceDecoder&) = delete;
 
   // The tokens the engine must append next: the whole prompt before the first Advance(), then
-  // the last generated token. Valid until the next Advance().
+  // the last generated token (after Preempt(): all tokens so far). Valid until the next
+  // Advance().
   std::span<const int32_t> NextInput() const;
-  // True until the prompt's logits arrived (Prefilled()).
-  bool prefilling() const { return !prefilled_; }
-  // With prompt_logprobs >= 0 the prefill needs logits at every prompt position.
-  bool wants_prompt_logits() const { return request_->params.prompt_logprobs >= 0; }
+  // True until the prompt's logits arrived (Prefilled()), and again after Preempt() until the
+  // recomputed prefix's have.
+  bool prefilling() const { return !prefilled_ || recompute_; }
+  // After Preempt(), until Prefilled().
+  bool resuming() const { return recompute_; }
+  // With prompt_logprobs >= 0 the first prefill needs logits at every prompt position.
+  bool wants_prompt_logits() const { return !prefilled_ && request_->params.prompt_logprobs >= 0; }
+  // The sequence lost its KV cache (the scheduler freed its blocks for others): NextInput()
+  // becomes everything so far (prompt and generated tokens), to be prefilled again; the logits
+  // of its last row then continue the sequence as the next decode step would have (sampler,
+  // detokenizer and stop state are kept). REQUIRES: !prefilling() && !finished().
+  void Preempt() { recompute_ = true; }
   // After the prefill step: `prompt_rows` holds the logits of every prompt position when
   // wants_prompt_logits() (prompt size rows of vocab_size), else only the last. Scores the
   // prompt if asked; with max_tokens = 0 the sequence then finishes (kLength, no tokens) and
@@ -150,6 +159,7 @@ class SequenceDecoder {
   const Tokenizer* tokenizer_;
   const int32_t vocab_size_;
   bool prefilled_ = false;
+  bool recompute_ = false;  // preempted: the whole history is the next input
   Sampler sampler_;
   IncrementalDetokenizer detokenizer_;
   StopMatcher stop_;

@@ -177,6 +177,7 @@ bool Scheduler::StepOnce() {
     return true;
   }
   if (running_.empty()) return !retired.empty();
+  preempted_ = PreemptForSpace();
   const size_t first_prefill = BuildBatch();
   const absl::Status status = engine_->Step(inputs_, &logits_);
   traced_.clear();
@@ -201,11 +202,12 @@ void Scheduler::TakeCancelled(std::vector<SequencePtr>* out) {
 
 Scheduler::SequencePtr Scheduler::Admit() {
   int64_t budget = options_.max_step_tokens - static_cast<int64_t>(running_.size());
-  int64_t free_blocks = engine_->kv_cache().free_blocks() - DecodeBlocksNeeded();
+  int64_t free_blocks = engine_->kv_cache().free_blocks() - BlocksNeeded();
   bool prefilling = false;
   absl::MutexLock lock(&mu_);
   while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_running) {
-    const int64_t prompt = static_cast<int64_t>(waiting_.front()->request.prompt.size());
+    // The prompt, or for a preempted sequence everything it has so far.
+    const int64_t prompt = static_cast<int64_t>(waiting_.front()->decoder.NextInput().size());
     const int64_t blocks = CeilDiv(prompt, block_size_);
     // A prompt longer than the whole budget goes alone, or it would never run.
     const bool alone = !prefilling && prompt > options_.max_step_tokens;
@@ -225,13 +227,33 @@ Scheduler::SequencePtr Scheduler::Admit() {
   return unfit;
 }
 
-int64_t Scheduler::DecodeBlocksNeeded() const {
+int64_t Scheduler::BlocksNeeded() const {
   int64_t blocks = 0;
   for (const SequencePtr& s : running_) {
-    const int64_t capacity = static_cast<int64_t>(s->state.blocks.blocks.size()) * block_size_;
-    if (s->state.length + 1 > capacity) ++blocks;
+    const int64_t held = static_cast<int64_t>(s->state.blocks.blocks.size());
+    const int64_t length = s->state.length + static_cast<int64_t>(s->decoder.NextInput().size());
+    blocks += std::max<int64_t>(CeilDiv(length, block_size_) - held, 0);
   }
   return blocks;
+}
+
+int64_t Scheduler::PreemptForSpace() {
+  int64_t preempted = 0;
+  while (running_.size() > 1 && BlocksNeeded() > engine_->kv_cache().free_blocks()) {
+    SequencePtr s = std::move(running_.back());
+    running_.pop_back();
+    engine_->Release(&s->state);
+    // A prompt admitted this step has nothing to recompute yet; it just waits again.
+    if (!s->decoder.prefilling()) {
+      s->decoder.Preempt();
+      ++preempted;
+    }
+    absl::MutexLock lock(&mu_);
+    s->admitted = false;
+    --running_count_;
+    waiting_.push_front(std::move(s));
+  }
+  return preempted;
 }
 
 size_t Scheduler::BuildBatch() {
@@ -273,11 +295,12 @@ void Scheduler::Emit() {
     Sequence& s = *running_[j];
     float* logits = &logits_[row * vocab];
     row += inputs_[j].all_logits ? inputs_[j].tokens.size() : 1;
-    if (s.decoder.prefilling()) {
+    if (s.decoder.prefilling() && !s.decoder.resuming()) {
       logits = s.decoder.Prefilled(logits);
       if (s.decoder.finished()) continue;  // scoring only (max_tokens = 0)
       ttft_.push_back(SecondsBetween(s.arrival, now));
     } else {
+      if (s.decoder.resuming()) logits = s.decoder.Prefilled(logits);
       itl_.push_back(SecondsBetween(s.last_token, now));
     }
     s.last_token = now;
@@ -291,7 +314,7 @@ void Scheduler::Emit() {
                          : std::span<const TokenLogprobs>(&out.logprobs.back(), 1));
   }
   if (observer_ != nullptr) {
-    observer_->OnStep({step_prompt_tokens_, generated, ttft_, itl_});
+    observer_->OnStep({step_prompt_tokens_, generated, ttft_, itl_, preempted_});
   }
   std::vector<SequencePtr> finished;  // allocates only when a sequence finished
   Extract(&running_, &finished, [](const Sequence& s) { return s.decoder.finished(); });

@@ -71,6 +71,8 @@ class SchedulerObserver {
     std::span<const double> time_to_first_token;
     // Seconds since the sequence's previous token, for the others.
     std::span<const double> inter_token_latency;
+    // Running sequences preempted before this step (their KV blocks freed for the others).
+    int64_t preempted = 0;
   };
   virtual ~SchedulerObserver() = default;
   // After every successful engine step.
@@ -84,8 +86,11 @@ class SchedulerObserver {
 // Start() and Stop(); Start, Stop and the destructor are called from one owning thread.
 //
 // KV cache: a request is admitted only when the free blocks cover its prompt and the next token
-// of every running sequence. Sequences that later outgrow the cache fail with
-// RESOURCE_EXHAUSTED, youngest first, so the others go on.
+// of every running sequence. When running sequences outgrow the cache, the youngest are
+// preempted (as vLLM does): their blocks are freed, they wait at the head of the queue, and
+// when blocks come free again their prompt and generated tokens are prefilled again and they go
+// on where they stopped. No admitted request fails for lack of blocks, unless it alone outgrows
+// the whole cache (RESOURCE_EXHAUSTED).
 //
 // Routing: the first step that runs a trace_routing request adds the scheduler to the engine's
 // routing observers; the destructor removes it.
@@ -142,7 +147,11 @@ class Scheduler : private RoutingObserver {
   // Moves waiting requests that fit into running_, in arrival order. Returns the first waiting
   // request if nothing runs and it still does not fit the KV cache (to be failed).
   SequencePtr Admit();
-  int64_t DecodeBlocksNeeded() const;
+  // Blocks the running sequences' next inputs need beyond those they hold.
+  int64_t BlocksNeeded() const;
+  // Preempts the youngest running sequences until the rest fit the free blocks (at least one
+  // stays). Returns how many were preempted.
+  int64_t PreemptForSpace();
   // inputs_, traced_; returns the index in running_ of the first newly admitted sequence.
   size_t BuildBatch();
   void Emit();
@@ -167,6 +176,7 @@ class Scheduler : private RoutingObserver {
   std::vector<float> logits_;
   SchedulerObserver* observer_ = nullptr;
   int64_t step_prompt_tokens_ = 0;  // prefilled by the step being built
+  int64_t preempted_ = 0;           // by PreemptForSpace before the step being built
   std::vector<double> ttft_, itl_;  // this step's latencies, for observer_
   bool observing_ = false;          // added to the engine's routing observers
   std::thread thread_;              // owned by the thread calling Start/Stop

@@ -408,7 +408,53 @@ TEST_F(SchedulerTest, TransportFailureFailsTheStepAndTheSchedulerGoesOn) {
   EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
 }
 
-TEST_F(SchedulerTest, KvCacheExhaustionFailsOnlyTheYoungest) {
+// Counts what the scheduler reports.
+class CountingObserver : public SchedulerObserver {
+ public:
+  void OnStep(const StepReport& report) override { preempted += report.preempted; }
+  void OnRequestFinished(RequestOutcome, double) override {}
+  int64_t preempted = 0;
+};
+
+TEST_F(SchedulerTest, KvPressurePreemptsAndEveryRequestStillGetsItsSoloOutput) {
+  // 16 blocks of 4 tokens; six requests of ~25 tokens each need ~42 blocks together, and each
+  // fits alone. The youngest are preempted and resume by prefilling their tokens again; every
+  // request completes with exactly the tokens it gets alone (sampled ones too: same seed, same
+  // logits).
+  Load({.block_size = 4, .num_blocks = 16});
+  const char* texts[] = {
+      "We hold these truths", "Congress shall make no law", "Hi there",
+      "Four score and seven", "When in the course",         "Liberty and justice"};
+  std::vector<GenerationRequest> requests;
+  for (int i = 0; i < 6; ++i) {
+    requests.push_back(Request(texts[i], 18 + i));
+    if (i % 2 == 1) {
+      requests.back().params.sampling = {.temperature = 0.8f, .seed = static_cast<uint64_t>(i)};
+    }
+  }
+  requests[2].params.logprobs = 2;
+  std::vector<Solo> solo;
+  for (const GenerationRequest& r : requests) solo.push_back(RunSolo(r));
+  Scheduler scheduler(engine_, tokenizer(), {});
+  CountingObserver observer;
+  scheduler.set_observer(&observer);
+  std::vector<RecordingSink> sinks(requests.size());
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ASSERT_TRUE(scheduler.Submit(requests[i], &sinks[i]).ok());
+  }
+  RunUntilIdle(&scheduler);
+  for (size_t i = 0; i < requests.size(); ++i) {
+    ExpectSameAsSolo(sinks[i], solo[i], "request " + std::to_string(i));
+  }
+  ASSERT_EQ(sinks[2].output().logprobs.size(), solo[2].output.logprobs.size());
+  for (size_t t = 0; t < solo[2].output.logprobs.size(); ++t) {
+    EXPECT_EQ(sinks[2].output().logprobs[t].logprob, solo[2].output.logprobs[t].logprob) << t;
+  }
+  EXPECT_GT(observer.preempted, 0);
+  EXPECT_EQ(engine_->kv_cache().used_blocks(), 0);
+}
+
+TEST_F(SchedulerTest, OnlyASequenceOutgrowingTheWholeCacheFails) {
   Load({.block_size = 4, .num_blocks = 8});
   const GenerationRequest a = Request("We hold these truths", 12);
   const Solo solo_a = RunSolo(a);
