@@ -402,6 +402,44 @@ TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
 
 // --- Concurrency: 8 different requests at once get what each gets alone. ---
 
+TEST(ClusterKvPressureTest, SixteenLongRequestsOnASmallCacheAllCompleteAsSolo) {
+  // 24 blocks of 16 tokens (384 tokens) for 16 requests of ~124 tokens each (~2000): running
+  // sequences are preempted and resumed, none fails, each gets its solo tokens.
+  const std::string dir = ModelDir("demo_mixtral");
+  auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2),
+                                {"--kv-cache-blocks", "24", "--metrics-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  std::vector<pb::GenerateRequest> requests;
+  for (int i = 0; i < 16; ++i) {
+    pb::GenerateRequest r = IdsRequest({1, 450 + i, 29}, 120);
+    if (i % 3 == 1) {
+      r.set_temperature(0.8f);
+      r.set_seed(7 + i);
+    }
+    requests.push_back(r);
+  }
+  std::vector<ClientResult> solo;
+  for (const pb::GenerateRequest& r : requests) {
+    auto result = (*cluster)->client().Generate(r);
+    ASSERT_TRUE(result.ok()) << result.status();
+    solo.push_back(*result);
+  }
+  std::vector<absl::StatusOr<ClientResult>> together(16, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 16; ++i) {
+    threads.emplace_back([&, i] { together[i] = (*cluster)->client().Generate(requests[i]); });
+  }
+  for (std::thread& t : threads) t.join();
+  for (int i = 0; i < 16; ++i) {
+    ASSERT_TRUE(together[i].ok()) << i << ": " << together[i].status();
+    EXPECT_EQ(together[i]->tokens, solo[i].tokens) << i;
+  }
+  const auto metrics = testing::ParseMetricsText(
+      testing::HttpGet((*cluster)->coordinator().Announced("METRICS"), "/metrics"));
+  ASSERT_TRUE(metrics.count("moe_preemptions_total")) << (*cluster)->Logs();
+  EXPECT_GT(metrics.at("moe_preemptions_total"), 0);
+}
+
 TEST(ClusterConcurrencyTest, EightConcurrentRequestsEqualSolo) {
   const std::string dir = ModelDir("demo_mixtral");
   auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2), {"--max-running", "4"});
