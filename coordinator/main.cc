@@ -13,6 +13,7 @@
 #include "absl/flags/usage.h"
 #include "common/dtype.h"
 #include "common/main_init.h"
+#include "common/rpc/rpc_util.h"
 #include "common/signals.h"
 #include "coordinator/coordinator_server.h"
 #include "glog/logging.h"
@@ -115,6 +116,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "moe-coordinator: error: --model is required (see --help)\n");
     return 1;
   }
+  const char* advice =
+      options.api_token_file.empty()
+          ? "anyone who reaches it may call the API: require a token with --api-token-file, or "
+            "bind 127.0.0.1 / restrict the network"
+          : "tokens travel in the clear: keep it on a trusted network";
+  moe::WarnIfExposed(options.listen, "listen", advice);
+  moe::WarnIfExposed(options.http_listen, "http-listen", advice);
   auto server = moe::CoordinatorServer::Create(options);
   if (!server.ok()) {
     std::fprintf(stderr, "moe-coordinator: error: %s\n",

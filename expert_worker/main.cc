@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/dtype.h"
 #include "common/main_init.h"
+#include "common/rpc/rpc_util.h"
 #include "common/signals.h"
 #include "expert_worker/worker_server.h"
 #include "glog/logging.h"
@@ -28,8 +29,9 @@ ABSL_FLAG(moe::QuantizeOption, quantize, {},
 ABSL_FLAG(std::string, experts, "all",
           "Experts to host, the same ids in every layer: A-B is the INCLUSIVE range A..B "
           "(0-3 = experts 0, 1, 2, 3), A a single expert, all every expert.");
-ABSL_FLAG(std::string, listen, "0.0.0.0:50061",
-          "HOST:PORT to serve on; port 0 picks a free port (the READY line shows it).");
+ABSL_FLAG(std::string, listen, "127.0.0.1:50061",
+          "HOST:PORT to serve on; port 0 picks a free port (the READY line shows it). Loopback "
+          "by default: give 0.0.0.0:PORT for a coordinator on another host.");
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9401; "
           "port 0: any free port, shown by a METRICS line before READY). Empty: none.");
@@ -71,6 +73,9 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  moe::WarnIfExposed(options.listen, "listen",
+                     "anyone who reaches it can send it work; restrict the network to the "
+                     "coordinator (e.g. a Kubernetes NetworkPolicy)");
   absl::StatusOr<std::unique_ptr<moe::WorkerServer>> server = moe::WorkerServer::Create(options);
   if (!server.ok()) return Fail(server.status());
   moe::WorkerServer& worker = **server;

@@ -2,8 +2,10 @@
 
 #include <cstring>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "glog/logging.h"
 
 namespace moe {
 
@@ -84,6 +86,21 @@ absl::Status ValidateListenAddress(const std::string& address, const char* flag)
         "--", flag, " must be HOST:PORT (e.g. 127.0.0.1:50051), got \"", address, "\""));
   }
   return absl::OkStatus();
+}
+
+bool IsLoopbackAddress(const std::string& address) {
+  std::string host = address.substr(0, address.rfind(':'));
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    host = host.substr(1, host.size() - 2);
+  }
+  return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
+}
+
+void WarnIfExposed(const std::string& address, const char* flag, const char* advice) {
+  if (address.empty() || IsLoopbackAddress(address)) return;
+  LOG(WARNING) << "--" << flag << " " << address
+               << " is reachable from other hosts and its traffic is plaintext (no TLS); "
+               << advice;
 }
 
 }  // namespace moe

@@ -30,6 +30,11 @@ absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64
 
 // Parses "HOST:PORT" (PORT may be 0). INVALID_ARGUMENT naming the flag otherwise.
 absl::Status ValidateListenAddress(const std::string& address, const char* flag);
+// Whether HOST:PORT binds only the loopback interface (localhost, 127.x.y.z, [::1]).
+bool IsLoopbackAddress(const std::string& address);
+// Logs a warning when `address` (given with --`flag`) is reachable from other hosts: the
+// traffic is plaintext (no TLS yet). `advice` says how to restrict who gets in.
+void WarnIfExposed(const std::string& address, const char* flag, const char* advice);
 
 }  // namespace moe
 
