@@ -451,7 +451,6 @@ class OpenAiApi::Call {
     GenerationOutput output;
     std::optional<LegacyLogprobs> legacy;
     bool started = false;  // stream: the first chunk was sent
-    std::string text;      // non-stream: the text so far (events)
   };
 
   HttpResponse Refuse(const ApiError& e) {
