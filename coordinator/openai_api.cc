@@ -164,16 +164,6 @@ class Fields {
     return std::nullopt;
   }
 
-  std::optional<ApiError> Uint(const char* key, uint64_t* out) {
-    const json* v = Find(key);
-    if (v == nullptr) return std::nullopt;
-    if (!v->is_number_integer() || (!v->is_number_unsigned() && v->get<int64_t>() < 0)) {
-      return Error(key, "a non-negative integer");
-    }
-    *out = v->get<uint64_t>();
-    return std::nullopt;
-  }
-
   std::optional<ApiError> Float(const char* key, float* out) {
     const json* v = Find(key);
     if (v == nullptr) return std::nullopt;
@@ -352,15 +342,10 @@ std::optional<ApiError> ReadSampling(Fields& f, SamplingParams* s, std::optional
   MOE_RETURN_IF_API_ERROR(f.Int("top_k", -1, int64_t{1} << 30, &top_k));
   s->top_k = top_k < 0 ? 0 : static_cast<int32_t>(top_k);  // -1: off, as in vLLM
   MOE_RETURN_IF_API_ERROR(f.Float("repetition_penalty", &s->repetition_penalty));
-  uint64_t value = 0;
-  if (f.Find("seed") != nullptr) {
-    if (const json* v = f.Find("seed");
-        v->is_number_integer() && !v->is_number_unsigned() && v->get<int64_t>() < 0) {
-      value = static_cast<uint64_t>(v->get<int64_t>());  // OpenAI allows negative seeds
-    } else {
-      MOE_RETURN_IF_API_ERROR(f.Uint("seed", &value));
-    }
-    *seed = value;
+  if (const json* v = f.Find("seed")) {
+    if (!v->is_number_integer()) return Fields::Error("seed", "an integer");
+    // OpenAI allows negative seeds: any 64-bit pattern seeds the sampler.
+    *seed = v->is_number_unsigned() ? v->get<uint64_t>() : static_cast<uint64_t>(v->get<int64_t>());
   }
   MOE_RETURN_IF_API_ERROR(f.OnlyZero("presence_penalty"));
   MOE_RETURN_IF_API_ERROR(f.OnlyZero("frequency_penalty"));
@@ -398,6 +383,80 @@ std::optional<ApiError> TextFits(size_t bytes, size_t max_bytes, const char* par
   const absl::Status s = CheckPromptBytes(bytes, max_bytes, param);
   if (s.ok()) return std::nullopt;
   return ApiError{400, std::string(s.message()), param};
+}
+
+// The model field, when given, must name the served model (404 otherwise).
+std::optional<ApiError> CheckModel(Fields& f, const std::string& served) {
+  std::string model;
+  MOE_RETURN_IF_API_ERROR(f.String("model", &model));
+  if (!model.empty() && model != served) {
+    return ApiError{404,
+                    absl::StrCat("The model \"", model, "\" does not exist; this server serves \"",
+                                 served, "\""),
+                    "model"};
+  }
+  return std::nullopt;
+}
+
+std::optional<ApiError> ReadMessages(const json& m, std::vector<ChatMessage>* out) {
+  if (!m.is_array() || m.empty()) return Fields::Error("messages", "a non-empty list");
+  for (const json& message : m) {
+    if (!message.is_object()) return Fields::Error("messages", "a list of objects");
+    Fields mf(message);
+    ChatMessage c;
+    MOE_RETURN_IF_API_ERROR(mf.String("role", &c.role));
+    if (c.role.empty()) return ApiError{400, "every message needs a role", "messages"};
+    std::string name;
+    MOE_RETURN_IF_API_ERROR(mf.String("name", &name));
+    if (const json* content = mf.Find("content")) {
+      if (content->is_string()) {
+        c.content = content->get<std::string>();
+      } else if (content->is_array()) {
+        for (const json& part : *content) {
+          if (!part.is_object() || part.value("type", "") != "text" ||
+              !part.value("text", json()).is_string()) {
+            return ApiError{400,
+                            "message content parts must be {\"type\": \"text\", \"text\": ...}",
+                            "messages"};
+          }
+          c.content += part["text"].get<std::string>();
+        }
+      } else {
+        return Fields::Error("messages", "a list of messages whose content is a string");
+      }
+    }
+    for (const char* ignored : {"tool_calls", "tool_call_id", "refusal"}) mf.Find(ignored);
+    if (std::optional<ApiError> e = mf.Unknown()) {
+      e->message = absl::StrCat("messages: ", e->message);
+      e->param = "messages";
+      return e;
+    }
+    out->push_back(std::move(c));
+  }
+  return std::nullopt;
+}
+
+// `messages` through the chat template, encoded (as apply_chat_template(tokenize=True) does),
+// after checking there is a template and the text can fit the context.
+std::optional<ApiError> EncodeMessages(const OpenAiApiDeps& deps,
+                                       const std::vector<ChatMessage>& messages,
+                                       bool add_generation_prompt, std::vector<int32_t>* ids) {
+  if (deps.chat_template == nullptr) {
+    return ApiError{400,
+                    "this model has no chat template; start the coordinator with "
+                    "--chat-template FILE, or use /v1/completions",
+                    "messages"};
+  }
+  size_t bytes = 0;
+  for (const ChatMessage& m : messages) bytes += m.content.size() + m.role.size();
+  MOE_RETURN_IF_API_ERROR(TextFits(bytes, deps.max_prompt_bytes, "messages"));
+  absl::StatusOr<std::vector<int32_t>> encoded =
+      deps.chat_template->Encode(messages, add_generation_prompt, *deps.tokenizer);
+  if (!encoded.ok()) {
+    return ApiError{400, absl::StrCat("chat template: ", encoded.status().message()), "messages"};
+  }
+  *ids = std::move(*encoded);
+  return std::nullopt;
 }
 
 }  // namespace
@@ -458,21 +517,8 @@ class OpenAiApi::Call {
     return ErrorResponse(e);
   }
 
-  std::optional<ApiError> CheckModel(Fields& f) {
-    std::string model;
-    MOE_RETURN_IF_API_ERROR(f.String("model", &model));
-    if (!model.empty() && model != deps_->model_name) {
-      return ApiError{
-          404,
-          absl::StrCat("The model \"", model, "\" does not exist; this server serves \"",
-                       deps_->model_name, "\""),
-          "model"};
-    }
-    return std::nullopt;
-  }
-
   std::optional<ApiError> ReadCommon(Fields& f) {
-    MOE_RETURN_IF_API_ERROR(CheckModel(f));
+    MOE_RETURN_IF_API_ERROR(CheckModel(f, deps_->model_name));
     MOE_RETURN_IF_API_ERROR(ReadSampling(f, &params_.sampling, &seed_));
     MOE_RETURN_IF_API_ERROR(ReadStop(f, &params_.stop));
     MOE_RETURN_IF_API_ERROR(f.Int("n", 1, kMaxN, &n_));
@@ -547,7 +593,7 @@ class OpenAiApi::Call {
     const Tokenizer& tokenizer = *deps_->tokenizer;
     std::optional<ApiError> too_long;
     auto add_text = [&](const std::string& text) {
-      if ((too_long = TooLong(text.size(), "prompt"))) return;
+      if ((too_long = TextFits(text.size(), deps_->max_prompt_bytes, "prompt"))) return;
       prompts_.push_back(tokenizer.Encode(text));
       prompt_texts_.push_back(text);
     };
@@ -602,10 +648,6 @@ class OpenAiApi::Call {
     return std::nullopt;
   }
 
-  std::optional<ApiError> TooLong(size_t bytes, const char* param) const {
-    return TextFits(bytes, deps_->max_prompt_bytes, param);
-  }
-
   std::optional<ApiError> ParseChat(const json& body) {
     Fields f(body);
     MOE_RETURN_IF_API_ERROR(ReadCommon(f));
@@ -642,63 +684,13 @@ class OpenAiApi::Call {
     if (m == nullptr) return ApiError{400, "messages is required", "messages"};
     MOE_RETURN_IF_API_ERROR(ReadMessages(*m, &messages));
     MOE_RETURN_IF_API_ERROR(f.Unknown());
-    if (deps_->chat_template == nullptr) {
-      return ApiError{400,
-                      "this model has no chat template; start the coordinator with "
-                      "--chat-template FILE, or use /v1/completions",
-                      "messages"};
-    }
-    size_t bytes = 0;
-    for (const ChatMessage& m : messages) bytes += m.content.size() + m.role.size();
-    MOE_RETURN_IF_API_ERROR(TooLong(bytes, "messages"));
-    absl::StatusOr<std::vector<int32_t>> ids =
-        deps_->chat_template->Encode(messages, add_generation_prompt, *deps_->tokenizer);
-    if (!ids.ok()) {
-      return ApiError{400, absl::StrCat("chat template: ", ids.status().message()), "messages"};
-    }
-    if (ids->empty()) return ApiError{400, "the chat template rendered no tokens", "messages"};
-    const int64_t room = deps_->config->max_position_embeddings - static_cast<int64_t>(ids->size());
+    std::vector<int32_t> ids;
+    MOE_RETURN_IF_API_ERROR(EncodeMessages(*deps_, messages, add_generation_prompt, &ids));
+    if (ids.empty()) return ApiError{400, "the chat template rendered no tokens", "messages"};
+    const int64_t room = deps_->config->max_position_embeddings - static_cast<int64_t>(ids.size());
     params_.max_tokens = max_tokens > 0 ? max_tokens : std::max<int64_t>(room, 1);
-    prompts_.push_back(std::move(*ids));
+    prompts_.push_back(std::move(ids));
     return CheckSize("messages");
-  }
-
-  static std::optional<ApiError> ReadMessages(const json& m, std::vector<ChatMessage>* out) {
-    if (!m.is_array() || m.empty()) return Fields::Error("messages", "a non-empty list");
-    for (const json& message : m) {
-      if (!message.is_object()) return Fields::Error("messages", "a list of objects");
-      Fields mf(message);
-      ChatMessage c;
-      MOE_RETURN_IF_API_ERROR(mf.String("role", &c.role));
-      if (c.role.empty()) return ApiError{400, "every message needs a role", "messages"};
-      std::string name;
-      MOE_RETURN_IF_API_ERROR(mf.String("name", &name));
-      if (const json* content = mf.Find("content")) {
-        if (content->is_string()) {
-          c.content = content->get<std::string>();
-        } else if (content->is_array()) {
-          for (const json& part : *content) {
-            if (!part.is_object() || part.value("type", "") != "text" ||
-                !part.value("text", json()).is_string()) {
-              return ApiError{400,
-                              "message content parts must be {\"type\": \"text\", \"text\": ...}",
-                              "messages"};
-            }
-            c.content += part["text"].get<std::string>();
-          }
-        } else {
-          return Fields::Error("messages", "a list of messages whose content is a string");
-        }
-      }
-      for (const char* ignored : {"tool_calls", "tool_call_id", "refusal"}) mf.Find(ignored);
-      if (std::optional<ApiError> e = mf.Unknown()) {
-        e->message = absl::StrCat("messages: ", e->message);
-        e->param = "messages";
-        return e;
-      }
-      out->push_back(std::move(c));
-    }
-    return std::nullopt;
   }
 
   json Usage() const {
@@ -900,11 +892,7 @@ namespace {
 
 HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
   Fields f(body);
-  std::string model;
-  if (auto e = f.String("model", &model)) return ErrorResponse(*e);
-  if (!model.empty() && model != deps.model_name) {
-    return ErrorResponse({404, absl::StrCat("The model \"", model, "\" does not exist"), "model"});
-  }
+  if (auto e = CheckModel(f, deps.model_name)) return ErrorResponse(*e);
   bool add_special = true;
   if (auto e = f.Bool("add_special_tokens", &add_special)) return ErrorResponse(*e);
   std::vector<int32_t> tokens;
@@ -912,24 +900,10 @@ HttpResponse HandleTokenize(const OpenAiApiDeps& deps, const json& body) {
     bool add_generation_prompt = true;
     if (auto e = f.Bool("add_generation_prompt", &add_generation_prompt)) return ErrorResponse(*e);
     std::vector<ChatMessage> chat;
-    if (!messages->is_array()) return ErrorResponse(Fields::Error("messages", "a list"));
-    for (const json& m : *messages) {
-      if (!m.is_object() || !m.value("role", json()).is_string() ||
-          !m.value("content", json()).is_string()) {
-        return ErrorResponse(
-            Fields::Error("messages", "a list of {\"role\": string, \"content\": string}"));
-      }
-      chat.push_back({m["role"].get<std::string>(), m["content"].get<std::string>()});
+    if (auto e = ReadMessages(*messages, &chat)) return ErrorResponse(*e);
+    if (auto e = EncodeMessages(deps, chat, add_generation_prompt, &tokens)) {
+      return ErrorResponse(*e);
     }
-    if (deps.chat_template == nullptr) {
-      return ErrorResponse({400, "this model has no chat template", "messages"});
-    }
-    size_t bytes = 0;
-    for (const ChatMessage& m : chat) bytes += m.content.size() + m.role.size();
-    if (auto e = TextFits(bytes, deps.max_prompt_bytes, "messages")) return ErrorResponse(*e);
-    auto ids = deps.chat_template->Encode(chat, add_generation_prompt, *deps.tokenizer);
-    if (!ids.ok()) return ErrorResponse({400, std::string(ids.status().message()), "messages"});
-    tokens = std::move(*ids);
   } else {
     std::string prompt;
     if (auto e = f.String("prompt", &prompt)) return ErrorResponse(*e);
