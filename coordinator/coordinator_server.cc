@@ -42,6 +42,9 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.model_fingerprint = checkpoint.fingerprint();
       t.connect_timeout = options.worker_connect_timeout;
       t.step_timeout = options.step_timeout;
+      t.deadline_floor = options.failover_deadline_floor;
+      t.deadline_factor = options.failover_deadline_factor;
+      t.health_check_timeout = options.health_check_timeout;
       MOE_ASSIGN_OR_RETURN(std::unique_ptr<GrpcTransport> transport,
                            GrpcTransport::Create(checkpoint.config(), t));
       grpc_transport_ = transport.get();

@@ -42,6 +42,9 @@ struct CoordinatorOptions {
   std::string api_token_file;
   absl::Duration worker_connect_timeout = absl::Seconds(60);
   absl::Duration step_timeout = absl::Seconds(10);
+  absl::Duration failover_deadline_floor = absl::Milliseconds(500);
+  double failover_deadline_factor = 4.0;
+  absl::Duration health_check_timeout = absl::Milliseconds(400);
   SchedulerOptions scheduler;
   EngineOptions engine;
 };

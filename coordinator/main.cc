@@ -57,7 +57,18 @@ ABSL_FLAG(int64_t, kv_cache_blocks, 0,
           "KV cache capacity in blocks of 16 tokens "
           "(0: room for 8 full contexts).");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(10),
-          "Deadline for every expert exchange; a worker that misses it fails the step.");
+          "Longest wait for a worker's answer in one layer exchange when no live replica could "
+          "take its rows; then it is marked down and the step fails (UNAVAILABLE).");
+ABSL_FLAG(absl::Duration, failover_deadline_floor, absl::Milliseconds(500),
+          "A worker whose experts have a live replica gets max(this, "
+          "--failover-deadline-factor x its expected answer time) per exchange; then its rows "
+          "go to the replica in the same step and it is marked down until it answers again.");
+ABSL_FLAG(double, failover_deadline_factor, 4.0,
+          "Multiple of the expected answer time (recent answers, scaled by the rows sent) "
+          "after which a worker with a live replica is failed over.");
+ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
+          "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
+          "down (its traffic goes to replicas) until it reconnects.");
 ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
           "How long to wait at start for every worker to answer.");
 
@@ -111,6 +122,9 @@ int main(int argc, char** argv) {
   options.scheduler.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
   options.engine.kv_cache.num_blocks = absl::GetFlag(FLAGS_kv_cache_blocks);
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
+  options.failover_deadline_floor = absl::GetFlag(FLAGS_failover_deadline_floor);
+  options.failover_deadline_factor = absl::GetFlag(FLAGS_failover_deadline_factor);
+  options.health_check_timeout = absl::GetFlag(FLAGS_health_check_timeout);
   options.worker_connect_timeout = absl::GetFlag(FLAGS_worker_connect_timeout);
   if (options.model_dir.empty()) {
     std::fprintf(stderr, "moe-coordinator: error: --model is required (see --help)\n");

@@ -1,7 +1,11 @@
 #include "coordinator/transport/dispatch.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace moe {
 
@@ -13,24 +17,17 @@ Placement Placement::Contiguous(int64_t expert_count, int64_t worker_count) {
   return p;
 }
 
-void AssignExpertsToWorkers(std::span<const ExpertRange> hosted, int64_t expert_count,
-                            std::vector<int32_t>* table) {
-  table->assign(expert_count, -1);
-  for (size_t w = 0; w < hosted.size(); ++w) {
-    const int64_t end = std::min(hosted[w].end, expert_count);
-    for (int64_t e = std::max<int64_t>(hosted[w].begin, 0); e < end; ++e) {
-      if ((*table)[e] < 0) (*table)[e] = static_cast<int32_t>(w);
-    }
-  }
-}
-
 std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
                                           int64_t expert_count) {
-  std::vector<int32_t> table;
-  AssignExpertsToWorkers(hosted, expert_count, &table);
+  std::vector<char> covered(expert_count, 0);
+  for (const ExpertRange& r : hosted) {
+    for (int64_t e = std::max<int64_t>(r.begin, 0); e < std::min(r.end, expert_count); ++e) {
+      covered[e] = 1;
+    }
+  }
   std::vector<ExpertRange> runs;
   for (int64_t e = 0; e < expert_count; ++e) {
-    if (table[e] >= 0) continue;
+    if (covered[e]) continue;
     if (!runs.empty() && runs.back().end == e) {
       ++runs.back().end;
     } else {
@@ -46,25 +43,62 @@ bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_co
   return UncoveredExperts(ready, expert_count).empty();
 }
 
-void DispatchPlan::Build(const Routing& routing, std::span<const int32_t> worker_of_expert,
-                         int64_t worker_count) {
-  workers_.resize(worker_count);
-  for (WorkerDispatch& w : workers_) {
-    w.tokens.clear();
-    w.offsets.assign(1, 0);
-    w.assignments.clear();
+Segmentation Segmentation::Of(std::span<const ExpertRange> hosted, int64_t expert_count) {
+  std::vector<int64_t> cuts = {0, expert_count};
+  for (const ExpertRange& r : hosted) {
+    for (int64_t c : {r.begin, r.end}) {
+      if (c > 0 && c < expert_count) cuts.push_back(c);
+    }
   }
+  std::sort(cuts.begin(), cuts.end());
+  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+  Segmentation s;
+  s.segment_of_expert.resize(expert_count);
+  for (size_t i = 0; i + 1 < cuts.size(); ++i) {
+    const ExpertRange segment{cuts[i], cuts[i + 1]};
+    std::vector<int32_t> hosts;
+    for (size_t w = 0; w < hosted.size(); ++w) {
+      if (hosted[w].begin <= segment.begin && segment.end <= hosted[w].end) {
+        hosts.push_back(static_cast<int32_t>(w));
+      }
+    }
+    for (int64_t e = segment.begin; e < segment.end; ++e) {
+      s.segment_of_expert[e] = static_cast<int32_t>(s.segments.size());
+    }
+    s.segments.push_back(segment);
+    s.hosts.push_back(std::move(hosts));
+  }
+  return s;
+}
+
+void DispatchRows::Clear() {
+  tokens.clear();
+  offsets.assign(1, 0);
+  assignments.clear();
+}
+
+void DispatchRows::Append(const DispatchRows& other) {
+  tokens.insert(tokens.end(), other.tokens.begin(), other.tokens.end());
+  const int32_t base = offsets.back();
+  for (size_t r = 1; r < other.offsets.size(); ++r) offsets.push_back(base + other.offsets[r]);
+  assignments.insert(assignments.end(), other.assignments.begin(), other.assignments.end());
+}
+
+void DispatchPlan::Build(const Routing& routing, std::span<const int32_t> segment_of_expert,
+                         int64_t segment_count) {
+  segments_.resize(segment_count);
+  for (DispatchRows& s : segments_) s.Clear();
   for (int64_t t = 0; t < routing.tokens; ++t) {
     for (int64_t j = 0; j < routing.top_k; ++j) {
       const int32_t expert = routing.experts[t * routing.top_k + j];
-      WorkerDispatch& w = workers_[worker_of_expert[expert]];
-      // Open this token's row on the worker the first time one of its experts lands there.
-      if (w.tokens.empty() || w.tokens.back() != t) {
-        w.tokens.push_back(static_cast<int32_t>(t));
-        w.offsets.push_back(w.offsets.back());
+      DispatchRows& s = segments_[segment_of_expert[expert]];
+      // Open this token's row in the segment the first time one of its experts lands there.
+      if (s.tokens.empty() || s.tokens.back() != t) {
+        s.tokens.push_back(static_cast<int32_t>(t));
+        s.offsets.push_back(s.offsets.back());
       }
-      w.assignments.push_back({expert, routing.weights[t * routing.top_k + j]});
-      ++w.offsets.back();
+      s.assignments.push_back({expert, routing.weights[t * routing.top_k + j]});
+      ++s.offsets.back();
     }
   }
 }
@@ -89,6 +123,188 @@ void ScatterAddRows(const void* partial, int64_t hidden, std::span<const int32_t
       dst[i] += v;
     }
   }
+}
+
+absl::Status CopyPartialSums(const void* src, int64_t values, int64_t hidden, float* dst) {
+  std::memcpy(dst, src, static_cast<size_t>(values) * sizeof(float));
+  for (int64_t i = 0; i < values; ++i) {
+    if (!(std::fabs(dst[i]) <= kMaxPartialSum)) {  // NaN fails too
+      return absl::InternalError(absl::StrCat("output row ", i / hidden, " holds ", dst[i],
+                                              " (partial sums must be finite and within ±",
+                                              kMaxPartialSum, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+Dispatcher::Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count, int64_t hidden,
+                       const DispatchOptions& options)
+    : segmentation_(Segmentation::Of(hosted, expert_count)), hidden_(hidden), options_(options) {
+  const size_t workers = hosted.size();
+  excluded_.resize(workers);
+  assigned_.resize(workers);
+  load_.resize(workers);
+  worker_rows_.resize(workers);
+}
+
+absl::Duration Dispatcher::SoftDeadline(int64_t rows) const {
+  if (recent_rows_ <= 0) return options_.step_timeout;  // nothing measured yet
+  const double expected = recent_seconds_ * std::max(1.0, static_cast<double>(rows) / recent_rows_);
+  return std::clamp(absl::Seconds(options_.deadline_factor * expected), options_.deadline_floor,
+                    options_.step_timeout);
+}
+
+bool Dispatcher::Replaceable(int32_t w) const {
+  for (int32_t s : assigned_[w]) {
+    bool elsewhere = false;
+    for (int32_t h : segmentation_.hosts[s]) elsewhere |= h != w && !excluded_[h];
+    if (!elsewhere) return false;
+  }
+  return true;
+}
+
+void Dispatcher::Fail(int32_t w, int64_t layer, const std::string& why, WorkerLinks* links) {
+  const std::string at = absl::StrCat("layer ", layer, ": ", why);
+  if (failure_.ok()) {
+    failure_ = absl::UnavailableError(absl::StrCat(links->Name(w), " failed at ", at));
+  }
+  links->MarkDown(w, at);
+  excluded_[w] = 1;
+  ++failovers_;
+  pending_.insert(pending_.end(), assigned_[w].begin(), assigned_[w].end());
+}
+
+absl::Status Dispatcher::Choose(WorkerLinks* links) {
+  const size_t workers = excluded_.size();
+  for (size_t w = 0; w < workers; ++w) {
+    assigned_[w].clear();
+    load_[w] = 0;
+  }
+  // Heaviest segments first, each to its least-loaded live host; ties rotate with the exchange
+  // count so that replicas share the rows across steps too.
+  std::sort(pending_.begin(), pending_.end(), [&](int32_t a, int32_t b) {
+    return plan_.segments()[a].rows() > plan_.segments()[b].rows() ||
+           (plan_.segments()[a].rows() == plan_.segments()[b].rows() && a < b);
+  });
+  for (int32_t s : pending_) {
+    const std::vector<int32_t>& hosts = segmentation_.hosts[s];
+    int32_t best = -1;
+    for (size_t i = 0; i < hosts.size(); ++i) {
+      const int32_t h = hosts[(i + exchanges_) % hosts.size()];
+      if (excluded_[h]) continue;
+      if (best < 0 || load_[h] < load_[best]) best = h;
+    }
+    if (best < 0) {
+      const ExpertRange& experts = segmentation_.segments[s];
+      std::string down;
+      for (int32_t h : hosts) {
+        const std::string reason = links->DownReason(h);
+        absl::StrAppend(&down, down.empty() ? "" : "; ", links->Name(h), ": ",
+                        reason.empty() ? "failed in this step" : reason);
+      }
+      if (hosts.empty()) down = "hosted by no worker";
+      absl::Status none = absl::UnavailableError(
+          absl::StrCat(experts.size() == 1 ? absl::StrCat("expert ", experts.begin, " has")
+                                           : absl::StrCat("experts ", experts.ToString(), " have"),
+                       " no ready worker (", down, ")"));
+      return failure_.ok() ? none
+                           : absl::UnavailableError(
+                                 absl::StrCat(failure_.message(), "; and ", none.message()));
+    }
+    assigned_[best].push_back(s);
+    load_[best] += plan_.segments()[s].rows();
+  }
+  pending_.clear();
+  return absl::OkStatus();
+}
+
+absl::Status Dispatcher::Exchange(int64_t layer, const Routing& routing, const float* x, float* out,
+                                  WorkerLinks* links) {
+  ++exchanges_;
+  const int64_t segments = static_cast<int64_t>(segmentation_.segments.size());
+  plan_.Build(routing, segmentation_.segment_of_expert, segments);
+  segment_start_.assign(1, 0);
+  pending_.clear();
+  for (int64_t s = 0; s < segments; ++s) {
+    segment_start_.push_back(segment_start_.back() + plan_.segments()[s].rows());
+    if (plan_.segments()[s].rows() > 0) pending_.push_back(static_cast<int32_t>(s));
+  }
+  partials_.resize(static_cast<size_t>(segment_start_.back() * hidden_));
+  for (size_t w = 0; w < excluded_.size(); ++w) {
+    excluded_[w] = links->Ready(static_cast<int32_t>(w)) ? 0 : 1;
+  }
+  failure_ = absl::OkStatus();
+  reports_.clear();
+  // Rounds: send every pending segment to a live host; a worker that fails puts its segments
+  // back in pending_ for the next round, without it. Each round excludes at least one more
+  // worker or finishes, so there are at most workers + 1 rounds.
+  while (!pending_.empty()) {
+    MOE_RETURN_IF_ERROR(Choose(links));
+    started_.clear();
+    const absl::Time now = absl::Now();
+    for (size_t w = 0; w < assigned_.size(); ++w) {
+      if (assigned_[w].empty()) continue;
+      DispatchRows& rows = worker_rows_[w];
+      rows.Clear();
+      // In segment order, so that a worker's rows of one expert stay in token order.
+      std::sort(assigned_[w].begin(), assigned_[w].end());
+      for (int32_t s : assigned_[w]) rows.Append(plan_.segments()[s]);
+      links->Start(static_cast<int32_t>(w), layer, rows, x);
+      started_.push_back(static_cast<int32_t>(w));
+    }
+    for (int32_t w : started_) {
+      const int64_t rows = worker_rows_[w].rows();
+      if (!links->Wait(w, now + SoftDeadline(rows))) {
+        const absl::Duration soft = SoftDeadline(rows);
+        if (soft < options_.step_timeout && Replaceable(w)) {
+          links->Abandon(w);
+          Fail(w, layer,
+               absl::StrCat("no answer within ", absl::FormatDuration(soft),
+                            " (the step's deadline; its rows went to a replica)"),
+               links);
+          continue;
+        }
+        if (!links->Wait(w, now + options_.step_timeout)) {
+          links->Abandon(w);
+          Fail(w, layer,
+               absl::StrCat("no answer within ", absl::FormatDuration(options_.step_timeout)),
+               links);
+          continue;
+        }
+      }
+      DispatchReport report;
+      report.worker = w;
+      absl::StatusOr<const void*> answer = links->Answer(w, &report);
+      absl::Status stored = answer.status();
+      const char* src = stored.ok() ? static_cast<const char*>(*answer) : nullptr;
+      for (size_t i = 0; stored.ok() && i < assigned_[w].size(); ++i) {
+        const int32_t s = assigned_[w][i];
+        const int64_t n = plan_.segments()[s].rows();
+        stored =
+            CopyPartialSums(src, n * hidden_, hidden_, &partials_[segment_start_[s] * hidden_]);
+        src += n * hidden_ * sizeof(float);
+      }
+      if (!stored.ok()) {
+        Fail(w, layer, std::string(stored.message()), links);
+        continue;
+      }
+      report.assignments = static_cast<int64_t>(worker_rows_[w].assignments.size());
+      reports_.push_back(report);
+      constexpr double kKeep = 0.9;  // about the last ten answers
+      recent_seconds_ = recent_rows_ == 0 ? report.seconds
+                                          : kKeep * recent_seconds_ + (1 - kKeep) * report.seconds;
+      recent_rows_ =
+          recent_rows_ == 0 ? static_cast<double>(rows) : kKeep * recent_rows_ + (1 - kKeep) * rows;
+    }
+  }
+  // Combine in segment order (see the top of dispatch.h).
+  std::fill(out, out + routing.tokens * hidden_, 0.0f);
+  for (int64_t s = 0; s < segments; ++s) {
+    ScatterAddRows(&partials_[segment_start_[s] * hidden_], hidden_, plan_.segments()[s].tokens,
+                   out);
+  }
+  if (observer_ != nullptr && !reports_.empty()) observer_->OnDispatch(reports_);
+  return absl::OkStatus();
 }
 
 }  // namespace moe

@@ -2,7 +2,6 @@
 
 #include <algorithm>
 #include <chrono>
-#include <cmath>
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
@@ -23,7 +22,7 @@ std::string WorkerName(const std::string& address, const ExpertRange& experts) {
 }
 
 // The request for one worker's part of a layer: its rows of x and their (expert, weight) pairs.
-void EncodeRequest(uint64_t step, int64_t layer, const WorkerDispatch& d, const float* x,
+void EncodeRequest(uint64_t step, int64_t layer, const DispatchRows& d, const float* x,
                    int64_t hidden, pb::ForwardRequest* req) {
   req->set_step(step);
   req->set_layer(static_cast<int32_t>(layer));
@@ -44,31 +43,15 @@ void EncodeRequest(uint64_t step, int64_t layer, const WorkerDispatch& d, const 
   }
 }
 
-// Bigger than any honest hidden-state value (fp16 checkpoints keep them below 65504), far below
-// what a broken or hostile worker could send.
-constexpr float kMaxPartialSum = 1e8f;
-
-// A worker's answer is untrusted: the step it echoes, the output's dtype, shape and size, and
-// its values.
+// A worker's answer is untrusted: the step it echoes and the output's dtype, shape and size
+// (the dispatcher checks the values as it copies them).
 absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, uint64_t step,
                                           int64_t rows, int64_t hidden) {
   if (response.step() != step) {
     return absl::InternalError(absl::StrCat("answered step ", response.step(), " for step ", step));
   }
   MOE_RETURN_IF_ERROR(CheckF32Tensor(response.output(), rows, hidden, "output"));
-  // The values too: a NaN, an infinity or an absurd magnitude would flow into the residual
-  // stream and the next layer's routing (and get an honest worker blamed for it there).
-  const char* data = response.output().data().data();
-  for (int64_t i = 0; i < rows * hidden; ++i) {
-    float v;
-    std::memcpy(&v, data + i * sizeof(float), sizeof(float));
-    if (!(std::fabs(v) <= kMaxPartialSum)) {  // NaN fails too
-      return absl::InternalError(absl::StrCat("output row ", i / hidden, " holds ", v,
-                                              " (partial sums must be finite and within ±",
-                                              kMaxPartialSum, ")"));
-    }
-  }
-  return static_cast<const void*>(data);
+  return static_cast<const void*>(response.output().data().data());
 }
 
 }  // namespace
@@ -79,12 +62,14 @@ struct GrpcTransport::Worker {
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<pb::ExpertWorker::Stub> stub;
   std::thread io_thread;
+  std::thread watch_thread;
 
   // State shown by Workers() and the I/O hand-off: Send sets `job`; the I/O thread clears it,
   // stores result and seconds, and sets `done`.
   mutable absl::Mutex mu;
   bool ready ABSL_GUARDED_BY(mu) = false;
   ExpertRange experts ABSL_GUARDED_BY(mu);
+  bool registered ABSL_GUARDED_BY(mu) = false;  // `experts` is fixed from the first connect
   std::string message ABSL_GUARDED_BY(mu) = "not connected yet";
   bool job ABSL_GUARDED_BY(mu) = false;
   bool done ABSL_GUARDED_BY(mu) = false;
@@ -100,6 +85,8 @@ struct GrpcTransport::Worker {
   bool stream_finished = true;  // Finish() was called on `stream` (or there is none)
   pb::ForwardRequest request;
   pb::ForwardResponse response;
+  uint64_t request_step = 0;
+  int64_t request_rows = 0;
 
   bool HasJobOrShutdown() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return job || shutdown; }
   std::string Name() const ABSL_LOCKS_EXCLUDED(mu) {
@@ -120,6 +107,12 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(256 << 20);
   args.SetMaxSendMessageSize(256 << 20);
+  // Keepalive pings notice a dead connection even while no call is running on it (the worker
+  // permits them: worker_server.cc).
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 2000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_TIMEOUT_MS, 1000);
+  args.SetInt(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
+  args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   for (const std::string& address : options.worker_addresses) {
     auto w = std::make_unique<Worker>();
     w->address = address;
@@ -141,11 +134,20 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
                      "with --experts ",
                      m.InclusiveSpelling(), " or widen an existing worker's range"));
   }
+  DispatchOptions dispatch;
+  dispatch.step_timeout = options.step_timeout;
+  dispatch.deadline_floor = options.deadline_floor;
+  dispatch.deadline_factor = options.deadline_factor;
+  {
+    absl::MutexLock lock(&t->exchange_mu_);
+    t->dispatcher_ = std::make_unique<Dispatcher>(hosted, config.num_local_experts,
+                                                  config.hidden_size, dispatch);
+  }
   for (auto& w : t->workers_) {
     Worker* raw = w.get();
     raw->io_thread = std::thread([raw] { IoLoop(raw); });
+    raw->watch_thread = std::thread([t = t.get(), raw] { t->WatchLoop(raw); });
   }
-  t->reconnect_thread_ = std::thread([t = t.get()] { t->ReconnectLoop(); });
   return t;
 }
 
@@ -154,7 +156,9 @@ GrpcTransport::~GrpcTransport() {
     absl::MutexLock lock(&mu_);
     shutdown_ = true;
   }
-  if (reconnect_thread_.joinable()) reconnect_thread_.join();
+  for (auto& w : workers_) {
+    if (w->watch_thread.joinable()) w->watch_thread.join();
+  }
   for (auto& w : workers_) {
     {
       absl::MutexLock lock(&w->mu);
@@ -198,6 +202,16 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
         who, " reports an inconsistent shape (layers ", info.num_layers(), ", experts ",
         info.num_experts(), ", hidden ", info.hidden_size(), ", hosts ", experts.ToString(), ")"));
   }
+  {
+    absl::MutexLock lock(&w->mu);
+    if (w->registered && experts != w->experts) {
+      // The placement (and with it the combine order) is fixed for the coordinator's life.
+      return absl::FailedPreconditionError(absl::StrCat(
+          who, " came back hosting experts ", experts.ToString(), " but joined with ",
+          w->experts.ToString(), ": restart it with --experts ", w->experts.InclusiveSpelling(),
+          ", or restart the coordinator to change the placement"));
+    }
+  }
   auto context = std::make_unique<grpc::ClientContext>();
   {
     absl::MutexLock exchange(&exchange_mu_);
@@ -207,6 +221,7 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
     w->stream_finished = false;
     absl::MutexLock lock(&w->mu);
     w->experts = experts;
+    w->registered = true;
     w->ready = true;
     w->message.clear();
   }
@@ -215,7 +230,8 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
   return absl::OkStatus();
 }
 
-void GrpcTransport::MarkDown(Worker* w, const std::string& why) {
+void GrpcTransport::MarkDown(int32_t index, const std::string& why) {
+  Worker* w = workers_[index].get();
   std::string name;
   {
     absl::MutexLock lock(&w->mu);
@@ -228,23 +244,46 @@ void GrpcTransport::MarkDown(Worker* w, const std::string& why) {
   NotifyHealth();
 }
 
-void GrpcTransport::ReconnectLoop() {
+bool GrpcTransport::Probe(Worker* w) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.health_check_timeout));
+  pb::WorkerInfo info;
+  return w->stub->GetInfo(&ctx, pb::GetInfoRequest(), &info).ok();
+}
+
+void GrpcTransport::WatchLoop(Worker* w) {
+  const int32_t index = static_cast<int32_t>(
+      std::find_if(workers_.begin(), workers_.end(), [w](const auto& p) { return p.get() == w; }) -
+      workers_.begin());
+  int missed = 0;
   while (true) {
     {
+      // After a missed probe the next one follows at once, so a hung worker is marked down
+      // within interval + 2 x timeout.
       absl::MutexLock lock(&mu_);
-      mu_.AwaitWithTimeout(absl::Condition(&shutdown_), options_.reconnect_interval);
+      mu_.AwaitWithTimeout(absl::Condition(&shutdown_),
+                           missed > 0 ? absl::ZeroDuration() : options_.reconnect_interval);
       if (shutdown_) return;
     }
-    for (auto& w : workers_) {
-      {
-        absl::MutexLock lock(&w->mu);
-        if (w->ready) continue;
+    bool ready;
+    {
+      absl::MutexLock lock(&w->mu);
+      ready = w->ready;
+    }
+    if (ready) {
+      missed = Probe(w) ? 0 : missed + 1;
+      if (missed >= 2) {
+        MarkDown(index,
+                 absl::StrCat("missed 2 health checks (",
+                              absl::FormatDuration(options_.health_check_timeout), " each)"));
+        missed = 0;
       }
-      absl::Status s = Connect(w.get(), absl::Seconds(1));
-      if (!s.ok()) {
-        absl::MutexLock lock(&w->mu);
-        w->message = std::string(s.message());
-      }
+      continue;
+    }
+    absl::Status s = Connect(w, 2 * options_.health_check_timeout);
+    if (!s.ok()) {
+      absl::MutexLock lock(&w->mu);
+      w->message = std::string(s.message());
     }
   }
 }
@@ -277,102 +316,61 @@ void GrpcTransport::IoLoop(Worker* w) {
 absl::Status GrpcTransport::Exchange(int64_t layer, const Routing& routing, const float* x,
                                      float* out) {
   absl::MutexLock exchange(&exchange_mu_);
-  MOE_RETURN_IF_ERROR(Plan(routing));
-  ++step_;
-  Send(layer, x);
-  Await();
-  return Combine(layer, routing.tokens, out);
+  return dispatcher_->Exchange(layer, routing, x, out, &links_);
 }
 
-absl::Status GrpcTransport::Plan(const Routing& routing) {
-  live_.clear();  // reused: no allocation per layer step
-  for (auto& w : workers_) {
+bool GrpcTransport::Links::Ready(int32_t index) {
+  Worker* w = t_->workers_[index].get();
+  absl::MutexLock lock(&w->mu);
+  return w->ready;
+}
+
+void GrpcTransport::Links::Start(int32_t index, int64_t layer, const DispatchRows& rows,
+                                 const float* x) {
+  Worker* w = t_->workers_[index].get();
+  t_->exchange_mu_.AssertHeld();
+  w->request_step = ++t_->step_;
+  w->request_rows = rows.rows();
+  EncodeRequest(w->request_step, layer, rows, x, t_->config_.hidden_size, &w->request);
+  absl::MutexLock lock(&w->mu);
+  w->job = true;
+  w->done = false;
+}
+
+bool GrpcTransport::Links::Wait(int32_t index, absl::Time deadline) {
+  Worker* w = t_->workers_[index].get();
+  const bool done = w->mu.LockWhenWithDeadline(absl::Condition(&w->done), deadline);
+  w->mu.Unlock();
+  return done;
+}
+
+void GrpcTransport::Links::Abandon(int32_t index) {
+  Worker* w = t_->workers_[index].get();
+  // Cancelling unblocks the I/O thread's Read. A cancelled stream is unusable even if the
+  // answer slipped in: the worker reconnects with a new one.
+  w->context->TryCancel();
+  absl::MutexLock lock(&w->mu);
+  w->mu.Await(absl::Condition(&w->done));
+}
+
+absl::StatusOr<const void*> GrpcTransport::Links::Answer(int32_t index, DispatchReport* report) {
+  Worker* w = t_->workers_[index].get();
+  {
     absl::MutexLock lock(&w->mu);
-    live_.push_back(w->ready ? w->experts : ExpertRange{});
+    MOE_RETURN_IF_ERROR(w->result);
+    report->seconds = w->seconds;
   }
-  AssignExpertsToWorkers(live_, config_.num_local_experts, &worker_of_expert_);
-  for (int64_t e = 0; e < config_.num_local_experts; ++e) {
-    if (worker_of_expert_[e] >= 0) continue;
-    std::string down;
-    for (const WorkerSnapshot& w : Workers()) {
-      if (!w.ready && w.experts.Contains(e)) {
-        absl::StrAppend(&down, down.empty() ? "" : "; ", WorkerName(w.address, w.experts), ": ",
-                        w.message);
-      }
-    }
-    return absl::UnavailableError(absl::StrCat("expert ", e, " has no ready worker (", down, ")"));
-  }
-  plan_.Build(routing, worker_of_expert_, static_cast<int64_t>(workers_.size()));
-  return absl::OkStatus();
+  report->bytes_sent = static_cast<int64_t>(w->request.ByteSizeLong());
+  report->bytes_received = static_cast<int64_t>(w->response.ByteSizeLong());
+  return CheckResponse(w->response, w->request_step, w->request_rows, t_->config_.hidden_size);
 }
 
-void GrpcTransport::Send(int64_t layer, const float* x) {
-  active_.clear();
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    const WorkerDispatch& d = plan_.workers()[i];
-    if (d.rows() == 0) continue;
-    Worker* w = workers_[i].get();
-    EncodeRequest(step_, layer, d, x, config_.hidden_size, &w->request);
-    absl::MutexLock lock(&w->mu);
-    w->job = true;
-    w->done = false;
-    active_.push_back(w);
-  }
-}
+std::string GrpcTransport::Links::Name(int32_t index) { return t_->workers_[index]->Name(); }
 
-void GrpcTransport::Await() {
-  const absl::Time deadline = absl::Now() + options_.step_timeout;
-  for (Worker* w : active_) {
-    if (w->mu.LockWhenWithDeadline(absl::Condition(&w->done), deadline)) {
-      w->mu.Unlock();
-      continue;
-    }
-    // Late: cancel the stream, which unblocks the I/O thread's Read, and wait for it. A
-    // cancelled stream is unusable even if the answer slipped in: the worker fails this step.
-    w->context->TryCancel();
-    w->mu.Await(absl::Condition(&w->done));
-    w->result = absl::DeadlineExceededError(
-        absl::StrCat("no answer within ", absl::FormatDuration(options_.step_timeout)));
-    w->mu.Unlock();
-  }
-}
-
-absl::Status GrpcTransport::Combine(int64_t layer, int64_t tokens, float* out) {
-  const int64_t hidden = config_.hidden_size;
-  std::fill(out, out + tokens * hidden, 0.0f);
-  absl::Status failure;
-  reports_.clear();
-  for (size_t i = 0; i < workers_.size(); ++i) {
-    const WorkerDispatch& d = plan_.workers()[i];
-    if (d.rows() == 0) continue;
-    Worker* w = workers_[i].get();
-    absl::Status s;
-    double seconds = 0;
-    {
-      absl::MutexLock lock(&w->mu);
-      s = w->result;
-      seconds = w->seconds;
-    }
-    absl::StatusOr<const void*> partial =
-        s.ok() ? CheckResponse(w->response, step_, d.rows(), hidden) : s;
-    if (!partial.ok()) {
-      const std::string why = absl::StrCat("layer ", layer, ": ", partial.status().message());
-      if (failure.ok()) {
-        failure = absl::UnavailableError(absl::StrCat(w->Name(), " failed at ", why));
-      }
-      MarkDown(w, why);
-      continue;
-    }
-    ScatterAddRows(*partial, hidden, d.tokens, out);
-    if (dispatch_observer_ != nullptr) {
-      reports_.push_back({static_cast<int32_t>(i), seconds,
-                          static_cast<int64_t>(w->request.ByteSizeLong()),
-                          static_cast<int64_t>(w->response.ByteSizeLong()),
-                          static_cast<int64_t>(d.assignments.size())});
-    }
-  }
-  if (dispatch_observer_ != nullptr && !reports_.empty()) dispatch_observer_->OnDispatch(reports_);
-  return failure;
+std::string GrpcTransport::Links::DownReason(int32_t index) {
+  Worker* w = t_->workers_[index].get();
+  absl::MutexLock lock(&w->mu);
+  return w->ready ? "" : w->message;
 }
 
 std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
@@ -395,7 +393,7 @@ void GrpcTransport::set_on_health_change(std::function<void(bool)> callback) {
 
 void GrpcTransport::set_dispatch_observer(DispatchObserver* observer) {
   absl::MutexLock lock(&exchange_mu_);
-  dispatch_observer_ = observer;
+  dispatcher_->set_observer(observer);
 }
 
 void GrpcTransport::NotifyHealth() {

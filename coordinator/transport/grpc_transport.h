@@ -1,22 +1,22 @@
 // ExpertTransport over gRPC: one long-lived bidirectional Forward stream per expert worker.
-// Each layer exchange runs in four named steps:
-//   Plan    choose one ready worker per expert (replicas: the first listed) and split the
-//           routing by worker (dispatch.h);
-//   Send    encode each worker's rows and hand the request to that worker's I/O thread, which
-//           writes it and reads the answer (workers run in parallel);
-//   Await   wait for every answer under one step deadline; cancel the streams of late workers;
-//   Combine check each answer (step echoed, F32 [rows, hidden]) and add the partial sums in
-//           worker order, as InProcessTransport does, so a placement gives identical bits.
+// The dispatch module (dispatch.h) drives each layer exchange: it picks a ready replica per
+// segment, and this transport's WorkerLinks encode the rows, hand the request to the worker's
+// I/O thread (which writes it and reads the answer; workers run in parallel), wait for it, and
+// check the answer's step and shape (the dispatcher checks the values).
 //
-// Failure handling: a worker that errors, closes its stream, answers garbage or misses the step
-// deadline is marked unavailable and the step fails with UNAVAILABLE naming it; later steps
-// that need its experts fail fast (or use a replica) until a background thread reconnects it
-// (GetInfo + fingerprint check + new stream).
+// Failure handling: a worker that errors, closes its stream, answers garbage or misses its
+// deadline is marked unavailable and the rows it owed are re-sent to live replicas within the
+// same step; only a step with some routed expert left without a live worker fails, with
+// UNAVAILABLE naming the workers. Each worker also has a watch thread: while the worker is
+// ready it probes it (GetInfo) every health_check_interval and marks it down after two missed
+// probes (a dead or stopped idle replica is noticed within about a second); while it is down
+// it reconnects it (GetInfo + fingerprint and expert-range check + new stream). gRPC keepalive
+// pings run on every channel.
 //
 // Threads and locks. Callers: Exchange is called by one thread at a time (the scheduler);
-// Workers(), AllExpertsServed() and the setters from any thread. Inside: one I/O thread per
-// worker and one reconnect thread. Lock order: exchange_mu_ before Worker::mu; mu_ is a leaf
-// (never held while taking another). Callbacks (health) run with no lock held.
+// Workers(), AllExpertsServed() and the setters from any thread. Inside: one I/O thread and one
+// watch thread per worker. Lock order: exchange_mu_ before Worker::mu; mu_ is a leaf (never
+// held while taking another). Callbacks (health) run with no lock held.
 #ifndef MOE_COORDINATOR_TRANSPORT_GRPC_TRANSPORT_H_
 #define MOE_COORDINATOR_TRANSPORT_GRPC_TRANSPORT_H_
 
@@ -40,8 +40,15 @@ struct GrpcTransportOptions {
   std::vector<std::string> worker_addresses;           // HOST:PORT each
   std::string model_fingerprint;                       // what every worker must report
   absl::Duration connect_timeout = absl::Seconds(60);  // startup: wait this long for workers
-  absl::Duration step_timeout = absl::Seconds(10);     // per layer step, all workers
+  // Per-step deadlines (DispatchOptions): the cap, and the adaptive one for workers whose
+  // experts have a live replica.
+  absl::Duration step_timeout = absl::Seconds(10);
+  absl::Duration deadline_floor = absl::Milliseconds(500);
+  double deadline_factor = 4.0;
+  // A ready worker is probed this often, and marked down after two probes unanswered within
+  // health_check_timeout; a down one is reconnected this often.
   absl::Duration reconnect_interval = absl::Milliseconds(200);
+  absl::Duration health_check_timeout = absl::Milliseconds(400);
 };
 
 class GrpcTransport : public ExpertTransport {
@@ -69,21 +76,33 @@ class GrpcTransport : public ExpertTransport {
 
  private:
   struct Worker;
+  class Links : public WorkerLinks {
+   public:
+    explicit Links(GrpcTransport* t) : t_(t) {}
+    bool Ready(int32_t w) override;
+    void Start(int32_t w, int64_t layer, const DispatchRows& rows, const float* x) override;
+    bool Wait(int32_t w, absl::Time deadline) override;
+    void Abandon(int32_t w) override;
+    absl::StatusOr<const void*> Answer(int32_t w, DispatchReport* report) override;
+    void MarkDown(int32_t w, const std::string& why) override { t_->MarkDown(w, why); }
+    std::string Name(int32_t w) override;
+    std::string DownReason(int32_t w) override;
+
+   private:
+    GrpcTransport* t_;
+  };
   GrpcTransport(const ModelConfig& config, const GrpcTransportOptions& options);
 
-  // The four steps of Exchange.
-  absl::Status Plan(const Routing& routing) ABSL_EXCLUSIVE_LOCKS_REQUIRED(exchange_mu_);
-  void Send(int64_t layer, const float* x) ABSL_EXCLUSIVE_LOCKS_REQUIRED(exchange_mu_);
-  void Await() ABSL_EXCLUSIVE_LOCKS_REQUIRED(exchange_mu_);
-  absl::Status Combine(int64_t layer, int64_t tokens, float* out)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(exchange_mu_);
-
-  // Asks the worker who it is, checks it serves our model, and opens its Forward stream.
+  // Asks the worker who it is, checks it serves our model (and, once registered, the same
+  // experts as before), and opens its Forward stream.
   absl::Status Connect(Worker* w, absl::Duration timeout) ABSL_LOCKS_EXCLUDED(exchange_mu_);
-  void MarkDown(Worker* w, const std::string& why);
+  void MarkDown(int32_t w, const std::string& why);
   // Cancels and finishes w's Forward stream if it is open. REQUIRES: no I/O job running on it.
   static void CloseStream(Worker* w);
-  void ReconnectLoop() ABSL_LOCKS_EXCLUDED(mu_);
+  // Probes w while it is ready, reconnects it while it is not, until shutdown.
+  void WatchLoop(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
+  // One probe: true when w answered GetInfo in time.
+  bool Probe(Worker* w);
   static void IoLoop(Worker* w);
   void NotifyHealth() ABSL_LOCKS_EXCLUDED(mu_);
 
@@ -91,17 +110,12 @@ class GrpcTransport : public ExpertTransport {
   const ModelConfig config_;
   const GrpcTransportOptions options_;
   std::vector<std::unique_ptr<Worker>> workers_;  // the vector; each Worker has its own lock
-  std::thread reconnect_thread_;
 
   // Held for a whole Exchange, and by Connect while it replaces a stream.
   absl::Mutex exchange_mu_;
-  uint64_t step_ ABSL_GUARDED_BY(exchange_mu_) = 0;
-  std::vector<ExpertRange> live_ ABSL_GUARDED_BY(exchange_mu_);  // ready workers' experts
-  std::vector<int32_t> worker_of_expert_ ABSL_GUARDED_BY(exchange_mu_);
-  DispatchPlan plan_ ABSL_GUARDED_BY(exchange_mu_);
-  std::vector<Worker*> active_ ABSL_GUARDED_BY(exchange_mu_);  // workers with rows this step
-  std::vector<DispatchReport> reports_ ABSL_GUARDED_BY(exchange_mu_);
-  DispatchObserver* dispatch_observer_ ABSL_GUARDED_BY(exchange_mu_) = nullptr;
+  uint64_t step_ ABSL_GUARDED_BY(exchange_mu_) = 0;  // of the last request sent
+  std::unique_ptr<Dispatcher> dispatcher_ ABSL_GUARDED_BY(exchange_mu_);
+  Links links_{this};
 
   mutable absl::Mutex mu_;
   bool shutdown_ ABSL_GUARDED_BY(mu_) = false;

@@ -1,7 +1,8 @@
 // ExpertTransport whose workers live in this process: the embedded default and the reference
 // every distributed transport must equal. Each in-process worker holds its own slice of the
-// experts (as a worker process would) and partial sums are combined by the dispatch module in
-// worker order, so a given placement gives bit-identical results here and across processes.
+// experts (as a worker process would) and the dispatch module drives the exchange exactly as it
+// does over gRPC (segments, replica choice, combine order), so placements with the same range
+// boundaries give bit-identical results here and across processes.
 #ifndef MOE_COORDINATOR_TRANSPORT_IN_PROCESS_TRANSPORT_H_
 #define MOE_COORDINATOR_TRANSPORT_IN_PROCESS_TRANSPORT_H_
 
@@ -33,20 +34,35 @@ class InProcessTransport : public ExpertTransport {
 
  private:
   struct Worker {
+    ExpertRange experts;
     std::unique_ptr<ModelWeights> weights;
     std::unique_ptr<ExpertFfn> ffn;
+    std::vector<float> partial;  // [rows, hidden] its last answer
   };
-  InProcessTransport() = default;
+  // The workers as the dispatcher sees them: computed on Start, never down.
+  class Links : public WorkerLinks {
+   public:
+    explicit Links(InProcessTransport* t) : t_(t) {}
+    bool Ready(int32_t) override { return true; }
+    void Start(int32_t w, int64_t layer, const DispatchRows& rows, const float* x) override;
+    bool Wait(int32_t, absl::Time) override { return true; }
+    void Abandon(int32_t) override {}
+    absl::StatusOr<const void*> Answer(int32_t w, DispatchReport* report) override;
+    void MarkDown(int32_t, const std::string&) override {}
+    std::string Name(int32_t w) override;
+    std::string DownReason(int32_t) override { return ""; }
+
+   private:
+    InProcessTransport* t_;
+    std::vector<float> rows_;  // [rows, hidden] gathered input rows of one worker
+  };
+  InProcessTransport(const Placement& placement, int64_t expert_count, int64_t hidden);
 
   // Constant after Create.
   int64_t hidden_ = 0;
-  std::vector<int32_t> worker_of_expert_;
   std::vector<Worker> workers_;
-
-  // Per-exchange scratch, grown to the largest step seen.
-  DispatchPlan plan_;
-  std::vector<float> rows_;     // [rows, hidden] gathered input rows of one worker
-  std::vector<float> partial_;  // [rows, hidden] that worker's partial sums
+  Dispatcher dispatcher_;
+  Links links_{this};
 };
 
 }  // namespace moe

@@ -2,10 +2,12 @@
 // (free ports, READY lines instead of sleeps), queried through the public gRPC API.
 #include <signal.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -566,6 +568,212 @@ TEST(ClusterFailureTest, WorkerDeathFailsRequestThenRecovers) {
   ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(20)).ok()) << c.Logs();
   auto ok = c.client().Generate(IdsRequest({1, 450, 29}, 8));
   EXPECT_TRUE(ok.ok()) << ok.status();
+}
+
+// --- Failover: every expert on 2 workers (segments [0, 4) and [4, 8), as the 2-slice
+// in-process engine); workers die, hang and restart under load and no request notices. ---
+
+const std::vector<std::string> kReplicated = {"0-3", "4-7", "0-3", "4-7"};
+
+std::vector<std::string> FreeAddresses(size_t n) {
+  std::vector<std::string> out;
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back("127.0.0.1:" + std::to_string(testing::PickFreePort()));
+  }
+  return out;
+}
+
+// 8 greedy requests and their tokens from the in-process engine.
+struct FailoverLoad {
+  std::vector<pb::GenerateRequest> requests;
+  std::vector<std::vector<int32_t>> expected;
+
+  FailoverLoad(const std::string& dir, int max_tokens) {
+    for (int i = 0; i < 8; ++i) {
+      const std::vector<int32_t> prompt = {1, 450 + 7 * i, 29, 100 + i};
+      requests.push_back(IdsRequest(prompt, max_tokens));
+      expected.push_back(InProcessWithLogprobs(dir, prompt, max_tokens, -1, -1).tokens);
+    }
+  }
+};
+
+struct Streamed {
+  absl::StatusOr<ClientResult> result = absl::UnknownError("not run");
+  std::vector<absl::Time> token_times;
+};
+
+// Runs `requests` concurrently; `fault` runs once, as soon as every stream has a token.
+std::vector<Streamed> RunConcurrently(Cluster& c, const std::vector<pb::GenerateRequest>& requests,
+                                      const std::function<void()>& fault) {
+  std::vector<Streamed> out(requests.size());
+  absl::Mutex mu;
+  size_t streaming = 0;
+  absl::Notification all_streaming;
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    threads.emplace_back([&, i] {
+      out[i].result = c.client().Generate(requests[i], [&](const pb::TokenDelta&) {
+        absl::MutexLock lock(&mu);
+        out[i].token_times.push_back(absl::Now());
+        if (out[i].token_times.size() == 1 && ++streaming == requests.size()) {
+          all_streaming.Notify();
+        }
+      });
+    });
+  }
+  if (all_streaming.WaitForNotificationWithTimeout(absl::Seconds(30))) fault();
+  for (std::thread& t : threads) t.join();
+  return out;
+}
+
+// The longest pause between two tokens of one stream.
+absl::Duration LongestGap(const std::vector<Streamed>& streams) {
+  absl::Duration gap;
+  for (const Streamed& s : streams) {
+    for (size_t i = 1; i < s.token_times.size(); ++i) {
+      gap = std::max(gap, s.token_times[i] - s.token_times[i - 1]);
+    }
+  }
+  return gap;
+}
+
+// Waits (polling the status API) until worker `index` is in `state`; the time it took.
+absl::StatusOr<absl::Duration> WaitForWorkerState(Cluster& c, int index, pb::WorkerState state,
+                                                  absl::Duration timeout) {
+  const absl::Time start = absl::Now();
+  while (absl::Now() - start < timeout) {
+    auto status = c.client().GetClusterStatus();
+    if (status.ok() && status->workers(index).state() == state) return absl::Now() - start;
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  return absl::DeadlineExceededError(absl::StrCat("worker ", index, " never reached state ",
+                                                  pb::WorkerState_Name(state), "\n", c.Logs()));
+}
+
+double WorkerRows(Cluster& c, const std::string& worker) {
+  const auto metrics =
+      testing::ParseMetricsText(testing::HttpGet(c.coordinator().Announced("METRICS"), "/metrics"));
+  const auto it = metrics.find("moe_dispatch_rows_total{worker=\"" + worker + "\"}");
+  return it == metrics.end() ? -1 : it->second;
+}
+
+TEST(ClusterFailoverTest, KillMidGenerationAndRollingRestartLoseNoRequest) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 160);
+  const std::vector<std::string> listens = FreeAddresses(4);
+  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+
+  // kill -9 worker 0 while 8 streams are running.
+  const std::vector<Streamed> killed =
+      RunConcurrently(c, load.requests, [&] { c.workers()[0].process->Stop(SIGKILL); });
+  for (size_t i = 0; i < killed.size(); ++i) {
+    ASSERT_TRUE(killed[i].result.ok()) << i << ": " << killed[i].result.status() << c.Logs();
+    EXPECT_EQ(killed[i].result->tokens, load.expected[i]) << i;
+  }
+  ASSERT_TRUE(WaitForWorkerState(c, 0, pb::WORKER_STATE_UNAVAILABLE, absl::Seconds(5)).ok());
+  std::printf("kill -9 under load: longest pause between tokens %s\n",
+              absl::FormatDuration(LongestGap(killed)).c_str());
+
+  // Rolling restart under continuous load: each worker in turn is killed (worker 0 already
+  // is), restarted at its address, and waited for until the coordinator uses it again.
+  std::atomic<bool> stop{false};
+  std::atomic<int> served{0}, failed{0}, wrong{0};
+  std::vector<std::thread> clients;
+  for (int k = 0; k < 4; ++k) {
+    clients.emplace_back([&, k] {
+      for (int i = k; !stop; i = (i + 4) % 8) {
+        pb::GenerateRequest r = load.requests[i];
+        r.set_max_tokens(40);
+        auto result = c.client().Generate(r);
+        if (!result.ok()) {
+          ++failed;
+          ADD_FAILURE() << result.status();
+          continue;
+        }
+        ++served;
+        const std::vector<int32_t> want(load.expected[i].begin(), load.expected[i].begin() + 40);
+        if (result->tokens != want) ++wrong;
+      }
+    });
+  }
+  for (int w = 0; w < 4; ++w) {
+    if (w != 0) c.workers()[w].process->Stop(SIGKILL);
+    auto again = testing::StartWorker(dir, kReplicated[w], listens[w]);
+    ASSERT_TRUE(again.ok()) << again.status();
+    c.workers()[w] = std::move(*again);
+    auto ready = WaitForWorkerState(c, w, pb::WORKER_STATE_READY, absl::Seconds(10));
+    ASSERT_TRUE(ready.ok()) << ready.status();
+    // Used again at once: rows reach it while the load runs.
+    const double before = WorkerRows(c, listens[w]);
+    const absl::Time readmitted = absl::Now();
+    while (WorkerRows(c, listens[w]) <= before && absl::Now() - readmitted < absl::Seconds(5)) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    EXPECT_LT(absl::Now() - readmitted, absl::Seconds(1)) << "worker " << w << " unused";
+  }
+  stop = true;
+  for (std::thread& t : clients) t.join();
+  std::printf("rolling restart: %d requests served, %d failed, %d with other tokens\n",
+              served.load(), failed.load(), wrong.load());
+  EXPECT_GT(served, 8);
+  EXPECT_EQ(failed, 0);
+  EXPECT_EQ(wrong, 0);
+}
+
+TEST(ClusterFailoverTest, StoppedWorkerIsFailedOverWithinASecondAndRejoinsWhenContinued) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 200);
+  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+  const pid_t pid = c.workers()[1].process->pid();
+  const std::vector<Streamed> stopped =
+      RunConcurrently(c, load.requests, [&] { ASSERT_EQ(kill(pid, SIGSTOP), 0); });
+  for (size_t i = 0; i < stopped.size(); ++i) {
+    ASSERT_TRUE(stopped[i].result.ok()) << i << ": " << stopped[i].result.status() << c.Logs();
+    EXPECT_EQ(stopped[i].result->tokens, load.expected[i]) << i;
+  }
+  // The stall the stopped worker caused is the failover time (normal steps take milliseconds).
+  const absl::Duration failover = LongestGap(stopped);
+  std::printf("SIGSTOP under load: failed over in %s\n", absl::FormatDuration(failover).c_str());
+  EXPECT_LT(failover, absl::Milliseconds(1500));
+  auto status = c.client().GetClusterStatus();
+  ASSERT_TRUE(status.ok());
+  EXPECT_EQ(status->workers(1).state(), pb::WORKER_STATE_UNAVAILABLE);
+  EXPECT_TRUE(status->serving());  // its replica serves its experts
+
+  // Continued, it reconnects and takes rows again.
+  const double before = WorkerRows(c, c.workers()[1].address);
+  ASSERT_EQ(kill(pid, SIGCONT), 0);
+  ASSERT_TRUE(WaitForWorkerState(c, 1, pb::WORKER_STATE_READY, absl::Seconds(10)).ok());
+  for (int i = 0; i < 2; ++i) {
+    auto r = c.client().Generate(IdsRequest({1, 450, 29}, 4));
+    ASSERT_TRUE(r.ok()) << r.status();
+  }
+  EXPECT_GT(WorkerRows(c, c.workers()[1].address), before);
+}
+
+TEST(ClusterFailoverTest, DeadOrStoppedIdleReplicaIsNoticedWithinASecond) {
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), kReplicated);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+  c.workers()[2].process->Stop(SIGKILL);
+  auto dead = WaitForWorkerState(c, 2, pb::WORKER_STATE_UNAVAILABLE, absl::Seconds(5));
+  ASSERT_TRUE(dead.ok()) << dead.status();
+  ASSERT_EQ(kill(c.workers()[3].process->pid(), SIGSTOP), 0);
+  auto hung = WaitForWorkerState(c, 3, pb::WORKER_STATE_UNAVAILABLE, absl::Seconds(5));
+  kill(c.workers()[3].process->pid(), SIGCONT);
+  ASSERT_TRUE(hung.ok()) << hung.status();
+  std::printf("idle replica noticed: killed after %s, stopped after %s\n",
+              absl::FormatDuration(*dead).c_str(), absl::FormatDuration(*hung).c_str());
+  EXPECT_LT(*dead, absl::Milliseconds(1200));
+  EXPECT_LT(*hung, absl::Milliseconds(1500));
+  EXPECT_TRUE(c.client().WaitForHealth(true, absl::Seconds(1)).ok());  // the others serve
 }
 
 // --- Cancellation frees the sequence's KV blocks. ---
