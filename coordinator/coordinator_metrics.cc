@@ -84,8 +84,15 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                             "(1 = perfectly balanced, experts = one expert takes everything; "
                             "0 = no tokens in the window)")
                         .Register(r);
+  auto& degraded = prometheus::BuildCounter()
+                       .Name("moe_degraded_tokens_total")
+                       .Help(
+                           "Tokens routed around experts that had no ready worker, per layer "
+                           "(--on-expert-loss reroute; completed steps only)")
+                       .Register(r);
   for (int64_t l = 0; l < layers_; ++l) {
     imbalance_.push_back(&imbalance.Add({{"layer", std::to_string(l)}}));
+    degraded_.push_back(&degraded.Add({{"layer", std::to_string(l)}}));
   }
 
   prompt_tokens_ = &prometheus::BuildCounter()
@@ -197,8 +204,14 @@ void CoordinatorMetrics::Refresh() {
   for (int64_t l = 0; l < layers_; ++l) imbalance_[l]->Set(ratios[l]);
 }
 
-void CoordinatorMetrics::OnStepEnd(bool ok, std::span<const uint64_t> expert_counts) {
+void CoordinatorMetrics::OnStepEnd(bool ok, std::span<const uint64_t> expert_counts,
+                                   std::span<const uint64_t> degraded_per_layer) {
   if (ok) {
+    for (size_t l = 0; l < degraded_per_layer.size() && l < degraded_.size(); ++l) {
+      if (degraded_per_layer[l] != 0) {
+        degraded_[l]->Increment(static_cast<double>(degraded_per_layer[l]));
+      }
+    }
     for (size_t i = 0; i < expert_counts.size(); ++i) {
       if (expert_counts[i] != 0)
         expert_tokens_[i]->Increment(static_cast<double>(expert_counts[i]));

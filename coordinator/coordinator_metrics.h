@@ -69,8 +69,10 @@ class CoordinatorMetrics : public SchedulerObserver, public DispatchObserver {
   std::shared_ptr<prometheus::Collectable> collectable() { return registry_; }
 
   // At the end of every engine step, on the stepping thread (ExpertLoadCounter's listener):
-  // publishes the step's expert counts and everything the other hooks accumulated.
-  void OnStepEnd(bool ok, std::span<const uint64_t> expert_counts);
+  // publishes the step's expert counts, rerouted tokens per layer and everything the other
+  // hooks accumulated.
+  void OnStepEnd(bool ok, std::span<const uint64_t> expert_counts,
+                 std::span<const uint64_t> degraded_per_layer);
   // A Generate call refused before it was queued (bad request, queue full). Any thread.
   void OnRejected();
 
@@ -100,6 +102,7 @@ class CoordinatorMetrics : public SchedulerObserver, public DispatchObserver {
 
   std::vector<prometheus::Counter*> expert_tokens_;  // [layer * experts + expert]
   std::vector<prometheus::Gauge*> imbalance_;        // [layer]
+  std::vector<prometheus::Counter*> degraded_;       // [layer]
   prometheus::Counter* prompt_tokens_;
   prometheus::Counter* preemptions_;
   prometheus::Counter* generation_tokens_;

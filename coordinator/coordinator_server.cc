@@ -45,6 +45,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.deadline_floor = options.failover_deadline_floor;
       t.deadline_factor = options.failover_deadline_factor;
       t.health_check_timeout = options.health_check_timeout;
+      t.on_expert_loss = options.engine.on_expert_loss;
       MOE_ASSIGN_OR_RETURN(std::unique_ptr<GrpcTransport> transport,
                            GrpcTransport::Create(checkpoint.config(), t));
       grpc_transport_ = transport.get();
@@ -72,7 +73,9 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
         c, CoordinatorMetrics::Sources{[scheduler]() { return scheduler->stats(); }, workers});
     CoordinatorMetrics* metrics = metrics_.get();
     expert_load_->set_step_listener(
-        [metrics](bool ok, std::span<const uint64_t> counts) { metrics->OnStepEnd(ok, counts); });
+        [metrics](bool ok, std::span<const uint64_t> counts, std::span<const uint64_t> degraded) {
+          metrics->OnStepEnd(ok, counts, degraded);
+        });
     scheduler_->set_observer(metrics);
     if (transport != nullptr) transport->set_dispatch_observer(metrics);
     MOE_ASSIGN_OR_RETURN(metrics_server_,
@@ -89,6 +92,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.workers = workers;
   deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
   deps.max_prompt_bytes = MaxPromptBytes(*model_->tokenizer(), c.max_position_embeddings);
+  deps.on_expert_loss = options.engine.on_expert_loss;
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };
@@ -115,7 +119,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   };
   if (grpc_transport_ != nullptr) {
     grpc_transport_->set_on_health_change(set_health);
-    set_health(grpc_transport_->AllExpertsServed());
+    set_health(grpc_transport_->Serving());
   } else {
     set_health(true);
   }
@@ -162,7 +166,7 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
     LOG(INFO) << "the model has no chat template; /v1/chat/completions is off";
   }
   GrpcTransport* transport = grpc_transport_;
-  if (transport != nullptr) deps.healthy = [transport] { return transport->AllExpertsServed(); };
+  if (transport != nullptr) deps.healthy = [transport] { return transport->Serving(); };
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };

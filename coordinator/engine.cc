@@ -26,6 +26,7 @@ Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
     : weights_(weights),
       transport_(transport),
       config_(weights->config()),
+      on_expert_loss_(options.on_expert_loss),
       kv_cache_(weights->config(), options.kv_cache) {
   // RoPE tables as transformers builds them (f32): inv_freq[i] = 1 / theta^(2i / head_dim),
   // angle = position * inv_freq[i].
@@ -184,15 +185,77 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
     const WeightMatrix router{w.router.data(), DType::kF32, config_.num_local_experts, hidden,
                               hidden};
     kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
+    if (on_expert_loss_ == ExpertLossPolicy::kReroute) {
+      raw_logits_.assign(router_logits_.begin(),
+                         router_logits_.begin() + rows * config_.num_local_experts);
+    }
     RouteTokens(router_logits_.data(), rows, config_.num_local_experts, config_.num_experts_per_tok,
                 &routing_);
   } else {
     RouteDense(rows, &routing_);
   }
-  for (RoutingObserver* observer : observers_) observer->OnRouting(layer, routing_);
   // experts (wherever they live) and residual
-  MOE_RETURN_IF_ERROR(transport_->Exchange(layer, routing_, xn_.data(), proj_.data()));
+  MOE_RETURN_IF_ERROR(Experts(layer, rows));
   for (int64_t i = 0; i < rows * hidden; ++i) x_[i] += proj_[i];
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Experts(int64_t layer, int64_t rows) {
+  const bool reroute = on_expert_loss_ == ExpertLossPolicy::kReroute && config_.is_moe;
+  if (reroute) layer_degraded_.assign(rows, 0);
+  // Each failed attempt lost at least one more worker, so this ends.
+  for (int64_t attempt = 0;; ++attempt) {
+    if (reroute && !transport_->LiveExperts(&live_)) MOE_RETURN_IF_ERROR(Reroute(rows));
+    const absl::Status s = transport_->Exchange(layer, routing_, xn_.data(), proj_.data());
+    if (s.ok()) break;
+    // Only a lost worker (UNAVAILABLE) can be routed around, and only if it took experts
+    // with it.
+    if (!reroute || !absl::IsUnavailable(s) || attempt >= config_.num_local_experts ||
+        transport_->LiveExperts(&live_)) {
+      return s;
+    }
+  }
+  if (reroute) {
+    int64_t degraded = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+      degraded += layer_degraded_[r];
+      row_degraded_[r] |= layer_degraded_[r];
+    }
+    if (degraded > 0) {
+      for (RoutingObserver* observer : observers_) observer->OnDegraded(layer, degraded);
+    }
+  }
+  for (RoutingObserver* observer : observers_) observer->OnRouting(layer, routing_);
+  return absl::OkStatus();
+}
+
+absl::Status Engine::Reroute(int64_t rows) {
+  const int64_t experts = config_.num_local_experts;
+  const int64_t k = config_.num_experts_per_tok;
+  live_ids_.clear();
+  for (int64_t e = 0; e < experts; ++e) {
+    if (live_[e]) live_ids_.push_back(static_cast<int32_t>(e));
+  }
+  const int64_t live = static_cast<int64_t>(live_ids_.size());
+  if (live < k) {
+    return absl::UnavailableError(absl::StrCat(
+        "only ", live, " of ", experts, " experts have a ready worker, fewer than the ", k,
+        " each token is routed to (--on-expert-loss reroute needs at least top-k)"));
+  }
+  live_logits_.resize(live);
+  for (int64_t r = 0; r < rows; ++r) {
+    bool lost = false;
+    for (int64_t j = 0; j < k; ++j) lost = lost || !live_[routing_.experts[r * k + j]];
+    if (!lost) continue;
+    // Top-k among the live experts: the router's softmax and renormalization over them alone.
+    for (int64_t i = 0; i < live; ++i) live_logits_[i] = raw_logits_[r * experts + live_ids_[i]];
+    RouteTokens(live_logits_.data(), 1, live, k, &one_);
+    for (int64_t j = 0; j < k; ++j) {
+      routing_.experts[r * k + j] = live_ids_[one_.experts[j]];
+      routing_.weights[r * k + j] = one_.weights[j];
+    }
+    layer_degraded_[r] = 1;
+  }
   return absl::OkStatus();
 }
 
@@ -223,10 +286,13 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
       kernels::ConvertToF32(embed.Row(inputs[i].tokens[j]), embed.dtype, hidden, &x_[r * hidden]);
     }
   }
+  row_degraded_.assign(rows, 0);
   for (int64_t layer = 0; layer < config_.num_hidden_layers; ++layer) {
     absl::Status s = Layer(layer, rows, inputs);
     if (!s.ok()) return s;  // lengths unchanged; the blocks stay reserved with the sequences
   }
+  degraded_inputs_.assign(inputs.size(), 0);
+  for (int64_t t = 0; t < rows; ++t) degraded_inputs_[row_input_[t]] += row_degraded_[t];
   // final norm on the rows that need logits, then lm_head: [out_rows, vocab]
   int64_t o = 0;
   r = 0;

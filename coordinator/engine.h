@@ -17,12 +17,18 @@
 #include "common/weights.h"
 #include "coordinator/kv_cache.h"
 #include "coordinator/router.h"
+#include "coordinator/transport/dispatch.h"
 #include "coordinator/transport/expert_transport.h"
 
 namespace moe {
 
 struct EngineOptions {
   KvCacheOptions kv_cache;
+  // kReroute: a token routed to an expert that no ready worker hosts takes its top-k among the
+  // live experts instead (the transport says which are live), and an exchange that fails
+  // because a worker was lost is routed around it and retried. Such tokens are counted
+  // (RoutingObserver::OnDegraded, degraded_rows()).
+  ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;
 };
 
 // A sequence's state in the engine: its KV blocks and how many positions are cached.
@@ -47,6 +53,12 @@ class RoutingObserver {
   virtual ~RoutingObserver() = default;
   virtual void OnRouting(int64_t layer, const Routing& routing) = 0;
   virtual void OnStepEnd(bool ok) { (void)ok; }
+  // `tokens` rows of this layer were routed around lost experts (--on-expert-loss reroute);
+  // called before that layer's OnRouting.
+  virtual void OnDegraded(int64_t layer, int64_t tokens) {
+    (void)layer;
+    (void)tokens;
+  }
 };
 
 // Not thread-safe: one Step at a time (it owns the KV cache and scratch buffers).
@@ -64,6 +76,10 @@ class Engine {
   // when the KV cache is full; the transport's error if the experts fail. On error no
   // sequence's length changes.
   absl::Status Step(std::span<const StepInput> inputs, std::vector<float>* logits);
+
+  // After a successful Step: for each input, how many of its rows were routed around a lost
+  // expert in some layer (all zero unless on_expert_loss is kReroute).
+  std::span<const int64_t> degraded_rows() const { return degraded_inputs_; }
 
   // Frees the sequence's KV blocks and resets it.
   void Release(SequenceState* seq);
@@ -86,11 +102,16 @@ class Engine {
   void Attention(int64_t layer, int64_t rows, std::span<const StepInput> inputs);
   absl::Status Layer(int64_t layer, int64_t rows, std::span<const StepInput> inputs);
   absl::Status Forward(std::span<const StepInput> inputs, std::vector<float>* logits);
+  // The experts of this layer's step, through the transport; with kReroute around lost ones.
+  absl::Status Experts(int64_t layer, int64_t rows);
+  // Reroutes the rows of routing_ that name an expert with live_[e] == 0, from raw_logits_.
+  absl::Status Reroute(int64_t rows);
 
   // Constant after construction.
   const ModelWeights* weights_;
   ExpertTransport* transport_;
   ModelConfig config_;
+  ExpertLossPolicy on_expert_loss_;
   std::vector<float> rope_cos_;  // [max_position, head_dim / 2]
   std::vector<float> rope_sin_;
 
@@ -108,7 +129,17 @@ class Engine {
   std::vector<float> attn_;            // [rows, q_dim]
   std::vector<float> proj_;            // [rows, hidden]
   std::vector<float> router_logits_;   // [rows, experts]
-  std::vector<float> scores_;          // [threads][query heads per key/value head][max_position]
+  // kReroute only: the router's logits before softmax, the live experts, this layer's
+  // rerouted rows, each row's any-layer flag and its input's count.
+  std::vector<float> raw_logits_;
+  std::vector<char> live_;
+  std::vector<char> layer_degraded_;
+  std::vector<char> row_degraded_;
+  std::vector<int64_t> degraded_inputs_;
+  std::vector<float> live_logits_;
+  std::vector<int32_t> live_ids_;
+  Routing one_;
+  std::vector<float> scores_;  // [threads][query heads per key/value head][max_position]
   int64_t scores_per_thread_ = 0;
   std::vector<size_t> blocks_before_;  // per input, KV blocks held before this step
   Routing routing_;

@@ -19,14 +19,17 @@ namespace moe {
 // Thread-safety: OnRouting/OnStepEnd from the engine's thread; Snapshot from any thread.
 class ExpertLoadCounter : public RoutingObserver {
  public:
-  // Called at the end of every step with that step's counts, [layer * experts + expert]
-  // (all zero for a failed step, whose tokens are not counted), on the engine's thread.
-  using StepListener = std::function<void(bool ok, std::span<const uint64_t> step_counts)>;
+  // Called at the end of every step with that step's counts, [layer * experts + expert], and
+  // its rerouted tokens per layer (OnDegraded) (all zero for a failed step, whose tokens are
+  // not counted), on the engine's thread.
+  using StepListener = std::function<void(bool ok, std::span<const uint64_t> step_counts,
+                                          std::span<const uint64_t> degraded_per_layer)>;
 
   ExpertLoadCounter(int64_t layers, int64_t experts)
       : experts_(experts),
         layers_(layers),
         step_(layers * experts, 0),
+        degraded_(layers, 0),
         totals_(new std::atomic<uint64_t>[layers * experts]()) {}
 
   // Set before the engine runs.
@@ -37,13 +40,21 @@ class ExpertLoadCounter : public RoutingObserver {
     for (int32_t e : routing.experts) ++row[e];
   }
 
+  void OnDegraded(int64_t layer, int64_t tokens) override {
+    degraded_[layer] += static_cast<uint64_t>(tokens);
+  }
+
   void OnStepEnd(bool ok) override {
-    if (!ok) std::fill(step_.begin(), step_.end(), 0);
+    if (!ok) {
+      std::fill(step_.begin(), step_.end(), 0);
+      std::fill(degraded_.begin(), degraded_.end(), 0);
+    }
     for (size_t i = 0; i < step_.size(); ++i) {
       if (step_[i] != 0) totals_[i].fetch_add(step_[i], std::memory_order_relaxed);
     }
-    if (listener_) listener_(ok, step_);
+    if (listener_) listener_(ok, step_, degraded_);
     std::fill(step_.begin(), step_.end(), 0);
+    std::fill(degraded_.begin(), degraded_.end(), 0);
   }
 
   // [layer][expert] token counts of the completed steps since start.
@@ -60,7 +71,8 @@ class ExpertLoadCounter : public RoutingObserver {
  private:
   const int64_t experts_;
   const int64_t layers_;
-  std::vector<uint64_t> step_;  // this step's counts, engine thread only
+  std::vector<uint64_t> step_;      // this step's counts, engine thread only
+  std::vector<uint64_t> degraded_;  // this step's rerouted tokens per layer, engine thread only
   std::unique_ptr<std::atomic<uint64_t>[]> totals_;
   StepListener listener_;
 };

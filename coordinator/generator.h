@@ -71,6 +71,9 @@ struct GenerationOutput {
   FinishReason finish = FinishReason::kNone;
   std::vector<TokenLogprobs> logprobs;         // per generated token, with params.logprobs >= 0
   std::vector<TokenLogprobs> prompt_logprobs;  // prompt tokens 1.. with params.prompt_logprobs >= 0
+  // Token rows (prompt and generated) that were routed around a lost expert in some layer
+  // (--on-expert-loss reroute): the output is then not the exact model's.
+  int64_t degraded_tokens = 0;
 };
 
 // The experts that produced generated tokens: for token t, layer l and choice j < top_k, expert
@@ -147,6 +150,8 @@ class SequenceDecoder {
   std::string Advance(float* logits);
 
   bool finished() const { return output_.finish != FinishReason::kNone; }
+  // `rows` of this sequence's last step were routed around lost experts.
+  void AddDegraded(int64_t rows) { output_.degraded_tokens += rows; }
   // Generated tokens so far; text and finish reason once finished().
   const GenerationOutput& output() const { return output_; }
 

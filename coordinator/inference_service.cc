@@ -76,6 +76,7 @@ pb::GenerateResponse ToProto(const RequestBatch::Event& e, const std::string& re
   final->mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(prompt_tokens));
   final->mutable_usage()->set_completion_tokens(static_cast<uint32_t>(output.tokens.size()));
   for (const TokenLogprobs& l : output.prompt_logprobs) ToProto(l, final->add_prompt_logprobs());
+  final->set_degraded_tokens(static_cast<uint32_t>(output.degraded_tokens));
   return response;
 }
 
@@ -208,7 +209,11 @@ grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext* context,
     s->set_expert_end(static_cast<int32_t>(w.experts.end));
     s->set_message(w.message);
   }
-  response->set_serving(AllExpertsServed(workers, deps_.config->num_local_experts));
+  const int64_t experts = deps_.config->num_local_experts;
+  const bool serving =
+      ClusterServing(workers, experts, deps_.config->num_experts_per_tok, deps_.on_expert_loss);
+  response->set_serving(serving);
+  response->set_degraded(serving && !AllExpertsServed(workers, experts));
   const auto load = deps_.expert_load->Snapshot();
   for (size_t l = 0; l < load.size(); ++l) {
     pb::ExpertLoad* layer = response->add_load();

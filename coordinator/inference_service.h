@@ -35,6 +35,7 @@ struct InferenceServiceDeps {
   // Text prompts longer than this are refused before they are tokenized (MaxPromptBytes);
   // 0: no bound.
   size_t max_prompt_bytes = 0;
+  ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;  // what `serving` means
 };
 
 // Converts a public request to the scheduler's form (text prompts tokenized, unset fields

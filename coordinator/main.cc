@@ -66,6 +66,12 @@ ABSL_FLAG(absl::Duration, failover_deadline_floor, absl::Milliseconds(500),
 ABSL_FLAG(double, failover_deadline_factor, 4.0,
           "Multiple of the expected answer time (recent answers, scaled by the rows sent) "
           "after which a worker with a live replica is failed over.");
+ABSL_FLAG(std::string, on_expert_loss, "fail",
+          "When some expert has no ready worker (and no replica): 'fail' ends the steps that "
+          "route to it with UNAVAILABLE (exact model or nothing); 'reroute' routes those tokens "
+          "to their top-k among the live experts, says so in each response (degraded_tokens) "
+          "and in moe_degraded_tokens_total, and keeps health SERVING while at least top-k "
+          "experts are live (availability over exactness).");
 ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
@@ -126,6 +132,22 @@ int main(int argc, char** argv) {
   options.failover_deadline_factor = absl::GetFlag(FLAGS_failover_deadline_factor);
   options.health_check_timeout = absl::GetFlag(FLAGS_health_check_timeout);
   options.worker_connect_timeout = absl::GetFlag(FLAGS_worker_connect_timeout);
+  if (!moe::ParseExpertLossPolicy(absl::GetFlag(FLAGS_on_expert_loss),
+                                  &options.engine.on_expert_loss)) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --on-expert-loss must be fail or reroute, not '%s'\n",
+                 absl::GetFlag(FLAGS_on_expert_loss).c_str());
+    return 1;
+  }
+  if (options.failover_deadline_floor <= absl::ZeroDuration() ||
+      options.failover_deadline_factor < 1 ||
+      options.health_check_timeout <= absl::ZeroDuration() ||
+      options.step_timeout <= absl::ZeroDuration()) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --step-timeout, --failover-deadline-floor and "
+                 "--health-check-timeout must be > 0 and --failover-deadline-factor >= 1\n");
+    return 1;
+  }
   if (options.model_dir.empty()) {
     std::fprintf(stderr, "moe-coordinator: error: --model is required (see --help)\n");
     return 1;

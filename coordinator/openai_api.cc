@@ -729,20 +729,29 @@ class OpenAiApi::Call {
           logprobs["content"].push_back(ChatLogprobEntry(*deps_->tokenizer, lp));
         }
       }
-      return {{"index", index},
-              {"message", {{"role", "assistant"}, {"content", c.output.text}}},
-              {"logprobs", std::move(logprobs)},
-              {"finish_reason", FinishName(c.output.finish)}};
+      return WithDegraded(c, {{"index", index},
+                              {"message", {{"role", "assistant"}, {"content", c.output.text}}},
+                              {"logprobs", std::move(logprobs)},
+                              {"finish_reason", FinishName(c.output.finish)}});
     }
     json logprobs = nullptr;
     if (legacy_logprobs_) {
       AddLegacy(index);
       logprobs = c.legacy->Take(/*finish=*/true);
     }
-    return {{"index", index},
+    return WithDegraded(
+        c, {{"index", index},
             {"text", echo_ ? prompt_texts_[PromptOf(index)] + c.output.text : c.output.text},
             {"logprobs", std::move(logprobs)},
-            {"finish_reason", FinishName(c.output.finish)}};
+            {"finish_reason", FinishName(c.output.finish)}});
+  }
+
+  // Adds "degraded_tokens" (not in OpenAI's schema) to a choice that was routed around lost
+  // experts (--on-expert-loss reroute), so a client can tell the output is not the exact
+  // model's.
+  static json WithDegraded(const Choice& c, json choice) {
+    if (c.output.degraded_tokens > 0) choice["degraded_tokens"] = c.output.degraded_tokens;
+    return choice;
   }
 
   // Runs the batch to its end. Returns the first failure, if any (the rest is then cancelled).
@@ -841,9 +850,9 @@ class OpenAiApi::Call {
       }
       if (e.finished) {
         c.output = std::move(e.output);
-        json choice = {{"index", e.index},
-                       {"logprobs", nullptr},
-                       {"finish_reason", FinishName(c.output.finish)}};
+        json choice = WithDegraded(c, {{"index", e.index},
+                                       {"logprobs", nullptr},
+                                       {"finish_reason", FinishName(c.output.finish)}});
         if (chat_) {
           choice["delta"] = json::object();
         } else {

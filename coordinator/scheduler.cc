@@ -291,8 +291,10 @@ void Scheduler::Emit() {
   itl_.clear();
   int64_t generated = 0;
   size_t row = 0;  // the first logits row of running_[j]
+  const std::span<const int64_t> degraded = engine_->degraded_rows();
   for (size_t j = 0; j < running_.size(); ++j) {
     Sequence& s = *running_[j];
+    s.decoder.AddDegraded(degraded[j]);
     float* logits = &logits_[row * vocab];
     row += inputs_[j].all_logits ? inputs_[j].tokens.size() : 1;
     if (s.decoder.prefilling() && !s.decoder.resuming()) {

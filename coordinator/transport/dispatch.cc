@@ -38,9 +38,32 @@ std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
 }
 
 bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_count) {
+  return LiveExpertCount(workers, expert_count) == expert_count;
+}
+
+int64_t LiveExpertCount(std::span<const WorkerSnapshot> workers, int64_t expert_count) {
   std::vector<ExpertRange> ready;
   for (const WorkerSnapshot& w : workers) ready.push_back(w.ready ? w.experts : ExpertRange{});
-  return UncoveredExperts(ready, expert_count).empty();
+  int64_t missing = 0;
+  for (const ExpertRange& r : UncoveredExperts(ready, expert_count)) missing += r.size();
+  return expert_count - missing;
+}
+
+bool ParseExpertLossPolicy(std::string_view text, ExpertLossPolicy* policy) {
+  if (text == "fail") {
+    *policy = ExpertLossPolicy::kFail;
+  } else if (text == "reroute") {
+    *policy = ExpertLossPolicy::kReroute;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+bool ClusterServing(std::span<const WorkerSnapshot> workers, int64_t expert_count, int64_t top_k,
+                    ExpertLossPolicy policy) {
+  const int64_t live = LiveExpertCount(workers, expert_count);
+  return live == expert_count || (policy == ExpertLossPolicy::kReroute && live >= top_k);
 }
 
 Segmentation Segmentation::Of(std::span<const ExpertRange> hosted, int64_t expert_count) {
@@ -145,6 +168,20 @@ Dispatcher::Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count
   assigned_.resize(workers);
   load_.resize(workers);
   worker_rows_.resize(workers);
+}
+
+bool Dispatcher::LiveExperts(WorkerLinks* links, std::vector<char>* live) const {
+  bool all = true;
+  for (size_t s = 0; s < segmentation_.segments.size(); ++s) {
+    bool up = false;
+    for (int32_t h : segmentation_.hosts[s]) up = up || links->Ready(h);
+    if (up == all) continue;  // nothing to write while all are live, or for a live one after
+    if (all) live->assign(segmentation_.segment_of_expert.size(), 1);
+    all = false;
+    const ExpertRange& r = segmentation_.segments[s];
+    std::fill(live->begin() + r.begin, live->begin() + r.end, 0);
+  }
+  return all;
 }
 
 absl::Duration Dispatcher::SoftDeadline(int64_t rows) const {

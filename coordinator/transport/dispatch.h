@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -61,6 +62,21 @@ std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
 
 // True when every expert in [0, expert_count) has a ready worker.
 bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_count);
+
+// How many experts in [0, expert_count) have a ready worker.
+int64_t LiveExpertCount(std::span<const WorkerSnapshot> workers, int64_t expert_count);
+
+// What happens to a token routed to an expert that no ready worker hosts.
+enum class ExpertLossPolicy {
+  kFail,     // the step fails (UNAVAILABLE naming the workers)
+  kReroute,  // the token takes its top-k among the live experts and is counted as degraded
+};
+// "fail" / "reroute"; false for anything else.
+bool ParseExpertLossPolicy(std::string_view text, ExpertLossPolicy* policy);
+
+// Whether the coordinator can serve: every expert served, or with kReroute at least top_k.
+bool ClusterServing(std::span<const WorkerSnapshot> workers, int64_t expert_count, int64_t top_k,
+                    ExpertLossPolicy policy);
 
 // [0, expert_count) cut at every boundary of every range in `hosted` (clipped to the model), so
 // that each range is a union of segments and all experts of a segment have the same hosts.
@@ -163,6 +179,9 @@ class Dispatcher {
   // expert has no live worker left.
   absl::Status Exchange(int64_t layer, const Routing& routing, const float* x, float* out,
                         WorkerLinks* links);
+
+  // ExpertTransport::LiveExperts for these links.
+  bool LiveExperts(WorkerLinks* links, std::vector<char>* live) const;
 
   const Segmentation& segmentation() const { return segmentation_; }
   // Not owned; may be null.

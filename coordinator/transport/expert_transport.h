@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "coordinator/router.h"
@@ -41,6 +42,15 @@ class ExpertTransport {
   // never thrown; the caller fails the step.
   virtual absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
                                 float* out) = 0;
+
+  // Which experts a worker could serve now: true when all can (then `live` is untouched),
+  // else false with live[e] = 1 for each expert e with a ready worker (resized to the expert
+  // count). For routing around lost experts (--on-expert-loss reroute); called on the thread
+  // calling Exchange.
+  virtual bool LiveExperts(std::vector<char>* live) {
+    (void)live;
+    return true;
+  }
 };
 
 }  // namespace moe

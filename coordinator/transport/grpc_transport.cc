@@ -386,6 +386,16 @@ bool GrpcTransport::AllExpertsServed() const {
   return moe::AllExpertsServed(Workers(), config_.num_local_experts);
 }
 
+bool GrpcTransport::Serving() const {
+  return ClusterServing(Workers(), config_.num_local_experts, config_.num_experts_per_tok,
+                        options_.on_expert_loss);
+}
+
+bool GrpcTransport::LiveExperts(std::vector<char>* live) {
+  absl::MutexLock exchange(&exchange_mu_);
+  return dispatcher_->LiveExperts(&links_, live);
+}
+
 void GrpcTransport::set_on_health_change(std::function<void(bool)> callback) {
   absl::MutexLock lock(&mu_);
   on_health_change_ = std::move(callback);
@@ -402,7 +412,7 @@ void GrpcTransport::NotifyHealth() {
     absl::MutexLock lock(&mu_);
     callback = on_health_change_;
   }
-  if (callback) callback(AllExpertsServed());
+  if (callback) callback(Serving());
 }
 
 }  // namespace moe

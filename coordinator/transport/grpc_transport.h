@@ -49,6 +49,8 @@ struct GrpcTransportOptions {
   // health_check_timeout; a down one is reconnected this often.
   absl::Duration reconnect_interval = absl::Milliseconds(200);
   absl::Duration health_check_timeout = absl::Milliseconds(400);
+  // What Serving() means with experts lost (the engine does the rerouting).
+  ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;
 };
 
 class GrpcTransport : public ExpertTransport {
@@ -65,10 +67,15 @@ class GrpcTransport : public ExpertTransport {
       ABSL_LOCKS_EXCLUDED(exchange_mu_);
 
   // The workers in options.worker_addresses order.
+  bool LiveExperts(std::vector<char>* live) override ABSL_LOCKS_EXCLUDED(exchange_mu_);
+
   std::vector<WorkerSnapshot> Workers() const;
   bool AllExpertsServed() const;
-  // Called (on an internal thread, or inside Exchange) whenever AllExpertsServed() may have
-  // changed. Set before serving traffic.
+  // ClusterServing() under options.on_expert_loss: all experts served, or with reroute at
+  // least top-k.
+  bool Serving() const;
+  // Called (on an internal thread, or inside Exchange) whenever Serving() may have changed.
+  // Set before serving traffic.
   void set_on_health_change(std::function<void(bool all_served)> callback) ABSL_LOCKS_EXCLUDED(mu_);
   // Not owned; set before serving traffic. Reports name workers by their index in
   // options.worker_addresses.

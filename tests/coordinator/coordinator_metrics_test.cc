@@ -160,7 +160,9 @@ class CoordinatorMetricsTest : public ::testing::Test {
                }});
     CoordinatorMetrics* metrics = metrics_.get();
     load_->set_step_listener(
-        [metrics](bool ok, std::span<const uint64_t> counts) { metrics->OnStepEnd(ok, counts); });
+        [metrics](bool ok, std::span<const uint64_t> counts, std::span<const uint64_t> degraded) {
+          metrics->OnStepEnd(ok, counts, degraded);
+        });
     scheduler_->set_observer(metrics);
   }
   void TearDown() override {
@@ -320,7 +322,8 @@ TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd)
   auto m = Scrape(*metrics.collectable());
   EXPECT_EQ(m.at("moe_dispatch_rows_total{worker=\"w0:1\"}"), 0);  // not yet: step not ended
   std::vector<uint64_t> none(c.num_hidden_layers * c.num_local_experts, 0);
-  metrics.OnStepEnd(/*ok=*/false, none);  // exchanges happened even if the step failed
+  metrics.OnStepEnd(/*ok=*/false, none, std::vector<uint64_t>(c.num_hidden_layers, 0));
+  // (exchanges happened even if the step failed)
   m = Scrape(*metrics.collectable());
   EXPECT_EQ(m.at("moe_dispatch_rows_total{worker=\"w0:1\"}"), 4);
   EXPECT_EQ(m.at("moe_dispatch_rows_total{worker=\"w1:1\"}"), 5);

@@ -1,5 +1,6 @@
 #include "coordinator/scheduler.h"
 
+#include <algorithm>
 #include <cmath>
 #include <functional>
 #include <memory>
@@ -7,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
@@ -373,6 +375,118 @@ TEST_F(SchedulerTest, StepsStayWithinTheTokenBudgetExceptALoneLongPrompt) {
   // One 10-token prefill per step at most: at least five steps before the long prompt ran.
   EXPECT_GE(counter.rows.size(), 5u + 3u);
   for (const RecordingSink& s : sinks) EXPECT_TRUE(s.status().ok()) << s.status();
+}
+
+// Forwards to another transport with some experts "lost": LiveExperts reports them, and an
+// Exchange that routes a token to one fails as the dispatcher would. LoseAt(n, experts): the
+// n-th Exchange from now loses them and fails (a worker dying mid-exchange).
+class LossyTransport : public ExpertTransport {
+ public:
+  LossyTransport(ExpertTransport* inner, int64_t experts) : inner_(inner), live_(experts, 1) {}
+  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
+                        float* out) override {
+    ++exchanges;
+    if (lose_in_ > 0 && --lose_in_ == 0) {
+      for (int32_t e : pending_) live_[e] = 0;
+      return absl::UnavailableError("expert worker y failed");
+    }
+    for (int32_t e : routing.experts) {
+      if (!live_[e]) return absl::UnavailableError(absl::StrCat("expert ", e, " is lost"));
+    }
+    return inner_->Exchange(layer, routing, x, out);
+  }
+  bool LiveExperts(std::vector<char>* live) override {
+    if (std::find(live_.begin(), live_.end(), 0) == live_.end()) return true;
+    *live = live_;
+    return false;
+  }
+  void Lose(const std::vector<int32_t>& experts) {
+    for (int32_t e : experts) live_[e] = 0;
+  }
+  void LoseAt(int n, std::vector<int32_t> experts) {
+    lose_in_ = n;
+    pending_ = std::move(experts);
+  }
+  int exchanges = 0;
+
+ private:
+  ExpertTransport* inner_;
+  std::vector<char> live_;
+  int lose_in_ = 0;
+  std::vector<int32_t> pending_;
+};
+
+TEST_F(SchedulerTest, RerouteRoutesAroundLostExpertsAndCountsTheRows) {
+  const int64_t experts = model_->config().num_local_experts;
+  LossyTransport transport(model_->transport(), experts);
+  EngineOptions options;
+  options.on_expert_loss = ExpertLossPolicy::kReroute;
+  auto engine = Engine::Create(&model_->weights(), &transport, options);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  const std::vector<int32_t> prompt =
+      tokenizer()->Encode("We hold these truths to be self-evident");
+  const int64_t rows = static_cast<int64_t>(prompt.size());
+  std::vector<float> logits, exact;
+
+  // Nothing lost: the exact model, nothing counted.
+  SequenceState a;
+  StepInput in{&a, prompt, false};
+  ASSERT_TRUE((*engine)->Step({&in, 1}, &exact).ok());
+  EXPECT_EQ((*engine)->degraded_rows()[0], 0);
+  (*engine)->Release(&a);
+
+  // Half the experts lost: every routed expert is live (the transport would refuse others),
+  // some rows are counted, the logits differ from the exact model's.
+  std::vector<int32_t> half;
+  for (int32_t e = 0; e < experts; e += 2) half.push_back(e);
+  transport.Lose(half);
+  SequenceState b;
+  in = {&b, prompt, false};
+  ASSERT_TRUE((*engine)->Step({&in, 1}, &logits).ok());
+  EXPECT_GT((*engine)->degraded_rows()[0], 0);
+  EXPECT_LE((*engine)->degraded_rows()[0], rows);
+  EXPECT_NE(logits, exact);
+  (*engine)->Release(&b);
+
+  // A worker dies in the middle of a step: the layer is routed around it and retried.
+  LossyTransport midway(model_->transport(), experts);
+  auto engine2 = Engine::Create(&model_->weights(), &midway, options);
+  ASSERT_TRUE(engine2.ok());
+  midway.LoseAt(2, half);
+  SequenceState c;
+  in = {&c, prompt, false};
+  ASSERT_TRUE((*engine2)->Step({&in, 1}, &logits).ok());
+  EXPECT_GT((*engine2)->degraded_rows()[0], 0);
+  EXPECT_EQ(midway.exchanges, model_->config().num_hidden_layers + 1);  // one retry
+  (*engine2)->Release(&c);
+
+  // Fewer live experts than top-k: nothing to route to.
+  std::vector<int32_t> all_but_one;
+  for (int32_t e = 0; e < experts; ++e) {
+    if (e != 1) all_but_one.push_back(e);
+  }
+  transport.Lose(all_but_one);
+  SequenceState d;
+  in = {&d, prompt, false};
+  const absl::Status s = (*engine)->Step({&in, 1}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s.message(), HasSubstr("only 1 of " + std::to_string(experts) + " experts"));
+  EXPECT_EQ(d.length, 0);
+}
+
+TEST_F(SchedulerTest, FailPolicyNeverReroutes) {
+  LossyTransport transport(model_->transport(), model_->config().num_local_experts);
+  auto engine = Engine::Create(&model_->weights(), &transport, {});
+  ASSERT_TRUE(engine.ok());
+  transport.Lose({0, 1, 2, 3});
+  const std::vector<int32_t> prompt =
+      tokenizer()->Encode("We hold these truths to be self-evident");
+  SequenceState a;
+  StepInput in{&a, prompt, false};
+  std::vector<float> logits;
+  const absl::Status s = (*engine)->Step({&in, 1}, &logits);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+  EXPECT_THAT(s.message(), HasSubstr("is lost"));
 }
 
 TEST_F(SchedulerTest, TransportFailureFailsTheStepAndTheSchedulerGoesOn) {

@@ -25,6 +25,7 @@ EXPORTED = {
     "moe_build_info", "moe_expert_tokens_total", "moe_layer_expert_imbalance_ratio",
     "moe_requests_total", "moe_requests_running", "moe_requests_waiting",
     "moe_prompt_tokens_total", "moe_generation_tokens_total", "moe_preemptions_total",
+    "moe_degraded_tokens_total",
     "moe_time_to_first_token_seconds", "moe_inter_token_latency_seconds",
     "moe_request_duration_seconds", "moe_kv_cache_usage_ratio", "moe_dispatch_duration_seconds",
     "moe_dispatch_bytes_total", "moe_dispatch_rows_total", "moe_worker_up",

@@ -776,6 +776,78 @@ TEST(ClusterFailoverTest, DeadOrStoppedIdleReplicaIsNoticedWithinASecond) {
   EXPECT_TRUE(c.client().WaitForHealth(true, absl::Seconds(1)).ok());  // the others serve
 }
 
+// --- No replica: --on-expert-loss fail ends the requests, reroute completes them flagged. ---
+
+TEST(ClusterExpertLossTest, FailEndsEveryInFlightRequestNamingTheWorker) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 300);
+  auto cluster = Cluster::Start(dir, {"0-3", "4-7"}, {"--on-expert-loss", "fail"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  const absl::Time start = absl::Now();
+  const std::vector<Streamed> out =
+      RunConcurrently(c, load.requests, [&] { c.workers()[1].process->Stop(SIGKILL); });
+  EXPECT_LT(absl::Now() - start, absl::Seconds(12));  // the step deadline bounds it
+  for (const Streamed& s : out) {
+    ASSERT_FALSE(s.result.ok());
+    EXPECT_EQ(s.result.status().code(), absl::StatusCode::kUnavailable) << s.result.status();
+    EXPECT_THAT(s.result.status().message(), HasSubstr(c.workers()[1].address));
+  }
+  EXPECT_TRUE(c.client().WaitForHealth(false, absl::Seconds(5)).ok());
+}
+
+TEST(ClusterExpertLossTest, RerouteCompletesEveryRequestFlaggedAndCounted) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 120);
+  auto cluster = Cluster::Start(dir, {"0-3", "4-7"},
+                                {"--on-expert-loss", "reroute", "--metrics-listen", "127.0.0.1:0",
+                                 "--http-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  auto exact = c.client().Generate(load.requests[0]);
+  ASSERT_TRUE(exact.ok()) << exact.status();
+  EXPECT_EQ(exact->tokens, load.expected[0]);
+  EXPECT_EQ(exact->final.degraded_tokens(), 0u);  // nothing lost yet: the exact model
+
+  const std::vector<Streamed> out =
+      RunConcurrently(c, load.requests, [&] { c.workers()[1].process->Stop(SIGKILL); });
+  for (size_t i = 0; i < out.size(); ++i) {
+    ASSERT_TRUE(out[i].result.ok()) << i << ": " << out[i].result.status() << c.Logs();
+    EXPECT_EQ(out[i].result->tokens.size(), 120u);
+    EXPECT_GT(out[i].result->final.degraded_tokens(), 0u) << i;
+  }
+  // Serving, flagged degraded; new requests are served by experts 0-3 alone.
+  EXPECT_TRUE(c.client().WaitForHealth(true, absl::Seconds(1)).ok());
+  auto status = c.client().GetClusterStatus();
+  ASSERT_TRUE(status.ok());
+  EXPECT_TRUE(status->serving());
+  EXPECT_TRUE(status->degraded());
+  EXPECT_EQ(status->workers(1).state(), pb::WORKER_STATE_UNAVAILABLE);
+  auto after = c.client().Generate(IdsRequest({1, 450, 29}, 8));
+  ASSERT_TRUE(after.ok()) << after.status();
+  // Rows whose experts were all live in every layer are not counted; at most every row fed
+  // (the last token is not).
+  EXPECT_GT(after->final.degraded_tokens(), 0u);
+  EXPECT_LE(after->final.degraded_tokens(), 3u + 8u - 1u);
+  const testing::HttpReply http = testing::ParseHttpReply(testing::HttpPost(
+      c.http_address(), "/v1/completions", R"({"prompt": [1, 450, 29], "max_tokens": 8})"));
+  ASSERT_EQ(http.status, 200) << http.body;
+  const nlohmann::json choice = nlohmann::json::parse(http.body)["choices"][0];
+  ASSERT_TRUE(choice.contains("degraded_tokens")) << http.body;
+  EXPECT_GT(choice["degraded_tokens"].get<int>(), 0);
+  EXPECT_LE(choice["degraded_tokens"].get<int>(), 10);
+  for (const pb::ExpertLoad& layer : status->load()) {
+    for (int e = 4; e < 8; ++e) EXPECT_GT(layer.tokens(e), 0u) << "before the loss";
+  }
+  const auto metrics =
+      testing::ParseMetricsText(testing::HttpGet(c.coordinator().Announced("METRICS"), "/metrics"));
+  double degraded = 0;
+  for (int l = 0; l < 2; ++l) {
+    degraded += metrics.at("moe_degraded_tokens_total{layer=\"" + std::to_string(l) + "\"}");
+  }
+  EXPECT_GE(degraded, static_cast<double>(after->final.degraded_tokens()));
+}
+
 // --- Cancellation frees the sequence's KV blocks. ---
 
 TEST(ClusterCancelTest, CancelMidStreamFreesKvBlocks) {
