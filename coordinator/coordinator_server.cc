@@ -166,7 +166,9 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
     LOG(INFO) << "the model has no chat template; /v1/chat/completions is off";
   }
   GrpcTransport* transport = grpc_transport_;
-  if (transport != nullptr) deps.healthy = [transport] { return transport->Serving(); };
+  deps.healthy = [this, transport] {
+    return !draining_ && (transport == nullptr || transport->Serving());
+  };
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };
@@ -179,15 +181,42 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
   return absl::OkStatus();
 }
 
+bool CoordinatorServer::Drain(absl::Duration timeout) {
+  if (server_ == nullptr || shut_down_) return true;
+  const absl::Time start = absl::Now();
+  draining_ = true;
+  if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  health->SetServingStatus(false);
+  health->SetServingStatus(kServiceName, false);
+  scheduler_->StopAdmitting();
+  const Scheduler::Stats open = scheduler_->stats();
+  LOG(INFO) << "draining: " << open.running << " running and " << open.waiting
+            << " waiting requests get up to " << absl::FormatDuration(timeout) << " to finish";
+  const absl::Time deadline = start + timeout;
+  bool done = scheduler_->WaitUntilIdle(deadline);
+  // Their handlers write the last bytes.
+  if (http_server_ != nullptr) done = http_server_->WaitUntilIdle(deadline) && done;
+  if (done) {
+    LOG(INFO) << "drained in " << absl::FormatDuration(absl::Now() - start);
+  } else {
+    const Scheduler::Stats left = scheduler_->stats();
+    LOG(WARNING) << "drain timeout: " << left.running + left.waiting
+                 << " requests did not finish and are cancelled";
+  }
+  return done;
+}
+
 void CoordinatorServer::Shutdown() {
   if (server_ == nullptr || shut_down_) return;
   shut_down_ = true;
+  draining_ = true;
   http_server_.reset();  // cancels its requests: the scheduler is still running
   if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
   server_->GetHealthCheckService()->Shutdown();
-  // The scheduler keeps running while the server drains: calls still open at the deadline are
+  // The scheduler keeps running while the server stops: calls still open at the deadline are
   // cancelled, their handlers cancel their requests and return.
-  server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  server_->Shutdown(absl::ToChronoTime(absl::Now() + absl::Seconds(1)));
   metrics_server_.reset();  // scrapes read the scheduler
   scheduler_.reset();       // fails anything left, before the engine it drives goes away
 }

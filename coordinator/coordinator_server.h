@@ -4,6 +4,7 @@
 #ifndef MOE_COORDINATOR_COORDINATOR_SERVER_H_
 #define MOE_COORDINATOR_COORDINATOR_SERVER_H_
 
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -64,8 +65,12 @@ class CoordinatorServer {
   // Where the OpenAI-compatible API is served (HOST:PORT), empty without http_listen.
   std::string http_address() const { return http_server_ ? http_server_->address() : ""; }
   const LocalModel& model() const { return *model_; }
-  // Stops accepting calls, lets in-flight calls drain (5 s; HTTP requests are cancelled), then
-  // fails what is left and stops the scheduler. Idempotent.
+  // Graceful stop, step one: health turns NOT_SERVING (gRPC and /health), new requests get
+  // UNAVAILABLE (503 over HTTP), and the requests already accepted run to their end or until
+  // `timeout`. Returns true when all finished in time. Then call Shutdown.
+  bool Drain(absl::Duration timeout);
+  // Stops accepting calls, gives open calls a second to write their last message, then
+  // cancels and fails what is left and stops the scheduler. Idempotent.
   void Shutdown();
   void Wait();
 
@@ -88,6 +93,7 @@ class CoordinatorServer {
   std::unique_ptr<MetricsServer> metrics_server_;  // last: scrapes read everything above
   std::string address_;
   bool shut_down_ = false;
+  std::atomic<bool> draining_{false};
 };
 
 }  // namespace moe

@@ -145,6 +145,7 @@ class HttpServer::Impl {
     absl::MutexLock lock(&mu_);
     return stopping_;
   }
+  bool WaitUntilIdle(absl::Time deadline);
 
   const std::string& address() const { return address_; }
   const HttpServerOptions& options() const { return options_; }
@@ -175,6 +176,7 @@ class HttpServer::Impl {
   mutable absl::Mutex mu_;
   std::deque<Job> queue_ ABSL_GUARDED_BY(mu_);
   bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  int busy_ ABSL_GUARDED_BY(mu_) = 0;  // handlers running a request
 };
 
 // One connection. Reads run on the I/O thread; while a request is handled no read is pending
@@ -341,6 +343,7 @@ void HttpServer::Impl::HandlerLoop() {
       if (stopping_) return;
       job = std::move(queue_.front());
       queue_.pop_front();
+      ++busy_;
     }
     Session* session = job.session.get();
     const int fd = session->fd();
@@ -372,7 +375,23 @@ void HttpServer::Impl::HandlerLoop() {
       ok = SendAll(fd, head, absl::Now() + write_timeout);
     }
     session->Done(ok && keep_alive);
+    absl::MutexLock lock(&mu_);
+    --busy_;
   }
+}
+
+bool HttpServer::Impl::WaitUntilIdle(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithDeadline(absl::Condition(
+                                   +[](Impl* self) ABSL_EXCLUSIVE_LOCKS_REQUIRED(self->mu_) {
+                                     return self->busy_ == 0 && self->queue_.empty();
+                                   },
+                                   this),
+                               deadline);
+}
+
+bool HttpServer::WaitUntilIdle(absl::Time deadline) {
+  return impl_ == nullptr || impl_->WaitUntilIdle(deadline);
 }
 
 HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}

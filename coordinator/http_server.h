@@ -72,6 +72,9 @@ class HttpServer {
 
   // HOST:PORT actually bound.
   const std::string& address() const;
+  // Waits until no request is queued or being handled (responses written), or `deadline`;
+  // false on the deadline. New requests are still served meanwhile.
+  bool WaitUntilIdle(absl::Time deadline);
   // Stops accepting, tells running handlers their clients are gone, waits for them, closes every
   // connection. Idempotent.
   void Shutdown();

@@ -204,7 +204,9 @@ grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext* context,
   for (const WorkerSnapshot& w : workers) {
     pb::WorkerStatus* s = response->add_workers();
     s->set_address(w.address);
-    s->set_state(w.ready ? pb::WORKER_STATE_READY : pb::WORKER_STATE_UNAVAILABLE);
+    s->set_state(!w.ready     ? pb::WORKER_STATE_UNAVAILABLE
+                 : w.draining ? pb::WORKER_STATE_DRAINING
+                              : pb::WORKER_STATE_READY);
     s->set_expert_begin(static_cast<int32_t>(w.experts.begin));
     s->set_expert_end(static_cast<int32_t>(w.experts.end));
     s->set_message(w.message);

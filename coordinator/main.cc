@@ -75,6 +75,11 @@ ABSL_FLAG(std::string, on_expert_loss, "fail",
 ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
+          "On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
+          "once; requests already accepted get this long to finish, then the rest are "
+          "cancelled and the process exits 0. Keep Kubernetes' terminationGracePeriodSeconds "
+          "above it.");
 ABSL_FLAG(absl::Duration, worker_connect_timeout, absl::Seconds(60),
           "How long to wait at start for every worker to answer.");
 
@@ -174,6 +179,7 @@ int main(int argc, char** argv) {
   std::cout << "READY " << (*server)->address() << std::endl;
   const int sig = moe::WaitForTerminationSignal();
   LOG(INFO) << "signal " << sig << ": shutting down";
+  (*server)->Drain(absl::GetFlag(FLAGS_drain_timeout));
   (*server)->Shutdown();
   return 0;
 }

@@ -144,6 +144,11 @@ absl::StatusOr<uint64_t> Scheduler::Submit(GenerationRequest request, Generation
   auto seq = std::make_unique<Sequence>(std::move(request), sink, tokenizer_, config_);
   absl::MutexLock lock(&mu_);
   if (closed_) return absl::UnavailableError("the scheduler is shutting down");
+  if (draining_) {
+    return absl::UnavailableError(
+        "the coordinator is shutting down (draining in-flight requests); retry on another "
+        "replica or later");
+  }
   if (static_cast<int64_t>(waiting_.size()) >= options_.max_waiting) {
     return absl::ResourceExhaustedError(absl::StrCat(
         waiting_.size(), " requests are already waiting (max_waiting = ", options_.max_waiting,
@@ -406,6 +411,20 @@ void Scheduler::Loop() {
     }
     StepOnce();
   }
+}
+
+void Scheduler::StopAdmitting() {
+  absl::MutexLock lock(&mu_);
+  draining_ = true;
+}
+
+bool Scheduler::WaitUntilIdle(absl::Time deadline) {
+  absl::MutexLock lock(&mu_);
+  return mu_.AwaitWithDeadline(
+      absl::Condition(
+          +[](Scheduler* s) ABSL_EXCLUSIVE_LOCKS_REQUIRED(s->mu_) { return s->open_.empty(); },
+          this),
+      deadline);
 }
 
 Scheduler::Stats Scheduler::stats() const {

@@ -18,6 +18,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "common/tokenizer.h"
 #include "coordinator/engine.h"
 #include "coordinator/generator.h"
@@ -136,6 +137,12 @@ class Scheduler : private RoutingObserver {
   };
   Stats stats() const;
 
+  // Drain: from now on Submit refuses (UNAVAILABLE: shutting down); what is queued or running
+  // goes on. Then WaitUntilIdle returns true once every accepted request has finished, or
+  // false at `deadline`.
+  void StopAdmitting() ABSL_LOCKS_EXCLUDED(mu_);
+  bool WaitUntilIdle(absl::Time deadline) ABSL_LOCKS_EXCLUDED(mu_);
+
  private:
   struct Sequence;
   using SequencePtr = std::unique_ptr<Sequence>;
@@ -189,7 +196,8 @@ class Scheduler : private RoutingObserver {
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool cancel_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;  // destructor running: Submit refuses
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;    // destructor running: Submit refuses
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;  // StopAdmitting: Submit refuses
   int64_t running_count_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t kv_used_blocks_ ABSL_GUARDED_BY(mu_) = 0;
 };

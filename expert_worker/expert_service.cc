@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/expert_ffn.h"
 #include "common/rpc/rpc_util.h"
 
@@ -181,7 +182,19 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
   info->set_expert_begin(static_cast<int32_t>(weights_->hosted_experts().begin));
   info->set_expert_end(static_cast<int32_t>(weights_->hosted_experts().end));
   info->set_weight_dtype(ToProtoDType(weights_->dtype()));
+  info->set_draining(draining_);
   return grpc::Status::OK;
+}
+
+bool ExpertService::WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) const {
+  // Polls: this runs once, at shutdown, and a condition variable on the hot path would cost
+  // every request a lock.
+  while (true) {
+    const absl::Time now = absl::Now();
+    if (in_request_ == 0 && now - absl::FromUnixNanos(last_request_ns_) >= quiet) return true;
+    if (now >= deadline) return false;
+    absl::SleepFor(std::min(absl::Milliseconds(20), deadline - now));
+  }
 }
 
 grpc::Status ExpertService::Forward(
@@ -193,6 +206,12 @@ grpc::Status ExpertService::Forward(
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   while (stream->Read(&request)) {
+    ++in_request_;
+    last_request_ns_ = absl::GetCurrentTimeNanos();
+    struct Done {
+      std::atomic<int>* n;
+      ~Done() { --*n; }
+    } done{&in_request_};
     const auto start = std::chrono::steady_clock::now();
     absl::Status s = state.Decode(request);
     if (!s.ok()) {

@@ -10,10 +10,12 @@
 #ifndef MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
 #define MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
 
+#include <atomic>
 #include <cstdint>
 #include <span>
 #include <string>
 
+#include "absl/time/time.h"
 #include "common/weights.h"
 #include "moecluster/v1/expert.grpc.pb.h"
 
@@ -50,6 +52,12 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   grpc::Status GetInfo(grpc::ServerContext* context, const moecluster::v1::GetInfoRequest* request,
                        moecluster::v1::WorkerInfo* info) override;
 
+  // GetInfo reports draining from now on.
+  void StartDraining() { draining_ = true; }
+  // Waits until no Forward request has arrived for `quiet` (the coordinator has moved its
+  // traffic away) or `deadline` passes; false on the deadline.
+  bool WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) const;
+
   // Answers each request in order with ForwardResponse{step, output [rows, hidden] F32}.
   // Returns OK when the client closes its side; INVALID_ARGUMENT on a malformed request;
   // CANCELLED when a response cannot be written (the client went away).
@@ -63,6 +71,9 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   const std::string fingerprint_;
   const int threads_;
   ForwardObserver* const observer_;
+  std::atomic<bool> draining_{false};
+  std::atomic<int64_t> last_request_ns_{0};  // absl::GetCurrentTimeNanos of the last request
+  std::atomic<int> in_request_{0};           // requests being computed now
 };
 
 }  // namespace moe

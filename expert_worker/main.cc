@@ -13,6 +13,7 @@
 #include "absl/flags/usage_config.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/time/time.h"
 #include "common/dtype.h"
 #include "common/main_init.h"
 #include "common/rpc/rpc_util.h"
@@ -35,6 +36,9 @@ ABSL_FLAG(std::string, listen, "127.0.0.1:50061",
 ABSL_FLAG(std::string, metrics_listen, "",
           "HOST:PORT for Prometheus metrics at http://HOST:PORT/metrics (e.g. 0.0.0.0:9401; "
           "port 0: any free port, shown by a METRICS line before READY). Empty: none.");
+ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
+          "On SIGTERM/SIGINT: report draining (the coordinator moves this worker's rows to live "
+          "replicas), exit once no request came for 1s, or after this long at most.");
 ABSL_FLAG(int32_t, threads, 0,
           "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
 
@@ -93,7 +97,8 @@ int main(int argc, char** argv) {
   std::fflush(stdout);
 
   const int signal_number = moe::WaitForTerminationSignal();
-  LOG(INFO) << "signal " << signal_number << ": shutting down";
+  LOG(INFO) << "signal " << signal_number << ": draining";
+  worker.Drain(absl::GetFlag(FLAGS_drain_timeout));
   worker.Shutdown();
   worker.Wait();
   return 0;

@@ -4,10 +4,12 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "common/checkpoint.h"
 #include "common/model_config.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
+#include "glog/logging.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -75,6 +77,23 @@ WorkerServer::~WorkerServer() {
   if (server_ == nullptr) return;  // Create failed after construction
   Shutdown();
   Wait();
+}
+
+bool WorkerServer::Drain(absl::Duration timeout) {
+  service_->StartDraining();
+  server_->GetHealthCheckService()->SetServingStatus(false);
+  const absl::Time start = absl::Now();
+  // A second without requests: the coordinator probes every 200 ms and then stops choosing
+  // this worker where a replica is live.
+  const bool quiet = service_->WaitUntilQuiet(absl::Seconds(1), start + timeout);
+  if (quiet) {
+    LOG(INFO) << "drained: no expert requests for 1s (after "
+              << absl::FormatDuration(absl::Now() - start) << ")";
+  } else {
+    LOG(WARNING) << "drain timeout (" << absl::FormatDuration(timeout)
+                 << "): still receiving expert requests (no live replica of these experts?)";
+  }
+  return quiet;
 }
 
 void WorkerServer::Shutdown() {

@@ -72,6 +72,10 @@ class WorkerServer {
   uint64_t resident_expert_bytes() const { return weights_->expert_bytes(); }
   DType weights_dtype() const { return weights_->dtype(); }
 
+  // Graceful stop, step one: GetInfo and the health service say draining / NOT_SERVING, so a
+  // coordinator with replicas of these experts sends its rows elsewhere; returns once no
+  // Forward request arrived for a second (true) or at `timeout` (false). Then Shutdown.
+  bool Drain(absl::Duration timeout);
   // Marks the health service NOT_SERVING, stops accepting calls, lets in-flight calls finish
   // for up to one second and then cancels them (a coordinator's Forward stream is long-lived
   // and would otherwise hold shutdown forever). Idempotent.

@@ -165,6 +165,7 @@ Dispatcher::Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count
     : segmentation_(Segmentation::Of(hosted, expert_count)), hidden_(hidden), options_(options) {
   const size_t workers = hosted.size();
   excluded_.resize(workers);
+  draining_.resize(workers);
   assigned_.resize(workers);
   load_.resize(workers);
   worker_rows_.resize(workers);
@@ -223,13 +224,18 @@ absl::Status Dispatcher::Choose(WorkerLinks* links) {
     return plan_.segments()[a].rows() > plan_.segments()[b].rows() ||
            (plan_.segments()[a].rows() == plan_.segments()[b].rows() && a < b);
   });
+  for (size_t w = 0; w < workers; ++w) draining_[w] = links->Draining(static_cast<int32_t>(w));
   for (int32_t s : pending_) {
     const std::vector<int32_t>& hosts = segmentation_.hosts[s];
     int32_t best = -1;
     for (size_t i = 0; i < hosts.size(); ++i) {
       const int32_t h = hosts[(i + exchanges_) % hosts.size()];
       if (excluded_[h]) continue;
-      if (best < 0 || load_[h] < load_[best]) best = h;
+      // A draining worker only when nothing else is left; then the least loaded.
+      if (best < 0 || draining_[h] < draining_[best] ||
+          (draining_[h] == draining_[best] && load_[h] < load_[best])) {
+        best = h;
+      }
     }
     if (best < 0) {
       const ExpertRange& experts = segmentation_.segments[s];

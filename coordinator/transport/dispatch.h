@@ -52,7 +52,8 @@ struct WorkerSnapshot {
   std::string address;
   bool ready = false;
   ExpertRange experts;
-  std::string message;  // why it is unavailable
+  std::string message;    // why it is unavailable
+  bool draining = false;  // ready, but shutting down: used only where no replica is live
 };
 
 // The maximal runs of experts in [0, expert_count) that no range of `hosted` contains, in
@@ -155,6 +156,11 @@ class WorkerLinks {
   virtual std::string Name(int32_t w) = 0;
   // Why w is not ready ("" if it is).
   virtual std::string DownReason(int32_t w) = 0;
+  // w is shutting down: given rows only where no other live host is left.
+  virtual bool Draining(int32_t w) {
+    (void)w;
+    return false;
+  }
 };
 
 struct DispatchOptions {
@@ -212,6 +218,7 @@ class Dispatcher {
   std::vector<float> partials_;                 // [all rows, hidden], by segment
   std::vector<int32_t> pending_;                // segments without an answer yet
   std::vector<char> excluded_;                  // [workers] not ready or failed this step
+  std::vector<char> draining_;                  // [workers] shutting down
   std::vector<std::vector<int32_t>> assigned_;  // [workers] segments sent this round
   std::vector<int64_t> load_;                   // [workers] rows sent this round
   std::vector<DispatchRows> worker_rows_;       // [workers]

@@ -70,6 +70,7 @@ struct GrpcTransport::Worker {
   bool ready ABSL_GUARDED_BY(mu) = false;
   ExpertRange experts ABSL_GUARDED_BY(mu);
   bool registered ABSL_GUARDED_BY(mu) = false;  // `experts` is fixed from the first connect
+  bool draining ABSL_GUARDED_BY(mu) = false;    // its last GetInfo said so
   std::string message ABSL_GUARDED_BY(mu) = "not connected yet";
   bool job ABSL_GUARDED_BY(mu) = false;
   bool done ABSL_GUARDED_BY(mu) = false;
@@ -222,6 +223,7 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
     absl::MutexLock lock(&w->mu);
     w->experts = experts;
     w->registered = true;
+    w->draining = info.draining();
     w->ready = true;
     w->message.clear();
   }
@@ -248,7 +250,17 @@ bool GrpcTransport::Probe(Worker* w) {
   grpc::ClientContext ctx;
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.health_check_timeout));
   pb::WorkerInfo info;
-  return w->stub->GetInfo(&ctx, pb::GetInfoRequest(), &info).ok();
+  if (!w->stub->GetInfo(&ctx, pb::GetInfoRequest(), &info).ok()) return false;
+  bool was;
+  {
+    absl::MutexLock lock(&w->mu);
+    was = w->draining;
+    w->draining = info.draining();
+  }
+  if (info.draining() && !was) {
+    LOG(INFO) << w->Name() << " is draining: its rows go to replicas where there are";
+  }
+  return true;
 }
 
 void GrpcTransport::WatchLoop(Worker* w) {
@@ -367,6 +379,12 @@ absl::StatusOr<const void*> GrpcTransport::Links::Answer(int32_t index, Dispatch
 
 std::string GrpcTransport::Links::Name(int32_t index) { return t_->workers_[index]->Name(); }
 
+bool GrpcTransport::Links::Draining(int32_t index) {
+  Worker* w = t_->workers_[index].get();
+  absl::MutexLock lock(&w->mu);
+  return w->draining;
+}
+
 std::string GrpcTransport::Links::DownReason(int32_t index) {
   Worker* w = t_->workers_[index].get();
   absl::MutexLock lock(&w->mu);
@@ -377,7 +395,7 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
   std::vector<WorkerSnapshot> out;
   for (const auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
-    out.push_back({w->address, w->ready, w->experts, w->message});
+    out.push_back({w->address, w->ready, w->experts, w->message, w->draining});
   }
   return out;
 }

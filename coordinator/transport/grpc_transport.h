@@ -94,6 +94,7 @@ class GrpcTransport : public ExpertTransport {
     void MarkDown(int32_t w, const std::string& why) override { t_->MarkDown(w, why); }
     std::string Name(int32_t w) override;
     std::string DownReason(int32_t w) override;
+    bool Draining(int32_t w) override;
 
    private:
     GrpcTransport* t_;
@@ -108,7 +109,7 @@ class GrpcTransport : public ExpertTransport {
   static void CloseStream(Worker* w);
   // Probes w while it is ready, reconnects it while it is not, until shutdown.
   void WatchLoop(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
-  // One probe: true when w answered GetInfo in time.
+  // One probe: true when w answered GetInfo in time (and then its draining flag is updated).
   bool Probe(Worker* w);
   static void IoLoop(Worker* w);
   void NotifyHealth() ABSL_LOCKS_EXCLUDED(mu_);

@@ -434,6 +434,21 @@ class ChartTest(unittest.TestCase):
         self.assertFalse([a for a in container["args"] if a.startswith("--http-listen")])
         self.assertNotIn("http", [p["name"] for p in container["ports"]])
 
+    def test_drain_flags_grace_periods_and_pre_stop(self):
+        rendered = self.rendered["cpu-2-workers"]
+        pod = rendered.coordinator()["spec"]["template"]["spec"]
+        container = pod["containers"][0]
+        self.assertEqual(flag(container["args"], "drain-timeout"), "30s")
+        self.assertEqual(flag(container["args"], "on-expert-loss"), "fail")
+        self.assertEqual(container["lifecycle"]["preStop"]["exec"]["command"], ["sleep", "5"])
+        self.assertGreaterEqual(pod["terminationGracePeriodSeconds"], 5 + 30 + 5)
+        worker_pod = rendered.statefulset()["spec"]["template"]["spec"]
+        self.assertEqual(flag(worker_pod["containers"][0]["args"], "drain-timeout"), "10s")
+        self.assertGreaterEqual(worker_pod["terminationGracePeriodSeconds"], 10 + 5)
+        reroute = self.render(minimal_values(coordinator__onExpertLoss="reroute"))
+        args = reroute.coordinator()["spec"]["template"]["spec"]["containers"][0]["args"]
+        self.assertEqual(flag(args, "on-expert-loss"), "reroute")
+
     def test_api_tokens_from_a_secret(self):
         container = self.rendered["cpu-2-workers"].coordinator()["spec"]["template"]["spec"][
             "containers"][0]
@@ -532,6 +547,14 @@ class ChartTest(unittest.TestCase):
             (minimal_values(placement__ranges=["0-15", "16..31"]),
              'placement.ranges[1] = "16..31": expected an inclusive range'),
             (minimal_values(model__hostPath=""), "no model volume"),
+            (minimal_values(coordinator__drainTimeoutSeconds=60),
+             "coordinator.terminationGracePeriodSeconds is 45: it must be at least "
+             "preStopSleepSeconds (5) + drainTimeoutSeconds (60) + 5"),
+            (minimal_values(workers__terminationGracePeriodSeconds=12),
+             "workers.terminationGracePeriodSeconds is 12: it must be at least "
+             "drainTimeoutSeconds (10) + 5"),
+            (minimal_values(coordinator__onExpertLoss="retry"),
+             'coordinator.onExpertLoss is "retry"'),
             (minimal_values(model__pvc={"claimName": "models"}),
              "set only one of model.pvc.claimName and model.hostPath"),
         ]

@@ -657,6 +657,59 @@ double WorkerRows(Cluster& c, const std::string& worker) {
   return it == metrics.end() ? -1 : it->second;
 }
 
+// 4 clients sending load.requests (40 tokens each) in a loop until Stop(); counts what
+// failed and what came back with other tokens than the in-process engine's.
+class ContinuousLoad {
+ public:
+  ContinuousLoad(Cluster& c, const FailoverLoad& load) {
+    for (int k = 0; k < 4; ++k) {
+      clients_.emplace_back([&, k] {
+        for (int i = k; !stop_; i = (i + 4) % 8) {
+          pb::GenerateRequest r = load.requests[i];
+          r.set_max_tokens(40);
+          auto result = c.client().Generate(r);
+          if (!result.ok()) {
+            ++failed;
+            ADD_FAILURE() << result.status();
+            continue;
+          }
+          ++served;
+          const std::vector<int32_t> want(load.expected[i].begin(), load.expected[i].begin() + 40);
+          if (result->tokens != want) ++wrong;
+        }
+      });
+    }
+  }
+  ~ContinuousLoad() { Stop(); }
+  void Stop() {
+    stop_ = true;
+    for (std::thread& t : clients_) t.join();
+    clients_.clear();
+  }
+  std::atomic<int> served{0}, failed{0}, wrong{0};
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::vector<std::thread> clients_;
+};
+
+// Restarts worker w at its address and waits until it is READY and takes rows again (within a
+// second of READY); fails the test otherwise.
+void RestartAndAwaitUse(Cluster& c, const std::string& dir, int w,
+                        const std::vector<std::string>& listens) {
+  auto again = testing::StartWorker(dir, kReplicated[w], listens[w]);
+  ASSERT_TRUE(again.ok()) << again.status();
+  c.workers()[w] = std::move(*again);
+  auto ready = WaitForWorkerState(c, w, pb::WORKER_STATE_READY, absl::Seconds(10));
+  ASSERT_TRUE(ready.ok()) << ready.status();
+  const double before = WorkerRows(c, listens[w]);
+  const absl::Time readmitted = absl::Now();
+  while (WorkerRows(c, listens[w]) <= before && absl::Now() - readmitted < absl::Seconds(5)) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  EXPECT_LT(absl::Now() - readmitted, absl::Seconds(1)) << "worker " << w << " unused";
+}
+
 TEST(ClusterFailoverTest, KillMidGenerationAndRollingRestartLoseNoRequest) {
   const std::string dir = ModelDir("demo_mixtral");
   const FailoverLoad load(dir, 160);
@@ -679,48 +732,76 @@ TEST(ClusterFailoverTest, KillMidGenerationAndRollingRestartLoseNoRequest) {
 
   // Rolling restart under continuous load: each worker in turn is killed (worker 0 already
   // is), restarted at its address, and waited for until the coordinator uses it again.
-  std::atomic<bool> stop{false};
-  std::atomic<int> served{0}, failed{0}, wrong{0};
-  std::vector<std::thread> clients;
-  for (int k = 0; k < 4; ++k) {
-    clients.emplace_back([&, k] {
-      for (int i = k; !stop; i = (i + 4) % 8) {
-        pb::GenerateRequest r = load.requests[i];
-        r.set_max_tokens(40);
-        auto result = c.client().Generate(r);
-        if (!result.ok()) {
-          ++failed;
-          ADD_FAILURE() << result.status();
-          continue;
-        }
-        ++served;
-        const std::vector<int32_t> want(load.expected[i].begin(), load.expected[i].begin() + 40);
-        if (result->tokens != want) ++wrong;
-      }
-    });
-  }
+  ContinuousLoad traffic(c, load);
   for (int w = 0; w < 4; ++w) {
     if (w != 0) c.workers()[w].process->Stop(SIGKILL);
-    auto again = testing::StartWorker(dir, kReplicated[w], listens[w]);
-    ASSERT_TRUE(again.ok()) << again.status();
-    c.workers()[w] = std::move(*again);
-    auto ready = WaitForWorkerState(c, w, pb::WORKER_STATE_READY, absl::Seconds(10));
-    ASSERT_TRUE(ready.ok()) << ready.status();
-    // Used again at once: rows reach it while the load runs.
-    const double before = WorkerRows(c, listens[w]);
-    const absl::Time readmitted = absl::Now();
-    while (WorkerRows(c, listens[w]) <= before && absl::Now() - readmitted < absl::Seconds(5)) {
-      absl::SleepFor(absl::Milliseconds(5));
-    }
-    EXPECT_LT(absl::Now() - readmitted, absl::Seconds(1)) << "worker " << w << " unused";
+    RestartAndAwaitUse(c, dir, w, listens);
   }
-  stop = true;
-  for (std::thread& t : clients) t.join();
-  std::printf("rolling restart: %d requests served, %d failed, %d with other tokens\n",
-              served.load(), failed.load(), wrong.load());
-  EXPECT_GT(served, 8);
-  EXPECT_EQ(failed, 0);
-  EXPECT_EQ(wrong, 0);
+  traffic.Stop();
+  std::printf("rolling restart (kill -9): %d requests served, %d failed, %d with other tokens\n",
+              traffic.served.load(), traffic.failed.load(), traffic.wrong.load());
+  EXPECT_GT(traffic.served, 8);
+  EXPECT_EQ(traffic.failed, 0);
+  EXPECT_EQ(traffic.wrong, 0);
+}
+
+// --- Drain: SIGTERM on a worker moves its traffic to replicas before it exits; SIGTERM on the
+// coordinator finishes what it accepted and exits 0. ---
+
+TEST(ClusterDrainTest, RollingRestartWithSigtermLosesNoRequest) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 40);
+  const std::vector<std::string> listens = FreeAddresses(4);
+  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+  ContinuousLoad traffic(c, load);
+  absl::Duration slowest;
+  for (int w = 0; w < 4; ++w) {
+    const absl::Time start = absl::Now();
+    EXPECT_EQ(c.workers()[w].process->Stop(SIGTERM), 0) << "worker " << w << " exit code";
+    slowest = std::max(slowest, absl::Now() - start);
+    RestartAndAwaitUse(c, dir, w, listens);
+  }
+  traffic.Stop();
+  std::printf(
+      "rolling restart (SIGTERM): %d requests served, %d failed, %d with other tokens; "
+      "slowest worker exit %s\n",
+      traffic.served.load(), traffic.failed.load(), traffic.wrong.load(),
+      absl::FormatDuration(slowest).c_str());
+  EXPECT_GT(traffic.served, 8);
+  EXPECT_EQ(traffic.failed, 0);
+  EXPECT_EQ(traffic.wrong, 0);
+  EXPECT_LT(slowest, absl::Seconds(5));  // quiet after ~1 s, far below --drain-timeout
+}
+
+TEST(ClusterDrainTest, CoordinatorSigtermFinishesInFlightRequestsAndExitsZero) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 200);
+  auto cluster = Cluster::Start(dir, ContiguousRanges(8, 2), {"--http-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  absl::Time signalled;
+  const std::vector<Streamed> out = RunConcurrently(c, load.requests, [&] {
+    signalled = absl::Now();
+    ASSERT_EQ(kill(c.coordinator().pid(), SIGTERM), 0);
+    // Not serving at once: health says so, new requests are refused over both APIs.
+    ASSERT_TRUE(c.client().WaitForHealth(false, absl::Seconds(2)).ok());
+    auto refused = c.client().Generate(IdsRequest({1, 450, 29}, 4));
+    EXPECT_EQ(refused.status().code(), absl::StatusCode::kUnavailable) << refused.status();
+    EXPECT_THAT(refused.status().message(), HasSubstr("shutting down"));
+    const testing::HttpReply health =
+        testing::ParseHttpReply(testing::HttpGet(c.http_address(), "/health"));
+    EXPECT_EQ(health.status, 503);
+  });
+  for (size_t i = 0; i < out.size(); ++i) {
+    ASSERT_TRUE(out[i].result.ok()) << i << ": " << out[i].result.status() << c.Logs();
+    EXPECT_EQ(out[i].result->tokens, load.expected[i]) << i;
+  }
+  EXPECT_EQ(c.coordinator().WaitForExit(absl::Seconds(20)), 0) << c.Logs();
+  std::printf("coordinator SIGTERM under 8 streams: exited 0 after %s\n",
+              absl::FormatDuration(absl::Now() - signalled).c_str());
 }
 
 TEST(ClusterFailoverTest, StoppedWorkerIsFailedOverWithinASecondAndRejoinsWhenContinued) {

@@ -102,14 +102,18 @@ bool InferenceClient::WaitForConnected(absl::Duration timeout) {
 }
 
 std::string FormatClusterStatus(const pb::ClusterStatus& status) {
-  std::string out =
-      absl::StrFormat("cluster: %s, %d running, %d waiting, KV cache %.1f%% used\n",
-                      status.serving() ? "SERVING" : "NOT SERVING", status.running_requests(),
-                      status.waiting_requests(), 100 * status.kv_cache_usage());
+  std::string out = absl::StrFormat(
+      "cluster: %s, %d running, %d waiting, KV cache %.1f%% used\n",
+      !status.serving()   ? "NOT SERVING"
+      : status.degraded() ? "SERVING (degraded: some experts lost, rerouted)"
+                          : "SERVING",
+      status.running_requests(), status.waiting_requests(), 100 * status.kv_cache_usage());
   absl::StrAppendFormat(&out, "%-24s %-12s %s\n", "worker", "state", "experts");
   for (const pb::WorkerStatus& w : status.workers()) {
     absl::StrAppendFormat(&out, "%-24s %-12s [%d, %d) %s\n", w.address(),
-                          w.state() == pb::WORKER_STATE_READY ? "ready" : "UNAVAILABLE",
+                          w.state() == pb::WORKER_STATE_READY      ? "ready"
+                          : w.state() == pb::WORKER_STATE_DRAINING ? "draining"
+                                                                   : "UNAVAILABLE",
                           w.expert_begin(), w.expert_end(), w.message());
   }
   if (status.load().empty()) return out;

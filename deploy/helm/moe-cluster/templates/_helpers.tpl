@@ -211,3 +211,22 @@ minAvailable: {{ .minAvailable }}
 maxUnavailable: {{ .maxUnavailable }}
 {{- end }}
 {{- end }}
+
+{{/*
+Termination budgets: the grace period must cover the preStop wait, the drain and a few seconds
+to exit, or Kubernetes kills the process mid-drain. Fails rendering naming the values.
+*/}}
+{{- define "moe-cluster.validateGracePeriods" -}}
+{{- $c := .Values.coordinator }}
+{{- if not (has $c.onExpertLoss (list "fail" "reroute")) }}
+{{- fail (printf "coordinator.onExpertLoss is %q: it must be \"fail\" or \"reroute\"" $c.onExpertLoss) }}
+{{- end }}
+{{- $need := add (int $c.preStopSleepSeconds) (int $c.drainTimeoutSeconds) 5 }}
+{{- if lt (int $c.terminationGracePeriodSeconds) (int $need) }}
+{{- fail (printf "coordinator.terminationGracePeriodSeconds is %d: it must be at least preStopSleepSeconds (%d) + drainTimeoutSeconds (%d) + 5" (int $c.terminationGracePeriodSeconds) (int $c.preStopSleepSeconds) (int $c.drainTimeoutSeconds)) }}
+{{- end }}
+{{- $w := .Values.workers }}
+{{- if lt (int $w.terminationGracePeriodSeconds) (add (int $w.drainTimeoutSeconds) 5 | int) }}
+{{- fail (printf "workers.terminationGracePeriodSeconds is %d: it must be at least drainTimeoutSeconds (%d) + 5" (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds)) }}
+{{- end }}
+{{- end }}
