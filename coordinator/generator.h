@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "common/tokenizer.h"
 #include "coordinator/engine.h"
 #include "coordinator/sampler.h"
@@ -63,6 +64,9 @@ void ComputeLogprobs(std::span<const float> logits, int32_t token, int32_t top_n
 struct GenerationRequest {
   std::vector<int32_t> prompt;  // token ids, BOS included if wanted
   GenerationParams params;
+  // Past it the request ends with DEADLINE_EXCEEDED at the next step boundary (queued or
+  // running) and its KV blocks are freed: the gRPC deadline, or the HTTP `timeout` field.
+  absl::Time deadline = absl::InfiniteFuture();
 };
 
 struct GenerationOutput {

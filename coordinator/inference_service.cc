@@ -143,6 +143,11 @@ grpc::Status InferenceService::Generate(grpc::ServerContext* context,
     return ToGrpcStatus(status);
   };
   GenerationRequest converted = FromProto(*request, *deps_.tokenizer, deps_.default_max_tokens);
+  // The client's deadline also bounds the work: past it the scheduler drops the request and
+  // frees its blocks even if the client is still connected.
+  if (context->deadline() != std::chrono::system_clock::time_point::max()) {
+    converted.deadline = absl::FromChrono(context->deadline());
+  }
   const size_t prompt_tokens = converted.prompt.size();
   RequestBatch batch(deps_.scheduler);
   std::vector<GenerationRequest> one;

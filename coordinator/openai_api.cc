@@ -25,6 +25,7 @@ using json = nlohmann::json;
 constexpr int kMaxJsonDepth = 64;
 constexpr int64_t kMaxN = 128;
 constexpr size_t kMaxStops = 16;
+constexpr double kMaxTimeoutSeconds = 86400;
 // What -inf is reported as (JSON has no infinity), as vLLM does.
 constexpr float kMinLogprob = -9999.0f;
 
@@ -75,7 +76,7 @@ ApiError FromStatus(const absl::Status& status, bool chat) {
       if (word == "prompt_logprobs") word = chat ? "top_logprobs" : "logprobs";
       if (word == "prompt" && chat) word = "messages";
       for (const char* p : {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
-                            "logprobs", "top_logprobs", "stop", "repetition_penalty"}) {
+                            "logprobs", "top_logprobs", "stop", "repetition_penalty", "timeout"}) {
         if (word == p) e.param = word;
       }
       break;
@@ -479,6 +480,7 @@ class OpenAiApi::Call {
         GenerationRequest r;
         r.prompt = prompts_[i];
         r.params = params_;
+        r.deadline = deadline_;
         r.params.sampling.seed = seed_ ? *seed_ + static_cast<uint64_t>(j) : RandomSeed();
         requests.push_back(std::move(r));
       }
@@ -524,6 +526,17 @@ class OpenAiApi::Call {
     MOE_RETURN_IF_API_ERROR(f.Int("n", 1, kMaxN, &n_));
     MOE_RETURN_IF_API_ERROR(f.Bool("stream", &stream_));
     MOE_RETURN_IF_API_ERROR(f.Bool("ignore_eos", &params_.ignore_eos));
+    // Not OpenAI's (whose clients time out on their side): seconds after which the request
+    // ends with 504 and its KV cache is freed, queued or running.
+    if (const json* t = f.Find("timeout")) {
+      if (!t->is_number() || !(t->get<double>() > 0) || t->get<double>() > kMaxTimeoutSeconds) {
+        return ApiError{
+            400,
+            absl::StrCat("timeout must be a number of seconds in (0, ", kMaxTimeoutSeconds, "]"),
+            "timeout"};
+      }
+      deadline_ = absl::Now() + absl::Seconds(t->get<double>());
+    }
     if (const json* o = f.Find("stream_options")) {
       if (!o->is_object()) return Fields::Error("stream_options", "an object");
       Fields so(*o);
@@ -878,6 +891,7 @@ class OpenAiApi::Call {
   const OpenAiApiDeps* deps_;
   bool chat_;
   GenerationParams params_;
+  absl::Time deadline_ = absl::InfiniteFuture();
   std::optional<uint64_t> seed_;
   int64_t n_ = 1;
   bool stream_ = false;

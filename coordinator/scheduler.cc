@@ -156,6 +156,7 @@ absl::StatusOr<uint64_t> Scheduler::Submit(GenerationRequest request, Generation
   }
   const uint64_t id = next_id_++;
   seq->id = id;
+  if (seq->request.deadline != absl::InfiniteFuture()) ++with_deadline_;
   open_.emplace(id, seq.get());
   waiting_.push_back(std::move(seq));
   work_.Signal();
@@ -172,9 +173,18 @@ void Scheduler::Cancel(uint64_t id) {
 }
 
 bool Scheduler::StepOnce() {
-  std::vector<SequencePtr> retired;  // allocates only when something was cancelled
+  std::vector<SequencePtr> retired;  // allocates only when something was cancelled or expired
   TakeCancelled(&retired);
   for (SequencePtr& s : retired) Finish(std::move(s), absl::CancelledError("cancelled"));
+  const size_t cancelled = retired.size();
+  TakeExpired(&retired);
+  for (size_t i = cancelled; i < retired.size(); ++i) {
+    const size_t tokens = retired[i]->decoder.output().tokens.size();
+    Finish(std::move(retired[i]), absl::DeadlineExceededError(absl::StrCat(
+                                      "the request's deadline passed ",
+                                      tokens == 0 ? "before its first token"
+                                                  : absl::StrCat("after ", tokens, " tokens"))));
+  }
   if (SequencePtr unfit = Admit()) {
     // Nothing runs, so no blocks will come free for it.
     Finish(std::move(unfit),
@@ -203,6 +213,15 @@ void Scheduler::TakeCancelled(std::vector<SequencePtr>* out) {
   auto cancelled = [](const Sequence& s) { return s.cancelled; };
   Extract(&running_, out, cancelled);
   Extract(&waiting_, out, cancelled);
+}
+
+void Scheduler::TakeExpired(std::vector<SequencePtr>* out) {
+  absl::MutexLock lock(&mu_);
+  if (with_deadline_ == 0) return;
+  const absl::Time now = absl::Now();
+  auto expired = [now](const Sequence& s) { return s.request.deadline <= now; };
+  Extract(&running_, out, expired);
+  Extract(&waiting_, out, expired);
 }
 
 Scheduler::SequencePtr Scheduler::Admit() {
@@ -348,6 +367,7 @@ void Scheduler::Finish(SequencePtr seq, const absl::Status& status) {
     absl::MutexLock lock(&mu_);
     open_.erase(seq->id);
     if (seq->admitted) --running_count_;
+    if (seq->request.deadline != absl::InfiniteFuture()) --with_deadline_;
     kv_used_blocks_ = engine_->kv_cache().used_blocks();
   }
   if (observer_ != nullptr) {

@@ -150,6 +150,8 @@ class Scheduler : private RoutingObserver {
   void Loop();
   bool HasWork() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Moves cancelled requests out of running_ and waiting_ into *out.
+  // Moves the sequences past their deadline out of running_ and waiting_.
+  void TakeExpired(std::vector<SequencePtr>* out) ABSL_LOCKS_EXCLUDED(mu_);
   void TakeCancelled(std::vector<SequencePtr>* out);
   // Moves waiting requests that fit into running_, in arrival order. Returns the first waiting
   // request if nothing runs and it still does not fit the KV cache (to be failed).
@@ -196,8 +198,9 @@ class Scheduler : private RoutingObserver {
   uint64_t next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool cancel_pending_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
-  bool closed_ ABSL_GUARDED_BY(mu_) = false;    // destructor running: Submit refuses
-  bool draining_ ABSL_GUARDED_BY(mu_) = false;  // StopAdmitting: Submit refuses
+  bool closed_ ABSL_GUARDED_BY(mu_) = false;        // destructor running: Submit refuses
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;      // StopAdmitting: Submit refuses
+  int64_t with_deadline_ ABSL_GUARDED_BY(mu_) = 0;  // open sequences with a deadline
   int64_t running_count_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t kv_used_blocks_ ABSL_GUARDED_BY(mu_) = 0;
 };

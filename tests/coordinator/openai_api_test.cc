@@ -337,6 +337,11 @@ TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
       {"/v1/completions", R"({"prompt": "a", "stop": [""]})", 400, "stop"},
       {"/v1/completions", R"({"prompt": "a", "presence_penalty": 1})", 400, "presence_penalty"},
       {"/v1/completions", R"({"prompt": "a", "model": "gpt-4"})", 404, "model"},
+      {"/v1/completions", R"({"prompt": "a", "timeout": 0})", 400, "timeout"},
+      {"/v1/completions", R"({"prompt": "a", "timeout": "1s"})", 400, "timeout"},
+      {"/v1/completions", R"({"prompt": "a", "timeout": 1e9})", 400, "timeout"},
+      // A deadline that has passed before the first step: 504, nothing generated.
+      {"/v1/completions", R"({"prompt": "a", "max_tokens": 200, "timeout": 1e-9})", 504, ""},
       {"/v1/completions", "{\"prompt\": \"\xff\xfe\"}", 400, ""},
       {"/v1/completions", big_nest, 400, ""},
       {"/v1/chat/completions", R"({"messages": "hi"})", 400, "messages"},

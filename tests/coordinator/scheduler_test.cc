@@ -12,6 +12,7 @@
 #include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "absl/time/clock.h"
 #include "coordinator/local_model.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
@@ -487,6 +488,48 @@ TEST_F(SchedulerTest, FailPolicyNeverReroutes) {
   const absl::Status s = (*engine)->Step({&in, 1}, &logits);
   EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(s.message(), HasSubstr("is lost"));
+}
+
+// A worker that takes 1 ms per exchange (2 ms per step of the 2-layer fixture).
+class SlowTransport : public ExpertTransport {
+ public:
+  explicit SlowTransport(ExpertTransport* inner) : inner_(inner) {}
+  absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
+                        float* out) override {
+    absl::SleepFor(absl::Milliseconds(1));
+    return inner_->Exchange(layer, routing, x, out);
+  }
+
+ private:
+  ExpertTransport* inner_;
+};
+
+TEST_F(SchedulerTest, DeadlineEndsQueuedAndRunningRequestsAndFreesTheirBlocks) {
+  SlowTransport slow(model_->transport());
+  auto engine = Engine::Create(&model_->weights(), &slow, {});
+  ASSERT_TRUE(engine.ok());
+  Scheduler scheduler(engine->get(), tokenizer(), {.max_running = 1});
+  RecordingSink running, queued, unbounded;
+  // 200 tokens take at least 400 ms; the deadline comes after 100 ms.
+  GenerationRequest r = Request("We hold these truths", 200);
+  r.deadline = absl::Now() + absl::Milliseconds(100);
+  ASSERT_TRUE(scheduler.Submit(r, &running).ok());
+  GenerationRequest q = Request("Four score", 8);
+  q.deadline = absl::Now() + absl::Milliseconds(50);  // waits behind `running` (max_running 1)
+  ASSERT_TRUE(scheduler.Submit(q, &queued).ok());
+  while (!running.done()) ASSERT_TRUE(scheduler.StepOnce());
+  EXPECT_EQ(running.status().code(), absl::StatusCode::kDeadlineExceeded) << running.status();
+  EXPECT_THAT(running.status().message(), HasSubstr("deadline passed after"));
+  EXPECT_GT(running.tokens().size(), 0u);
+  EXPECT_LT(running.tokens().size(), 200u);
+  ASSERT_TRUE(queued.done());
+  EXPECT_EQ(queued.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_THAT(queued.status().message(), HasSubstr("before its first token"));
+  EXPECT_EQ((*engine)->kv_cache().used_blocks(), 0);
+  // Requests without a deadline are untouched.
+  ASSERT_TRUE(scheduler.Submit(Request("Liberty", 4), &unbounded).ok());
+  while (!unbounded.done()) ASSERT_TRUE(scheduler.StepOnce());
+  EXPECT_TRUE(unbounded.status().ok()) << unbounded.status();
 }
 
 TEST_F(SchedulerTest, TransportFailureFailsTheStepAndTheSchedulerGoesOn) {

@@ -929,6 +929,29 @@ TEST(ClusterExpertLossTest, RerouteCompletesEveryRequestFlaggedAndCounted) {
   EXPECT_GE(degraded, static_cast<double>(after->final.degraded_tokens()));
 }
 
+// --- A gRPC deadline ends the request on the server too and frees its blocks. ---
+
+TEST(ClusterDeadlineTest, GrpcDeadlineEndsTheRequestAndFreesItsBlocks) {
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 2));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  auto r =
+      c.client().Generate(IdsRequest({1, 450, 29}, 500), nullptr, [](grpc::ClientContext* context) {
+        context->set_deadline(absl::ToChronoTime(absl::Now() + absl::Milliseconds(100)));
+      });
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kDeadlineExceeded) << r.status();
+  const absl::Time start = absl::Now();
+  absl::StatusOr<pb::ClusterStatus> status;
+  do {
+    status = c.client().GetClusterStatus();
+    ASSERT_TRUE(status.ok());
+  } while ((status->running_requests() > 0 || status->kv_cache_usage() > 0) &&
+           absl::Now() - start < absl::Seconds(5));
+  EXPECT_EQ(status->running_requests(), 0);
+  EXPECT_EQ(status->kv_cache_usage(), 0);
+}
+
 // --- Cancellation frees the sequence's KV blocks. ---
 
 TEST(ClusterCancelTest, CancelMidStreamFreesKvBlocks) {
