@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <random>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -667,7 +668,12 @@ class ContinuousLoad {
         for (int i = k; !stop_; i = (i + 4) % 8) {
           pb::GenerateRequest r = load.requests[i];
           r.set_max_tokens(40);
+          const absl::Time start = absl::Now();
           auto result = c.client().Generate(r);
+          {
+            absl::MutexLock lock(&mu_);
+            latencies_.push_back(absl::ToDoubleSeconds(absl::Now() - start));
+          }
           if (!result.ok()) {
             ++failed;
             ADD_FAILURE() << result.status();
@@ -686,9 +692,20 @@ class ContinuousLoad {
     for (std::thread& t : clients_) t.join();
     clients_.clear();
   }
+  // The q-quantile of the request latencies so far, in seconds; then starts a new window.
+  double TakeQuantile(double q) {
+    absl::MutexLock lock(&mu_);
+    std::vector<double> l;
+    l.swap(latencies_);
+    if (l.empty()) return 0;
+    std::sort(l.begin(), l.end());
+    return l[std::min(l.size() - 1, static_cast<size_t>(q * static_cast<double>(l.size())))];
+  }
   std::atomic<int> served{0}, failed{0}, wrong{0};
 
  private:
+  absl::Mutex mu_;
+  std::vector<double> latencies_ ABSL_GUARDED_BY(mu_);
   std::atomic<bool> stop_{false};
   std::vector<std::thread> clients_;
 };
@@ -855,6 +872,74 @@ TEST(ClusterFailoverTest, DeadOrStoppedIdleReplicaIsNoticedWithinASecond) {
   EXPECT_LT(*dead, absl::Milliseconds(1200));
   EXPECT_LT(*hung, absl::Milliseconds(1500));
   EXPECT_TRUE(c.client().WaitForHealth(true, absl::Seconds(1)).ok());  // the others serve
+}
+
+// --- Chaos: random kill -9 / SIGSTOP / SIGTERM of workers under continuous load, one fault
+// at a time so that every expert keeps a live copy. MOE_CHAOS_SECONDS sets the fault phase
+// (default 45 s; the note's figures come from 180 s). ---
+
+TEST(ClusterChaosTest, RandomFaultsUnderLoadFailNoRequest) {
+  const char* env = std::getenv("MOE_CHAOS_SECONDS");
+  const absl::Duration chaos = absl::Seconds(env != nullptr ? std::atoi(env) : 45);
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 40);
+  const std::vector<std::string> listens = FreeAddresses(4);
+  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
+  ContinuousLoad traffic(c, load);
+  // Baseline: the same load without faults.
+  const absl::Time baseline_end = absl::Now() + chaos / 6;
+  while (absl::Now() < baseline_end) absl::SleepFor(absl::Milliseconds(50));
+  const int baseline_served = traffic.served;
+  const double p99_calm = traffic.TakeQuantile(0.99);
+
+  const uint32_t seed = static_cast<uint32_t>(absl::ToUnixNanos(absl::Now()));
+  std::mt19937 rng(seed);
+  auto uniform = [&](double lo, double hi) {
+    return absl::Seconds(std::uniform_real_distribution<double>(lo, hi)(rng));
+  };
+  int kills = 0, stops = 0, terms = 0;
+  const absl::Time end = absl::Now() + chaos;
+  while (absl::Now() < end) {
+    const int w = static_cast<int>(rng() % 4);
+    testing::Subprocess& p = *c.workers()[w].process;
+    switch (rng() % 3) {
+      case 0:
+        ++kills;
+        p.Stop(SIGKILL);
+        absl::SleepFor(uniform(0.2, 1.5));  // down for a while
+        RestartAndAwaitUse(c, dir, w, listens);
+        break;
+      case 1:
+        ++stops;
+        ASSERT_EQ(kill(p.pid(), SIGSTOP), 0);
+        absl::SleepFor(uniform(0.5, 3.0));  // hung for a while
+        ASSERT_EQ(kill(p.pid(), SIGCONT), 0);
+        ASSERT_TRUE(WaitForWorkerState(c, w, pb::WORKER_STATE_READY, absl::Seconds(10)).ok());
+        break;
+      default:
+        ++terms;
+        EXPECT_EQ(p.Stop(SIGTERM), 0);
+        RestartAndAwaitUse(c, dir, w, listens);
+        break;
+    }
+    absl::SleepFor(uniform(0.1, 1.0));  // up for a while
+  }
+  const double p99_chaos = traffic.TakeQuantile(0.99);
+  traffic.Stop();
+  std::printf(
+      "chaos (seed %u, %s): %d kill -9, %d SIGSTOP, %d SIGTERM; %d requests served "
+      "(%d in the calm %s before), %d failed, %d with other tokens; p99 latency %.3f s "
+      "during faults vs %.3f s without\n",
+      seed, absl::FormatDuration(chaos).c_str(), kills, stops, terms,
+      traffic.served.load() - baseline_served, baseline_served,
+      absl::FormatDuration(chaos / 6).c_str(), traffic.failed.load(), traffic.wrong.load(),
+      p99_chaos, p99_calm);
+  EXPECT_EQ(traffic.failed, 0);
+  EXPECT_EQ(traffic.wrong, 0);
+  EXPECT_GT(traffic.served - baseline_served, 8);
 }
 
 // --- No replica: --on-expert-loss fail ends the requests, reroute completes them flagged. ---
