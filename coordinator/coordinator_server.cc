@@ -46,6 +46,14 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.deadline_factor = options.failover_deadline_factor;
       t.health_check_timeout = options.health_check_timeout;
       t.on_expert_loss = options.engine.on_expert_loss;
+      if (!options.tls.ca.empty()) {
+        if (options.tls.cert.empty()) {
+          return absl::InvalidArgumentError(
+              "--tls-ca turns on mTLS to the workers, which need the coordinator's client "
+              "certificate: give --tls-cert and --tls-key too");
+        }
+        MOE_ASSIGN_OR_RETURN(t.credentials, ChannelCredentials(options.tls));
+      }
       MOE_ASSIGN_OR_RETURN(std::unique_ptr<GrpcTransport> transport,
                            GrpcTransport::Create(checkpoint.config(), t));
       grpc_transport_ = transport.get();
@@ -103,7 +111,12 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &port);
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (!options.tls.cert.empty()) {
+    MOE_ASSIGN_OR_RETURN(credentials, ServerCredentials({options.tls.cert, options.tls.key, ""},
+                                                        /*require_client_cert=*/false));
+  }
+  builder.AddListeningPort(options.listen, credentials, &port);
   builder.RegisterService(service_.get());
   builder.SetMaxReceiveMessageSize(64 << 20);
   server_ = builder.BuildAndStart();

@@ -13,6 +13,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/tls.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/http_server.h"
@@ -42,6 +43,10 @@ struct CoordinatorOptions {
   // Bearer tokens the public APIs require (ApiTokens file); empty: open.
   std::string api_token_file;
   absl::Duration worker_connect_timeout = absl::Seconds(60);
+  // --tls-cert/--tls-key: the coordinator's certificate, for its public gRPC API and as its
+  // client certificate to the workers; --tls-ca: the CA that signs the workers' certificates
+  // (then worker channels are mTLS).
+  TlsFiles tls;
   absl::Duration step_timeout = absl::Seconds(10);
   absl::Duration failover_deadline_floor = absl::Milliseconds(500);
   double failover_deadline_factor = 4.0;

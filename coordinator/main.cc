@@ -75,6 +75,13 @@ ABSL_FLAG(std::string, on_expert_loss, "fail",
 ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate (chain) of the coordinator: with --tls-key its public gRPC API "
+          "serves TLS, and it is the client certificate shown to TLS workers.");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA certificate(s) that sign the workers' certificates: the worker channels then "
+          "use mTLS (needs --tls-cert and --tls-key).");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
           "once; requests already accepted get this long to finish, then the rest are "
@@ -162,7 +169,9 @@ int main(int argc, char** argv) {
           ? "anyone who reaches it may call the API: require a token with --api-token-file, or "
             "bind 127.0.0.1 / restrict the network"
           : "tokens travel in the clear: keep it on a trusted network";
-  moe::WarnIfExposed(options.listen, "listen", advice);
+  options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                 absl::GetFlag(FLAGS_tls_ca)};
+  if (options.tls.cert.empty()) moe::WarnIfExposed(options.listen, "listen", advice);
   moe::WarnIfExposed(options.http_listen, "http-listen", advice);
   auto server = moe::CoordinatorServer::Create(options);
   if (!server.ok()) {

@@ -39,6 +39,12 @@ ABSL_FLAG(std::string, metrics_listen, "",
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(10),
           "On SIGTERM/SIGINT: report draining (the coordinator moves this worker's rows to live "
           "replicas), exit once no request came for 1s, or after this long at most.");
+ABSL_FLAG(std::string, tls_cert, "",
+          "PEM certificate (chain) of this worker: with --tls-key and --tls-ca the worker "
+          "serves TLS and accepts only clients whose certificate --tls-ca signed (mTLS).");
+ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "PEM CA certificate(s) that must have signed the coordinator's client certificate.");
 ABSL_FLAG(int32_t, threads, 0,
           "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
 
@@ -77,9 +83,14 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
-  moe::WarnIfExposed(options.listen, "listen",
-                     "anyone who reaches it can send it work; restrict the network to the "
-                     "coordinator (e.g. a Kubernetes NetworkPolicy)");
+  options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
+                 absl::GetFlag(FLAGS_tls_ca)};
+  if (!options.tls.enabled()) {
+    moe::WarnIfExposed(options.listen, "listen",
+                       "anyone who reaches it can send it work: turn on mTLS with --tls-cert, "
+                       "--tls-key and --tls-ca, or restrict the network to the coordinator (e.g. "
+                       "a Kubernetes NetworkPolicy)");
+  }
   absl::StatusOr<std::unique_ptr<moe::WorkerServer>> server = moe::WorkerServer::Create(options);
   if (!server.ok()) return Fail(server.status());
   moe::WorkerServer& worker = **server;

@@ -52,7 +52,15 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen, grpc::InsecureServerCredentials(), &w->port_);
+  if (options.tls.enabled() &&
+      (options.tls.cert.empty() || options.tls.key.empty() || options.tls.ca.empty())) {
+    return absl::InvalidArgumentError(
+        "a worker's TLS is mutual: give --tls-cert and --tls-key (its certificate) and "
+        "--tls-ca (the CA that signs the coordinator's client certificate)");
+  }
+  MOE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
+                       ServerCredentials(options.tls, /*require_client_cert=*/true));
+  builder.AddListeningPort(options.listen, credentials, &w->port_);
   builder.SetMaxReceiveMessageSize(kMaxWorkerMessageBytes);
   builder.SetMaxSendMessageSize(kMaxWorkerMessageBytes);
   // The coordinator's keepalive pings (every 2 s, also between calls) are welcome.

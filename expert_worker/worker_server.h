@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 #include "common/expert_range.h"
 #include "common/metrics/metrics.h"
+#include "common/rpc/tls.h"
 #include "common/weights.h"
 #include "expert_worker/expert_service.h"
 #include "expert_worker/worker_metrics.h"
@@ -40,6 +41,9 @@ struct WorkerOptions {
   int threads = 0;
   // Prometheus /metrics HOST:PORT (port 0 picks a free port); empty: no metrics endpoint.
   std::string metrics_listen;
+  // mTLS: this worker's certificate and key, and the CA a coordinator's client certificate
+  // must be signed by (all three, or none for plaintext).
+  TlsFiles tls;
 };
 
 // Thread-safety: all methods may be called from any thread; Shutdown may race with Wait.

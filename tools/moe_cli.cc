@@ -27,6 +27,9 @@ ABSL_FLAG(std::string, server, "", "Coordinator HOST:PORT, to query a running cl
 ABSL_FLAG(std::string, api_token_file, "",
           "With --server: a file whose first token is sent as the coordinator's API token "
           "(moe-coordinator --api-token-file). Default: $MOE_API_TOKEN when set.");
+ABSL_FLAG(std::string, tls_ca, "",
+          "With --server: the coordinator serves TLS (moe-coordinator --tls-cert); this PEM CA "
+          "file verifies its certificate.");
 ABSL_FLAG(std::string, prompt, "", "Prompt text.");
 ABSL_FLAG(std::string, message, "", "chat: the user's message.");
 ABSL_FLAG(std::string, system, "", "chat: a system message before it (none if empty).");
@@ -86,6 +89,7 @@ int main(int argc, char** argv) {
     o.model_dir = absl::GetFlag(FLAGS_model);
     o.server = absl::GetFlag(FLAGS_server);
     o.api_token = api_token;
+    o.tls_ca = absl::GetFlag(FLAGS_tls_ca);
     o.prompt = absl::GetFlag(FLAGS_prompt);
     o.max_tokens = absl::GetFlag(FLAGS_max_tokens);
     o.sampling.temperature = static_cast<float>(absl::GetFlag(FLAGS_temperature));
@@ -108,7 +112,7 @@ int main(int argc, char** argv) {
       status = moe::RunGenerate(o);
     }
   } else if (command == "status") {
-    status = moe::RunStatus(absl::GetFlag(FLAGS_server), api_token);
+    status = moe::RunStatus(absl::GetFlag(FLAGS_server), api_token, absl::GetFlag(FLAGS_tls_ca));
   } else {
     std::fprintf(stderr, "%s\n(run with --help for all flags)\n",
                  absl::ProgramUsageMessage().data());

@@ -99,8 +99,7 @@ bool IsLoopbackAddress(const std::string& address) {
 void WarnIfExposed(const std::string& address, const char* flag, const char* advice) {
   if (address.empty() || IsLoopbackAddress(address)) return;
   LOG(WARNING) << "--" << flag << " " << address
-               << " is reachable from other hosts and its traffic is plaintext (no TLS); "
-               << advice;
+               << " is reachable from other hosts and its traffic is plaintext; " << advice;
 }
 
 }  // namespace moe

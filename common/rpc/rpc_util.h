@@ -33,7 +33,7 @@ absl::Status ValidateListenAddress(const std::string& address, const char* flag)
 // Whether HOST:PORT binds only the loopback interface (localhost, 127.x.y.z, [::1]).
 bool IsLoopbackAddress(const std::string& address);
 // Logs a warning when `address` (given with --`flag`) is reachable from other hosts: the
-// traffic is plaintext (no TLS yet). `advice` says how to restrict who gets in.
+// traffic is plaintext (call it only without TLS). `advice` says how to restrict who gets in.
 void WarnIfExposed(const std::string& address, const char* flag, const char* advice);
 
 }  // namespace moe

@@ -117,7 +117,9 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   for (const std::string& address : options.worker_addresses) {
     auto w = std::make_unique<Worker>();
     w->address = address;
-    w->channel = grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
+    w->channel = grpc::CreateCustomChannel(
+        address, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(),
+        args);
     w->stub = pb::ExpertWorker::NewStub(w->channel);
     t->workers_.push_back(std::move(w));
   }

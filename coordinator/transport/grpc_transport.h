@@ -33,6 +33,7 @@
 #include "common/model_config.h"
 #include "coordinator/transport/dispatch.h"
 #include "coordinator/transport/expert_transport.h"
+#include "grpcpp/security/credentials.h"
 
 namespace moe {
 
@@ -51,6 +52,8 @@ struct GrpcTransportOptions {
   absl::Duration health_check_timeout = absl::Milliseconds(400);
   // What Serving() means with experts lost (the engine does the rerouting).
   ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;
+  // TLS to the workers (ChannelCredentials of common/rpc/tls.h); null: plaintext.
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
 
 class GrpcTransport : public ExpertTransport {

@@ -11,6 +11,7 @@ Run from the repository root with the venv of tools/deploy/setup_venv.sh (CTest 
     build/venv-deploy/bin/python tests/deploy/chart_test.py
 """
 
+import base64
 import collections
 import copy
 import json
@@ -19,6 +20,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import shutil
 import tempfile
 import unittest
 
@@ -358,6 +360,7 @@ class ChartTest(unittest.TestCase):
                     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                         with self.subTest(value_set=vs, kind=workload["kind"], probe=probe):
                             spec = container[probe]
+                            # (with tls.enabled they are TCP: test_tls_generated_or_from_a_secret)
                             handlers = {"grpc", "httpGet", "tcpSocket", "exec"} & set(spec)
                             self.assertEqual(handlers, {"grpc"})
                             self.assertEqual(spec["grpc"]["port"], ports["grpc"])
@@ -448,6 +451,56 @@ class ChartTest(unittest.TestCase):
         reroute = self.render(minimal_values(coordinator__onExpertLoss="reroute"))
         args = reroute.coordinator()["spec"]["template"]["spec"]["containers"][0]["args"]
         self.assertEqual(flag(args, "on-expert-loss"), "reroute")
+
+    def test_tls_generated_or_from_a_secret(self):
+        # Off by default: no TLS flags, no Secret.
+        plain = self.rendered["cpu-2-workers"]
+        self.assertFalse([s for s in plain.of_kind("Secret") if s["metadata"]["name"].endswith("-tls")])
+        for workload in plain.workloads():
+            args = workload["spec"]["template"]["spec"]["containers"][0]["args"]
+            self.assertFalse([a for a in args if a.startswith("--tls-")])
+        # Generated: one Secret with a CA and a certificate for the Service names, mounted in
+        # both pods, and the flags naming its files; probes fall back to TCP (the kubelet's gRPC
+        # probe cannot speak TLS).
+        on = self.render(minimal_values(tls__enabled=True))
+        secrets = [s for s in on.of_kind("Secret") if s["metadata"]["name"].endswith("-tls")]
+        self.assertEqual(len(secrets), 1)
+        data = secrets[0]["data"]
+        self.assertEqual(set(data), {"ca.crt", "tls.crt", "tls.key"})
+        cert = base64.b64decode(data["tls.crt"]).decode()
+        self.assertIn("BEGIN CERTIFICATE", cert)
+        for workload in on.workloads():
+            pod = workload["spec"]["template"]["spec"]
+            container = pod["containers"][0]
+            self.assertEqual(flag(container["args"], "tls-cert"), "/etc/moe-cluster/tls/tls.crt")
+            self.assertEqual(flag(container["args"], "tls-key"), "/etc/moe-cluster/tls/tls.key")
+            self.assertEqual(flag(container["args"], "tls-ca"), "/etc/moe-cluster/tls/ca.crt")
+            self.assertIn({"name": "tls", "mountPath": "/etc/moe-cluster/tls", "readOnly": True},
+                          container["volumeMounts"])
+            volume = next(v for v in pod["volumes"] if v["name"] == "tls")
+            self.assertEqual(volume["secret"]["secretName"], secrets[0]["metadata"]["name"])
+            for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                self.assertIn("tcpSocket", container[probe])
+        # The generated certificate is valid for the worker and coordinator names, and both
+        # verify against the CA (openssl, when present).
+        if shutil.which("openssl"):
+            with tempfile.TemporaryDirectory() as d:
+                for key in ("ca.crt", "tls.crt"):
+                    pathlib.Path(d, key).write_bytes(base64.b64decode(data[key]))
+                out = subprocess.run(["openssl", "verify", "-CAfile", f"{d}/ca.crt",
+                                      f"{d}/tls.crt"], capture_output=True, text=True)
+                self.assertEqual(out.returncode, 0, out.stdout + out.stderr)
+                text = subprocess.run(["openssl", "x509", "-in", f"{d}/tls.crt", "-noout",
+                                       "-text"], capture_output=True, text=True).stdout
+                self.assertIn("DNS:*.demo-moe-cluster-worker-headless.moe.svc.cluster.local", text)
+                self.assertIn("DNS:demo-moe-cluster-coordinator.moe.svc", text)
+                self.assertIn("TLS Web Client Authentication", text)
+        # An existing Secret (cert-manager's layout) is used as is; none is generated.
+        mounted = self.render(minimal_values(tls__enabled=True, tls__secretName="moe-certs"))
+        self.assertFalse([s for s in mounted.of_kind("Secret") if s["metadata"]["name"].endswith("-tls")])
+        pod = mounted.coordinator()["spec"]["template"]["spec"]
+        self.assertEqual(next(v for v in pod["volumes"] if v["name"] == "tls")["secret"]["secretName"],
+                         "moe-certs")
 
     def test_api_tokens_from_a_secret(self):
         container = self.rendered["cpu-2-workers"].coordinator()["spec"]["template"]["spec"][

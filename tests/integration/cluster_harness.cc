@@ -51,13 +51,15 @@ int PickFreePort() {
 }
 
 absl::StatusOr<WorkerProcess> StartWorker(const std::string& model_dir, const std::string& range,
-                                          const std::string& listen) {
+                                          const std::string& listen,
+                                          const std::vector<std::string>& extra_args) {
   WorkerProcess w;
   w.process = std::make_unique<Subprocess>();
   w.log = NewLogPath("worker");
-  MOE_RETURN_IF_ERROR(w.process->Start(
-      MOE_WORKER_PATH,
-      {"--model", model_dir, "--experts", range, "--listen", listen, "--threads", "1"}, w.log));
+  std::vector<std::string> args = {"--model",  model_dir, "--experts", range,
+                                   "--listen", listen,    "--threads", "1"};
+  args.insert(args.end(), extra_args.begin(), extra_args.end());
+  MOE_RETURN_IF_ERROR(w.process->Start(MOE_WORKER_PATH, args, w.log));
   auto address = w.process->WaitForReady(absl::Seconds(60));
   if (!address.ok()) {
     return absl::Status(
@@ -70,13 +72,14 @@ absl::StatusOr<WorkerProcess> StartWorker(const std::string& model_dir, const st
 
 absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(
     const std::string& model_dir, const std::vector<std::string>& ranges,
-    const std::vector<std::string>& coordinator_args, const std::vector<std::string>& listens) {
+    const std::vector<std::string>& coordinator_args, const std::vector<std::string>& listens,
+    const std::vector<std::string>& worker_args) {
   std::unique_ptr<Cluster> c(new Cluster());
   std::vector<std::string> addresses;
   for (size_t i = 0; i < ranges.size(); ++i) {
     const std::string listen =
         i < listens.size() && !listens[i].empty() ? listens[i] : "127.0.0.1:0";
-    MOE_ASSIGN_OR_RETURN(WorkerProcess w, StartWorker(model_dir, ranges[i], listen));
+    MOE_ASSIGN_OR_RETURN(WorkerProcess w, StartWorker(model_dir, ranges[i], listen, worker_args));
     addresses.push_back(w.address);
     c->workers_.push_back(std::move(w));
   }
@@ -102,6 +105,10 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(
 Cluster::~Cluster() {
   client_.reset();
   if (coordinator_) coordinator_->Stop(SIGTERM);
+  // All at once: each drains (up to a second without requests) before it exits.
+  for (WorkerProcess& w : workers_) {
+    if (w.process && w.process->running()) kill(w.process->pid(), SIGTERM);
+  }
   for (WorkerProcess& w : workers_) {
     if (w.process) w.process->Stop(SIGTERM);
   }

@@ -26,16 +26,19 @@ struct WorkerProcess {
 
 // Starts a worker; `listen` defaults to a free port.
 absl::StatusOr<WorkerProcess> StartWorker(const std::string& model_dir, const std::string& range,
-                                          const std::string& listen = "127.0.0.1:0");
+                                          const std::string& listen = "127.0.0.1:0",
+                                          const std::vector<std::string>& extra_args = {});
 
 class Cluster {
  public:
   // Workers for `ranges` (worker i listens on listens[i] when given, else a free port), then
-  // a coordinator over them with `coordinator_args` appended.
+  // a coordinator over them with `coordinator_args` appended (and `worker_args` to each worker).
+  // The client is plaintext (a TLS coordinator needs its own).
   static absl::StatusOr<std::unique_ptr<Cluster>> Start(
       const std::string& model_dir, const std::vector<std::string>& ranges,
       const std::vector<std::string>& coordinator_args = {},
-      const std::vector<std::string>& listens = {});
+      const std::vector<std::string>& listens = {},
+      const std::vector<std::string>& worker_args = {});
   ~Cluster();
 
   InferenceClient& client() { return *client_; }

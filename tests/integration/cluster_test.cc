@@ -18,11 +18,13 @@
 #include "common/checkpoint.h"
 #include "common/fingerprint.h"
 #include "common/model_config.h"
+#include "common/rpc/tls.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
 #include "coordinator/transport/grpc_transport.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "moecluster/v1/expert.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/integration/cluster_harness.h"
 #include "tests/testutil/checkpoint_writer.h"
@@ -1035,6 +1037,77 @@ TEST(ClusterDeadlineTest, GrpcDeadlineEndsTheRequestAndFreesItsBlocks) {
            absl::Now() - start < absl::Seconds(5));
   EXPECT_EQ(status->running_requests(), 0);
   EXPECT_EQ(status->kv_cache_usage(), 0);
+}
+
+// --- TLS: mTLS between the coordinator and the workers, TLS on the public gRPC API. ---
+
+constexpr char kTls[] = "tests/testdata/tls/";
+std::string TlsFile(const std::string& name) { return std::string(kTls) + name; }
+
+// GetInfo on a worker with these client credentials.
+grpc::Status WorkerGetInfo(const std::string& address,
+                           std::shared_ptr<grpc::ChannelCredentials> credentials) {
+  auto stub = pb::ExpertWorker::NewStub(grpc::CreateChannel(address, credentials));
+  grpc::ClientContext context;
+  context.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(5)));
+  pb::WorkerInfo info;
+  return stub->GetInfo(&context, pb::GetInfoRequest(), &info);
+}
+
+TEST(ClusterTlsTest, WorkersRefuseClientsWithoutAValidCertificateAndTheClusterServesOverTls) {
+  const std::vector<std::string> worker_tls = {"--tls-cert", TlsFile("worker.pem"),
+                                               "--tls-key",  TlsFile("worker.key"),
+                                               "--tls-ca",   TlsFile("ca.pem")};
+  const std::vector<std::string> coordinator_tls = {"--tls-cert", TlsFile("coordinator.pem"),
+                                                    "--tls-key",  TlsFile("coordinator.key"),
+                                                    "--tls-ca",   TlsFile("ca.pem")};
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 2), coordinator_tls,
+                                {}, worker_tls);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  const std::string worker = c.workers()[0].address;
+
+  // The coordinator's own certificate gets in; nothing else does.
+  auto creds = [](const std::string& cert, const std::string& key) {
+    auto made = ChannelCredentials(
+        {cert.empty() ? "" : TlsFile(cert), key.empty() ? "" : TlsFile(key), TlsFile("ca.pem")});
+    EXPECT_TRUE(made.ok()) << made.status();
+    return *made;
+  };
+  EXPECT_TRUE(WorkerGetInfo(worker, creds("coordinator.pem", "coordinator.key")).ok());
+  for (const auto& [cert, key, what] :
+       std::vector<std::tuple<std::string, std::string, std::string>>{
+           {"", "", "no client certificate"},
+           {"stranger.pem", "stranger.key", "a certificate from another CA"},
+           {"expired.pem", "expired.key", "an expired certificate"}}) {
+    const grpc::Status s = WorkerGetInfo(worker, creds(cert, key));
+    EXPECT_FALSE(s.ok()) << what;
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::UNAVAILABLE) << what << ": " << s.error_message();
+  }
+  EXPECT_FALSE(WorkerGetInfo(worker, grpc::InsecureChannelCredentials()).ok()) << "plaintext";
+
+  // The public API over TLS (server certificate checked against the CA); plaintext is refused.
+  auto public_creds = ChannelCredentials({"", "", TlsFile("ca.pem")});
+  ASSERT_TRUE(public_creds.ok());
+  InferenceClient tls_client(c.address(), "", *public_creds);
+  auto r = tls_client.Generate(IdsRequest({1, 450, 29}, 8));
+  ASSERT_TRUE(r.ok()) << r.status() << c.Logs();
+  EXPECT_EQ(r->tokens,
+            InProcessWithLogprobs(ModelDir("demo_mixtral"), {1, 450, 29}, 8, -1, -1).tokens);
+  EXPECT_FALSE(c.client().Generate(IdsRequest({1, 450, 29}, 2)).ok());
+}
+
+TEST(ClusterTlsTest, BadTlsFlagsAreRefusedAtStart) {
+  auto half = testing::StartWorker(
+      ModelDir("demo_mixtral"), "all", "127.0.0.1:0",
+      {"--tls-cert", TlsFile("worker.pem"), "--tls-key", TlsFile("worker.key")});
+  ASSERT_FALSE(half.ok());
+  EXPECT_THAT(half.status().message(), HasSubstr("--tls-ca"));
+  auto missing = testing::StartWorker(ModelDir("demo_mixtral"), "all", "127.0.0.1:0",
+                                      {"--tls-cert", TlsFile("nope.pem"), "--tls-key",
+                                       TlsFile("worker.key"), "--tls-ca", TlsFile("ca.pem")});
+  ASSERT_FALSE(missing.ok());
+  EXPECT_THAT(missing.status().message(), HasSubstr("--tls-cert tests/testdata/tls/nope.pem"));
 }
 
 // --- Cancellation frees the sequence's KV blocks. ---

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/chat_template.h"
+#include "common/rpc/tls.h"
 #include "common/status_macros.h"
 #include "common/tokenizer.h"
 #include "coordinator/generator.h"
@@ -131,8 +132,21 @@ absl::Status RunLocal(const CliGenerateOptions& o) {
   return absl::OkStatus();
 }
 
+// A client of `server`, over TLS when `tls_ca` names the CA file of its certificate.
+absl::StatusOr<std::unique_ptr<InferenceClient>> Connect(const std::string& server,
+                                                         const std::string& api_token,
+                                                         const std::string& tls_ca) {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  if (!tls_ca.empty()) {
+    MOE_ASSIGN_OR_RETURN(credentials, ChannelCredentials({"", "", tls_ca}));
+  }
+  return std::make_unique<InferenceClient>(server, api_token, credentials);
+}
+
 absl::Status RunRemote(const CliGenerateOptions& o) {
-  InferenceClient client(o.server, o.api_token);
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<InferenceClient> connected,
+                       Connect(o.server, o.api_token, o.tls_ca));
+  InferenceClient& client = *connected;
   pb::GenerateRequest request;
   request.set_prompt(o.prompt);
   request.set_max_tokens(static_cast<int32_t>(o.max_tokens));
@@ -306,10 +320,11 @@ absl::Status RunChat(const CliGenerateOptions& options) {
   return absl::OkStatus();
 }
 
-absl::Status RunStatus(const std::string& server, const std::string& api_token) {
+absl::Status RunStatus(const std::string& server, const std::string& api_token,
+                       const std::string& tls_ca) {
   if (server.empty()) return absl::InvalidArgumentError("status needs --server HOST:PORT");
-  InferenceClient client(server, api_token);
-  auto status = client.GetClusterStatus();
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<InferenceClient> client, Connect(server, api_token, tls_ca));
+  auto status = client->GetClusterStatus();
   if (!status.ok()) return status.status();
   std::cout << FormatClusterStatus(*status);
   return absl::OkStatus();

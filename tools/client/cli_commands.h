@@ -18,6 +18,8 @@ struct CliGenerateOptions {
   std::string model_dir;  // local: run the model in this process
   std::string server;     // remote: HOST:PORT of a coordinator (wins over model_dir)
   std::string api_token;  // remote: the server's API token (empty: none)
+  std::string
+      tls_ca;  // remote gRPC: the CA of the coordinator's TLS certificate (empty: plaintext)
   std::string prompt;
   int64_t max_tokens = 64;
   SamplingParams sampling;
@@ -43,7 +45,8 @@ absl::Status RunGenerate(const CliGenerateOptions& options);
 absl::Status RunChat(const CliGenerateOptions& options);
 
 // Prints workers, placement and the expert-load table of a coordinator.
-absl::Status RunStatus(const std::string& server, const std::string& api_token = "");
+absl::Status RunStatus(const std::string& server, const std::string& api_token = "",
+                       const std::string& tls_ca = "");
 
 }  // namespace moe
 

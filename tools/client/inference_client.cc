@@ -9,9 +9,11 @@ namespace moe {
 
 namespace pb = moecluster::v1;
 
-InferenceClient::InferenceClient(const std::string& address, const std::string& api_token)
+InferenceClient::InferenceClient(const std::string& address, const std::string& api_token,
+                                 std::shared_ptr<grpc::ChannelCredentials> credentials)
     : api_token_(api_token),
-      channel_(grpc::CreateChannel(address, grpc::InsecureChannelCredentials())),
+      channel_(grpc::CreateChannel(
+          address, credentials != nullptr ? credentials : grpc::InsecureChannelCredentials())),
       stub_(pb::Inference::NewStub(channel_)) {}
 
 void InferenceClient::Prepare(grpc::ClientContext* context) const {

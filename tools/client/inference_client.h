@@ -27,7 +27,9 @@ struct ClientResult {
 class InferenceClient {
  public:
   // `api_token`: sent as "authorization: Bearer <token>" on every call (empty: none).
-  explicit InferenceClient(const std::string& address, const std::string& api_token = "");
+  // `credentials`: TLS (ChannelCredentials in common/rpc/tls.h); null for plaintext.
+  explicit InferenceClient(const std::string& address, const std::string& api_token = "",
+                           std::shared_ptr<grpc::ChannelCredentials> credentials = nullptr);
 
   // Streams a generation; `on_delta` (optional) sees each TokenDelta as it arrives. Returns the
   // server's status (e.g. INVALID_ARGUMENT, UNAVAILABLE) if the stream ends with an error.

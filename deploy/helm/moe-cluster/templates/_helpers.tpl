@@ -230,3 +230,49 @@ to exit, or Kubernetes kills the process mid-drain. Fails rendering naming the v
 {{- fail (printf "workers.terminationGracePeriodSeconds is %d: it must be at least drainTimeoutSeconds (%d) + 5" (int $w.terminationGracePeriodSeconds) (int $w.drainTimeoutSeconds)) }}
 {{- end }}
 {{- end }}
+
+{{/*
+TLS: the Secret holding ca.crt, tls.crt and tls.key, and the flags and mounts that use it.
+*/}}
+{{- define "moe-cluster.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "moe-cluster.fullname" .)) .Values.tls.secretName }}
+{{- end }}
+
+{{- define "moe-cluster.tlsArgs" -}}
+{{- if .Values.tls.enabled -}}
+- --tls-cert=/etc/moe-cluster/tls/tls.crt
+- --tls-key=/etc/moe-cluster/tls/tls.key
+- --tls-ca=/etc/moe-cluster/tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{- define "moe-cluster.tlsMount" -}}
+{{- if .Values.tls.enabled -}}
+- name: tls
+  mountPath: /etc/moe-cluster/tls
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "moe-cluster.tlsVolume" -}}
+{{- if .Values.tls.enabled -}}
+- name: tls
+  secret:
+    secretName: {{ include "moe-cluster.tlsSecretName" . }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/*
+A probe's handler: gRPC health on the port, or with TLS a TCP connect (the kubelet's gRPC probe
+speaks plaintext only). Call with (dict "root" $ "port" N).
+*/}}
+{{- define "moe-cluster.probeHandler" -}}
+{{- if .root.Values.tls.enabled -}}
+tcpSocket:
+  port: {{ .port }}
+{{- else -}}
+grpc:
+  port: {{ .port }}
+{{- end }}
+{{- end }}
