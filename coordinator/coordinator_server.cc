@@ -46,6 +46,14 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.deadline_factor = options.failover_deadline_factor;
       t.health_check_timeout = options.health_check_timeout;
       t.on_expert_loss = options.engine.on_expert_loss;
+      // A step holds up to --max-step-tokens rows, or one whole prompt when it is longer (up
+      // to the context) beside the running decodes; each row goes to a worker at most once
+      // per expert.
+      const ModelConfig& mc = checkpoint.config();
+      t.max_rows_per_step =
+          (std::max<int64_t>(options.scheduler.max_step_tokens, mc.max_position_embeddings) +
+           options.scheduler.max_running) *
+          std::max<int64_t>(mc.is_moe ? mc.num_experts_per_tok : 1, 1);
       if (!options.tls.ca.empty()) {
         if (options.tls.cert.empty()) {
           return absl::InvalidArgumentError(

@@ -166,11 +166,13 @@ class StreamState {
 }  // namespace
 
 ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
-                             ForwardObserver* observer)
+                             int64_t max_rows, int max_streams, ForwardObserver* observer)
     : weights_(weights),
       fingerprint_(std::move(fingerprint)),
       threads_(threads),
-      observer_(observer) {}
+      observer_(observer),
+      max_rows_(max_rows),
+      max_streams_(max_streams) {}
 
 grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
                                     pb::WorkerInfo* info) {
@@ -183,6 +185,7 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
   info->set_expert_end(static_cast<int32_t>(weights_->hosted_experts().end));
   info->set_weight_dtype(ToProtoDType(weights_->dtype()));
   info->set_draining(draining_);
+  info->set_max_rows(max_rows_);
   return grpc::Status::OK;
 }
 
@@ -200,6 +203,16 @@ bool ExpertService::WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) co
 grpc::Status ExpertService::Forward(
     grpc::ServerContext*,
     grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
+  // Each open stream holds a server thread: beyond max_streams_, refuse.
+  struct Slot {
+    std::atomic<int>* n;
+    ~Slot() { --*n; }
+  } slot{&streams_};
+  if (++streams_ > max_streams_) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("this worker serves at most ", max_streams_,
+                                     " Forward streams at once (--max-streams)"));
+  }
   // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
   if (threads_ > 0) omp_set_num_threads(threads_);
   StreamState state(weights_);

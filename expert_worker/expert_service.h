@@ -46,8 +46,10 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   // `fingerprint` is ModelFingerprint of the checkpoint. `threads` > 0 sets the OpenMP team size
   // each stream's compute uses; 0 keeps the OpenMP default (OMP_NUM_THREADS or all cores).
   // `observer` (may be null) must outlive the service.
-  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
-                ForwardObserver* observer = nullptr);
+  // `max_rows` bounds the rows of one request (INVALID_ARGUMENT beyond; GetInfo reports it),
+  // `max_streams` the Forward streams open at once (RESOURCE_EXHAUSTED beyond).
+  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads, int64_t max_rows,
+                int max_streams, ForwardObserver* observer = nullptr);
 
   grpc::Status GetInfo(grpc::ServerContext* context, const moecluster::v1::GetInfoRequest* request,
                        moecluster::v1::WorkerInfo* info) override;
@@ -71,6 +73,9 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   const std::string fingerprint_;
   const int threads_;
   ForwardObserver* const observer_;
+  const int64_t max_rows_;
+  const int max_streams_;
+  std::atomic<int> streams_{0};
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> last_request_ns_{0};  // absl::GetCurrentTimeNanos of the last request
   std::atomic<int> in_request_{0};           // requests being computed now

@@ -45,6 +45,14 @@ ABSL_FLAG(std::string, tls_cert, "",
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA certificate(s) that must have signed the coordinator's client certificate.");
+ABSL_FLAG(int64_t, max_forward_rows, 0,
+          "Rows one expert request may carry; sizes the gRPC message cap (rows x (hidden x 4 + "
+          "top_k x 8 + 8) bytes + 64 KiB), so bigger messages are refused before they are "
+          "allocated. 0: (max(context, 4096) + 1024) x top_k, what a coordinator step sends "
+          "(a whole prompt plus a decode batch). The coordinator checks at start that its "
+          "steps fit.");
+ABSL_FLAG(int32_t, max_streams, 8,
+          "Forward streams served at once (each holds a thread); more get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int32_t, threads, 0,
           "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
 
@@ -83,6 +91,8 @@ int main(int argc, char** argv) {
   options.listen = absl::GetFlag(FLAGS_listen);
   options.threads = absl::GetFlag(FLAGS_threads);
   options.metrics_listen = absl::GetFlag(FLAGS_metrics_listen);
+  options.max_forward_rows = absl::GetFlag(FLAGS_max_forward_rows);
+  options.max_streams = absl::GetFlag(FLAGS_max_streams);
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
                  absl::GetFlag(FLAGS_tls_ca)};
   if (!options.tls.enabled()) {

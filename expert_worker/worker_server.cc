@@ -1,6 +1,8 @@
 #include "expert_worker/worker_server.h"
 
+#include <algorithm>
 #include <chrono>
+#include <limits>
 #include <utility>
 
 #include "absl/strings/str_cat.h"
@@ -19,6 +21,16 @@ namespace {
 constexpr std::chrono::milliseconds kShutdownGrace(1000);
 
 }  // namespace
+
+int64_t DefaultMaxForwardRows(const ModelConfig& config) {
+  return (std::max<int64_t>(config.max_position_embeddings, 4096) + 1024) *
+         std::max<int64_t>(config.is_moe ? config.num_experts_per_tok : 1, 1);
+}
+
+int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows) {
+  const int64_t k = std::max<int64_t>(config.num_experts_per_tok, 1);
+  return rows * (config.hidden_size * 4 + k * 8 + 8) + (64 << 10);
+}
 
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerOptions& options) {
   if (options.model_dir.empty()) return absl::InvalidArgumentError("--model is required");
@@ -46,8 +58,23 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
     MOE_ASSIGN_OR_RETURN(w->metrics_server_, MetricsServer::Start(options.metrics_listen,
                                                                   {w->metrics_->collectable()}));
   }
+  const int64_t max_rows =
+      options.max_forward_rows > 0 ? options.max_forward_rows : DefaultMaxForwardRows(config);
+  if (options.max_forward_rows < 0 || max_rows > (int64_t{1} << 24) || options.max_streams < 1 ||
+      options.max_streams > 1024) {
+    return absl::InvalidArgumentError(
+        "--max-forward-rows must be in [0, 16777216] (0: from the model) and --max-streams in "
+        "[1, 1024]");
+  }
+  const int64_t max_message = MaxForwardMessageBytes(config, max_rows);
+  if (max_message > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        max_rows, " rows per request (--max-forward-rows) make a Forward message of ", max_message,
+        " bytes, beyond gRPC's 2 GiB: give a smaller --max-forward-rows (and a coordinator "
+        "--max-step-tokens to match)"));
+  }
   w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->fingerprint_, options.threads,
-                                                w->metrics_.get());
+                                                max_rows, options.max_streams, w->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -61,8 +88,12 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   MOE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ServerCredentials> credentials,
                        ServerCredentials(options.tls, /*require_client_cert=*/true));
   builder.AddListeningPort(options.listen, credentials, &w->port_);
-  builder.SetMaxReceiveMessageSize(kMaxWorkerMessageBytes);
-  builder.SetMaxSendMessageSize(kMaxWorkerMessageBytes);
+  builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
+  builder.SetMaxSendMessageSize(static_cast<int>(max_message));
+  // Threads: the streams, GetInfo/health probes and a few spare.
+  grpc::ResourceQuota quota("moe-expert-worker");
+  quota.SetMaxThreads(options.max_streams + 8);
+  builder.SetResourceQuota(quota);
   // The coordinator's keepalive pings (every 2 s, also between calls) are welcome.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);
   builder.AddChannelArgument(GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS, 1000);

@@ -24,9 +24,13 @@
 
 namespace moe {
 
-// Largest ForwardRequest the server accepts (the gRPC default of 4 MiB is a few hundred rows at
-// hidden 4096). Clients must raise their own receive limit to match for large responses.
-inline constexpr int kMaxWorkerMessageBytes = 256 << 20;
+// The largest Forward message (request or response) for `rows` rows of a model: the hidden
+// rows in f32, up to top_k (expert, weight) pairs and an offset per row, and 64 KiB of framing.
+// gRPC refuses a bigger message from its length prefix, before allocating it.
+int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows);
+// --max-forward-rows 0: room for what a coordinator step sends with default flags — a whole
+// context's prompt (or 4096 tokens) plus 1024 decoding sequences, each row once per expert.
+int64_t DefaultMaxForwardRows(const ModelConfig& config);
 
 struct WorkerOptions {
   // Checkpoint: a Hugging Face directory (config.json + *.safetensors) or a GGUF file.
@@ -41,6 +45,12 @@ struct WorkerOptions {
   int threads = 0;
   // Prometheus /metrics HOST:PORT (port 0 picks a free port); empty: no metrics endpoint.
   std::string metrics_listen;
+  // Rows one Forward request may carry (sizes the message cap); the coordinator checks at
+  // connect that its steps fit. 0: DefaultMaxForwardRows.
+  int64_t max_forward_rows = 0;
+  // Forward streams served at once (each holds a thread while open); more are refused with
+  // RESOURCE_EXHAUSTED.
+  int max_streams = 8;
   // mTLS: this worker's certificate and key, and the CA a coordinator's client certificate
   // must be signed by (all three, or none for plaintext).
   TlsFiles tls;

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <limits>
 
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
@@ -106,8 +107,13 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   }
   std::unique_ptr<GrpcTransport> t(new GrpcTransport(config, options));
   grpc::ChannelArguments args;
-  args.SetMaxReceiveMessageSize(256 << 20);
-  args.SetMaxSendMessageSize(256 << 20);
+  // A step's message to one worker: at most max_rows_per_step rows (as the worker's cap).
+  const int64_t k = std::max<int64_t>(config.num_experts_per_tok, 1);
+  const int64_t max_message = std::min<int64_t>(
+      options.max_rows_per_step * (config.hidden_size * 4 + k * 8 + 8) + (64 << 10),
+      std::numeric_limits<int>::max());
+  args.SetMaxReceiveMessageSize(static_cast<int>(max_message));
+  args.SetMaxSendMessageSize(static_cast<int>(max_message));
   // Keepalive pings notice a dead connection even while no call is running on it (the worker
   // permits them: worker_server.cc).
   args.SetInt(GRPC_ARG_KEEPALIVE_TIME_MS, 2000);
@@ -204,6 +210,14 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
     return absl::FailedPreconditionError(absl::StrCat(
         who, " reports an inconsistent shape (layers ", info.num_layers(), ", experts ",
         info.num_experts(), ", hidden ", info.hidden_size(), ", hosts ", experts.ToString(), ")"));
+  }
+  if (info.max_rows() > 0 && info.max_rows() < options_.max_rows_per_step) {
+    return absl::FailedPreconditionError(
+        absl::StrCat(who, " accepts at most ", info.max_rows(),
+                     " rows per request (its --max-forward-rows) but a step can send it ",
+                     options_.max_rows_per_step,
+                     " (--max-step-tokens x experts per token): raise the worker's flag or lower "
+                     "--max-step-tokens"));
   }
   {
     absl::MutexLock lock(&w->mu);

@@ -52,6 +52,9 @@ struct GrpcTransportOptions {
   absl::Duration health_check_timeout = absl::Milliseconds(400);
   // What Serving() means with experts lost (the engine does the rerouting).
   ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;
+  // The most rows one step can send one worker (--max-step-tokens x top_k): a worker that
+  // accepts fewer (WorkerInfo.max_rows) is refused at connect, naming both flags.
+  int64_t max_rows_per_step = 512 * 8;
   // TLS to the workers (ChannelCredentials of common/rpc/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
 };
