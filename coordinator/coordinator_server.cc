@@ -109,6 +109,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
   deps.max_prompt_bytes = MaxPromptBytes(*model_->tokenizer(), c.max_position_embeddings);
   deps.on_expert_loss = options.engine.on_expert_loss;
+  deps.max_streams_per_client = options.max_streams_per_client;
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };

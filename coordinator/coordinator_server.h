@@ -47,6 +47,8 @@ struct CoordinatorOptions {
   // client certificate to the workers; --tls-ca: the CA that signs the workers' certificates
   // (then worker channels are mTLS).
   TlsFiles tls;
+  // Generate streams one client host may hold open at once (0: no bound).
+  int max_streams_per_client = 64;
   absl::Duration step_timeout = absl::Seconds(10);
   absl::Duration failover_deadline_floor = absl::Milliseconds(500);
   double failover_deadline_factor = 4.0;

@@ -82,6 +82,9 @@ ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA certificate(s) that sign the workers' certificates: the worker channels then "
           "use mTLS (needs --tls-cert and --tls-key).");
+ABSL_FLAG(int32_t, max_streams_per_client, 64,
+          "Generate streams one client host (its IP address) may hold open at once; more get "
+          "RESOURCE_EXHAUSTED, so one client cannot take every slot. 0: no bound.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
           "once; requests already accepted get this long to finish, then the rest are "
@@ -144,6 +147,11 @@ int main(int argc, char** argv) {
   options.failover_deadline_factor = absl::GetFlag(FLAGS_failover_deadline_factor);
   options.health_check_timeout = absl::GetFlag(FLAGS_health_check_timeout);
   options.worker_connect_timeout = absl::GetFlag(FLAGS_worker_connect_timeout);
+  options.max_streams_per_client = absl::GetFlag(FLAGS_max_streams_per_client);
+  if (options.max_streams_per_client < 0) {
+    std::fprintf(stderr, "moe-coordinator: error: --max-streams-per-client must be >= 0\n");
+    return 1;
+  }
   if (!moe::ParseExpertLossPolicy(absl::GetFlag(FLAGS_on_expert_loss),
                                   &options.engine.on_expert_loss)) {
     std::fprintf(stderr,

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "absl/synchronization/blocking_counter.h"
 #include "absl/synchronization/notification.h"
 #include "absl/time/clock.h"
 #include "common/checkpoint.h"
@@ -1201,6 +1202,51 @@ TEST(ClusterLimitsTest, StreamsBeyondMaxStreamsAreRefusedAndThreadsStayBounded) 
   EXPECT_EQ(refused, kStreams - 4);
   for (int i = 0; i < kStreams; ++i) contexts[i]->TryCancel();
   EXPECT_LE(threads_open, threads_before + 4 + 8);
+}
+
+TEST(ClusterLimitsTest, OneClientCannotHoldMoreThanItsShareOfStreams) {
+  auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 2),
+                                {"--max-streams-per-client", "2"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  absl::Mutex mu;
+  std::vector<grpc::ClientContext*> open;
+  absl::BlockingCounter streaming(2);
+  std::vector<std::thread> holders;
+  std::vector<absl::Status> ended(2);
+  for (int i = 0; i < 2; ++i) {
+    holders.emplace_back([&, i] {
+      bool first = true;
+      auto r = c.client().Generate(
+          IdsRequest({1, 450, 29}, 500),
+          [&](const pb::TokenDelta&) {
+            if (first) streaming.DecrementCount();
+            first = false;
+          },
+          [&](grpc::ClientContext* context) {
+            absl::MutexLock lock(&mu);
+            open.push_back(context);
+          });
+      ended[i] = r.status();
+    });
+  }
+  streaming.Wait();
+  auto third = c.client().Generate(IdsRequest({1, 450, 29}, 2));
+  EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
+  EXPECT_THAT(third.status().message(), HasSubstr("--max-streams-per-client 2"));
+  {
+    absl::MutexLock lock(&mu);
+    for (grpc::ClientContext* context : open) context->TryCancel();
+  }
+  for (std::thread& t : holders) t.join();
+  // Once the server has ended them (its handlers see the cancellation within ~50 ms), the
+  // client may stream again.
+  absl::StatusOr<ClientResult> again;
+  const absl::Time start = absl::Now();
+  do {
+    again = c.client().Generate(IdsRequest({1, 450, 29}, 2));
+  } while (absl::IsResourceExhausted(again.status()) && absl::Now() - start < absl::Seconds(5));
+  EXPECT_TRUE(again.ok()) << again.status();
 }
 
 // --- Cancellation frees the sequence's KV blocks. ---
