@@ -197,8 +197,12 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
   }
   openai_ = std::make_unique<OpenAiApi>(std::move(deps));
   OpenAiApi* api = openai_.get();
+  // HTTPS with the coordinator's certificate when it has one (--tls-cert/--tls-key).
+  HttpServerOptions http = options.http;
+  http.tls_cert_file = options.tls.cert;
+  http.tls_key_file = options.tls.key;
   MOE_ASSIGN_OR_RETURN(http_server_,
-                       HttpServer::Start(options.http_listen, options.http,
+                       HttpServer::Start(options.http_listen, http,
                                          [api](const HttpRequest& r) { return api->Handle(r); }));
   return absl::OkStatus();
 }

@@ -8,15 +8,18 @@
 #include <deque>
 #include <optional>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
 #include "boost/asio.hpp"
 #include "boost/beast/core.hpp"
 #include "boost/beast/http.hpp"
+#include "boost/beast/ssl.hpp"
 #include "glog/logging.h"
 
 namespace moe {
@@ -75,6 +78,8 @@ bool PeerClosed(int fd) {
 class HttpServer::Impl {
  public:
   class Session;
+  template <typename Stream>
+  class SessionOf;
 
   Impl(const HttpServerOptions& options, HttpHandler handler)
       : options_(options), handler_(std::move(handler)), acceptor_(io_) {}
@@ -82,6 +87,23 @@ class HttpServer::Impl {
   ~Impl() { Shutdown(); }
 
   absl::Status Bind(const std::string& listen) {
+    if (!options_.tls_cert_file.empty() || !options_.tls_key_file.empty()) {
+      tls_.emplace(net::ssl::context::tls_server);
+      tls_->set_options(net::ssl::context::default_workarounds | net::ssl::context::no_sslv2 |
+                        net::ssl::context::no_sslv3 | net::ssl::context::no_tlsv1 |
+                        net::ssl::context::no_tlsv1_1);
+      beast::error_code ec;
+      tls_->use_certificate_chain_file(options_.tls_cert_file, ec);
+      if (ec) {
+        return absl::InvalidArgumentError(absl::StrCat("--tls-cert ", options_.tls_cert_file,
+                                                       ": cannot load for HTTPS: ", ec.message()));
+      }
+      tls_->use_private_key_file(options_.tls_key_file, net::ssl::context::pem, ec);
+      if (ec) {
+        return absl::InvalidArgumentError(absl::StrCat("--tls-key ", options_.tls_key_file,
+                                                       ": cannot load for HTTPS: ", ec.message()));
+      }
+    }
     const size_t colon = listen.rfind(':');
     int port = 0;
     if (colon == std::string::npos || !absl::SimpleAtoi(listen.substr(colon + 1), &port) ||
@@ -162,6 +184,7 @@ class HttpServer::Impl {
 
   const HttpServerOptions options_;
   const HttpHandler handler_;
+  std::optional<net::ssl::context> tls_;  // with options_.tls_*_file
   net::io_context io_;
   tcp::acceptor acceptor_;
   std::optional<net::steady_timer> accept_retry_;
@@ -180,32 +203,76 @@ class HttpServer::Impl {
 };
 
 // One connection. Reads run on the I/O thread; while a request is handled no read is pending
-// and the handler thread owns the socket for writing; it then hands the connection back to the
-// I/O thread (next request, or close).
+// and the handler thread owns the connection for writing (Send); it then hands the connection
+// back to the I/O thread (next request, or close). SessionOf<Stream> is the plain
+// (beast::tcp_stream) or TLS (beast::ssl_stream) kind.
 class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
  public:
-  Session(tcp::socket socket, Impl* server) : stream_(std::move(socket)), server_(server) {
-    server_->connections.fetch_add(1);
-  }
-  ~Session() { server_->connections.fetch_sub(1); }
+  explicit Session(Impl* server) : server_(server) { server_->connections.fetch_add(1); }
+  virtual ~Session() { server_->connections.fetch_sub(1); }
 
-  void Read() {
-    parser_.emplace();
-    parser_->body_limit(server_->options().max_body_bytes);
-    parser_->header_limit(static_cast<uint32_t>(server_->options().max_header_bytes));
-    stream_.expires_after(std::chrono::milliseconds(absl::ToInt64Milliseconds(
-        first_request_ ? server_->options().read_timeout : server_->options().idle_timeout)));
-    first_request_ = false;
-    http::async_read_header(
-        stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
-  }
-
-  int fd() { return stream_.socket().native_handle(); }
-
+  virtual void Start() = 0;
+  virtual int fd() = 0;
+  // From the handler thread: writes all of `data` before `deadline`; false on error or timeout
+  // (then the connection is closed).
+  virtual bool Send(std::string_view data, absl::Time deadline) = 0;
   // From a handler thread: the response is written; continue on the I/O thread.
-  void Done(bool keep_alive) {
-    net::post(stream_.get_executor(), [self = shared_from_this(), keep_alive] {
+  virtual void Done(bool keep_alive) = 0;
+
+  bool keep_alive_ = true;
+
+ protected:
+  Impl* const server_;
+};
+
+template <typename Stream>
+class HttpServer::Impl::SessionOf : public Session {
+ public:
+  static constexpr bool kTls = !std::is_same_v<Stream, beast::tcp_stream>;
+
+  SessionOf(tcp::socket socket, Impl* server)
+      : Session(server), stream_(MakeStream(std::move(socket), server)) {}
+
+  void Start() override {
+    if constexpr (kTls) {
+      // The handshake counts against the read timeout, as a slow request would.
+      beast::get_lowest_layer(stream_).expires_after(
+          std::chrono::milliseconds(absl::ToInt64Milliseconds(server_->options().read_timeout)));
+      stream_.async_handshake(net::ssl::stream_base::server, [self = Self()](beast::error_code ec) {
+        if (ec) return self->Close();  // not TLS, bad certificate, timeout
+        self->Read();
+      });
+    } else {
+      Read();
+    }
+  }
+
+  int fd() override { return beast::get_lowest_layer(stream_).socket().native_handle(); }
+
+  bool Send(std::string_view data, absl::Time deadline) override {
+    if constexpr (!kTls) {
+      return SendAll(fd(), data, deadline);
+    } else {
+      // Through the TLS engine, on the I/O thread with the stream's timer as the deadline; this
+      // thread waits for it.
+      absl::Notification done;
+      bool ok = false;
+      net::post(stream_.get_executor(), [&] {
+        beast::get_lowest_layer(stream_).expires_after(std::chrono::milliseconds(
+            std::max<int64_t>(1, absl::ToInt64Milliseconds(deadline - absl::Now()))));
+        net::async_write(stream_, net::buffer(data.data(), data.size()),
+                         [&](beast::error_code ec, size_t) {
+                           ok = !ec;
+                           done.Notify();
+                         });
+      });
+      done.WaitForNotification();
+      return ok;
+    }
+  }
+
+  void Done(bool keep_alive) override {
+    net::post(stream_.get_executor(), [self = Self(), keep_alive] {
       if (keep_alive && !self->server_->stopping()) {
         self->Read();
       } else {
@@ -215,10 +282,36 @@ class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
   }
 
  private:
+  static Stream MakeStream(tcp::socket socket, Impl* server) {
+    if constexpr (kTls) {
+      return Stream(std::move(socket), *server->tls_);
+    } else {
+      (void)server;
+      return Stream(std::move(socket));
+    }
+  }
+  std::shared_ptr<SessionOf> Self() {
+    return std::static_pointer_cast<SessionOf>(shared_from_this());
+  }
+  void ExpiresAfter(absl::Duration d) {
+    beast::get_lowest_layer(stream_).expires_after(
+        std::chrono::milliseconds(absl::ToInt64Milliseconds(d)));
+  }
+
+  void Read() {
+    parser_.emplace();
+    parser_->body_limit(server_->options().max_body_bytes);
+    parser_->header_limit(static_cast<uint32_t>(server_->options().max_header_bytes));
+    ExpiresAfter(first_request_ ? server_->options().read_timeout
+                                : server_->options().idle_timeout);
+    first_request_ = false;
+    http::async_read_header(stream_, buffer_, *parser_,
+                            [self = Self()](beast::error_code ec, size_t) { self->OnHeader(ec); });
+  }
+
   void OnHeader(beast::error_code ec) {
     if (ec) return OnReadError(ec);
-    stream_.expires_after(
-        std::chrono::milliseconds(absl::ToInt64Milliseconds(server_->options().read_timeout)));
+    ExpiresAfter(server_->options().read_timeout);
     const auto length = parser_->content_length();
     if (length.has_value() && *length > server_->options().max_body_bytes) {
       return Reply(413, absl::StrCat("request body of ", *length, " bytes is over the limit of ",
@@ -228,7 +321,7 @@ class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
     if (beast::iequals(header[http::field::expect], "100-continue")) {
       auto reply = std::make_shared<std::string>("HTTP/1.1 100 Continue\r\n\r\n");
       net::async_write(stream_, net::buffer(*reply),
-                       [self = shared_from_this(), reply](beast::error_code ec, size_t) {
+                       [self = Self(), reply](beast::error_code ec, size_t) {
                          if (ec) return self->Close();
                          self->ReadBody();
                        });
@@ -238,14 +331,13 @@ class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
   }
 
   void ReadBody() {
-    http::async_read(
-        stream_, buffer_, *parser_,
-        [self = shared_from_this()](beast::error_code ec, size_t) { self->OnBody(ec); });
+    http::async_read(stream_, buffer_, *parser_,
+                     [self = Self()](beast::error_code ec, size_t) { self->OnBody(ec); });
   }
 
   void OnBody(beast::error_code ec) {
     if (ec) return OnReadError(ec);
-    stream_.expires_never();
+    beast::get_lowest_layer(stream_).expires_never();
     auto& message = parser_->get();
     HttpRequest request;
     request.method = std::string(message.method_string());
@@ -278,27 +370,22 @@ class HttpServer::Impl::Session : public std::enable_shared_from_this<Session> {
   // An error answer written from the I/O thread; the connection is closed after it.
   void Reply(int status, const std::string& message) {
     auto reply = std::make_shared<std::string>(ErrorReply(status, message, false));
-    stream_.expires_after(
-        std::chrono::milliseconds(absl::ToInt64Milliseconds(server_->options().write_timeout)));
-    net::async_write(
-        stream_, net::buffer(*reply),
-        [self = shared_from_this(), reply](beast::error_code, size_t) { self->Close(); });
+    ExpiresAfter(server_->options().write_timeout);
+    net::async_write(stream_, net::buffer(*reply),
+                     [self = Self(), reply](beast::error_code, size_t) { self->Close(); });
   }
 
   void Close() {
     beast::error_code ec;
-    stream_.socket().shutdown(tcp::socket::shutdown_both, ec);
-    stream_.close();
+    auto& socket = beast::get_lowest_layer(stream_).socket();
+    socket.shutdown(tcp::socket::shutdown_both, ec);
+    socket.close(ec);
   }
 
-  beast::tcp_stream stream_;
-  Impl* const server_;
+  Stream stream_;
   beast::flat_buffer buffer_;
   std::optional<http::request_parser<http::string_body>> parser_;
   bool first_request_ = true;
-
- public:
-  bool keep_alive_ = true;
 };
 
 void HttpServer::Impl::Accept() {
@@ -317,7 +404,12 @@ void HttpServer::Impl::Accept() {
       beast::error_code ignored;
       socket.close(ignored);
     } else {
-      std::make_shared<Session>(std::move(socket), this)->Read();
+      if (tls_) {
+        std::make_shared<SessionOf<beast::ssl_stream<beast::tcp_stream>>>(std::move(socket), this)
+            ->Start();
+      } else {
+        std::make_shared<SessionOf<beast::tcp_stream>>(std::move(socket), this)->Start();
+      }
     }
     Accept();
   });
@@ -357,22 +449,22 @@ void HttpServer::Impl::HandlerLoop() {
     bool ok;
     if (response.stream) {
       absl::StrAppend(&head, "Transfer-Encoding: chunked\r\nCache-Control: no-cache\r\n\r\n");
-      ok = SendAll(fd, head, absl::Now() + write_timeout);
+      ok = session->Send(head, absl::Now() + write_timeout);
       if (ok) {
         response.stream([&](std::string_view chunk) {
           if (!ok || chunk.empty()) return ok;
-          ok =
-              SendAll(fd, absl::StrCat(absl::Hex(chunk.size()), "\r\n", std::string(chunk), "\r\n"),
-                      absl::Now() + write_timeout);
+          ok = session->Send(
+              absl::StrCat(absl::Hex(chunk.size()), "\r\n", std::string(chunk), "\r\n"),
+              absl::Now() + write_timeout);
           return ok;
         });
       } else {
         response.stream([](std::string_view) { return false; });
       }
-      ok = ok && SendAll(fd, "0\r\n\r\n", absl::Now() + write_timeout);
+      ok = ok && session->Send("0\r\n\r\n", absl::Now() + write_timeout);
     } else {
       absl::StrAppend(&head, "Content-Length: ", response.body.size(), "\r\n\r\n", response.body);
-      ok = SendAll(fd, head, absl::Now() + write_timeout);
+      ok = session->Send(head, absl::Now() + write_timeout);
     }
     session->Done(ok && keep_alive);
     absl::MutexLock lock(&mu_);

@@ -58,6 +58,9 @@ struct HttpServerOptions {
   absl::Duration read_timeout = absl::Seconds(30);   // to receive one whole request
   absl::Duration idle_timeout = absl::Seconds(120);  // keep-alive wait for the next request
   absl::Duration write_timeout = absl::Seconds(60);  // to send one response (or chunk)
+  // PEM certificate chain and private key: serve HTTPS (TLS 1.2+). Empty: plain HTTP.
+  std::string tls_cert_file;
+  std::string tls_key_file;
 };
 
 class HttpServer {

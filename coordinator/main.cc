@@ -76,8 +76,9 @@ ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
 ABSL_FLAG(std::string, tls_cert, "",
-          "PEM certificate (chain) of the coordinator: with --tls-key its public gRPC API "
-          "serves TLS, and it is the client certificate shown to TLS workers.");
+          "PEM certificate (chain) of the coordinator: with --tls-key its public gRPC API and "
+          "its HTTP API (HTTPS) serve TLS, and it is the client certificate shown to TLS "
+          "workers.");
 ABSL_FLAG(std::string, tls_key, "", "PEM private key of --tls-cert.");
 ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA certificate(s) that sign the workers' certificates: the worker channels then "
@@ -180,7 +181,7 @@ int main(int argc, char** argv) {
   options.tls = {absl::GetFlag(FLAGS_tls_cert), absl::GetFlag(FLAGS_tls_key),
                  absl::GetFlag(FLAGS_tls_ca)};
   if (options.tls.cert.empty()) moe::WarnIfExposed(options.listen, "listen", advice);
-  moe::WarnIfExposed(options.http_listen, "http-listen", advice);
+  if (options.tls.cert.empty()) moe::WarnIfExposed(options.http_listen, "http-listen", advice);
   auto server = moe::CoordinatorServer::Create(options);
   if (!server.ok()) {
     std::fprintf(stderr, "moe-coordinator: error: %s\n",

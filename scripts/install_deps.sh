@@ -12,7 +12,7 @@ PACKAGES=(
   libabsl-dev libgoogle-glog-dev prometheus-cpp-dev
   libgtest-dev googletest libgmock-dev libbenchmark-dev
   libsentencepiece-dev sentencepiece nlohmann-json3-dev libhwy-dev libomp-dev libicu-dev
-  libboost-dev
+  libboost-dev libssl-dev
 )
 case "${1:-}" in
   --tests) PACKAGES+=(prometheus python3 python3-venv clang clang-format) ;;
