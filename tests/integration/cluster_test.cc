@@ -20,6 +20,7 @@
 #include "common/fingerprint.h"
 #include "common/model_config.h"
 #include "common/rpc/tls.h"
+#include "common/status_macros.h"
 #include "coordinator/generator.h"
 #include "coordinator/local_model.h"
 #include "coordinator/transport/grpc_transport.h"
@@ -579,6 +580,15 @@ TEST(ClusterFailureTest, WorkerDeathFailsRequestThenRecovers) {
 
 const std::vector<std::string> kReplicated = {"0-3", "4-7", "0-3", "4-7"};
 
+// The replicated cluster (workers at `listens` when given), with metrics, once it serves.
+absl::StatusOr<std::unique_ptr<Cluster>> StartReplicated(const std::string& dir,
+                                                         const std::vector<std::string>& listens) {
+  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  if (cluster.ok())
+    MOE_RETURN_IF_ERROR((*cluster)->client().WaitForHealth(true, absl::Seconds(10)));
+  return cluster;
+}
+
 std::vector<std::string> FreeAddresses(size_t n) {
   std::vector<std::string> out;
   for (size_t i = 0; i < n; ++i) {
@@ -704,6 +714,15 @@ class ContinuousLoad {
     std::sort(l.begin(), l.end());
     return l[std::min(l.size() - 1, static_cast<size_t>(q * static_cast<double>(l.size())))];
   }
+  // Prints what was served under `what` and expects nothing lost: no failure, no other tokens,
+  // more than `at_least` served.
+  void ExpectNoLoss(const std::string& what, int at_least = 8) {
+    std::printf("%s: %d requests served, %d failed, %d with other tokens\n", what.c_str(),
+                served.load(), failed.load(), wrong.load());
+    EXPECT_GT(served, at_least) << what;
+    EXPECT_EQ(failed, 0) << what;
+    EXPECT_EQ(wrong, 0) << what;
+  }
   std::atomic<int> served{0}, failed{0}, wrong{0};
 
  private:
@@ -734,10 +753,9 @@ TEST(ClusterFailoverTest, KillMidGenerationAndRollingRestartLoseNoRequest) {
   const std::string dir = ModelDir("demo_mixtral");
   const FailoverLoad load(dir, 160);
   const std::vector<std::string> listens = FreeAddresses(4);
-  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  auto cluster = StartReplicated(dir, listens);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
-  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
 
   // kill -9 worker 0 while 8 streams are running.
   const std::vector<Streamed> killed =
@@ -758,11 +776,7 @@ TEST(ClusterFailoverTest, KillMidGenerationAndRollingRestartLoseNoRequest) {
     RestartAndAwaitUse(c, dir, w, listens);
   }
   traffic.Stop();
-  std::printf("rolling restart (kill -9): %d requests served, %d failed, %d with other tokens\n",
-              traffic.served.load(), traffic.failed.load(), traffic.wrong.load());
-  EXPECT_GT(traffic.served, 8);
-  EXPECT_EQ(traffic.failed, 0);
-  EXPECT_EQ(traffic.wrong, 0);
+  traffic.ExpectNoLoss("rolling restart (kill -9)");
 }
 
 // --- Drain: SIGTERM on a worker moves its traffic to replicas before it exits; SIGTERM on the
@@ -772,10 +786,9 @@ TEST(ClusterDrainTest, RollingRestartWithSigtermLosesNoRequest) {
   const std::string dir = ModelDir("demo_mixtral");
   const FailoverLoad load(dir, 40);
   const std::vector<std::string> listens = FreeAddresses(4);
-  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  auto cluster = StartReplicated(dir, listens);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
-  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
   ContinuousLoad traffic(c, load);
   absl::Duration slowest;
   for (int w = 0; w < 4; ++w) {
@@ -785,14 +798,8 @@ TEST(ClusterDrainTest, RollingRestartWithSigtermLosesNoRequest) {
     RestartAndAwaitUse(c, dir, w, listens);
   }
   traffic.Stop();
-  std::printf(
-      "rolling restart (SIGTERM): %d requests served, %d failed, %d with other tokens; "
-      "slowest worker exit %s\n",
-      traffic.served.load(), traffic.failed.load(), traffic.wrong.load(),
-      absl::FormatDuration(slowest).c_str());
-  EXPECT_GT(traffic.served, 8);
-  EXPECT_EQ(traffic.failed, 0);
-  EXPECT_EQ(traffic.wrong, 0);
+  traffic.ExpectNoLoss(absl::StrCat("rolling restart (SIGTERM, slowest worker exit ",
+                                    absl::FormatDuration(slowest), ")"));
   EXPECT_LT(slowest, absl::Seconds(5));  // quiet after ~1 s, far below --drain-timeout
 }
 
@@ -827,10 +834,9 @@ TEST(ClusterDrainTest, CoordinatorSigtermFinishesInFlightRequestsAndExitsZero) {
 TEST(ClusterFailoverTest, StoppedWorkerIsFailedOverWithinASecondAndRejoinsWhenContinued) {
   const std::string dir = ModelDir("demo_mixtral");
   const FailoverLoad load(dir, 200);
-  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"});
+  auto cluster = StartReplicated(dir, {});
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
-  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
   const pid_t pid = c.workers()[1].process->pid();
   const std::vector<Streamed> stopped =
       RunConcurrently(c, load.requests, [&] { ASSERT_EQ(kill(pid, SIGSTOP), 0); });
@@ -887,10 +893,9 @@ TEST(ClusterChaosTest, RandomFaultsUnderLoadFailNoRequest) {
   const std::string dir = ModelDir("demo_mixtral");
   const FailoverLoad load(dir, 40);
   const std::vector<std::string> listens = FreeAddresses(4);
-  auto cluster = Cluster::Start(dir, kReplicated, {"--metrics-listen", "127.0.0.1:0"}, listens);
+  auto cluster = StartReplicated(dir, listens);
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
-  ASSERT_TRUE(c.client().WaitForHealth(true, absl::Seconds(10)).ok());
   ContinuousLoad traffic(c, load);
   // Baseline: the same load without faults.
   const absl::Time baseline_end = absl::Now() + chaos / 6;
@@ -940,9 +945,7 @@ TEST(ClusterChaosTest, RandomFaultsUnderLoadFailNoRequest) {
       traffic.served.load() - baseline_served, baseline_served,
       absl::FormatDuration(chaos / 6).c_str(), traffic.failed.load(), traffic.wrong.load(),
       p99_chaos, p99_calm);
-  EXPECT_EQ(traffic.failed, 0);
-  EXPECT_EQ(traffic.wrong, 0);
-  EXPECT_GT(traffic.served - baseline_served, 8);
+  traffic.ExpectNoLoss("chaos, all phases", baseline_served + 8);
 }
 
 // --- No replica: --on-expert-loss fail ends the requests, reroute completes them flagged. ---
