@@ -1,5 +1,7 @@
 #include "coordinator/coordinator_server.h"
 
+#include <cmath>
+
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
@@ -146,6 +148,14 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
     set_health(true);
   }
   scheduler_->Start();
+  const KvCache& kv = model_->engine()->kv_cache();
+  const double context_blocks =
+      std::ceil(static_cast<double>(c.max_position_embeddings) / kv.block_size());
+  LOG(INFO) << "KV cache: " << kv.num_blocks() << " blocks of " << kv.block_size()
+            << " tokens, room for " << kv.num_blocks() / context_blocks << " full contexts of "
+            << c.max_position_embeddings << " tokens (--max-running "
+            << options.scheduler.max_running
+            << "; sequences beyond it are preempted, never failed)";
   if (!options.http_listen.empty()) MOE_RETURN_IF_ERROR(StartHttp(options));
   LOG(INFO) << "coordinator serving " << options.model_dir << " on " << address_ << " with "
             << (options.workers.empty() ? std::string("in-process experts")

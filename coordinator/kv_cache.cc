@@ -1,5 +1,7 @@
 #include "coordinator/kv_cache.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 
 namespace moe {
@@ -8,9 +10,14 @@ KvCache::KvCache(const ModelConfig& config, const KvCacheOptions& options)
     : layers_(config.num_hidden_layers),
       kv_dim_(config.kv_dim()),
       block_size_(options.block_size > 0 ? options.block_size : 16) {
-  num_blocks_ = options.num_blocks > 0
-                    ? options.num_blocks
-                    : 8 * ((config.max_position_embeddings + block_size_ - 1) / block_size_);
+  if (options.num_blocks > 0) {
+    num_blocks_ = options.num_blocks;
+  } else {
+    const int64_t per_context = (config.max_position_embeddings + block_size_ - 1) / block_size_;
+    const int64_t block_bytes = 2 * layers_ * block_size_ * kv_dim_ * int64_t{sizeof(float)};
+    const int64_t by_memory = std::max<int64_t>(options.auto_max_bytes / block_bytes, per_context);
+    num_blocks_ = std::min(std::max<int64_t>(options.auto_sequences, 1) * per_context, by_memory);
+  }
   const size_t elements = static_cast<size_t>(layers_ * num_blocks_ * block_size_ * kv_dim_);
   keys_.resize(elements);
   values_.resize(elements);

@@ -14,7 +14,13 @@ namespace moe {
 
 struct KvCacheOptions {
   int64_t block_size = 16;  // token slots per block
-  int64_t num_blocks = 0;   // capacity; 0 = enough for 8 sequences of max_position_embeddings
+  // Capacity in blocks. 0: room for `auto_sequences` full contexts (max_position_embeddings
+  // tokens each; the coordinator passes --max-running, so every running sequence can reach its
+  // full length), but no more than `auto_max_bytes` of keys and values, and never less than one
+  // full context. Beyond it the scheduler preempts (never fails) running sequences.
+  int64_t num_blocks = 0;
+  int64_t auto_sequences = 8;
+  int64_t auto_max_bytes = int64_t{4} << 30;
 };
 
 // The blocks of one sequence, in position order: position p lives in block

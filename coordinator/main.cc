@@ -54,8 +54,12 @@ ABSL_FLAG(int64_t, max_running, 16, "Sequences decoded together (continuous batc
 ABSL_FLAG(int64_t, max_waiting, 64, "Queued requests beyond this get RESOURCE_EXHAUSTED.");
 ABSL_FLAG(int64_t, max_step_tokens, 512, "Token budget per engine step (decode + prefill).");
 ABSL_FLAG(int64_t, kv_cache_blocks, 0,
-          "KV cache capacity in blocks of 16 tokens "
-          "(0: room for 8 full contexts).");
+          "KV cache capacity in blocks of 16 tokens. 0: room for --max-running full contexts, "
+          "at most --kv-cache-max-gib of memory (at least one full context); running sequences "
+          "beyond it are preempted and resumed, never failed.");
+ABSL_FLAG(double, kv_cache_max_gib, 4,
+          "With --kv-cache-blocks 0: the most memory (GiB, f32 keys and values) the KV cache "
+          "takes.");
 ABSL_FLAG(absl::Duration, step_timeout, absl::Seconds(10),
           "Longest wait for a worker's answer in one layer exchange when no live replica could "
           "take its rows; then it is marked down and the step fails (UNAVAILABLE).");
@@ -143,6 +147,16 @@ int main(int argc, char** argv) {
   options.scheduler.max_waiting = absl::GetFlag(FLAGS_max_waiting);
   options.scheduler.max_step_tokens = absl::GetFlag(FLAGS_max_step_tokens);
   options.engine.kv_cache.num_blocks = absl::GetFlag(FLAGS_kv_cache_blocks);
+  options.engine.kv_cache.auto_sequences = options.scheduler.max_running;
+  if (!(absl::GetFlag(FLAGS_kv_cache_max_gib) > 0) || absl::GetFlag(FLAGS_kv_cache_blocks) < 0 ||
+      options.scheduler.max_running < 1) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --kv-cache-max-gib must be > 0, --kv-cache-blocks >= 0 "
+                 "and --max-running >= 1\n");
+    return 1;
+  }
+  options.engine.kv_cache.auto_max_bytes =
+      static_cast<int64_t>(absl::GetFlag(FLAGS_kv_cache_max_gib) * double{1 << 30});
   options.step_timeout = absl::GetFlag(FLAGS_step_timeout);
   options.failover_deadline_floor = absl::GetFlag(FLAGS_failover_deadline_floor);
   options.failover_deadline_factor = absl::GetFlag(FLAGS_failover_deadline_factor);

@@ -54,9 +54,21 @@ TEST(KvCacheTest, RowsOfDifferentSequencesAndLayersDoNotAlias) {
   }
 }
 
-TEST(KvCacheTest, DefaultCapacityHoldsEightFullContexts) {
-  KvCache cache(TinyConfig(), {});
-  EXPECT_EQ(cache.num_blocks() * cache.block_size(), 8 * 64);
+TEST(KvCacheTest, AutoCapacityHoldsTheRunningSequencesFullContextsWithinTheMemoryBound) {
+  KvCache eight(TinyConfig(), {});
+  EXPECT_EQ(eight.num_blocks() * eight.block_size(), 8 * 64);
+  // As many full contexts as sequences run (the coordinator passes --max-running).
+  KvCache sixteen(TinyConfig(), {.auto_sequences = 16});
+  EXPECT_EQ(sixteen.num_blocks() * sixteen.block_size(), 16 * 64);
+  // A block of 16 positions holds 2 layers x 16 x kv_dim 8 x 4 bytes x (K, V) = 2 KiB: a 10 KiB
+  // bound gives 5 blocks, but never less than one full context (4 blocks here is less, so 5).
+  KvCache bounded(TinyConfig(), {.auto_sequences = 16, .auto_max_bytes = 10 << 10});
+  EXPECT_EQ(bounded.num_blocks(), 5);
+  KvCache one_context(TinyConfig(), {.auto_sequences = 16, .auto_max_bytes = 1});
+  EXPECT_EQ(one_context.num_blocks() * one_context.block_size(), 64);
+  // An explicit capacity wins.
+  KvCache explicit_blocks(TinyConfig(), {.num_blocks = 3, .auto_sequences = 16});
+  EXPECT_EQ(explicit_blocks.num_blocks(), 3);
 }
 
 }  // namespace
