@@ -111,7 +111,8 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
   deps.max_prompt_bytes = MaxPromptBytes(*model_->tokenizer(), c.max_position_embeddings);
   deps.on_expert_loss = options.engine.on_expert_loss;
-  deps.max_streams_per_client = options.max_streams_per_client;
+  client_limit_ = std::make_unique<ClientLimit>(options.max_streams_per_client);
+  deps.client_limit = client_limit_.get();
   if (metrics_ != nullptr) {
     CoordinatorMetrics* metrics = metrics_.get();
     deps.on_rejected = [metrics]() { metrics->OnRejected(); };
@@ -176,6 +177,7 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
   }
   deps.max_sequences_per_request = std::max<int64_t>(options.scheduler.max_waiting, 1);
   deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
+  deps.client_limit = client_limit_.get();
   absl::StatusOr<std::string> source = options.chat_template_file.empty()
                                            ? model_->checkpoint().ChatTemplateSource()
                                            : ChatTemplate::ReadFile(options.chat_template_file);

@@ -14,6 +14,7 @@
 #include "absl/time/time.h"
 #include "common/metrics/metrics.h"
 #include "common/rpc/tls.h"
+#include "coordinator/client_limit.h"
 #include "coordinator/coordinator_metrics.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/http_server.h"
@@ -86,6 +87,7 @@ class CoordinatorServer {
   absl::Status Start(const CoordinatorOptions& options);
   absl::Status StartHttp(const CoordinatorOptions& options);
 
+  std::unique_ptr<ClientLimit> client_limit_;  // shared by both public APIs
   std::unique_ptr<LocalModel> model_;
   GrpcTransport* grpc_transport_ = nullptr;  // owned by model_; null when in-process
   std::unique_ptr<ExpertLoadCounter> expert_load_;

@@ -346,6 +346,9 @@ class HttpServer::Impl::SessionOf : public Session {
     request.body = std::move(message.body());
     const auto authorization = message[http::field::authorization];
     request.authorization.assign(authorization.data(), authorization.size());
+    beast::error_code peer_ec;
+    const auto remote = beast::get_lowest_layer(stream_).socket().remote_endpoint(peer_ec);
+    if (!peer_ec) request.peer = remote.address().to_string();
     keep_alive_ = message.keep_alive();
     if (!server_->Enqueue(shared_from_this(), std::move(request))) {
       Reply(503, "the server is busy (every HTTP handler thread is taken); retry later");

@@ -30,6 +30,7 @@ struct HttpRequest {
   std::string path;    // without the query string
   std::string body;
   std::string authorization;  // the Authorization header, "" when absent
+  std::string peer;           // the client's IP address
   // True once the client closed its connection (or the server is shutting down): a handler
   // that waits long should check it and give up.
   std::function<bool()> client_gone = [] { return false; };

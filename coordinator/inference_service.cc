@@ -131,44 +131,19 @@ grpc::Status InferenceService::CheckText(const std::string& text, const char* fi
   return grpc::Status::OK;
 }
 
-grpc::Status InferenceService::AcquireStream(const std::string& client) {
-  if (deps_.max_streams_per_client <= 0) return grpc::Status::OK;
-  absl::MutexLock lock(&streams_mu_);
-  int& open = streams_[client];
-  if (open >= deps_.max_streams_per_client) {
-    if (open == 0) streams_.erase(client);
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("client ", client, " already has ", open,
-                                     " Generate streams open (--max-streams-per-client ",
-                                     deps_.max_streams_per_client, "); retry when one ends"));
-  }
-  ++open;
-  return grpc::Status::OK;
-}
-
-void InferenceService::ReleaseStream(const std::string& client) {
-  if (deps_.max_streams_per_client <= 0) return;
-  absl::MutexLock lock(&streams_mu_);
-  auto it = streams_.find(client);
-  if (it != streams_.end() && --it->second <= 0) streams_.erase(it);
-}
-
 grpc::Status InferenceService::Generate(grpc::ServerContext* context,
                                         const pb::GenerateRequest* request,
                                         grpc::ServerWriter<pb::GenerateResponse>* writer) {
   if (grpc::Status s = Authorize(context); !s.ok()) return s;
-  // The client's address without its port: one host's connections share the bound.
-  std::string client = context->peer();
-  client = client.substr(0, client.rfind(':'));
-  if (grpc::Status s = AcquireStream(client); !s.ok()) {
-    if (deps_.on_rejected) deps_.on_rejected();
-    return s;
+  // One host's connections share the bound.
+  std::unique_ptr<ClientLimit::Slot> slot;
+  if (deps_.client_limit != nullptr) {
+    if (absl::Status s = deps_.client_limit->Acquire(ClientLimit::HostOf(context->peer()), &slot);
+        !s.ok()) {
+      if (deps_.on_rejected) deps_.on_rejected();
+      return ToGrpcStatus(s);
+    }
   }
-  struct Release {
-    InferenceService* service;
-    const std::string& client;
-    ~Release() { service->ReleaseStream(client); }
-  } release{this, client};
   if (!request->has_prompt_ids()) {
     if (grpc::Status s = CheckText(request->prompt(), "prompt"); !s.ok()) return s;
   }

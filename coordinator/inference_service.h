@@ -6,11 +6,10 @@
 #include <string>
 #include <vector>
 
-#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "common/api_tokens.h"
 #include "common/tokenizer.h"
+#include "coordinator/client_limit.h"
 #include "coordinator/expert_load.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/transport/dispatch.h"
@@ -38,9 +37,9 @@ struct InferenceServiceDeps {
   // 0: no bound.
   size_t max_prompt_bytes = 0;
   ExpertLossPolicy on_expert_loss = ExpertLossPolicy::kFail;  // what `serving` means
-  // Generate streams one client address may hold open at once (RESOURCE_EXHAUSTED beyond);
-  // 0: no bound.
-  int max_streams_per_client = 0;
+  // Bounds the Generate streams one client host holds open (RESOURCE_EXHAUSTED beyond), shared
+  // with the HTTP API; null: no bound.
+  ClientLimit* client_limit = nullptr;
 };
 
 // Converts a public request to the scheduler's form (text prompts tokenized, unset fields
@@ -72,14 +71,8 @@ class InferenceService final : public moecluster::v1::Inference::Service {
   grpc::Status Authorize(const grpc::ServerContext* context) const;
   // OK, or INVALID_ARGUMENT for a text the tokenizer must not see (too long, not UTF-8).
   grpc::Status CheckText(const std::string& text, const char* field) const;
-  // Counts a Generate stream of the client at `peer` (gRPC's "ipv4:ADDR:PORT"), or
-  // RESOURCE_EXHAUSTED when it holds max_streams_per_client already. Release undoes it.
-  grpc::Status AcquireStream(const std::string& client) ABSL_LOCKS_EXCLUDED(streams_mu_);
-  void ReleaseStream(const std::string& client) ABSL_LOCKS_EXCLUDED(streams_mu_);
 
   InferenceServiceDeps deps_;
-  absl::Mutex streams_mu_;
-  absl::flat_hash_map<std::string, int> streams_ ABSL_GUARDED_BY(streams_mu_);
 };
 
 }  // namespace moe

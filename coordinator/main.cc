@@ -88,8 +88,9 @@ ABSL_FLAG(std::string, tls_ca, "",
           "PEM CA certificate(s) that sign the workers' certificates: the worker channels then "
           "use mTLS (needs --tls-cert and --tls-key).");
 ABSL_FLAG(int32_t, max_streams_per_client, 64,
-          "Generate streams one client host (its IP address) may hold open at once; more get "
-          "RESOURCE_EXHAUSTED, so one client cannot take every slot. 0: no bound.");
+          "Generation requests (gRPC Generate streams and HTTP completions together) one client "
+          "host (its IP address) may hold open at once; more get RESOURCE_EXHAUSTED / 429, so "
+          "one client cannot take every slot. 0: no bound.");
 ABSL_FLAG(absl::Duration, drain_timeout, absl::Seconds(30),
           "On SIGTERM/SIGINT: health turns NOT_SERVING and new requests get UNAVAILABLE at "
           "once; requests already accepted get this long to finish, then the rest are "

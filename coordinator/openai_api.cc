@@ -994,8 +994,24 @@ HttpResponse OpenAiApi::Handle(const HttpRequest& request) const {
   }
   if (path == "/v1/completions" || path == "/v1/chat/completions") {
     if (!post) return wrong_method("POST");
+    std::shared_ptr<ClientLimit::Slot> slot;
+    if (deps_.client_limit != nullptr) {
+      std::unique_ptr<ClientLimit::Slot> acquired;
+      if (absl::Status s = deps_.client_limit->Acquire(request.peer, &acquired); !s.ok()) {
+        if (deps_.on_rejected) deps_.on_rejected();
+        return ErrorResponse({429, std::string(s.message()), ""});
+      }
+      slot = std::move(acquired);
+    }
     Call call(&deps_, path == "/v1/chat/completions");
-    return call.Run(request);
+    HttpResponse response = call.Run(request);
+    // A streamed response runs after this returns: its writer holds the slot until it ends.
+    if (slot != nullptr && response.stream) {
+      response.stream = [inner = std::move(response.stream), slot](const ChunkWriter& write) {
+        inner(write);
+      };
+    }
+    return response;
   }
   if (path == "/tokenize" || path == "/detokenize") {
     if (!post) return wrong_method("POST");

@@ -18,6 +18,7 @@
 #include "common/chat_template.h"
 #include "common/model_config.h"
 #include "common/tokenizer.h"
+#include "coordinator/client_limit.h"
 #include "coordinator/http_server.h"
 #include "coordinator/scheduler.h"
 
@@ -42,6 +43,9 @@ struct OpenAiApiDeps {
   const ApiTokens* api_tokens = nullptr;
   // Set by OpenAiApi: MaxPromptBytes(tokenizer, context).
   size_t max_prompt_bytes = 0;
+  // Bounds the completions one client host holds open (429 beyond), shared with the gRPC API;
+  // null: no bound.
+  ClientLimit* client_limit = nullptr;
 };
 
 // Thread-safety: Handle may be called concurrently.

@@ -194,6 +194,8 @@ bool ExpertService::WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) co
   // every request a lock.
   while (true) {
     const absl::Time now = absl::Now();
+    // No coordinator connected: nothing to move away. Else a quiet spell.
+    if (streams_ == 0) return true;
     if (in_request_ == 0 && now - absl::FromUnixNanos(last_request_ns_) >= quiet) return true;
     if (now >= deadline) return false;
     absl::SleepFor(std::min(absl::Milliseconds(20), deadline - now));

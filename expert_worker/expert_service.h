@@ -56,8 +56,8 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
 
   // GetInfo reports draining from now on.
   void StartDraining() { draining_ = true; }
-  // Waits until no Forward request has arrived for `quiet` (the coordinator has moved its
-  // traffic away) or `deadline` passes; false on the deadline.
+  // Waits until no Forward stream is open, or none has sent a request for `quiet` (the
+  // coordinator has moved its traffic away), or `deadline` passes; false on the deadline.
   bool WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) const;
 
   // Answers each request in order with ForwardResponse{step, output [rows, hidden] F32}.

@@ -88,7 +88,8 @@ class WorkerServer {
 
   // Graceful stop, step one: GetInfo and the health service say draining / NOT_SERVING, so a
   // coordinator with replicas of these experts sends its rows elsewhere; returns once no
-  // Forward request arrived for a second (true) or at `timeout` (false). Then Shutdown.
+  // Forward request arrived for a second, or no coordinator stream is open (true), or at
+  // `timeout` (false). Then Shutdown.
   bool Drain(absl::Duration timeout);
   // Marks the health service NOT_SERVING, stops accepting calls, lets in-flight calls finish
   // for up to one second and then cancels them (a coordinator's Forward stream is long-lived

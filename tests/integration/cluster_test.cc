@@ -1209,7 +1209,7 @@ TEST(ClusterLimitsTest, StreamsBeyondMaxStreamsAreRefusedAndThreadsStayBounded) 
 
 TEST(ClusterLimitsTest, OneClientCannotHoldMoreThanItsShareOfStreams) {
   auto cluster = Cluster::Start(ModelDir("demo_mixtral"), ContiguousRanges(8, 2),
-                                {"--max-streams-per-client", "2"});
+                                {"--max-streams-per-client", "2", "--http-listen", "127.0.0.1:0"});
   ASSERT_TRUE(cluster.ok()) << cluster.status();
   Cluster& c = **cluster;
   absl::Mutex mu;
@@ -1237,6 +1237,11 @@ TEST(ClusterLimitsTest, OneClientCannotHoldMoreThanItsShareOfStreams) {
   auto third = c.client().Generate(IdsRequest({1, 450, 29}, 2));
   EXPECT_EQ(third.status().code(), absl::StatusCode::kResourceExhausted) << third.status();
   EXPECT_THAT(third.status().message(), HasSubstr("--max-streams-per-client 2"));
+  // The HTTP API shares the client's budget.
+  const testing::HttpReply http = testing::ParseHttpReply(testing::HttpPost(
+      c.http_address(), "/v1/completions", R"({"prompt": [1, 450, 29], "max_tokens": 2})"));
+  EXPECT_EQ(http.status, 429) << http.body;
+  EXPECT_THAT(http.body, HasSubstr("--max-streams-per-client 2"));
   {
     absl::MutexLock lock(&mu);
     for (grpc::ClientContext* context : open) context->TryCancel();
