@@ -290,6 +290,37 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItRec
   EXPECT_TRUE(health.back());
 }
 
+// With a replica, the same garbage costs nothing: the step succeeds with the exact sums from
+// the replica, and only the bad worker is marked down (never its honest peer).
+TEST_P(GrpcTransportGarbageTest, BadAnswerWithAReplicaFailsOverWithinTheStep) {
+  FakeWorker a({0, 8}), b({0, 8});
+  GrpcTransportOptions options = Options({&a, &b});
+  options.step_timeout = absl::Milliseconds(300);
+  options.deadline_floor = absl::Milliseconds(100);
+  options.reconnect_interval = absl::Seconds(60);  // stays down for the test
+  auto t = GrpcTransport::Create(Config(), options);
+  ASSERT_TRUE(t.ok()) << t.status();
+  const Routing r = ThreeTokens();
+  const std::vector<float> x = Inputs(r.tokens);
+  std::vector<float> out(r.tokens * kHidden);
+  ASSERT_TRUE((*t)->Exchange(0, r, x.data(), out.data()).ok());  // measures the answer time
+  b.set_mode(GetParam().mode);
+  // The copies alternate: within two steps the bad one is asked, and both steps succeed.
+  for (int step = 0; step < 2; ++step) {
+    ASSERT_TRUE((*t)->Exchange(0, r, x.data(), out.data()).ok());
+    EXPECT_EQ(out, Expected(r, x));
+  }
+  const std::vector<WorkerSnapshot> workers = (*t)->Workers();
+  EXPECT_TRUE(workers[0].ready);
+  EXPECT_FALSE(workers[1].ready);
+  // (One worker holds every expert here, so it gets all 3 rows.)
+  const std::string why = GetParam().mode == Mode::kHang ? "no answer within 100ms"
+                          : GetParam().mode == Mode::kWrongShape
+                              ? "output: expected shape [3, 4], got [2, 4]"
+                              : GetParam().message;
+  EXPECT_THAT(workers[1].message, HasSubstr(why));
+}
+
 std::string GarbageName(const ::testing::TestParamInfo<GarbageCase>& info) {
   static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "Close",
                                        "Hang",    "NaN",       "Huge"};
