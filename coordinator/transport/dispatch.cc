@@ -261,6 +261,48 @@ absl::Status Dispatcher::Choose(WorkerLinks* links) {
   return absl::OkStatus();
 }
 
+bool Dispatcher::Await(int32_t w, int64_t layer, absl::Time start, WorkerLinks* links) {
+  const absl::Duration soft = SoftDeadline(worker_rows_[w].rows());
+  if (links->Wait(w, start + soft)) return true;
+  std::string why;
+  if (soft < options_.step_timeout && Replaceable(w)) {
+    why = absl::StrCat("no answer within ", absl::FormatDuration(soft),
+                       " (the step's deadline; its rows went to a replica)");
+  } else if (links->Wait(w, start + options_.step_timeout)) {
+    return true;
+  } else {
+    why = absl::StrCat("no answer within ", absl::FormatDuration(options_.step_timeout));
+  }
+  links->Abandon(w);
+  Fail(w, layer, why, links);
+  return false;
+}
+
+void Dispatcher::Store(int32_t w, int64_t layer, WorkerLinks* links) {
+  DispatchReport report;
+  report.worker = w;
+  absl::StatusOr<const void*> answer = links->Answer(w, &report);
+  absl::Status stored = answer.status();
+  const char* src = stored.ok() ? static_cast<const char*>(*answer) : nullptr;
+  for (size_t i = 0; stored.ok() && i < assigned_[w].size(); ++i) {
+    const int32_t s = assigned_[w][i];
+    const int64_t n = plan_.segments()[s].rows();
+    stored = CopyPartialSums(src, n * hidden_, hidden_, &partials_[segment_start_[s] * hidden_]);
+    src += n * hidden_ * sizeof(float);
+  }
+  if (!stored.ok()) return Fail(w, layer, std::string(stored.message()), links);
+  const double rows = static_cast<double>(worker_rows_[w].rows());
+  if (observer_ != nullptr) {
+    links->MessageSizes(w, &report);
+    report.assignments = static_cast<int64_t>(worker_rows_[w].assignments.size());
+    reports_.push_back(report);
+  }
+  constexpr double kKeep = 0.9;  // about the last ten answers
+  const bool first = recent_rows_ == 0;
+  recent_seconds_ = first ? report.seconds : kKeep * recent_seconds_ + (1 - kKeep) * report.seconds;
+  recent_rows_ = first ? rows : kKeep * recent_rows_ + (1 - kKeep) * rows;
+}
+
 absl::Status Dispatcher::Exchange(int64_t layer, const Routing& routing, const float* x, float* out,
                                   WorkerLinks* links) {
   ++exchanges_;
@@ -296,48 +338,7 @@ absl::Status Dispatcher::Exchange(int64_t layer, const Routing& routing, const f
       started_.push_back(static_cast<int32_t>(w));
     }
     for (int32_t w : started_) {
-      const int64_t rows = worker_rows_[w].rows();
-      if (!links->Wait(w, now + SoftDeadline(rows))) {
-        const absl::Duration soft = SoftDeadline(rows);
-        if (soft < options_.step_timeout && Replaceable(w)) {
-          links->Abandon(w);
-          Fail(w, layer,
-               absl::StrCat("no answer within ", absl::FormatDuration(soft),
-                            " (the step's deadline; its rows went to a replica)"),
-               links);
-          continue;
-        }
-        if (!links->Wait(w, now + options_.step_timeout)) {
-          links->Abandon(w);
-          Fail(w, layer,
-               absl::StrCat("no answer within ", absl::FormatDuration(options_.step_timeout)),
-               links);
-          continue;
-        }
-      }
-      DispatchReport report;
-      report.worker = w;
-      absl::StatusOr<const void*> answer = links->Answer(w, &report);
-      absl::Status stored = answer.status();
-      const char* src = stored.ok() ? static_cast<const char*>(*answer) : nullptr;
-      for (size_t i = 0; stored.ok() && i < assigned_[w].size(); ++i) {
-        const int32_t s = assigned_[w][i];
-        const int64_t n = plan_.segments()[s].rows();
-        stored =
-            CopyPartialSums(src, n * hidden_, hidden_, &partials_[segment_start_[s] * hidden_]);
-        src += n * hidden_ * sizeof(float);
-      }
-      if (!stored.ok()) {
-        Fail(w, layer, std::string(stored.message()), links);
-        continue;
-      }
-      report.assignments = static_cast<int64_t>(worker_rows_[w].assignments.size());
-      reports_.push_back(report);
-      constexpr double kKeep = 0.9;  // about the last ten answers
-      recent_seconds_ = recent_rows_ == 0 ? report.seconds
-                                          : kKeep * recent_seconds_ + (1 - kKeep) * report.seconds;
-      recent_rows_ =
-          recent_rows_ == 0 ? static_cast<double>(rows) : kKeep * recent_rows_ + (1 - kKeep) * rows;
+      if (Await(w, layer, now, links)) Store(w, layer, links);
     }
   }
   // Combine in segment order (see the top of dispatch.h).

@@ -148,8 +148,14 @@ class WorkerLinks {
   // Gives up on w's outstanding request (cancels it) and waits until it has ended.
   virtual void Abandon(int32_t w) = 0;
   // After Wait returned true: [rows, hidden] f32 partial sums at any alignment (valid until
-  // the next Start on w), or why w failed. `report` gets the request's size and timing.
+  // the next Start on w), or why w failed. `report->seconds` gets its timing.
   virtual absl::StatusOr<const void*> Answer(int32_t w, DispatchReport* report) = 0;
+  // The serialized sizes of w's last request and answer, for the metrics (asked only when an
+  // observer is set: computing them walks the messages). Default: none.
+  virtual void MessageSizes(int32_t w, DispatchReport* report) {
+    (void)w;
+    (void)report;
+  }
   // w failed: take it out of service (the transport brings it back when it can).
   virtual void MarkDown(int32_t w, const std::string& why) = 0;
   // "expert worker HOST (experts [a, b))", for messages.
@@ -199,6 +205,11 @@ class Dispatcher {
   // Chooses a worker for each segment in pending_ among the live hosts, spreading rows.
   absl::Status Choose(WorkerLinks* links);
   absl::Duration SoftDeadline(int64_t rows) const;
+  // Waits for w's answer to the request started at `start` under its deadline; false when w
+  // missed it (then it is abandoned and failed).
+  bool Await(int32_t w, int64_t layer, absl::Time start, WorkerLinks* links);
+  // Checks w's answer and copies each of its segments into partials_, or fails w.
+  void Store(int32_t w, int64_t layer, WorkerLinks* links);
   bool Replaceable(int32_t w) const;
   void Fail(int32_t w, int64_t layer, const std::string& why, WorkerLinks* links);
 

@@ -59,6 +59,7 @@ absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, u
 
 struct GrpcTransport::Worker {
   // Constant after Create.
+  int32_t index = 0;  // in options.worker_addresses
   std::string address;
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<pb::ExpertWorker::Stub> stub;
@@ -108,10 +109,8 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   std::unique_ptr<GrpcTransport> t(new GrpcTransport(config, options));
   grpc::ChannelArguments args;
   // A step's message to one worker: at most max_rows_per_step rows (as the worker's cap).
-  const int64_t k = std::max<int64_t>(config.num_experts_per_tok, 1);
   const int64_t max_message = std::min<int64_t>(
-      options.max_rows_per_step * (config.hidden_size * 4 + k * 8 + 8) + (64 << 10),
-      std::numeric_limits<int>::max());
+      MaxForwardMessageBytes(config, options.max_rows_per_step), std::numeric_limits<int>::max());
   args.SetMaxReceiveMessageSize(static_cast<int>(max_message));
   args.SetMaxSendMessageSize(static_cast<int>(max_message));
   // Keepalive pings notice a dead connection even while no call is running on it (the worker
@@ -122,6 +121,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   args.SetInt(GRPC_ARG_HTTP2_MAX_PINGS_WITHOUT_DATA, 0);
   for (const std::string& address : options.worker_addresses) {
     auto w = std::make_unique<Worker>();
+    w->index = static_cast<int32_t>(t->workers_.size());
     w->address = address;
     w->channel = grpc::CreateCustomChannel(
         address, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(),
@@ -280,9 +280,6 @@ bool GrpcTransport::Probe(Worker* w) {
 }
 
 void GrpcTransport::WatchLoop(Worker* w) {
-  const int32_t index = static_cast<int32_t>(
-      std::find_if(workers_.begin(), workers_.end(), [w](const auto& p) { return p.get() == w; }) -
-      workers_.begin());
   int missed = 0;
   while (true) {
     {
@@ -301,7 +298,7 @@ void GrpcTransport::WatchLoop(Worker* w) {
     if (ready) {
       missed = Probe(w) ? 0 : missed + 1;
       if (missed >= 2) {
-        MarkDown(index,
+        MarkDown(w->index,
                  absl::StrCat("missed 2 health checks (",
                               absl::FormatDuration(options_.health_check_timeout), " each)"));
         missed = 0;
@@ -388,9 +385,13 @@ absl::StatusOr<const void*> GrpcTransport::Links::Answer(int32_t index, Dispatch
     MOE_RETURN_IF_ERROR(w->result);
     report->seconds = w->seconds;
   }
+  return CheckResponse(w->response, w->request_step, w->request_rows, t_->config_.hidden_size);
+}
+
+void GrpcTransport::Links::MessageSizes(int32_t index, DispatchReport* report) {
+  Worker* w = t_->workers_[index].get();
   report->bytes_sent = static_cast<int64_t>(w->request.ByteSizeLong());
   report->bytes_received = static_cast<int64_t>(w->response.ByteSizeLong());
-  return CheckResponse(w->response, w->request_step, w->request_rows, t_->config_.hidden_size);
 }
 
 std::string GrpcTransport::Links::Name(int32_t index) { return t_->workers_[index]->Name(); }

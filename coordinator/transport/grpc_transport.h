@@ -97,6 +97,7 @@ class GrpcTransport : public ExpertTransport {
     bool Wait(int32_t w, absl::Time deadline) override;
     void Abandon(int32_t w) override;
     absl::StatusOr<const void*> Answer(int32_t w, DispatchReport* report) override;
+    void MessageSizes(int32_t w, DispatchReport* report) override;
     void MarkDown(int32_t w, const std::string& why) override { t_->MarkDown(w, why); }
     std::string Name(int32_t w) override;
     std::string DownReason(int32_t w) override;
