@@ -185,10 +185,6 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
     const WeightMatrix router{w.router.data(), DType::kF32, config_.num_local_experts, hidden,
                               hidden};
     kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
-    if (on_expert_loss_ == ExpertLossPolicy::kReroute) {
-      raw_logits_.assign(router_logits_.begin(),
-                         router_logits_.begin() + rows * config_.num_local_experts);
-    }
     RouteTokens(router_logits_.data(), rows, config_.num_local_experts, config_.num_experts_per_tok,
                 &routing_);
   } else {
@@ -242,18 +238,18 @@ absl::Status Engine::Reroute(int64_t rows) {
         "only ", live, " of ", experts, " experts have a ready worker, fewer than the ", k,
         " each token is routed to (--on-expert-loss reroute needs at least top-k)"));
   }
-  live_logits_.resize(live);
+  live_probs_.resize(live);
   for (int64_t r = 0; r < rows; ++r) {
     bool lost = false;
     for (int64_t j = 0; j < k; ++j) lost = lost || !live_[routing_.experts[r * k + j]];
     if (!lost) continue;
-    // Top-k among the live experts: the router's softmax and renormalization over them alone.
-    for (int64_t i = 0; i < live; ++i) live_logits_[i] = raw_logits_[r * experts + live_ids_[i]];
-    RouteTokens(live_logits_.data(), 1, live, k, &one_);
-    for (int64_t j = 0; j < k; ++j) {
-      routing_.experts[r * k + j] = live_ids_[one_.experts[j]];
-      routing_.weights[r * k + j] = one_.weights[j];
-    }
+    // Top-k among the live experts from the router's probabilities (RouteTokens left them in
+    // router_logits_); renormalizing over the chosen equals a softmax over the live alone.
+    const float* probs = &router_logits_[r * experts];
+    for (int64_t i = 0; i < live; ++i) live_probs_[i] = probs[live_ids_[i]];
+    int32_t* chosen = &routing_.experts[r * k];
+    TopKRenormalized(live_probs_.data(), live, k, chosen, &routing_.weights[r * k]);
+    for (int64_t j = 0; j < k; ++j) chosen[j] = live_ids_[chosen[j]];
     layer_degraded_[r] = 1;
   }
   return absl::OkStatus();

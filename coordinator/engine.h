@@ -104,7 +104,8 @@ class Engine {
   absl::Status Forward(std::span<const StepInput> inputs, std::vector<float>* logits);
   // The experts of this layer's step, through the transport; with kReroute around lost ones.
   absl::Status Experts(int64_t layer, int64_t rows);
-  // Reroutes the rows of routing_ that name an expert with live_[e] == 0, from raw_logits_.
+  // Reroutes the rows of routing_ that name an expert with live_[e] == 0, from the router's
+  // probabilities.
   absl::Status Reroute(int64_t rows);
 
   // Constant after construction.
@@ -128,17 +129,15 @@ class Engine {
   std::vector<float> v_;               // [rows, kv_dim]
   std::vector<float> attn_;            // [rows, q_dim]
   std::vector<float> proj_;            // [rows, hidden]
-  std::vector<float> router_logits_;   // [rows, experts]
-  // kReroute only: the router's logits before softmax, the live experts, this layer's
-  // rerouted rows, each row's any-layer flag and its input's count.
-  std::vector<float> raw_logits_;
+  std::vector<float> router_logits_;   // [rows, experts]; after routing, the probabilities
+  // kReroute only: the live experts, this layer's rerouted rows, each row's any-layer flag and
+  // its input's count, and scratch for one row's live probabilities.
   std::vector<char> live_;
   std::vector<char> layer_degraded_;
   std::vector<char> row_degraded_;
   std::vector<int64_t> degraded_inputs_;
-  std::vector<float> live_logits_;
+  std::vector<float> live_probs_;
   std::vector<int32_t> live_ids_;
-  Routing one_;
   std::vector<float> scores_;  // [threads][query heads per key/value head][max_position]
   int64_t scores_per_thread_ = 0;
   std::vector<size_t> blocks_before_;  // per input, KV blocks held before this step

@@ -12,12 +12,16 @@ void RouteTokens(float* logits, int64_t tokens, int64_t expert_count, int64_t to
     int32_t* experts = &routing->experts[t * top_k];
     float* weights = &routing->weights[t * top_k];
     kernels::Softmax(probs, expert_count);
-    kernels::TopK(probs, expert_count, top_k, experts, weights);
-    // Mixtral always renormalizes the top-k weights (norm_topk_prob is implicit).
-    float sum = 0.0f;
-    for (int64_t j = 0; j < top_k; ++j) sum += weights[j];
-    for (int64_t j = 0; j < top_k; ++j) weights[j] /= sum;
+    TopKRenormalized(probs, expert_count, top_k, experts, weights);
   }
+}
+
+void TopKRenormalized(const float* probs, int64_t n, int64_t k, int32_t* experts, float* weights) {
+  kernels::TopK(probs, n, k, experts, weights);
+  // Mixtral always renormalizes the top-k weights (norm_topk_prob is implicit).
+  float sum = 0.0f;
+  for (int64_t j = 0; j < k; ++j) sum += weights[j];
+  for (int64_t j = 0; j < k; ++j) weights[j] /= sum;
 }
 
 void RouteDense(int64_t tokens, Routing* routing) {

@@ -30,6 +30,10 @@ struct Routing {
 void RouteTokens(float* logits, int64_t tokens, int64_t expert_count, int64_t top_k,
                  Routing* routing);
 
+// The k largest of probs[0, n) (descending) and their weights renormalized to sum to 1, as
+// Mixtral's router does after its softmax. REQUIRES: 1 <= k <= n.
+void TopKRenormalized(const float* probs, int64_t n, int64_t k, int32_t* experts, float* weights);
+
 // Every token to expert 0 with weight 1 (dense models).
 void RouteDense(int64_t tokens, Routing* routing);
 
