@@ -34,6 +34,8 @@ struct ModelConfig {
 
   int64_t q_dim() const { return num_attention_heads * head_dim; }
   int64_t kv_dim() const { return num_key_value_heads * head_dim; }
+  // Experts each token's row goes to per layer (dense models: the one MLP).
+  int64_t routed_experts_per_token() const { return is_moe ? num_experts_per_tok : 1; }
 };
 
 // Parses config.json text. `label` (the path) prefixes errors. INVALID_ARGUMENT for malformed

@@ -55,7 +55,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.max_rows_per_step =
           (std::max<int64_t>(options.scheduler.max_step_tokens, mc.max_position_embeddings) +
            options.scheduler.max_running) *
-          std::max<int64_t>(mc.is_moe ? mc.num_experts_per_tok : 1, 1);
+          mc.routed_experts_per_token();
       if (!options.tls.ca.empty()) {
         if (options.tls.cert.empty()) {
           return absl::InvalidArgumentError(
@@ -137,16 +137,11 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
         absl::StrCat("cannot listen on ", options.listen, " (address in use or not local?)"));
   }
   address_ = absl::StrCat(options.listen.substr(0, options.listen.rfind(':')), ":", port);
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  auto set_health = [health](bool serving) {
-    health->SetServingStatus(serving);
-    health->SetServingStatus(kServiceName, serving);
-  };
   if (grpc_transport_ != nullptr) {
-    grpc_transport_->set_on_health_change(set_health);
-    set_health(grpc_transport_->Serving());
+    grpc_transport_->set_on_health_change([this](bool serving) { SetHealth(serving); });
+    SetHealth(grpc_transport_->Serving());
   } else {
-    set_health(true);
+    SetHealth(true);
   }
   scheduler_->Start();
   const KvCache& kv = model_->engine()->kv_cache();
@@ -219,14 +214,18 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
   return absl::OkStatus();
 }
 
+void CoordinatorServer::SetHealth(bool serving) {
+  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+  health->SetServingStatus(serving);
+  health->SetServingStatus(kServiceName, serving);
+}
+
 bool CoordinatorServer::Drain(absl::Duration timeout) {
   if (server_ == nullptr || shut_down_) return true;
   const absl::Time start = absl::Now();
   draining_ = true;
   if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
-  grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
-  health->SetServingStatus(false);
-  health->SetServingStatus(kServiceName, false);
+  SetHealth(false);
   scheduler_->StopAdmitting();
   const Scheduler::Stats open = scheduler_->stats();
   LOG(INFO) << "draining: " << open.running << " running and " << open.waiting

@@ -86,6 +86,8 @@ class CoordinatorServer {
   CoordinatorServer() = default;
   absl::Status Start(const CoordinatorOptions& options);
   absl::Status StartHttp(const CoordinatorOptions& options);
+  // grpc.health.v1 status, overall and of the Inference service.
+  void SetHealth(bool serving);
 
   std::unique_ptr<ClientLimit> client_limit_;  // shared by both public APIs
   std::unique_ptr<LocalModel> model_;

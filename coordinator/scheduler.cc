@@ -62,7 +62,7 @@ struct Scheduler::Sequence {
         decoder(&request, tokenizer, static_cast<int32_t>(config.vocab_size)) {
     if (request.params.trace_routing) {
       routes.layers = config.num_hidden_layers;
-      routes.top_k = config.is_moe ? config.num_experts_per_tok : 1;
+      routes.top_k = config.routed_experts_per_token();
       routes.experts.resize(routes.layers * routes.top_k);
       routes.weights.resize(routes.layers * routes.top_k);
     }

@@ -20,11 +20,24 @@ namespace {
 
 namespace pb = moecluster::v1;
 
+// Counts itself in `*n` while it lives.
+class Counted {
+ public:
+  explicit Counted(std::atomic<int>* n) : n_(n) { ++*n_; }
+  ~Counted() { --*n_; }
+  Counted(const Counted&) = delete;
+  Counted& operator=(const Counted&) = delete;
+
+ private:
+  std::atomic<int>* n_;
+};
+
 // One Forward stream's compute and buffers (see the class comment on ExpertService).
 class StreamState {
  public:
-  explicit StreamState(const ModelWeights* weights)
+  StreamState(const ModelWeights* weights, int64_t max_rows)
       : weights_(weights),
+        max_rows_(max_rows),
         ffn_(weights),
         hidden_(weights->config().hidden_size),
         // Never empty, so data() is never null even for a step of 0 rows.
@@ -75,10 +88,10 @@ class StreamState {
                                                      "], got ", t.shape_size(), " dimensions"));
     }
     *rows = t.shape(0);
-    if (*rows < 0 || *rows > kMaxForwardRows) {
+    if (*rows < 0 || *rows > max_rows_) {
       return absl::InvalidArgumentError(absl::StrCat("hidden: shape[0] = ", *rows,
-                                                     " rows is outside [0, ", kMaxForwardRows,
-                                                     "] (the per-request limit)"));
+                                                     " rows is outside [0, ", max_rows_,
+                                                     "] (the worker's --max-forward-rows)"));
     }
     if (absl::Status s = CheckF32Tensor(t, *rows, hidden_, "hidden"); !s.ok()) return s;
     // Protobuf does not promise float alignment of bytes fields: copy.
@@ -153,6 +166,7 @@ class StreamState {
   }
 
   const ModelWeights* weights_;
+  const int64_t max_rows_;  // per request
   ExpertFfn ffn_;
   const int64_t hidden_;
   std::vector<float> x_;                       // [rows, hidden], aligned copy of the request's
@@ -206,27 +220,20 @@ grpc::Status ExpertService::Forward(
     grpc::ServerContext*,
     grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
   // Each open stream holds a server thread: beyond max_streams_, refuse.
-  struct Slot {
-    std::atomic<int>* n;
-    ~Slot() { --*n; }
-  } slot{&streams_};
-  if (++streams_ > max_streams_) {
+  const Counted open_stream(&streams_);
+  if (streams_ > max_streams_) {
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
                         absl::StrCat("this worker serves at most ", max_streams_,
                                      " Forward streams at once (--max-streams)"));
   }
   // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
   if (threads_ > 0) omp_set_num_threads(threads_);
-  StreamState state(weights_);
+  StreamState state(weights_, max_rows_);
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   while (stream->Read(&request)) {
-    ++in_request_;
+    const Counted computing(&in_request_);
     last_request_ns_ = absl::GetCurrentTimeNanos();
-    struct Done {
-      std::atomic<int>* n;
-      ~Done() { --*n; }
-    } done{&in_request_};
     const auto start = std::chrono::steady_clock::now();
     absl::Status s = state.Decode(request);
     if (!s.ok()) {

@@ -1,8 +1,8 @@
 // The ExpertWorker gRPC service: proto -> plain ExpertBatch -> ExpertFfn -> proto.
 //
 // Every ForwardRequest is untrusted: before any compute the service checks the layer, the hidden
-// tensor (F32, shape [rows, hidden_size], exact byte length, rows <= kMaxForwardRows), the CSR
-// row_offsets (rows + 1 entries, starting at 0, non-decreasing, ending at experts_size),
+// tensor (F32, shape [rows, hidden_size], exact byte length, rows <= the service's max_rows), the
+// CSR row_offsets (rows + 1 entries, starting at 0, non-decreasing, ending at experts_size),
 // experts_size == weights_size, every expert hosted here, every weight finite, and no row naming
 // an expert twice. The first violation ends the stream with INVALID_ARGUMENT, its message naming
 // the step and the field (e.g. "step 7: row_offsets[0] must be 0, got 1"); the server and its
@@ -20,9 +20,6 @@
 #include "moecluster/v1/expert.grpc.pb.h"
 
 namespace moe {
-
-// Most rows one ForwardRequest may carry (a bound checked before anything is allocated).
-inline constexpr int64_t kMaxForwardRows = int64_t{1} << 20;
 
 // Told about every answered ForwardRequest (metrics). Called from each Forward stream's thread,
 // concurrently when several coordinators are connected; must be thread-safe and cheap.

@@ -24,12 +24,7 @@ constexpr std::chrono::milliseconds kShutdownGrace(1000);
 
 int64_t DefaultMaxForwardRows(const ModelConfig& config) {
   return (std::max<int64_t>(config.max_position_embeddings, 4096) + 1024) *
-         std::max<int64_t>(config.is_moe ? config.num_experts_per_tok : 1, 1);
-}
-
-int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows) {
-  const int64_t k = std::max<int64_t>(config.num_experts_per_tok, 1);
-  return rows * (config.hidden_size * 4 + k * 8 + 8) + (64 << 10);
+         config.routed_experts_per_token();
 }
 
 absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerOptions& options) {

@@ -24,10 +24,6 @@
 
 namespace moe {
 
-// The largest Forward message (request or response) for `rows` rows of a model: the hidden
-// rows in f32, up to top_k (expert, weight) pairs and an offset per row, and 64 KiB of framing.
-// gRPC refuses a bigger message from its length prefix, before allocating it.
-int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows);
 // --max-forward-rows 0: room for what a coordinator step sends with default flags — a whole
 // context's prompt (or 4096 tokens) plus 1024 decoding sequences, each row once per expert.
 int64_t DefaultMaxForwardRows(const ModelConfig& config);

@@ -96,6 +96,10 @@ bool IsLoopbackAddress(const std::string& address) {
   return host == "localhost" || host == "::1" || absl::StartsWith(host, "127.");
 }
 
+int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows) {
+  return rows * (config.hidden_size * 4 + config.routed_experts_per_token() * 8 + 8) + (64 << 10);
+}
+
 void WarnIfExposed(const std::string& address, const char* flag, const char* advice) {
   if (address.empty() || IsLoopbackAddress(address)) return;
   LOG(WARNING) << "--" << flag << " " << address

@@ -9,6 +9,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "common/dtype.h"
+#include "common/model_config.h"
 #include "grpcpp/grpcpp.h"
 #include "moecluster/v1/expert.pb.h"
 
@@ -27,6 +28,11 @@ void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::
 // floats; protobuf does not promise their alignment, so copy them out (memcpy) to read them.
 absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
                             const char* what);
+
+// The largest Forward message (request or response) for `rows` rows of a model: the hidden
+// rows in f32, up to routed_experts_per_token (expert, weight) pairs and an offset per row, and
+// 64 KiB of framing. The worker's and the coordinator's gRPC message caps, so they agree.
+int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows);
 
 // Parses "HOST:PORT" (PORT may be 0). INVALID_ARGUMENT naming the flag otherwise.
 absl::Status ValidateListenAddress(const std::string& address, const char* flag);

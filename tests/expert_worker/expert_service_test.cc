@@ -303,7 +303,9 @@ TEST_F(ExpertServiceTest, MalformedRequestsEndTheStreamWithInvalidArgument) {
          r->clear_experts();
          r->clear_weights();
        },
-       "hidden: shape[0] = 1099511627776 rows is outside [0, 1048576]"},
+       // DefaultMaxForwardRows of the fixture: (max(context, 4096) + 1024) x top-2.
+       "hidden: shape[0] = 1099511627776 rows is outside [0, 10240] (the worker's "
+       "--max-forward-rows)"},
       {"rows vs offsets",
        [](pb::ForwardRequest* r) {
          r->clear_row_offsets();
