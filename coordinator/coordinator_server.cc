@@ -83,7 +83,8 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   GrpcTransport* transport = grpc_transport_;
   auto workers = [transport, experts]() {
     if (transport != nullptr) return transport->Workers();
-    return std::vector<WorkerSnapshot>{{"in-process", true, {0, experts}, ""}};
+    return std::vector<WorkerSnapshot>{
+        {"in-process", true, {0, experts}, "", false, "cpu", "in-process"}};
   };
   if (!options.metrics_listen.empty()) {
     Scheduler* scheduler = scheduler_.get();

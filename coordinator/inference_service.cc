@@ -224,6 +224,8 @@ grpc::Status InferenceService::GetClusterStatus(grpc::ServerContext* context,
     s->set_expert_begin(static_cast<int32_t>(w.experts.begin));
     s->set_expert_end(static_cast<int32_t>(w.experts.end));
     s->set_message(w.message);
+    s->set_device(w.device);
+    s->set_transport(w.transport);
   }
   const int64_t experts = deps_.config->num_local_experts;
   const bool serving =

@@ -12,8 +12,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "common/expert_ffn.h"
 #include "common/rpc/rpc_util.h"
+#include "common/status_macros.h"
+#include "glog/logging.h"
 
 namespace moe {
 namespace {
@@ -35,10 +36,10 @@ class Counted {
 // One Forward stream's compute and buffers (see the class comment on ExpertService).
 class StreamState {
  public:
-  StreamState(const ModelWeights* weights, int64_t max_rows)
+  StreamState(const ModelWeights* weights, int64_t max_rows, std::unique_ptr<ExpertRunner> runner)
       : weights_(weights),
         max_rows_(max_rows),
-        ffn_(weights),
+        runner_(std::move(runner)),
         hidden_(weights->config().hidden_size),
         // Never empty, so data() is never null even for a step of 0 rows.
         x_(hidden_),
@@ -72,12 +73,14 @@ class StreamState {
     return absl::OkStatus();
   }
 
-  // Computes the batch of the last successful Decode into `response`.
-  void Run(uint64_t step, pb::ForwardResponse* response) {
+  // Computes the batch of the last successful Decode into `response`; the device's error when
+  // it fails.
+  absl::Status Run(uint64_t step, pb::ForwardResponse* response) {
     out_.resize(static_cast<size_t>(batch_.rows * hidden_));
-    ffn_.Forward(batch_, out_.data());  // out: [rows, hidden]
+    MOE_RETURN_IF_ERROR(runner_->Forward(batch_, out_.data()));  // out: [rows, hidden]
     response->set_step(step);
     EncodeF32Tensor(out_.data(), batch_.rows, hidden_, response->mutable_output());
+    return absl::OkStatus();
   }
 
  private:
@@ -167,7 +170,7 @@ class StreamState {
 
   const ModelWeights* weights_;
   const int64_t max_rows_;  // per request
-  ExpertFfn ffn_;
+  const std::unique_ptr<ExpertRunner> runner_;
   const int64_t hidden_;
   std::vector<float> x_;                       // [rows, hidden], aligned copy of the request's
   std::vector<float> out_;                     // [rows, hidden]
@@ -179,9 +182,11 @@ class StreamState {
 
 }  // namespace
 
-ExpertService::ExpertService(const ModelWeights* weights, std::string fingerprint, int threads,
-                             int64_t max_rows, int max_streams, ForwardObserver* observer)
+ExpertService::ExpertService(const ModelWeights* weights, const ComputeBackend* backend,
+                             std::string fingerprint, int threads, int64_t max_rows,
+                             int max_streams, ForwardObserver* observer)
     : weights_(weights),
+      backend_(backend),
       fingerprint_(std::move(fingerprint)),
       threads_(threads),
       observer_(observer),
@@ -200,6 +205,7 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
   info->set_weight_dtype(ToProtoDType(weights_->dtype()));
   info->set_draining(draining_);
   info->set_max_rows(max_rows_);
+  info->set_device(backend_->Describe());
   return grpc::Status::OK;
 }
 
@@ -228,7 +234,9 @@ grpc::Status ExpertService::Forward(
   }
   // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
   if (threads_ > 0) omp_set_num_threads(threads_);
-  StreamState state(weights_, max_rows_);
+  absl::StatusOr<std::unique_ptr<ExpertRunner>> runner = backend_->NewRunner();
+  if (!runner.ok()) return ToGrpcStatus(runner.status());
+  StreamState state(weights_, max_rows_, std::move(*runner));
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   while (stream->Read(&request)) {
@@ -240,7 +248,11 @@ grpc::Status ExpertService::Forward(
       return ToGrpcStatus(absl::Status(
           s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
     }
-    state.Run(request.step(), &response);
+    if (s = state.Run(request.step(), &response); !s.ok()) {
+      LOG(ERROR) << "step " << request.step() << ": " << s;
+      return ToGrpcStatus(absl::Status(
+          s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
+    }
     if (observer_ != nullptr) {
       observer_->OnForward(
           request.layer(), state.rows_per_expert(),

@@ -16,6 +16,7 @@
 #include <string>
 
 #include "absl/time/time.h"
+#include "common/compute_backend.h"
 #include "common/weights.h"
 #include "moecluster/v1/expert.grpc.pb.h"
 
@@ -45,8 +46,10 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   // `observer` (may be null) must outlive the service.
   // `max_rows` bounds the rows of one request (INVALID_ARGUMENT beyond; GetInfo reports it),
   // `max_streams` the Forward streams open at once (RESOURCE_EXHAUSTED beyond).
-  ExpertService(const ModelWeights* weights, std::string fingerprint, int threads, int64_t max_rows,
-                int max_streams, ForwardObserver* observer = nullptr);
+  // `backend` (over `weights`; must outlive the service) computes: each stream takes a runner.
+  ExpertService(const ModelWeights* weights, const ComputeBackend* backend, std::string fingerprint,
+                int threads, int64_t max_rows, int max_streams,
+                ForwardObserver* observer = nullptr);
 
   grpc::Status GetInfo(grpc::ServerContext* context, const moecluster::v1::GetInfoRequest* request,
                        moecluster::v1::WorkerInfo* info) override;
@@ -67,6 +70,7 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
  private:
   // Constant after construction.
   const ModelWeights* weights_;
+  const ComputeBackend* backend_;
   const std::string fingerprint_;
   const int threads_;
   ForwardObserver* const observer_;

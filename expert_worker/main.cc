@@ -53,6 +53,10 @@ ABSL_FLAG(int64_t, max_forward_rows, 0,
           "steps fit.");
 ABSL_FLAG(int32_t, max_streams, 8,
           "Forward streams served at once (each holds a thread); more get RESOURCE_EXHAUSTED.");
+ABSL_FLAG(std::string, device, "cpu",
+          "Where the expert FFNs run: cpu, or cuda / cuda:N (GPU N; needs a build with "
+          "-DMOE_ENABLE_CUDA=ON). On cuda the hosted experts are uploaded once at start (BF16 and "
+          "F16 as stored, F32 rounded to BF16; quantized models run on cpu only).");
 ABSL_FLAG(int32_t, threads, 0,
           "OpenMP threads per Forward stream; 0 = OpenMP default (OMP_NUM_THREADS or all cores).");
 
@@ -73,7 +77,7 @@ int main(int argc, char** argv) {
       argc, argv, __FILE__,
       "serves a slice of a Mixtral checkpoint's experts to a coordinator.\n"
       "  moe-expert-worker --model DIR --experts A-B [--listen HOST:PORT] [--threads N]\n"
-      "  [--metrics-listen HOST:PORT]\n"
+      "  [--metrics-listen HOST:PORT] [--device cpu|cuda[:N]]\n"
       "--experts A-B is inclusive: --experts 0-15 hosts experts 0..15 (16 experts) of every "
       "layer.\nPrints \"READY <host:port>\" on stdout once serving. Flag names take dashes or "
       "underscores.");
@@ -84,7 +88,10 @@ int main(int argc, char** argv) {
 
   absl::StatusOr<moe::ExpertRange> range = moe::ParseExpertRange(absl::GetFlag(FLAGS_experts));
   if (!range.ok()) return Fail(range.status());
+  absl::StatusOr<moe::DeviceSpec> device = moe::ParseDevice(absl::GetFlag(FLAGS_device));
+  if (!device.ok()) return Fail(device.status());
   moe::WorkerOptions options;
+  options.device = *device;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.experts = *range;
   options.quantize = absl::GetFlag(FLAGS_quantize).type;
@@ -109,8 +116,8 @@ int main(int argc, char** argv) {
             << worker.experts().InclusiveSpelling() << " of " << worker.config().num_local_experts
             << " in each of " << worker.config().num_hidden_layers << " layers, "
             << worker.resident_expert_bytes() / double{1 << 20} << " MiB of experts ("
-            << moe::DTypeName(worker.weights_dtype()) << "), fingerprint " << worker.fingerprint()
-            << ", on " << worker.address();
+            << moe::DTypeName(worker.weights_dtype()) << ") on " << worker.device()
+            << ", fingerprint " << worker.fingerprint() << ", on " << worker.address();
   if (!worker.metrics_address().empty()) {
     std::printf("METRICS %s\n", worker.metrics_address().c_str());
   }

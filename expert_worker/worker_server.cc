@@ -47,6 +47,7 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   weights_options.experts = range;
   weights_options.quantize = options.quantize;
   MOE_ASSIGN_OR_RETURN(w->weights_, checkpoint->LoadWeights(weights_options));
+  MOE_ASSIGN_OR_RETURN(w->backend_, CreateComputeBackend(options.device, w->weights_.get()));
   w->fingerprint_ = checkpoint->fingerprint();
   if (!options.metrics_listen.empty()) {
     w->metrics_ = std::make_unique<WorkerMetrics>(config.num_hidden_layers, range);
@@ -68,8 +69,9 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
         " bytes, beyond gRPC's 2 GiB: give a smaller --max-forward-rows (and a coordinator "
         "--max-step-tokens to match)"));
   }
-  w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->fingerprint_, options.threads,
-                                                max_rows, options.max_streams, w->metrics_.get());
+  w->service_ = std::make_unique<ExpertService>(w->weights_.get(), w->backend_.get(),
+                                                w->fingerprint_, options.threads, max_rows,
+                                                options.max_streams, w->metrics_.get());
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();

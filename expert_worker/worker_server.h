@@ -14,6 +14,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
+#include "common/compute_backend.h"
 #include "common/expert_range.h"
 #include "common/metrics/metrics.h"
 #include "common/rpc/tls.h"
@@ -47,6 +48,8 @@ struct WorkerOptions {
   // Forward streams served at once (each holds a thread while open); more are refused with
   // RESOURCE_EXHAUSTED.
   int max_streams = 8;
+  // Where the expert FFNs run (--device cpu|cuda[:N]).
+  DeviceSpec device;
   // mTLS: this worker's certificate and key, and the CA a coordinator's client certificate
   // must be signed by (all three, or none for plaintext).
   TlsFiles tls;
@@ -81,6 +84,8 @@ class WorkerServer {
   // Bytes of the hosted experts' matrices as held (mapped, or quantized on load).
   uint64_t resident_expert_bytes() const { return weights_->expert_bytes(); }
   DType weights_dtype() const { return weights_->dtype(); }
+  // Where the experts run: "cpu" or the GPU (ComputeBackend::Describe).
+  std::string device() const { return backend_->Describe(); }
 
   // Graceful stop, step one: GetInfo and the health service say draining / NOT_SERVING, so a
   // coordinator with replicas of these experts sends its rows elsewhere; returns once no
@@ -99,6 +104,7 @@ class WorkerServer {
 
   // Constant after Create.
   std::unique_ptr<ModelWeights> weights_;
+  std::unique_ptr<ComputeBackend> backend_;
   std::string fingerprint_;
   std::unique_ptr<WorkerMetrics> metrics_;  // null without metrics_listen
   std::unique_ptr<ExpertService> service_;

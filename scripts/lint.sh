@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install_deps.sh --tests
 
-mapfile -t files < <(git ls-files '*.cc' '*.h')
+mapfile -t files < <(git ls-files '*.cc' '*.h' '*.cu')
 if [[ "${1:-}" == "--fix" ]]; then
   clang-format -i "${files[@]}"
   echo "lint: formatted ${#files[@]} files"
@@ -22,6 +22,6 @@ fi
 echo "lint: ${#files[@]} C++ files formatted as .clang-format says"
 
 CC=clang CXX=clang++ cmake -S . -B build-clang -DCMAKE_BUILD_TYPE=Release -DMOE_BUILD_TESTS=ON \
-  -DMOE_BUILD_BENCHMARKS=OFF >/dev/null
+  -DMOE_BUILD_BENCHMARKS=OFF -DMOE_ENABLE_CUDA=OFF >/dev/null
 cmake --build build-clang -j"${MOE_JOBS:-2}"
 echo "lint: clang -Wthread-safety -Werror build passed"

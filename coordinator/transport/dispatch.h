@@ -52,8 +52,10 @@ struct WorkerSnapshot {
   std::string address;
   bool ready = false;
   ExpertRange experts;
-  std::string message;    // why it is unavailable
-  bool draining = false;  // ready, but shutting down: used only where no replica is live
+  std::string message;             // why it is unavailable
+  bool draining = false;           // ready, but shutting down: used only where no replica is live
+  std::string device = "cpu";      // where its experts run (the worker's --device)
+  std::string transport = "grpc";  // how rows reach it: grpc or in-process
 };
 
 // The maximal runs of experts in [0, expert_count) that no range of `hosted` contains, in

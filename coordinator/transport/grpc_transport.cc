@@ -73,6 +73,7 @@ struct GrpcTransport::Worker {
   ExpertRange experts ABSL_GUARDED_BY(mu);
   bool registered ABSL_GUARDED_BY(mu) = false;  // `experts` is fixed from the first connect
   bool draining ABSL_GUARDED_BY(mu) = false;    // its last GetInfo said so
+  std::string device ABSL_GUARDED_BY(mu);       // its GetInfo's device
   std::string message ABSL_GUARDED_BY(mu) = "not connected yet";
   bool job ABSL_GUARDED_BY(mu) = false;
   bool done ABSL_GUARDED_BY(mu) = false;
@@ -240,6 +241,7 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
     w->experts = experts;
     w->registered = true;
     w->draining = info.draining();
+    w->device = info.device();
     w->ready = true;
     w->message.clear();
   }
@@ -412,7 +414,8 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
   std::vector<WorkerSnapshot> out;
   for (const auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
-    out.push_back({w->address, w->ready, w->experts, w->message, w->draining});
+    out.push_back({w->address, w->ready, w->experts, w->message, w->draining,
+                   w->device.empty() ? "cpu" : w->device, "grpc"});
   }
   return out;
 }

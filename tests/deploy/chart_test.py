@@ -306,6 +306,15 @@ class ChartTest(unittest.TestCase):
                                               placement__ranges=["0-1", "0", "all"]))
         self.assertEqual(self.placement(rendered), ["0-1", "0", "all"])
 
+    def test_worker_device_follows_the_gpu_request(self):
+        for values, device in (("cpu-2-workers", "cpu"), ("gpu-4-workers", "cuda")):
+            container = self.rendered[values].statefulset()["spec"]["template"]["spec"][
+                "containers"][0]
+            self.assertEqual(flag(container["args"], "device"), device, values)
+        rendered = self.render(minimal_values(workers__gpu=1, workers__device="cuda:1"))
+        container = rendered.statefulset()["spec"]["template"]["spec"]["containers"][0]
+        self.assertEqual(flag(container["args"], "device"), "cuda:1")
+
     def test_worker_entrypoint_starts_each_pod_with_its_range(self):
         """Runs the rendered worker command in a shell against the rendered ConfigMap."""
         rendered = self.rendered["gpu-4-workers"]

@@ -30,6 +30,9 @@
 #include "tests/testutil/checkpoint_writer.h"
 #include "tests/testutil/http.h"
 #include "tests/testutil/subprocess.h"
+#ifdef MOE_HAVE_CUDA
+#include "common/cuda/cuda_experts.h"
+#endif
 
 namespace moe {
 namespace {
@@ -172,6 +175,7 @@ TEST_F(ExpertServiceTest, GetInfoDescribesTheSlice) {
   EXPECT_EQ(info.expert_begin(), 8);
   EXPECT_EQ(info.expert_end(), 16);
   EXPECT_EQ(info.weight_dtype(), pb::DTYPE_F16);
+  EXPECT_EQ(info.device(), "cpu");
   EXPECT_GT(server_->port(), 0);
   EXPECT_EQ(server_->address(), "127.0.0.1:" + std::to_string(server_->port()));
 }
@@ -580,6 +584,43 @@ TEST(WorkerBinaryTest, BadExpertsExitsOneWithTheMessage) {
     EXPECT_FALSE(address.ok()) << c.experts;  // exits before READY
     EXPECT_EQ(worker.WaitForExit(absl::Seconds(30)), 1) << c.experts;
     EXPECT_THAT(testing::ReadLog(log), HasSubstr(c.message));
+  }
+}
+
+// --device: a bad spelling, and cuda where it cannot run (no CUDA backend in this build, or no
+// GPU), exit 1 naming what to do; with a GPU the worker serves and says where.
+TEST(WorkerBinaryTest, DeviceFlag) {
+  struct Case {
+    const char* device;
+    const char* message;  // empty: expected to start
+  };
+  std::vector<Case> cases = {{"gpu", "--device: 'gpu' is not a device; use cpu, cuda or cuda:N"}};
+#ifdef MOE_HAVE_CUDA
+  int gpus = 0;
+  const bool have_gpu = moe::cuda::DeviceCount(&gpus).empty() && gpus > 0;
+  cases.push_back({"cuda", have_gpu ? "" : "cuda:0: no CUDA device"});
+#else
+  cases.push_back({"cuda",
+                   "this build has no CUDA backend; build with scripts/build.sh "
+                   "-DMOE_ENABLE_CUDA=ON"});
+#endif
+  for (const Case& c : cases) {
+    const std::string log = testing::TempDir("worker_device") + "/stderr.txt";
+    testing::Subprocess worker;
+    ASSERT_TRUE(worker
+                    .Start(MOE_WORKER_PATH,
+                           {"--model", kFixture, "--device", c.device, "--listen", "127.0.0.1:0"},
+                           log)
+                    .ok());
+    absl::StatusOr<std::string> address = worker.WaitForReady(absl::Seconds(60));
+    if (*c.message == '\0') {
+      ASSERT_TRUE(address.ok()) << testing::ReadLog(log);
+      EXPECT_THAT(testing::ReadLog(log), HasSubstr(") on cuda:0 ("));
+      continue;  // the Subprocess stops it
+    }
+    EXPECT_FALSE(address.ok()) << c.device;
+    EXPECT_EQ(worker.WaitForExit(absl::Seconds(30)), 1) << c.device;
+    EXPECT_THAT(testing::ReadLog(log), HasSubstr(c.message)) << c.device;
   }
 }
 

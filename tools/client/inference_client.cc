@@ -110,13 +110,15 @@ std::string FormatClusterStatus(const pb::ClusterStatus& status) {
       : status.degraded() ? "SERVING (degraded: some experts lost, rerouted)"
                           : "SERVING",
       status.running_requests(), status.waiting_requests(), 100 * status.kv_cache_usage());
-  absl::StrAppendFormat(&out, "%-24s %-12s %s\n", "worker", "state", "experts");
+  absl::StrAppendFormat(&out, "%-24s %-12s %-10s %-10s %s\n", "worker", "state", "experts",
+                        "transport", "device");
   for (const pb::WorkerStatus& w : status.workers()) {
-    absl::StrAppendFormat(&out, "%-24s %-12s [%d, %d) %s\n", w.address(),
+    absl::StrAppendFormat(&out, "%-24s %-12s %-10s %-10s %s%s%s\n", w.address(),
                           w.state() == pb::WORKER_STATE_READY      ? "ready"
                           : w.state() == pb::WORKER_STATE_DRAINING ? "draining"
                                                                    : "UNAVAILABLE",
-                          w.expert_begin(), w.expert_end(), w.message());
+                          absl::StrFormat("[%d, %d)", w.expert_begin(), w.expert_end()),
+                          w.transport(), w.device(), w.message().empty() ? "" : " ", w.message());
   }
   if (status.load().empty()) return out;
   out += "\ntokens routed per layer and expert (share of the layer's routed tokens):\n";

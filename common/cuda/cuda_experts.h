@@ -1,0 +1,89 @@
+// The CUDA expert FFN (built only with -DMOE_ENABLE_CUDA=ON): a worker's experts uploaded once to
+// one GPU, and per-stream runners that compute ExpertFfn's sum on it. This header uses only the
+// standard library (no CUDA, no Abseil) so that host code includes it freely; errors come back
+// as a message ("" = success) that common/compute_backend.cc turns into an absl::Status.
+//
+// A runner's Forward, for a batch already grouped by expert (common/expert_grouping.h):
+//   1. copies the rows and the grouping to the GPU (pinned staging buffers, one stream);
+//   2. gathers each slot's row, converting it to the weights' element type (BF16 or F16);
+//   3. w1 and w3 of every expert with rows in one grouped GEMM (cublasGemmGroupedBatchedEx,
+//      f32 compute), a fused SiLU(gate) * up kernel, w2 in a second grouped GEMM;
+//   4. adds each row's weighted results in f32, experts ascending (as the CPU FFN does);
+//   5. copies the sums back: the one host synchronisation of the call.
+// Buffers (device and pinned host) grow to the largest batch seen and are reused.
+#ifndef MOE_COMMON_CUDA_CUDA_EXPERTS_H_
+#define MOE_COMMON_CUDA_CUDA_EXPERTS_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace moe::cuda {
+
+// How a matrix is stored on the host. kF32 matrices are rounded to BF16 when uploaded.
+enum class HostType { kBF16, kF16, kF32 };
+
+struct HostMatrix {
+  const void* data = nullptr;
+  HostType type = HostType::kBF16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int64_t row_stride = 0;  // elements
+};
+
+struct HostExpert {
+  HostMatrix w1;  // [ffn, hidden]
+  HostMatrix w3;  // [ffn, hidden]
+  HostMatrix w2;  // [hidden, ffn]
+};
+
+// "" and *count = the CUDA devices visible, or the CUDA runtime's error.
+std::string DeviceCount(int* count);
+
+// One ExpertFfn batch, grouped (see ExpertGrouping for the arrays' meaning).
+struct GroupedBatch {
+  int64_t layer = 0;
+  int64_t rows = 0;
+  int64_t slots = 0;
+  const float* x = nullptr;               // [rows, hidden]
+  const int32_t* offsets = nullptr;       // [rows + 1]
+  const int32_t* expert_begin = nullptr;  // [hosted experts + 1]
+  const int32_t* slot_row = nullptr;      // [slots]
+  const float* slot_weight = nullptr;     // [slots]
+  const int32_t* row_slots = nullptr;     // [slots]
+};
+
+class CudaExperts;
+
+// Not thread-safe: one per Forward stream (its own CUDA stream, cuBLAS handle and buffers).
+class CudaRunner {
+ public:
+  virtual ~CudaRunner() = default;
+  // out: [rows, hidden] f32, overwritten. "" or the failing call and CUDA's message.
+  virtual std::string Forward(const GroupedBatch& batch, float* out) = 0;
+};
+
+// Immutable after Create; runners may be created and used from several threads.
+class CudaExperts {
+ public:
+  virtual ~CudaExperts() = default;
+
+  // Uploads experts[layer * hosted + j] (every matrix BF16 or F32, or every one F16) to device
+  // `device`. progress(done, total) is called with bytes uploaded. nullptr and *error set on
+  // failure: no such device, not enough free memory (naming the bytes needed and free), mixed
+  // element types, or a CUDA error.
+  static std::unique_ptr<CudaExperts> Create(
+      int device, int64_t layers, int64_t hosted, int64_t hidden, int64_t ffn,
+      const std::vector<HostExpert>& experts,
+      const std::function<void(uint64_t, uint64_t)>& progress, std::string* error);
+
+  // E.g. "cuda:0 (NVIDIA H200, BF16 weights, 2.1 GiB)".
+  virtual std::string Describe() const = 0;
+  virtual std::unique_ptr<CudaRunner> NewRunner(std::string* error) const = 0;
+};
+
+}  // namespace moe::cuda
+
+#endif  // MOE_COMMON_CUDA_CUDA_EXPERTS_H_
