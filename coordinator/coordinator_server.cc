@@ -48,6 +48,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.deadline_factor = options.failover_deadline_factor;
       t.health_check_timeout = options.health_check_timeout;
       t.on_expert_loss = options.engine.on_expert_loss;
+      t.wire = options.wire_dtype;
       // A step holds up to --max-step-tokens rows, or one whole prompt when it is longer (up
       // to the context) beside the running decodes; each row goes to a worker at most once
       // per expert.

@@ -54,6 +54,8 @@ struct CoordinatorOptions {
   absl::Duration failover_deadline_floor = absl::Milliseconds(500);
   double failover_deadline_factor = 4.0;
   absl::Duration health_check_timeout = absl::Milliseconds(400);
+  // --wire-dtype: f32 or bf16 rows to the workers; auto = bf16 to non-loopback workers.
+  WireDType wire_dtype = WireDType::kAuto;
   SchedulerOptions scheduler;
   EngineOptions engine;
 };

@@ -76,6 +76,10 @@ ABSL_FLAG(std::string, on_expert_loss, "fail",
           "to their top-k among the live experts, says so in each response (degraded_tokens) "
           "and in moe_degraded_tokens_total, and keeps health SERVING while at least top-k "
           "experts are live (availability over exactness).");
+ABSL_FLAG(std::string, wire_dtype, "auto",
+          "How hidden rows and partial sums travel to and from the workers: f32 (exact, "
+          "bit-identical to in-process experts), bf16 (half the bytes; values rounded to "
+          "nearest even), or auto: bf16 to workers on other hosts, f32 to loopback ones.");
 ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
@@ -173,6 +177,12 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "moe-coordinator: error: --on-expert-loss must be fail or reroute, not '%s'\n",
                  absl::GetFlag(FLAGS_on_expert_loss).c_str());
+    return 1;
+  }
+  if (!moe::ParseWireDType(absl::GetFlag(FLAGS_wire_dtype), &options.wire_dtype)) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --wire-dtype must be auto, f32 or bf16, not '%s'\n",
+                 absl::GetFlag(FLAGS_wire_dtype).c_str());
     return 1;
   }
   if (options.failover_deadline_floor <= absl::ZeroDuration() ||

@@ -79,12 +79,14 @@ class StreamState {
     out_.resize(static_cast<size_t>(batch_.rows * hidden_));
     MOE_RETURN_IF_ERROR(runner_->Forward(batch_, out_.data()));  // out: [rows, hidden]
     response->set_step(step);
-    EncodeF32Tensor(out_.data(), batch_.rows, hidden_, response->mutable_output());
+    // Answered in the request's wire dtype (F32, or BF16 rounded to nearest even).
+    EncodeRowsTensor(out_.data(), batch_.rows, hidden_, wire_dtype_, response->mutable_output());
     return absl::OkStatus();
   }
 
  private:
-  // hidden: [rows, hidden_size] F32. Rows are bounded before any size is computed from them.
+  // hidden: [rows, hidden_size] F32 or BF16. Rows are bounded before any size is computed from
+  // them.
   absl::Status DecodeHidden(const pb::Tensor& t, int64_t* rows) {
     if (t.shape_size() != 2) {
       return absl::InvalidArgumentError(absl::StrCat("hidden: shape must be [rows, ", hidden_,
@@ -96,10 +98,11 @@ class StreamState {
                                                      " rows is outside [0, ", max_rows_,
                                                      "] (the worker's --max-forward-rows)"));
     }
-    if (absl::Status s = CheckF32Tensor(t, *rows, hidden_, "hidden"); !s.ok()) return s;
-    // Protobuf does not promise float alignment of bytes fields: copy.
+    if (absl::Status s = CheckRowsTensor(t, *rows, hidden_, "hidden"); !s.ok()) return s;
+    // Protobuf does not promise float alignment of bytes fields: copy (BF16 widens exactly).
     x_.resize(static_cast<size_t>(*rows * hidden_));
-    std::memcpy(x_.data(), t.data().data(), t.data().size());
+    DecodeRowsTensor(t, x_.data());
+    wire_dtype_ = t.dtype();
     return absl::OkStatus();
   }
 
@@ -172,6 +175,7 @@ class StreamState {
   const int64_t max_rows_;  // per request
   const std::unique_ptr<ExpertRunner> runner_;
   const int64_t hidden_;
+  pb::DType wire_dtype_ = pb::DTYPE_F32;       // of the last request's rows
   std::vector<float> x_;                       // [rows, hidden], aligned copy of the request's
   std::vector<float> out_;                     // [rows, hidden]
   std::vector<ExpertAssignment> assignments_;  // [experts_size]

@@ -1,12 +1,12 @@
 // The ExpertWorker gRPC service: proto -> plain ExpertBatch -> ExpertFfn -> proto.
 //
 // Every ForwardRequest is untrusted: before any compute the service checks the layer, the hidden
-// tensor (F32, shape [rows, hidden_size], exact byte length, rows <= the service's max_rows), the
-// CSR row_offsets (rows + 1 entries, starting at 0, non-decreasing, ending at experts_size),
-// experts_size == weights_size, every expert hosted here, every weight finite, and no row naming
-// an expert twice. The first violation ends the stream with INVALID_ARGUMENT, its message naming
-// the step and the field (e.g. "step 7: row_offsets[0] must be 0, got 1"); the server and its
-// other streams are unaffected.
+// tensor (F32 or BF16, shape [rows, hidden_size], exact byte length, rows <= the service's
+// max_rows), the CSR row_offsets (rows + 1 entries, starting at 0, non-decreasing, ending at
+// experts_size), experts_size == weights_size, every expert hosted here, every weight finite, and
+// no row naming an expert twice. The first violation ends the stream with INVALID_ARGUMENT, its
+// message naming the step and the field (e.g. "step 7: row_offsets[0] must be 0, got 1"); the
+// server and its other streams are unaffected.
 #ifndef MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
 #define MOE_EXPERT_WORKER_EXPERT_SERVICE_H_
 
@@ -60,7 +60,8 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   // coordinator has moved its traffic away), or `deadline` passes; false on the deadline.
   bool WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) const;
 
-  // Answers each request in order with ForwardResponse{step, output [rows, hidden] F32}.
+  // Answers each request in order with ForwardResponse{step, output [rows, hidden]} in the
+  // request's dtype (F32 or BF16).
   // Returns OK when the client closes its side; INVALID_ARGUMENT on a malformed request;
   // CANCELLED when a response cannot be written (the client went away).
   grpc::Status Forward(grpc::ServerContext* context,

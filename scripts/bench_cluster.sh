@@ -5,6 +5,8 @@
 #   scripts/bench_cluster.sh [MODEL_DIR] [extra moe-bench flags, e.g. --streams 8 --max-tokens 64]
 # MODEL_DIR defaults to a TinyLlama-sized random Mixtral (hidden 2048, ffn 5632, 32/4 heads,
 # 8 experts top-2, 4 layers, BF16) written to /tmp/moe-bench-tinyllama on first use.
+# COORDINATOR_FLAGS adds flags to the gRPC coordinator, e.g. COORDINATOR_FLAGS="--wire-dtype bf16"
+# (loopback workers get f32 rows by default).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=build/bin
@@ -60,7 +62,9 @@ for round in 1 2; do
   start w0 "$BIN/moe-expert-worker" --model "$MODEL" --experts "0-$((HALF - 1))" --listen 127.0.0.1:0
   start w1 "$BIN/moe-expert-worker" --model "$MODEL" --experts "$HALF-$((EXPERTS - 1))" --listen 127.0.0.1:0
   W0=$(ready w0); W1=$(ready w1)
-  start coord-grpc "$BIN/moe-coordinator" --model "$MODEL" --workers "$W0,$W1" --listen 127.0.0.1:0
+  # shellcheck disable=SC2086
+  start coord-grpc "$BIN/moe-coordinator" --model "$MODEL" --workers "$W0,$W1" --listen 127.0.0.1:0 \
+    ${COORDINATOR_FLAGS:-}
   B+=("$(bench "$(ready coord-grpc)" "$@")")
   stop_all
 done

@@ -47,13 +47,51 @@ moecluster::v1::DType ToProtoDType(DType dtype) {
   return moecluster::v1::DTYPE_UNSPECIFIED;
 }
 
-void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out) {
-  out->set_dtype(moecluster::v1::DTYPE_F32);
+void EncodeRowsTensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::DType dtype,
+                      moecluster::v1::Tensor* out) {
+  out->set_dtype(dtype);
   out->clear_shape();
   out->add_shape(rows);
   out->add_shape(cols);
-  out->mutable_data()->assign(reinterpret_cast<const char*>(data),
-                              static_cast<size_t>(rows * cols) * sizeof(float));
+  const auto n = static_cast<size_t>(rows * cols);
+  if (dtype != moecluster::v1::DTYPE_BF16) {
+    out->mutable_data()->assign(reinterpret_cast<const char*>(data), n * sizeof(float));
+    return;
+  }
+  std::string* bytes = out->mutable_data();
+  bytes->resize(n * 2);
+  for (size_t i = 0; i < n; ++i) {
+    const uint16_t b = F32ToBF16(data[i]);
+    std::memcpy(bytes->data() + 2 * i, &b, 2);
+  }
+}
+
+void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out) {
+  EncodeRowsTensor(data, rows, cols, moecluster::v1::DTYPE_F32, out);
+}
+
+absl::Status CheckRowsTensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
+                             const char* what) {
+  uint64_t element = 4;
+  if (t.dtype() == moecluster::v1::DTYPE_BF16) {
+    element = 2;
+  } else if (t.dtype() != moecluster::v1::DTYPE_F32) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": dtype must be F32 or BF16, got ",
+                                                   moecluster::v1::DType_Name(t.dtype())));
+  }
+  if (t.shape_size() != 2 || t.shape(0) != rows || t.shape(1) != cols) {
+    std::string shape;
+    for (int64_t d : t.shape()) absl::StrAppend(&shape, shape.empty() ? "" : ", ", d);
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": expected shape [", rows, ", ", cols, "], got [", shape, "]"));
+  }
+  const uint64_t expected = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * element;
+  if (t.data().size() != expected) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(what, ": ", t.data().size(), " bytes for shape [", rows, ", ", cols, "] ",
+                     moecluster::v1::DType_Name(t.dtype()).substr(6), ", expected ", expected));
+  }
+  return absl::OkStatus();
 }
 
 absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
@@ -62,19 +100,20 @@ absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64
     return absl::InvalidArgumentError(
         absl::StrCat(what, ": dtype must be F32, got ", moecluster::v1::DType_Name(t.dtype())));
   }
-  if (t.shape_size() != 2 || t.shape(0) != rows || t.shape(1) != cols) {
-    std::string shape;
-    for (int64_t d : t.shape()) absl::StrAppend(&shape, shape.empty() ? "" : ", ", d);
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": expected shape [", rows, ", ", cols, "], got [", shape, "]"));
+  return CheckRowsTensor(t, rows, cols, what);
+}
+
+void DecodeRowsTensor(const moecluster::v1::Tensor& t, float* out) {
+  const std::string& bytes = t.data();
+  if (t.dtype() != moecluster::v1::DTYPE_BF16) {
+    std::memcpy(out, bytes.data(), bytes.size());
+    return;
   }
-  const uint64_t expected = static_cast<uint64_t>(rows) * static_cast<uint64_t>(cols) * 4;
-  if (t.data().size() != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(what, ": ", t.data().size(),
-                                                   " bytes for shape [", rows, ", ", cols,
-                                                   "] F32, expected ", expected));
+  for (size_t i = 0; i < bytes.size() / 2; ++i) {
+    uint16_t b;
+    std::memcpy(&b, bytes.data() + 2 * i, 2);
+    out[i] = BF16ToF32(b);
   }
-  return absl::OkStatus();
 }
 
 absl::Status ValidateListenAddress(const std::string& address, const char* flag) {

@@ -22,19 +22,27 @@ std::string WorkerName(const std::string& address, const ExpertRange& experts) {
   return absl::StrCat("expert worker ", address, " (experts ", experts.ToString(), ")");
 }
 
-// The request for one worker's part of a layer: its rows of x and their (expert, weight) pairs.
+// The request for one worker's part of a layer: its rows of x (in `wire`, F32 or BF16; BF16
+// goes through `scratch`) and their (expert, weight) pairs.
 void EncodeRequest(uint64_t step, int64_t layer, const DispatchRows& d, const float* x,
-                   int64_t hidden, pb::ForwardRequest* req) {
+                   int64_t hidden, pb::DType wire, std::vector<float>* scratch,
+                   pb::ForwardRequest* req) {
   req->set_step(step);
   req->set_layer(static_cast<int32_t>(layer));
   pb::Tensor* t = req->mutable_hidden();
-  t->set_dtype(pb::DTYPE_F32);
-  t->clear_shape();
-  t->add_shape(d.rows());
-  t->add_shape(hidden);
-  std::string* bytes = t->mutable_data();
-  bytes->resize(static_cast<size_t>(d.rows() * hidden) * sizeof(float));
-  GatherRows(x, hidden, d.tokens, bytes->data());
+  if (wire == pb::DTYPE_BF16) {
+    scratch->resize(static_cast<size_t>(d.rows() * hidden));
+    GatherRows(x, hidden, d.tokens, scratch->data());
+    EncodeRowsTensor(scratch->data(), d.rows(), hidden, wire, t);
+  } else {
+    t->set_dtype(pb::DTYPE_F32);
+    t->clear_shape();
+    t->add_shape(d.rows());
+    t->add_shape(hidden);
+    std::string* bytes = t->mutable_data();
+    bytes->resize(static_cast<size_t>(d.rows() * hidden) * sizeof(float));
+    GatherRows(x, hidden, d.tokens, bytes->data());
+  }
   req->mutable_row_offsets()->Assign(d.offsets.begin(), d.offsets.end());
   req->clear_experts();
   req->clear_weights();
@@ -44,23 +52,47 @@ void EncodeRequest(uint64_t step, int64_t layer, const DispatchRows& d, const fl
   }
 }
 
-// A worker's answer is untrusted: the step it echoes and the output's dtype, shape and size
-// (the dispatcher checks the values as it copies them).
+// A worker's answer is untrusted: the step it echoes and the output's dtype (the request's),
+// shape and size (the dispatcher checks the values as it copies them). BF16 answers are
+// widened into `scratch`.
 absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, uint64_t step,
-                                          int64_t rows, int64_t hidden) {
+                                          int64_t rows, int64_t hidden, pb::DType wire,
+                                          std::vector<float>* scratch) {
   if (response.step() != step) {
     return absl::InternalError(absl::StrCat("answered step ", response.step(), " for step ", step));
   }
-  MOE_RETURN_IF_ERROR(CheckF32Tensor(response.output(), rows, hidden, "output"));
-  return static_cast<const void*>(response.output().data().data());
+  const pb::Tensor& out = response.output();
+  if (out.dtype() != wire) {
+    return absl::InternalError(absl::StrCat("answered in ", pb::DType_Name(out.dtype()),
+                                            " to a request in ", pb::DType_Name(wire)));
+  }
+  MOE_RETURN_IF_ERROR(CheckRowsTensor(out, rows, hidden, "output"));
+  if (wire != pb::DTYPE_BF16) return static_cast<const void*>(out.data().data());
+  scratch->resize(static_cast<size_t>(rows * hidden));
+  DecodeRowsTensor(out, scratch->data());
+  return static_cast<const void*>(scratch->data());
 }
 
 }  // namespace
+
+bool ParseWireDType(std::string_view text, WireDType* out) {
+  if (text == "auto") {
+    *out = WireDType::kAuto;
+  } else if (text == "f32") {
+    *out = WireDType::kF32;
+  } else if (text == "bf16") {
+    *out = WireDType::kBF16;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 struct GrpcTransport::Worker {
   // Constant after Create.
   int32_t index = 0;  // in options.worker_addresses
   std::string address;
+  pb::DType wire = pb::DTYPE_F32;  // of its rows and answers (GrpcTransportOptions::wire)
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<pb::ExpertWorker::Stub> stub;
   std::thread io_thread;
@@ -91,6 +123,7 @@ struct GrpcTransport::Worker {
   pb::ForwardResponse response;
   uint64_t request_step = 0;
   int64_t request_rows = 0;
+  std::vector<float> wire_rows;  // BF16 wire: the gathered f32 rows, then the widened answer
 
   bool HasJobOrShutdown() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu) { return job || shutdown; }
   std::string Name() const ABSL_LOCKS_EXCLUDED(mu) {
@@ -124,6 +157,10 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
     auto w = std::make_unique<Worker>();
     w->index = static_cast<int32_t>(t->workers_.size());
     w->address = address;
+    w->wire = options.wire == WireDType::kBF16 ||
+                      (options.wire == WireDType::kAuto && !IsLoopbackAddress(address))
+                  ? pb::DTYPE_BF16
+                  : pb::DTYPE_F32;
     w->channel = grpc::CreateCustomChannel(
         address, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(),
         args);
@@ -358,7 +395,8 @@ void GrpcTransport::Links::Start(int32_t index, int64_t layer, const DispatchRow
   t_->exchange_mu_.AssertHeld();
   w->request_step = ++t_->step_;
   w->request_rows = rows.rows();
-  EncodeRequest(w->request_step, layer, rows, x, t_->config_.hidden_size, &w->request);
+  EncodeRequest(w->request_step, layer, rows, x, t_->config_.hidden_size, w->wire, &w->wire_rows,
+                &w->request);
   absl::MutexLock lock(&w->mu);
   w->job = true;
   w->done = false;
@@ -387,7 +425,8 @@ absl::StatusOr<const void*> GrpcTransport::Links::Answer(int32_t index, Dispatch
     MOE_RETURN_IF_ERROR(w->result);
     report->seconds = w->seconds;
   }
-  return CheckResponse(w->response, w->request_step, w->request_rows, t_->config_.hidden_size);
+  return CheckResponse(w->response, w->request_step, w->request_rows, t_->config_.hidden_size,
+                       w->wire, &w->wire_rows);
 }
 
 void GrpcTransport::Links::MessageSizes(int32_t index, DispatchReport* report) {
@@ -415,7 +454,8 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
   for (const auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
     out.push_back({w->address, w->ready, w->experts, w->message, w->draining,
-                   w->device.empty() ? "cpu" : w->device, "grpc"});
+                   w->device.empty() ? "cpu" : w->device,
+                   w->wire == pb::DTYPE_BF16 ? "grpc/bf16" : "grpc/f32"});
   }
   return out;
 }

@@ -37,6 +37,13 @@
 
 namespace moe {
 
+// How hidden rows and partial sums travel to and from the workers: f32 (exact: bit-identical to
+// in-process experts), bf16 (half the bytes, values rounded to nearest even), or auto: bf16 to
+// workers on other hosts, f32 to loopback ones.
+enum class WireDType { kAuto, kF32, kBF16 };
+// "auto" / "f32" / "bf16"; false for anything else.
+bool ParseWireDType(std::string_view text, WireDType* out);
+
 struct GrpcTransportOptions {
   std::vector<std::string> worker_addresses;           // HOST:PORT each
   std::string model_fingerprint;                       // what every worker must report
@@ -55,6 +62,7 @@ struct GrpcTransportOptions {
   // The most rows one step can send one worker (--max-step-tokens x top_k): a worker that
   // accepts fewer (WorkerInfo.max_rows) is refused at connect, naming both flags.
   int64_t max_rows_per_step = 512 * 8;
+  WireDType wire = WireDType::kAuto;
   // TLS to the workers (ChannelCredentials of common/rpc/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
 };

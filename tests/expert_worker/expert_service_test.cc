@@ -90,11 +90,11 @@ Step MakeStep(int64_t layer, int64_t rows, int seed) {
   return s;
 }
 
-pb::ForwardRequest ToRequest(uint64_t step_id, const Step& s) {
+pb::ForwardRequest ToRequest(uint64_t step_id, const Step& s, pb::DType wire = pb::DTYPE_F32) {
   pb::ForwardRequest req;
   req.set_step(step_id);
   req.set_layer(static_cast<int32_t>(s.layer));
-  EncodeF32Tensor(s.x.data(), s.rows, kHidden, req.mutable_hidden());
+  EncodeRowsTensor(s.x.data(), s.rows, kHidden, wire, req.mutable_hidden());
   for (int32_t o : s.offsets) req.add_row_offsets(o);
   for (const ExpertAssignment& a : s.assignments) {
     req.add_experts(a.expert);
@@ -227,6 +227,33 @@ TEST_F(ExpertServiceTest, ForwardMatchesLocalExpertFfnBitForBitOverSeveralSteps)
   EXPECT_TRUE(status.ok()) << status.error_message();
 }
 
+// A BF16 request is the F32 request of its rounded rows, answered with the F32 answer rounded
+// to BF16 (nearest even), bit for bit.
+TEST_F(ExpertServiceTest, Bf16RowsAreAnsweredInBf16) {
+  Step step = MakeStep(1, 11, 6);
+  for (float& v : step.x) v = BF16ToF32(F32ToBF16(v));
+  auto context = ContextWithDeadline();
+  auto stream = stub_->Forward(context.get());
+  ASSERT_TRUE(stream->Write(ToRequest(1, step, pb::DTYPE_BF16)));
+  pb::ForwardResponse response;
+  ASSERT_TRUE(stream->Read(&response));
+  EXPECT_EQ(response.output().dtype(), pb::DTYPE_BF16);
+  const absl::Status checked = CheckRowsTensor(response.output(), step.rows, kHidden, "output");
+  ASSERT_TRUE(checked.ok()) << checked;
+  ASSERT_EQ(response.output().data().size(), static_cast<size_t>(step.rows * kHidden * 2));
+  const std::vector<float> expected = LocalForward(step);
+  std::vector<float> got(expected.size());
+  DecodeRowsTensor(response.output(), got.data());
+  int nonzero = 0;
+  for (size_t k = 0; k < expected.size(); ++k) {
+    EXPECT_EQ(got[k], BF16ToF32(F32ToBF16(expected[k]))) << "element " << k;
+    nonzero += got[k] != 0.0f;
+  }
+  EXPECT_GT(nonzero, 0);
+  stream->WritesDone();
+  EXPECT_TRUE(stream->Finish().ok());
+}
+
 TEST_F(ExpertServiceTest, ConcurrentStreamsDoNotInterfere) {
   auto context_a = ContextWithDeadline();
   auto context_b = ContextWithDeadline();
@@ -292,6 +319,9 @@ TEST_F(ExpertServiceTest, MalformedRequestsEndTheStreamWithInvalidArgument) {
          r->mutable_hidden()->add_shape(3 * 64);
        },
        "hidden: shape must be [rows, 64]"},
+      {"bf16 with f32 bytes",
+       [](pb::ForwardRequest* r) { r->mutable_hidden()->set_dtype(pb::DTYPE_BF16); },
+       "hidden: 768 bytes for shape [3, 64] BF16, expected 384"},
       {"short by 4",
        [](pb::ForwardRequest* r) { r->mutable_hidden()->mutable_data()->resize(764); },
        "hidden: 764 bytes for shape [3, 64] F32, expected 768"},

@@ -202,16 +202,22 @@ TEST(ClusterLogprobsTest, StreamedAndPromptLogprobsEqualInProcess) {
 // --- Logits over gRPC equal the in-process transport's bit for bit (same placement). ---
 
 // `model`: a fixture directory or a GGUF file; `expected`: its golden prompt and tokens.
-void ExpectLogitsBitIdentical(const std::string& model, const testing::GoldenExpected& expected,
-                              int64_t workers) {
+// The logits of `expected`'s prompt (every position) and then of each of its greedy tokens fed
+// back, from worker processes (contiguous slices, the gRPC transport with `wire`) and from the
+// in-process engine with the same placement: {remote, local}, each [positions, vocab].
+std::pair<std::vector<float>, std::vector<float>> RemoteAndLocalLogits(
+    const std::string& model, const testing::GoldenExpected& expected, int64_t workers,
+    WireDType wire) {
   auto checkpoint = Checkpoint::Open(model);
-  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  EXPECT_TRUE(checkpoint.ok()) << checkpoint.status();
+  if (!checkpoint.ok()) return {};
   std::vector<testing::WorkerProcess> procs;
   std::vector<std::string> addresses;
   for (const std::string& range :
        ContiguousRanges((*checkpoint)->config().num_local_experts, workers)) {
     auto w = testing::StartWorker(model, range);
-    ASSERT_TRUE(w.ok()) << w.status();
+    EXPECT_TRUE(w.ok()) << w.status();
+    if (!w.ok()) return {};
     addresses.push_back(w->address);
     procs.push_back(std::move(*w));
   }
@@ -223,33 +229,43 @@ void ExpectLogitsBitIdentical(const std::string& model, const testing::GoldenExp
     GrpcTransportOptions t;
     t.worker_addresses = addresses;
     t.model_fingerprint = checkpoint.fingerprint();
+    t.wire = wire;
     auto transport = GrpcTransport::Create(checkpoint.config(), t);
     if (!transport.ok()) return transport.status();
     return std::unique_ptr<ExpertTransport>(std::move(*transport));
   };
   auto remote = LocalModel::Create(remote_options);
-  ASSERT_TRUE(remote.ok()) << remote.status();
+  EXPECT_TRUE(remote.ok()) << remote.status();
   LocalModelOptions local_options;
   local_options.model_dir = model;
   local_options.in_process_workers = workers;
   local_options.load_tokenizer = false;
   auto local = LocalModel::Create(local_options);
-  ASSERT_TRUE(local.ok());
+  EXPECT_TRUE(local.ok()) << local.status();
+  if (!remote.ok() || !local.ok()) return {};
 
-  std::vector<float> a, b;
+  std::vector<float> all_a, all_b, a, b;
   SequenceState sa, sb;
   StepInput ia{&sa, expected.prompt, true}, ib{&sb, expected.prompt, true};
-  ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
-  ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
-  ASSERT_EQ(a.size(), b.size());
-  EXPECT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << model;
+  EXPECT_TRUE((*remote)->engine()->Step({&ia, 1}, &all_a).ok());
+  EXPECT_TRUE((*local)->engine()->Step({&ib, 1}, &all_b).ok());
   for (int32_t token : expected.greedy) {  // decode steps too
     ia = {&sa, {&token, 1}, false};
     ib = {&sb, {&token, 1}, false};
-    ASSERT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
-    ASSERT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
-    ASSERT_EQ(0, std::memcmp(a.data(), b.data(), a.size() * sizeof(float))) << model;
+    EXPECT_TRUE((*remote)->engine()->Step({&ia, 1}, &a).ok());
+    EXPECT_TRUE((*local)->engine()->Step({&ib, 1}, &b).ok());
+    all_a.insert(all_a.end(), a.begin(), a.end());
+    all_b.insert(all_b.end(), b.begin(), b.end());
   }
+  return {std::move(all_a), std::move(all_b)};
+}
+
+void ExpectLogitsBitIdentical(const std::string& model, const testing::GoldenExpected& expected,
+                              int64_t workers) {
+  const auto [remote, local] = RemoteAndLocalLogits(model, expected, workers, WireDType::kF32);
+  ASSERT_FALSE(local.empty()) << model;
+  ASSERT_EQ(remote.size(), local.size());
+  EXPECT_EQ(0, std::memcmp(remote.data(), local.data(), remote.size() * sizeof(float))) << model;
 }
 
 // --- The OpenAI HTTP API through workers: the in-process numbers, moe-cli chat, a dead worker. ---
@@ -405,6 +421,49 @@ TEST(ClusterLogitsTest, GgufThroughTwoWorkersEqualsInProcessBitForBit) {
       1000);
   ASSERT_TRUE(expected.ok()) << expected.status();
   ExpectLogitsBitIdentical("tests/testdata/gguf/split", *expected, 2);
+}
+
+// --wire-dtype bf16: hidden rows and partial sums rounded to bf16 on the wire. Every position's
+// greedy token equals the f32 engine's wherever its top logit leads by more than 0.05 (and at
+// least 3 positions in 4 of each fixture), and the logits move by at most 2 % of their range;
+// the error is printed per fixture.
+TEST(ClusterWireTest, Bf16WireKeepsGreedyTokensAndReportsTheLogitError) {
+  for (const char* fixture :
+       {"mixtral_32e_gqa_fp16", "mixtral_16e_mha_hd100", "mixtral_3e_sliding_bf16",
+        "mixtral_4e_tied_fused_sharded", "mixtral_8e_top3_no_rope_theta"}) {
+    SCOPED_TRACE(fixture);
+    const std::string dir = ModelDir(fixture);
+    const testing::GoldenExpected expected = Expected(dir);
+    const auto [remote, local] = RemoteAndLocalLogits(dir, expected, 2, WireDType::kBF16);
+    ASSERT_FALSE(local.empty());
+    ASSERT_EQ(remote.size(), local.size());
+    const size_t positions = expected.prompt.size() + expected.greedy.size();
+    const size_t vocab = local.size() / positions;
+    float worst = 0, range = 0;
+    size_t compared = 0, differing_bits = 0;
+    for (size_t p = 0; p < positions; ++p) {
+      const float* l = &local[p * vocab];
+      const float* r = &remote[p * vocab];
+      std::vector<float> sorted(l, l + vocab);
+      std::partial_sort(sorted.begin(), sorted.begin() + 2, sorted.end(), std::greater<>());
+      range = std::max(range, sorted[0] - *std::min_element(l, l + vocab));
+      for (size_t i = 0; i < vocab; ++i) {
+        worst = std::max(worst, std::fabs(l[i] - r[i]));
+        differing_bits += l[i] != r[i];
+      }
+      if (sorted[0] - sorted[1] <= 0.05f) continue;
+      EXPECT_EQ(std::max_element(r, r + vocab) - r, std::max_element(l, l + vocab) - l)
+          << "position " << p;
+      ++compared;
+    }
+    std::printf(
+        "%s: bf16 wire, 2 workers: max |logit - f32 logit| %.4g (logit range %.3g), %zu of "
+        "%zu positions compared\n",
+        fixture, worst, range, compared, positions);
+    EXPECT_GE(4 * compared, 3 * positions);
+    EXPECT_LE(worst, 0.02f * range);
+    EXPECT_GT(differing_bits, 0u);  // the wire did round: this is not the f32 path
+  }
 }
 
 // --- Concurrency: 8 different requests at once get what each gets alone. ---

@@ -29,7 +29,7 @@ constexpr int64_t kExperts = 8;
 constexpr int64_t kHidden = 4;
 constexpr char kFingerprint[] = "fake-model";
 
-enum class Mode { kCorrect, kWrongStep, kWrongShape, kClose, kHang, kNaN, kHuge };
+enum class Mode { kCorrect, kWrongStep, kWrongShape, kWrongDtype, kClose, kHang, kNaN, kHuge };
 
 // An ExpertWorker whose expert e computes (e + 1) * x, so every answer is exact in f32.
 class FakeWorker final : public pb::ExpertWorker::Service {
@@ -53,6 +53,7 @@ class FakeWorker final : public pb::ExpertWorker::Service {
   void set_mode(Mode mode) { mode_ = mode; }
   int64_t forwards() const { return forwards_; }
   void set_hidden(int32_t hidden) { hidden_ = hidden; }
+  pb::DType last_wire() const { return last_wire_; }
 
   grpc::Status GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
                        pb::WorkerInfo* info) override {
@@ -78,7 +79,9 @@ class FakeWorker final : public pb::ExpertWorker::Service {
         return grpc::Status::CANCELLED;
       }
       const int64_t rows = req.hidden().shape(0);
-      const float* x = reinterpret_cast<const float*>(req.hidden().data().data());
+      std::vector<float> x(rows * kHidden);
+      DecodeRowsTensor(req.hidden(), x.data());  // F32 or BF16, as the transport sent
+      last_wire_ = req.hidden().dtype();
       std::vector<float> out(rows * kHidden, 0.0f);
       for (int64_t r = 0; r < rows; ++r) {
         for (int32_t i = req.row_offsets(r); i < req.row_offsets(r + 1); ++i) {
@@ -91,8 +94,12 @@ class FakeWorker final : public pb::ExpertWorker::Service {
       if (mode == Mode::kHuge && rows > 0) out[0] = 1e30f;
       pb::ForwardResponse response;
       response.set_step(mode == Mode::kWrongStep ? req.step() + 1 : req.step());
-      EncodeF32Tensor(out.data(), mode == Mode::kWrongShape ? rows - 1 : rows, kHidden,
-                      response.mutable_output());
+      pb::DType wire = req.hidden().dtype();
+      if (mode == Mode::kWrongDtype) {
+        wire = wire == pb::DTYPE_F32 ? pb::DTYPE_BF16 : pb::DTYPE_F32;
+      }
+      EncodeRowsTensor(out.data(), mode == Mode::kWrongShape ? rows - 1 : rows, kHidden, wire,
+                       response.mutable_output());
       if (!stream->Write(response)) return grpc::Status::CANCELLED;
     }
     return grpc::Status::OK;
@@ -104,6 +111,7 @@ class FakeWorker final : public pb::ExpertWorker::Service {
   std::atomic<Mode> mode_{Mode::kCorrect};
   std::atomic<int64_t> forwards_{0};
   std::atomic<int32_t> hidden_{kHidden};
+  std::atomic<pb::DType> last_wire_{pb::DTYPE_UNSPECIFIED};
   int port_ = 0;
   std::unique_ptr<grpc::Server> server_;
 };
@@ -209,6 +217,37 @@ TEST(GrpcTransportTest, TwoWorkersCombineToTheRoutedSum) {
   ASSERT_TRUE((*t)->Exchange(0, only_a, x.data(), out.data()).ok());
   EXPECT_EQ(b.forwards(), b_before);
   EXPECT_EQ(out[0], 4.0f * x[0]);
+}
+
+// --wire-dtype bf16 (and auto towards a non-loopback address) halves the bytes; these inputs
+// and partial sums are exact in bf16, so the sums are still exact.
+TEST(GrpcTransportTest, Bf16WireHalvesTheBytesAndKeepsExactValuesExact) {
+  std::vector<int64_t> sent;
+  for (WireDType wire : {WireDType::kF32, WireDType::kBF16, WireDType::kAuto}) {
+    FakeWorker a({0, 4}), b({4, 8});
+    GrpcTransportOptions options = Options({&a, &b});
+    options.wire = wire;
+    auto t = GrpcTransport::Create(Config(), options);
+    ASSERT_TRUE(t.ok()) << t.status();
+    Reports reports;
+    (*t)->set_dispatch_observer(&reports);
+    const Routing r = ThreeTokens();
+    const std::vector<float> x = Inputs(r.tokens);
+    std::vector<float> out(r.tokens * kHidden, 123.0f);
+    ASSERT_TRUE((*t)->Exchange(1, r, x.data(), out.data()).ok());
+    EXPECT_EQ(out, Expected(r, x));
+    const pb::DType expected_wire = wire == WireDType::kBF16 ? pb::DTYPE_BF16 : pb::DTYPE_F32;
+    EXPECT_EQ(a.last_wire(), expected_wire);  // auto: loopback workers get f32
+    EXPECT_EQ((*t)->Workers()[0].transport, wire == WireDType::kBF16 ? "grpc/bf16" : "grpc/f32");
+    sent.push_back(reports.last()[0].bytes_sent);
+  }
+  // 3 rows of 4 values: 48 bytes of f32 or 24 of bf16 beside the same assignments.
+  EXPECT_EQ(sent[0] - sent[1], 3 * kHidden * 2);
+  EXPECT_EQ(sent[2], sent[0]);
+  WireDType parsed;
+  EXPECT_TRUE(ParseWireDType("bf16", &parsed));
+  EXPECT_EQ(parsed, WireDType::kBF16);
+  EXPECT_FALSE(ParseWireDType("fp16", &parsed));
 }
 
 TEST(GrpcTransportTest, CreateRefusesBadClusters) {
@@ -322,8 +361,8 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerWithAReplicaFailsOverWithinTheStep) {
 }
 
 std::string GarbageName(const ::testing::TestParamInfo<GarbageCase>& info) {
-  static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "Close",
-                                       "Hang",    "NaN",       "Huge"};
+  static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "WrongDtype",
+                                       "Close",   "Hang",      "NaN",        "Huge"};
   return kNames[static_cast<int>(info.param.mode)];
 }
 
@@ -331,6 +370,9 @@ INSTANTIATE_TEST_SUITE_P(Answers, GrpcTransportGarbageTest,
                          ::testing::Values(GarbageCase{Mode::kWrongStep, "answered step"},
                                            GarbageCase{Mode::kWrongShape,
                                                        "output: expected shape [2, 4], got [1, 4]"},
+                                           GarbageCase{Mode::kWrongDtype,
+                                                       "answered in DTYPE_BF16 to a request in "
+                                                       "DTYPE_F32"},
                                            GarbageCase{Mode::kClose, "fake closes"},
                                            GarbageCase{Mode::kHang, "no answer within 300ms"},
                                            GarbageCase{Mode::kNaN, "output row 1 holds nan"},
