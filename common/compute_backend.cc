@@ -12,7 +12,10 @@
 #include "common/status_macros.h"
 #include "glog/logging.h"
 #ifdef MOE_HAVE_CUDA
+#include <dlfcn.h>
+
 #include "common/cuda/cuda_experts.h"
+#include "common/plugin_loader.h"
 #endif
 
 namespace moe {
@@ -113,6 +116,20 @@ absl::StatusOr<cuda::HostMatrix> HostMatrixOf(const WeightMatrix& m, const std::
   return h;
 }
 
+// libmoe_cuda.so's entry points, loaded once.
+absl::StatusOr<const cuda::Api*> CudaApi() {
+  static const auto* const loaded = [] {
+    std::string error;
+    using Entry = const cuda::Api* (*)();
+    auto entry = reinterpret_cast<Entry>(LoadPluginSymbol(
+        "libmoe_cuda.so", MOE_CUDA_BUILD_PATH, MOE_CUDA_API_SYMBOL, RTLD_NOW | RTLD_LOCAL, &error));
+    return new absl::StatusOr<const cuda::Api*>(
+        entry != nullptr ? absl::StatusOr<const cuda::Api*>(entry())
+                         : absl::FailedPreconditionError("--device cuda: " + error));
+  }();
+  return *loaded;
+}
+
 absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(int index, const ModelWeights* weights) {
   const ModelConfig& c = weights->config();
   const ExpertRange& hosted = weights->hosted_experts();
@@ -137,9 +154,10 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(int index, const Mode
               << " MiB of experts";
   };
   std::string error;
+  MOE_ASSIGN_OR_RETURN(const cuda::Api* api, CudaApi());
   std::unique_ptr<cuda::CudaExperts> uploaded =
-      cuda::CudaExperts::Create(index, c.num_hidden_layers, hosted.size(), c.hidden_size,
-                                c.intermediate_size, experts, progress, &error);
+      api->create(index, c.num_hidden_layers, hosted.size(), c.hidden_size, c.intermediate_size,
+                  experts, progress, &error);
   if (uploaded == nullptr) return absl::FailedPreconditionError(error);
   return std::make_unique<CudaBackend>(weights, device, std::move(uploaded));
 }
@@ -164,6 +182,19 @@ absl::StatusOr<DeviceSpec> ParseDevice(absl::string_view spelled) {
   }
   return absl::InvalidArgumentError(
       absl::StrCat("--device: '", spelled, "' is not a device; use cpu, cuda or cuda:N"));
+}
+
+absl::StatusOr<int> CudaDeviceCount() {
+#ifdef MOE_HAVE_CUDA
+  MOE_ASSIGN_OR_RETURN(const cuda::Api* api, CudaApi());
+  int count = 0;
+  if (std::string e = api->device_count(&count); !e.empty()) {
+    return absl::FailedPreconditionError(e);
+  }
+  return count;
+#else
+  return absl::FailedPreconditionError("this build has no CUDA backend");
+#endif
 }
 
 absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateComputeBackend(const DeviceSpec& device,

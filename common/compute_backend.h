@@ -49,6 +49,10 @@ class ComputeBackend {
   virtual absl::StatusOr<std::unique_ptr<ExpertRunner>> NewRunner() const = 0;
 };
 
+// The CUDA devices visible to a build with the CUDA backend; FAILED_PRECONDITION with the CUDA
+// runtime's message otherwise (no driver, no GPU) or in a build without it.
+absl::StatusOr<int> CudaDeviceCount();
+
 // The backend for `device` over `weights` (which must outlive it and host the experts to
 // serve). FAILED_PRECONDITION when this build has no CUDA backend or the GPU cannot be used
 // (none visible, not enough free memory: the message names the bytes), INVALID_ARGUMENT when the

@@ -176,8 +176,19 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                  .Name("moe_worker_up")
                  .Help("1 while the expert worker is connected and serving, else 0")
                  .Register(r);
+  info_ = &prometheus::BuildGauge()
+               .Name("moe_worker_info")
+               .Help(
+                   "1 per worker, labelled with where its experts run (device) and how rows "
+                   "reach it (transport)")
+               .Register(r);
   for (const WorkerSnapshot& w : sources_.workers()) {
     auto series = std::make_unique<WorkerSeries>();
+    series->device = w.device;
+    series->transport = w.transport;
+    series->info =
+        &info_->Add({{"worker", w.address}, {"device", w.device}, {"transport", w.transport}});
+    series->info->Set(1);
     series->duration = &dispatch.Add({{"worker", w.address}}, DispatchBuckets());
     series->bytes_sent = &bytes.Add({{"worker", w.address}, {"direction", "sent"}});
     series->bytes_received = &bytes.Add({{"worker", w.address}, {"direction", "received"}});
@@ -198,7 +209,17 @@ void CoordinatorMetrics::Refresh() {
                      : 0.0);
   const std::vector<WorkerSnapshot> workers = sources_.workers();
   for (size_t i = 0; i < workers.size() && i < workers_.size(); ++i) {
-    workers_[i]->up->Set(workers[i].ready ? 1 : 0);
+    WorkerSeries& s = *workers_[i];
+    s.up->Set(workers[i].ready ? 1 : 0);
+    if (workers[i].device != s.device || workers[i].transport != s.transport) {
+      // Restarted with another --device (or --wire-dtype): the series follows it.
+      info_->Remove(s.info);
+      s.device = workers[i].device;
+      s.transport = workers[i].transport;
+      s.info = &info_->Add(
+          {{"worker", workers[i].address}, {"device", s.device}, {"transport", s.transport}});
+      s.info->Set(1);
+    }
   }
   const std::vector<double> ratios = window_.ImbalanceRatios(ExpertLoadWindow::Clock::now());
   for (int64_t l = 0; l < layers_; ++l) imbalance_[l]->Set(ratios[l]);

@@ -84,12 +84,15 @@ class CoordinatorMetrics : public SchedulerObserver, public DispatchObserver {
   void OnDispatch(std::span<const DispatchReport> reports) override;
 
  private:
+  prometheus::Family<prometheus::Gauge>* info_ = nullptr;
   struct WorkerSeries {
     prometheus::Histogram* duration;
     prometheus::Counter* bytes_sent;
     prometheus::Counter* bytes_received;
     prometheus::Counter* rows;
     prometheus::Gauge* up;
+    prometheus::Gauge* info;  // moe_worker_info{device, transport} as last seen
+    std::string device, transport;
     HistogramBatch batch{DispatchBuckets()};
     double pending_sent = 0, pending_received = 0, pending_rows = 0;
   };

@@ -321,13 +321,13 @@ std::string Upload(const HostMatrix& m, void* dst) {
   return "";
 }
 
-}  // namespace
-
 std::string DeviceCount(int* count) {
   *count = 0;
   MOE_CUDA_TRY(cudaGetDeviceCount(count));
   return "";
 }
+
+}  // namespace
 
 std::unique_ptr<CudaExperts> CudaExperts::Create(
     int device, int64_t layers, int64_t hosted, int64_t hidden, int64_t ffn,
@@ -389,3 +389,8 @@ std::unique_ptr<CudaExperts> CudaExperts::Create(
 }
 
 }  // namespace moe::cuda
+
+extern "C" __attribute__((visibility("default"))) const moe::cuda::Api* moe_cuda_api() {
+  static const moe::cuda::Api api{&moe::cuda::DeviceCount, &moe::cuda::CudaExperts::Create};
+  return &api;
+}

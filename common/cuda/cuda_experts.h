@@ -39,9 +39,6 @@ struct HostExpert {
   HostMatrix w2;  // [hidden, ffn]
 };
 
-// "" and *count = the CUDA devices visible, or the CUDA runtime's error.
-std::string DeviceCount(int* count);
-
 // One ExpertFfn batch, grouped (see ExpertGrouping for the arrays' meaning).
 struct GroupedBatch {
   int64_t layer = 0;
@@ -84,6 +81,23 @@ class CudaExperts {
   virtual std::unique_ptr<CudaRunner> NewRunner(std::string* error) const = 0;
 };
 
+// What libmoe_cuda.so offers (compute_backend.cc loads it with dlopen, see plugin_loader.h).
+struct Api {
+  // "" and *count = the CUDA devices visible, or the CUDA runtime's error.
+  std::string (*device_count)(int* count);
+  // CudaExperts::Create.
+  std::unique_ptr<CudaExperts> (*create)(int device, int64_t layers, int64_t hosted, int64_t hidden,
+                                         int64_t ffn, const std::vector<HostExpert>& experts,
+                                         const std::function<void(uint64_t, uint64_t)>& progress,
+                                         std::string* error);
+};
+
 }  // namespace moe::cuda
+
+// The library's one exported symbol.
+#define MOE_CUDA_API_SYMBOL "moe_cuda_api"
+extern "C" const moe::cuda::Api* moe_cuda_api();
+
+namespace moe::cuda {}  // namespace moe::cuda
 
 #endif  // MOE_COMMON_CUDA_CUDA_EXPERTS_H_

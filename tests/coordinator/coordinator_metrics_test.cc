@@ -238,6 +238,7 @@ TEST_F(CoordinatorMetricsTest, CountsMatchTheRequestsAndTheRouter) {
   EXPECT_EQ(m.at("moe_requests_waiting"), 0);
   EXPECT_EQ(m.at("moe_kv_cache_usage_ratio"), 0);
   EXPECT_EQ(m.at("moe_worker_up{worker=\"in-process\"}"), 1);
+  EXPECT_EQ(m.at("moe_worker_info{device=\"cpu\",transport=\"grpc\",worker=\"in-process\"}"), 1);
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     const auto& row = table[l];
     const double total = std::accumulate(row.begin(), row.end(), 0.0);
@@ -307,14 +308,22 @@ TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd)
   const ModelConfig& c = model_->config();
   // A coordinator with two named workers; reports arrive per layer, publish at the step end.
   CoordinatorMetrics metrics(c,
-                             CoordinatorMetrics::Sources{[] {
-                                                           return Scheduler::Stats{0, 0, 0, 1};
-                                                         },
-                                                         [] {
-                                                           return std::vector<WorkerSnapshot>{
-                                                               {"w0:1", true, {0, 16}, ""},
-                                                               {"w1:1", false, {16, 32}, "down"}};
-                                                         }});
+                             CoordinatorMetrics::Sources{
+                                 [] {
+                                   return Scheduler::Stats{0, 0, 0, 1};
+                                 },
+                                 [] {
+                                   return std::vector<WorkerSnapshot>{
+                                       {"w0:1",
+                                        true,
+                                        {0, 16},
+                                        "",
+                                        false,
+                                        "cuda:0 (NVIDIA H200, BF16 "
+                                        "weights, 1.00 GiB)",
+                                        "grpc/bf16"},
+                                       {"w1:1", false, {16, 32}, "down", false, "cpu", "grpc/f32"}};
+                                 }});
   const DispatchReport layer0[] = {{0, 0.002, 100, 50, 3}, {1, 0.004, 200, 80, 5}};
   const DispatchReport layer1[] = {{0, 0.003, 10, 5, 1}};
   metrics.OnDispatch(layer0);
@@ -335,6 +344,10 @@ TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd)
   EXPECT_EQ(m.at("moe_dispatch_duration_seconds_count{worker=\"w1:1\"}"), 1);
   EXPECT_EQ(m.at("moe_worker_up{worker=\"w0:1\"}"), 1);
   EXPECT_EQ(m.at("moe_worker_up{worker=\"w1:1\"}"), 0);
+  EXPECT_EQ(m.at("moe_worker_info{device=\"cuda:0 (NVIDIA H200, BF16 weights, 1.00 GiB)\","
+                 "transport=\"grpc/bf16\",worker=\"w0:1\"}"),
+            1);
+  EXPECT_EQ(m.at("moe_worker_info{device=\"cpu\",transport=\"grpc/f32\",worker=\"w1:1\"}"), 1);
   metrics.OnRejected();
   m = Scrape(*metrics.collectable());
   EXPECT_EQ(m.at("moe_requests_total{outcome=\"rejected\"}"), 1);

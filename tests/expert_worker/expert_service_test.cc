@@ -30,9 +30,6 @@
 #include "tests/testutil/checkpoint_writer.h"
 #include "tests/testutil/http.h"
 #include "tests/testutil/subprocess.h"
-#ifdef MOE_HAVE_CUDA
-#include "common/cuda/cuda_experts.h"
-#endif
 
 namespace moe {
 namespace {
@@ -626,8 +623,8 @@ TEST(WorkerBinaryTest, DeviceFlag) {
   };
   std::vector<Case> cases = {{"gpu", "--device: 'gpu' is not a device; use cpu, cuda or cuda:N"}};
 #ifdef MOE_HAVE_CUDA
-  int gpus = 0;
-  const bool have_gpu = moe::cuda::DeviceCount(&gpus).empty() && gpus > 0;
+  const absl::StatusOr<int> gpus = CudaDeviceCount();
+  const bool have_gpu = gpus.ok() && *gpus > 0;
   cases.push_back({"cuda", have_gpu ? "" : "cuda:0: no CUDA device"});
 #else
   cases.push_back({"cuda",
