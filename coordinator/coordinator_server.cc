@@ -105,9 +105,10 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   InferenceServiceDeps deps;
   deps.scheduler = scheduler_.get();
   deps.tokenizer = model_->tokenizer();
-  deps.config = &model_->config();
+  deps.config = &model_->engine()->config();  // with --experts-per-token applied
   deps.expert_load = expert_load_.get();
   deps.dtype = std::string(DTypeName(model_->weights().dtype()));
+  deps.model_experts_per_token = model_->config().num_experts_per_tok;
   deps.fingerprint = model_->checkpoint().fingerprint();
   deps.workers = workers;
   deps.api_tokens = api_tokens_ ? &*api_tokens_ : nullptr;
@@ -165,7 +166,7 @@ absl::Status CoordinatorServer::StartHttp(const CoordinatorOptions& options) {
   OpenAiApiDeps deps;
   deps.scheduler = scheduler_.get();
   deps.tokenizer = model_->tokenizer();
-  deps.config = &model_->config();
+  deps.config = &model_->engine()->config();  // with --experts-per-token applied
   deps.model_name = options.served_model_name;
   if (deps.model_name.empty()) {
     std::string path = options.model_dir;

@@ -18,6 +18,12 @@ absl::StatusOr<std::unique_ptr<Engine>> Engine::Create(const ModelWeights* weigh
   if (weights->embed_tokens().data == nullptr) {
     return absl::InvalidArgumentError("the engine needs the shared (non-expert) weights loaded");
   }
+  const ModelConfig& c = weights->config();
+  if (options.experts_per_token < 0 || options.experts_per_token > c.routed_experts_per_token()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--experts-per-token ", options.experts_per_token, ": must be between 1 and the model's ",
+        c.routed_experts_per_token(), " experts per token (0 keeps the model's)"));
+  }
   return std::unique_ptr<Engine>(new Engine(weights, transport, options));
 }
 
@@ -28,6 +34,8 @@ Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
       config_(weights->config()),
       on_expert_loss_(options.on_expert_loss),
       kv_cache_(weights->config(), options.kv_cache) {
+  // The router, rerouting and everything that asks engine()->config() use the override.
+  if (options.experts_per_token > 0) config_.num_experts_per_tok = options.experts_per_token;
   // RoPE tables as transformers builds them (f32): inv_freq[i] = 1 / theta^(2i / head_dim),
   // angle = position * inv_freq[i].
   const int64_t half = config_.head_dim / 2;

@@ -207,6 +207,7 @@ grpc::Status InferenceService::GetModelInfo(grpc::ServerContext* context,
   response->set_max_position_embeddings(static_cast<int32_t>(c.max_position_embeddings));
   response->set_dtype(deps_.dtype);
   response->set_fingerprint(deps_.fingerprint);
+  response->set_model_experts_per_token(static_cast<int32_t>(deps_.model_experts_per_token));
   return grpc::Status::OK;
 }
 

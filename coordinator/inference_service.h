@@ -21,7 +21,8 @@ namespace moe {
 struct InferenceServiceDeps {
   Scheduler* scheduler = nullptr;
   const Tokenizer* tokenizer = nullptr;
-  const ModelConfig* config = nullptr;
+  const ModelConfig* config = nullptr;  // the engine's (experts per token as routed)
+  int64_t model_experts_per_token = 0;  // the checkpoint's
   const ExpertLoadCounter* expert_load = nullptr;
   std::string dtype;        // of the checkpoint's matrices
   std::string fingerprint;  // of the checkpoint

@@ -34,6 +34,13 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LocalModel::Create(const LocalModelO
   }
   MOE_ASSIGN_OR_RETURN(m->engine_,
                        Engine::Create(m->weights_.get(), m->transport_.get(), options.engine));
+  if (options.engine.experts_per_token > 0 &&
+      options.engine.experts_per_token != m->config().num_experts_per_tok) {
+    LOG(WARNING) << "routing each token to " << options.engine.experts_per_token << " of its "
+                 << m->config().num_local_experts << " experts (--experts-per-token); the model "
+                 << "routes to " << m->config().num_experts_per_tok
+                 << ": outputs are not the model's";
+  }
   // Mapped, or (quantize-on-load) held as a quantized copy.
   LOG(INFO) << (m->weights_->mapped_tensor_bytes() + m->weights_->owned_bytes()) / 1048576.0
             << " MiB of shared weights of " << m->checkpoint_->path();

@@ -76,6 +76,10 @@ ABSL_FLAG(std::string, on_expert_loss, "fail",
           "to their top-k among the live experts, says so in each response (degraded_tokens) "
           "and in moe_degraded_tokens_total, and keeps health SERVING while at least top-k "
           "experts are live (availability over exactness).");
+ABSL_FLAG(int64_t, experts_per_token, 0,
+          "Route each token to K experts instead of the model's experts per token (0: the model's; "
+          "1 <= K <= the model's), renormalising the router weights over the K: faster, and no "
+          "longer the model's outputs (reported at start and in GetModelInfo).");
 ABSL_FLAG(std::string, wire_dtype, "auto",
           "How hidden rows and partial sums travel to and from the workers: f32 (exact, "
           "bit-identical to in-process experts), bf16 (half the bytes; values rounded to "
@@ -179,6 +183,7 @@ int main(int argc, char** argv) {
                  absl::GetFlag(FLAGS_on_expert_loss).c_str());
     return 1;
   }
+  options.engine.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
   if (!moe::ParseWireDType(absl::GetFlag(FLAGS_wire_dtype), &options.wire_dtype)) {
     std::fprintf(stderr,
                  "moe-coordinator: error: --wire-dtype must be auto, f32 or bf16, not '%s'\n",

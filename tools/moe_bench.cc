@@ -35,6 +35,10 @@ ABSL_FLAG(int64_t, prefill_runs, 3, "Timed prefill runs (after one untimed); the
 ABSL_FLAG(std::vector<std::string>, batches, std::vector<std::string>({"1", "8"}),
           "Decode batch sizes (comma-separated).");
 ABSL_FLAG(int64_t, workers, 1, "In-process expert workers.");
+ABSL_FLAG(int64_t, experts_per_token, 0,
+          "Route each token to K experts instead of the model's experts per token (0: the model's; "
+          "1 <= K <= the model's), renormalising the router weights over the K: faster, and no "
+          "longer the model's outputs (reported at start and in GetModelInfo).");
 ABSL_FLAG(std::string, server, "", "Benchmark a running coordinator instead (HOST:PORT).");
 ABSL_FLAG(int64_t, streams, 8, "With --server: concurrent streams.");
 ABSL_FLAG(int64_t, max_tokens, 64, "With --server: tokens generated per stream.");
@@ -109,6 +113,7 @@ int Run() {
   LocalModelOptions options;
   options.model_dir = absl::GetFlag(FLAGS_model);
   options.in_process_workers = absl::GetFlag(FLAGS_workers);
+  options.engine.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
   options.load_tokenizer = false;
   options.quantize = absl::GetFlag(FLAGS_quantize).type;
   if (options.model_dir.empty()) {
@@ -121,7 +126,7 @@ int Run() {
     return 1;
   }
   LocalModel& model = **loaded;
-  const ModelConfig& c = model.config();
+  const ModelConfig& c = model.engine()->config();  // experts per token as routed
   Engine* engine = model.engine();
   ExpertTouchCounter touched(c.num_hidden_layers);
   engine->AddRoutingObserver(&touched);

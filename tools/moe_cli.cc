@@ -50,6 +50,11 @@ ABSL_FLAG(bool, json, false,
 ABSL_FLAG(int32_t, logprobs, 0,
           "generate --json: also list this many most likely alternatives per token (0..20).");
 ABSL_FLAG(int64_t, workers, 1, "With --model: in-process expert workers to split experts over.");
+ABSL_FLAG(int64_t, experts_per_token, 0,
+          "With --model: route each token to K experts instead of the model's experts per token "
+          "(0: the model's; "
+          "1 <= K <= the model's), renormalising the router weights over the K: faster, and no "
+          "longer the model's outputs (reported at start and in GetModelInfo).");
 
 int main(int argc, char** argv) {
   const std::vector<std::string> args = moe::InitMain(
@@ -100,6 +105,7 @@ int main(int argc, char** argv) {
     o.stop = absl::GetFlag(FLAGS_stop);
     o.ignore_eos = absl::GetFlag(FLAGS_ignore_eos);
     o.in_process_workers = absl::GetFlag(FLAGS_workers);
+    o.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
     o.quantize = absl::GetFlag(FLAGS_quantize).type;
     o.json = absl::GetFlag(FLAGS_json);
     o.logprobs = absl::GetFlag(FLAGS_logprobs);

@@ -174,6 +174,55 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, GoldenTest, ::testing::ValuesIn(Cases()),
                            return info.param.fixture + "_w" + std::to_string(info.param.workers);
                          });
 
+// --experts-per-token K against transformers with num_experts_per_tok = K on the same weights
+// (tools/fixtures/gen_topk_override.py): prompt and decode logits, greedy tokens, in-process with
+// 1 and 2 workers.
+TEST(ExpertsPerTokenTest, OverrideMatchesTransformersWithThatTopK) {
+  for (const auto& [fixture, k] :
+       std::vector<std::pair<std::string, int64_t>>{{"mixtral_8e_top3_no_rope_theta", 1},
+                                                    {"mixtral_8e_top3_no_rope_theta", 2},
+                                                    {"mixtral_32e_gqa_fp16", 1}}) {
+    const std::string dir = std::string(kModels) + fixture;
+    const std::string stem = dir + "/top" + std::to_string(k) + ".expected";
+    SCOPED_TRACE(stem);
+    for (int64_t workers : {1, 2}) {
+      LocalModelOptions options;
+      options.model_dir = dir;
+      options.in_process_workers = workers;
+      options.engine.experts_per_token = k;
+      auto m = LocalModel::Create(options);
+      ASSERT_TRUE(m.ok()) << m.status();
+      EXPECT_EQ((*m)->engine()->config().num_experts_per_tok, k);
+      EXPECT_GT((*m)->config().num_experts_per_tok, k);  // the checkpoint's stays
+      auto expected =
+          testing::LoadExpected(stem + ".json", stem + ".safetensors", (*m)->config().vocab_size);
+      ASSERT_TRUE(expected.ok()) << expected.status();
+      testing::ExpectPrefillMatchesGolden(**m, *expected);
+      testing::ExpectDecodeMatchesGolden(**m, *expected);
+      GenerationRequest r;
+      r.prompt = expected->prompt;
+      r.params.max_tokens = static_cast<int64_t>(expected->greedy.size());
+      r.params.ignore_eos = true;
+      auto out = Generate((*m)->engine(), (*m)->tokenizer(), {&r, 1}, nullptr);
+      ASSERT_TRUE(out.ok()) << out.status();
+      EXPECT_EQ((*out)[0].tokens, expected->greedy);
+    }
+  }
+}
+
+TEST(ExpertsPerTokenTest, OutOfRangeIsRefusedNamingTheBound) {
+  for (int64_t k : {-1, 4}) {
+    LocalModelOptions options;
+    options.model_dir = std::string(kModels) + "mixtral_8e_top3_no_rope_theta";
+    options.engine.experts_per_token = k;
+    auto m = LocalModel::Create(options);
+    ASSERT_FALSE(m.ok()) << k;
+    EXPECT_EQ(m.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(std::string(m.status().message()),
+                ::testing::HasSubstr("must be between 1 and the model's 3 experts per token"));
+  }
+}
+
 TEST(GoldenConfigTest, MissingRopeThetaTakesMixtralDefault) {
   auto c = LoadModelConfig(std::string(kModels) + "mixtral_8e_top3_no_rope_theta");
   ASSERT_TRUE(c.ok()) << c.status();

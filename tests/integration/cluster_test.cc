@@ -466,6 +466,26 @@ TEST(ClusterWireTest, Bf16WireKeepsGreedyTokensAndReportsTheLogitError) {
   }
 }
 
+// --experts-per-token on the coordinator: workers compute whatever pairs arrive, so the cluster
+// gives transformers' greedy tokens for that top-k and says so in GetModelInfo.
+TEST(ClusterExpertsPerTokenTest, CoordinatorOverrideReachesTransformersTopOneTokens) {
+  const std::string dir = ModelDir("mixtral_8e_top3_no_rope_theta");
+  auto expected =
+      testing::LoadExpected(dir + "/top1.expected.json", dir + "/top1.expected.safetensors", 1000);
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  auto cluster = Cluster::Start(dir, {"0-3", "4-7"}, {"--experts-per-token", "1"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  auto info = (*cluster)->client().GetModelInfo();
+  ASSERT_TRUE(info.ok()) << info.status();
+  EXPECT_EQ(info->experts_per_token(), 1);
+  EXPECT_EQ(info->model_experts_per_token(), 3);
+  auto result = (*cluster)->client().Generate(
+      IdsRequest(expected->prompt, static_cast<int>(expected->greedy.size())));
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+  EXPECT_EQ(result->tokens, expected->greedy);
+  EXPECT_THAT((*cluster)->Logs(), HasSubstr("routing each token to 1 of its 8 experts"));
+}
+
 // --- Concurrency: 8 different requests at once get what each gets alone. ---
 
 TEST(ClusterKvPressureTest, SixteenLongRequestsOnASmallCacheAllCompleteAsSolo) {

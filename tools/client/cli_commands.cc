@@ -89,6 +89,7 @@ absl::StatusOr<std::unique_ptr<LocalModel>> LoadLocal(const CliGenerateOptions& 
   options.model_dir = o.model_dir;
   options.in_process_workers = o.in_process_workers;
   options.quantize = o.quantize;
+  options.engine.experts_per_token = o.experts_per_token;
   return LocalModel::Create(options);
 }
 

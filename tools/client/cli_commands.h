@@ -26,6 +26,7 @@ struct CliGenerateOptions {
   std::vector<std::string> stop;
   bool ignore_eos = false;
   int64_t in_process_workers = 1;
+  int64_t experts_per_token = 0;  // EngineOptions::experts_per_token
   std::optional<DType> quantize;  // local: quantize-on-load
   // `moe-cli chat`: the messages go through the model's chat template (with the generation
   // prompt), encoded without adding BOS (the template has it).
