@@ -12,6 +12,7 @@
 #include "absl/flags/flag.h"
 #include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
+#include "absl/time/time.h"
 #include "common/api_tokens.h"
 #include "common/dtype.h"
 #include "common/main_init.h"
@@ -50,6 +51,10 @@ ABSL_FLAG(bool, json, false,
 ABSL_FLAG(int32_t, logprobs, 0,
           "generate --json: also list this many most likely alternatives per token (0..20).");
 ABSL_FLAG(int64_t, workers, 1, "With --model: in-process expert workers to split experts over.");
+ABSL_FLAG(absl::Duration, seconds, absl::ZeroDuration(),
+          "record-experts: record over this long (e.g. 60s); 0 = everything since the "
+          "coordinator started.");
+ABSL_FLAG(std::string, out, "", "record-experts: the CSV file to write (layer,expert,tokens).");
 ABSL_FLAG(int64_t, experts_per_token, 0,
           "With --model: route each token to K experts instead of the model's experts per token "
           "(0: the model's; "
@@ -74,7 +79,10 @@ int main(int argc, char** argv) {
       "      --http-listen address); without --message, a conversation, one message per\n"
       "      line of stdin (/exit ends);\n"
       "  moe-cli status --server HOST:PORT\n"
-      "      prints the workers, their experts and the tokens routed per layer and expert.\n"
+      "      prints the workers, their experts and the tokens routed per layer and expert;\n"
+      "  moe-cli record-experts --server HOST:PORT [--seconds 60s] --out FILE.csv\n"
+      "      writes the tokens routed to each layer and expert (over --seconds, or since the\n"
+      "      coordinator started) as CSV layer,expert,tokens.\n"
       "Flag names take dashes or underscores (--max-tokens == --max_tokens).");
   const std::string command = args.size() == 1 ? args[0] : "";
   absl::Status status;
@@ -117,6 +125,10 @@ int main(int argc, char** argv) {
     } else {
       status = moe::RunGenerate(o);
     }
+  } else if (command == "record-experts") {
+    status =
+        moe::RunRecordExperts(absl::GetFlag(FLAGS_server), api_token, absl::GetFlag(FLAGS_tls_ca),
+                              absl::GetFlag(FLAGS_seconds), absl::GetFlag(FLAGS_out));
   } else if (command == "status") {
     status = moe::RunStatus(absl::GetFlag(FLAGS_server), api_token, absl::GetFlag(FLAGS_tls_ca));
   } else {

@@ -1507,6 +1507,29 @@ TEST(ClusterStatusTest, ExpertLoadCountsEveryRoutedToken) {
     for (uint64_t t : l.tokens()) total += t;
     EXPECT_EQ(total, positions * 3) << "layer " << l.layer();
   }
+
+  // moe-cli record-experts: since the start, the same table as CSV; over a window without
+  // traffic, zeros; without --out, a clear error.
+  const std::string csv = testing::TempDir("record") + "/load.csv";
+  const std::string cli =
+      absl::StrCat(MOE_CLI_PATH, " record-experts --server ", (*cluster)->address());
+  ASSERT_EQ(std::system(absl::StrCat(cli, " --out ", csv, " 2>/dev/null").c_str()), 0);
+  std::string want = "layer,expert,tokens\n";
+  for (const pb::ExpertLoad& l : status->load()) {
+    for (int e = 0; e < l.tokens_size(); ++e)
+      absl::StrAppend(&want, l.layer(), ",", e, ",", l.tokens(e), "\n");
+  }
+  EXPECT_EQ(testing::ReadLog(csv), want);
+  ASSERT_EQ(std::system(absl::StrCat(cli, " --seconds 0.2s --out ", csv, " 2>/dev/null").c_str()),
+            0);
+  std::string zeros = "layer,expert,tokens\n";
+  for (int l = 0; l < 2; ++l) {
+    for (int e = 0; e < 8; ++e) absl::StrAppend(&zeros, l, ",", e, ",0\n");
+  }
+  EXPECT_EQ(testing::ReadLog(csv), zeros);
+  const std::string err = testing::TempDir("record") + "/err.txt";
+  EXPECT_NE(std::system(absl::StrCat(cli, " 2>", err).c_str()), 0);
+  EXPECT_THAT(testing::ReadLog(err), HasSubstr("record-experts needs --out FILE"));
 }
 
 }  // namespace

@@ -3,10 +3,12 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <fstream>
 #include <functional>
 #include <iostream>
 #include <memory>
 #include <optional>
+#include <vector>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
@@ -328,6 +330,59 @@ absl::Status RunStatus(const std::string& server, const std::string& api_token,
   auto status = client->GetClusterStatus();
   if (!status.ok()) return status.status();
   std::cout << FormatClusterStatus(*status);
+  return absl::OkStatus();
+}
+
+absl::Status RunRecordExperts(const std::string& server, const std::string& api_token,
+                              const std::string& tls_ca, absl::Duration seconds,
+                              const std::string& out) {
+  if (server.empty()) return absl::InvalidArgumentError("record-experts needs --server HOST:PORT");
+  if (out.empty()) return absl::InvalidArgumentError("record-experts needs --out FILE");
+  if (seconds < absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("record-experts: --seconds must be >= 0");
+  }
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<InferenceClient> client, Connect(server, api_token, tls_ca));
+  // Counts since the coordinator started; with --seconds, the difference over that window.
+  const auto counts = [&]() -> absl::StatusOr<std::vector<std::vector<uint64_t>>> {
+    MOE_ASSIGN_OR_RETURN(const moecluster::v1::ClusterStatus status, client->GetClusterStatus());
+    std::vector<std::vector<uint64_t>> table;
+    for (const auto& layer : status.load()) {
+      table.emplace_back(layer.tokens().begin(), layer.tokens().end());
+    }
+    return table;
+  };
+  std::vector<std::vector<uint64_t>> before;
+  if (seconds > absl::ZeroDuration()) {
+    MOE_ASSIGN_OR_RETURN(before, counts());
+    std::fprintf(stderr, "recording the expert load of %s for %s...\n", server.c_str(),
+                 absl::FormatDuration(seconds).c_str());
+    absl::SleepFor(seconds);
+  }
+  MOE_ASSIGN_OR_RETURN(std::vector<std::vector<uint64_t>> after, counts());
+  std::string csv = "layer,expert,tokens\n";
+  uint64_t total = 0;
+  for (size_t l = 0; l < after.size(); ++l) {
+    for (size_t e = 0; e < after[l].size(); ++e) {
+      uint64_t n = after[l][e];
+      if (!before.empty()) {
+        if (before.size() != after.size() || before[l].size() != after[l].size() ||
+            before[l][e] > n) {
+          return absl::FailedPreconditionError(
+              "the coordinator's expert counts went down during the recording (it restarted): "
+              "record again");
+        }
+        n -= before[l][e];
+      }
+      total += n;
+      absl::StrAppend(&csv, l, ",", e, ",", n, "\n");
+    }
+  }
+  std::ofstream file(out, std::ios::binary | std::ios::trunc);
+  file << csv;
+  file.close();
+  if (!file) return absl::UnavailableError(absl::StrCat("cannot write ", out));
+  std::fprintf(stderr, "wrote %s: %zu layers, %llu token-to-expert assignments\n", out.c_str(),
+               after.size(), static_cast<unsigned long long>(total));
   return absl::OkStatus();
 }
 

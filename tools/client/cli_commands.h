@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "absl/time/time.h"
 #include "common/dtype.h"
 #include "coordinator/sampler.h"
 
@@ -48,6 +49,14 @@ absl::Status RunChat(const CliGenerateOptions& options);
 // Prints workers, placement and the expert-load table of a coordinator.
 absl::Status RunStatus(const std::string& server, const std::string& api_token = "",
                        const std::string& tls_ca = "");
+
+// `moe-cli record-experts`: the tokens a coordinator routed to each (layer, expert) over the
+// next `seconds` (0: since it started), written to `out` as CSV `layer,expert,tokens` (a header
+// line, then one line per layer and expert, layers then experts ascending). FAILED_PRECONDITION
+// when the coordinator restarted during the recording (its counts went down).
+absl::Status RunRecordExperts(const std::string& server, const std::string& api_token,
+                              const std::string& tls_ca, absl::Duration seconds,
+                              const std::string& out);
 
 }  // namespace moe
 
