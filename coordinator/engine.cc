@@ -56,6 +56,13 @@ Engine::Engine(const ModelWeights* weights, ExpertTransport* transport,
   scores_.resize(static_cast<size_t>(omp_get_max_threads()) * scores_per_thread_);
 }
 
+absl::Status CheckExpertsPerToken(int64_t k, const ModelConfig& config) {
+  if (k >= 0 && k <= config.routed_experts_per_token()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("experts_per_token must be in [1, ", config.routed_experts_per_token(),
+                   "] (the server's experts per token; 0 or unset keeps them), got ", k));
+}
+
 absl::Status Engine::Validate(std::span<const StepInput> inputs) const {
   if (inputs.empty()) return absl::InvalidArgumentError("empty batch");
   for (const StepInput& in : inputs) {
@@ -66,6 +73,7 @@ absl::Status Engine::Validate(std::span<const StepInput> inputs) const {
           absl::StrCat("sequence of ", end, " tokens exceeds the model's max_position_embeddings (",
                        config_.max_position_embeddings, ")"));
     }
+    MOE_RETURN_IF_ERROR(CheckExpertsPerToken(in.experts_per_token, config_));
     for (int32_t id : in.tokens) {
       if (id < 0 || id >= config_.vocab_size) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -101,6 +109,7 @@ void Engine::EnsureScratch(int64_t rows) {
   if (static_cast<int64_t>(row_input_.size()) >= rows) return;
   const int64_t hidden = config_.hidden_size;
   row_input_.resize(rows);
+  row_k_.resize(rows);
   row_position_.resize(rows);
   x_.resize(rows * hidden);
   xn_.resize(rows * hidden);
@@ -195,6 +204,7 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
     kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
     RouteTokens(router_logits_.data(), rows, config_.num_local_experts, config_.num_experts_per_tok,
                 &routing_);
+    if (row_k_mixed_) RouteOwnTopK(rows);
   } else {
     RouteDense(rows, &routing_);
   }
@@ -233,6 +243,20 @@ absl::Status Engine::Experts(int64_t layer, int64_t rows) {
   return absl::OkStatus();
 }
 
+void Engine::RouteOwnTopK(int64_t rows) {
+  const int64_t experts = config_.num_local_experts;
+  const int64_t k = config_.num_experts_per_tok;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t own = row_k_[r];
+    if (own <= 0 || own >= k) continue;
+    // Top-own of the probabilities RouteTokens left in router_logits_, renormalized over them.
+    TopKRenormalized(&router_logits_[r * experts], experts, own, &routing_.experts[r * k],
+                     &routing_.weights[r * k]);
+    std::fill(&routing_.experts[r * k + own], &routing_.experts[(r + 1) * k], -1);
+    std::fill(&routing_.weights[r * k + own], &routing_.weights[(r + 1) * k], 0.0f);
+  }
+}
+
 absl::Status Engine::Reroute(int64_t rows) {
   const int64_t experts = config_.num_local_experts;
   const int64_t k = config_.num_experts_per_tok;
@@ -248,16 +272,18 @@ absl::Status Engine::Reroute(int64_t rows) {
   }
   live_probs_.resize(live);
   for (int64_t r = 0; r < rows; ++r) {
+    // This row's experts per token: its own (the rest of its slots are -1) or the engine's.
+    const int64_t own = row_k_[r] > 0 && row_k_[r] < k ? row_k_[r] : k;
     bool lost = false;
-    for (int64_t j = 0; j < k; ++j) lost = lost || !live_[routing_.experts[r * k + j]];
+    for (int64_t j = 0; j < own; ++j) lost = lost || !live_[routing_.experts[r * k + j]];
     if (!lost) continue;
     // Top-k among the live experts from the router's probabilities (RouteTokens left them in
     // router_logits_); renormalizing over the chosen equals a softmax over the live alone.
     const float* probs = &router_logits_[r * experts];
     for (int64_t i = 0; i < live; ++i) live_probs_[i] = probs[live_ids_[i]];
     int32_t* chosen = &routing_.experts[r * k];
-    TopKRenormalized(live_probs_.data(), live, k, chosen, &routing_.weights[r * k]);
-    for (int64_t j = 0; j < k; ++j) chosen[j] = live_ids_[chosen[j]];
+    TopKRenormalized(live_probs_.data(), live, own, chosen, &routing_.weights[r * k]);
+    for (int64_t j = 0; j < own; ++j) chosen[j] = live_ids_[chosen[j]];
     layer_degraded_[r] = 1;
   }
   return absl::OkStatus();
@@ -282,9 +308,13 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
   const int64_t hidden = config_.hidden_size;
   // embeddings
   int64_t r = 0;
+  row_k_mixed_ = false;
   for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t k = inputs[i].experts_per_token;
+    row_k_mixed_ |= k > 0 && k < config_.num_experts_per_tok;
     for (size_t j = 0; j < inputs[i].tokens.size(); ++j, ++r) {
       row_input_[r] = static_cast<int32_t>(i);
+      row_k_[r] = static_cast<int32_t>(k);
       row_position_[r] = inputs[i].seq->length + static_cast<int64_t>(j);
       const WeightMatrix& embed = weights_->embed_tokens();
       kernels::ConvertToF32(embed.Row(inputs[i].tokens[j]), embed.dtype, hidden, &x_[r * hidden]);

@@ -36,6 +36,10 @@ struct EngineOptions {
   int64_t experts_per_token = 0;
 };
 
+// OK when a request or step input may route to `k` experts per token under `config` (the
+// engine's): 0 (its own) or 1 .. its experts per token. INVALID_ARGUMENT naming the bound.
+absl::Status CheckExpertsPerToken(int64_t k, const ModelConfig& config);
+
 // A sequence's state in the engine: its KV blocks and how many positions are cached.
 struct SequenceState {
   BlockTable blocks;
@@ -47,6 +51,9 @@ struct StepInput {
   SequenceState* seq = nullptr;
   std::span<const int32_t> tokens;
   bool all_logits = false;  // logits for every token (tests); else only for the last
+  // Route these tokens to this many experts (a request's experts_per_token; 0: the engine's),
+  // 1 <= K <= the engine's. The other slots of their Routing rows are expert -1, weight 0.
+  int64_t experts_per_token = 0;
 };
 
 // Observes routing decisions (e.g. expert-load counters). OnRouting is called once per layer
@@ -111,6 +118,9 @@ class Engine {
   absl::Status Experts(int64_t layer, int64_t rows);
   // Reroutes the rows of routing_ that name an expert with live_[e] == 0, from the router's
   // probabilities.
+  // Rows with their own experts per token (row_k_): top-K of the router's probabilities, the
+  // remaining slots -1 / 0.
+  void RouteOwnTopK(int64_t rows);
   absl::Status Reroute(int64_t rows);
 
   // Constant after construction.
@@ -126,6 +136,8 @@ class Engine {
 
   // Per-step row bookkeeping and scratch, grown to the largest step seen.
   std::vector<int32_t> row_input_;     // input index of each row
+  std::vector<int32_t> row_k_;         // experts per token of each row (0: the engine's)
+  bool row_k_mixed_ = false;           // some row has its own experts per token this step
   std::vector<int64_t> row_position_;  // position of each row
   std::vector<float> x_;               // [rows, hidden] residual stream
   std::vector<float> xn_;              // [rows, hidden] normed

@@ -37,7 +37,9 @@ class ExpertLoadCounter : public RoutingObserver {
 
   void OnRouting(int64_t layer, const Routing& routing) override {
     uint64_t* row = &step_[layer * experts_];
-    for (int32_t e : routing.experts) ++row[e];
+    for (int32_t e : routing.experts) {
+      if (e >= 0) ++row[e];  // -1: an unused slot (Routing)
+    }
   }
 
   void OnDegraded(int64_t layer, int64_t tokens) override {

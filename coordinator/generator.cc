@@ -106,6 +106,7 @@ absl::Status ValidateGenerationRequest(const GenerationRequest& request,
   for (const std::string& s : p.stop) {
     if (s.empty()) return absl::InvalidArgumentError("stop strings must not be empty");
   }
+  MOE_RETURN_IF_ERROR(CheckExpertsPerToken(p.experts_per_token, config));
   return ValidateSamplingParams(p.sampling);
 }
 

@@ -34,6 +34,9 @@ struct GenerationParams {
   std::vector<std::string> stop;  // generation ends before the first occurrence of any
   bool ignore_eos = false;        // keep going past EOS (benchmarks, fixtures)
   bool trace_routing = false;     // report each token's expert routing (TokenRoutes)
+  // Route this request's tokens to this many experts (0: the server's, which may itself be
+  // --experts-per-token); 1 <= K <= the server's. Faster, no longer the model's outputs.
+  int64_t experts_per_token = 0;
   // Log-probabilities (see TokenLogprobs) of each generated token, with this many most likely
   // alternatives: -1 none, else 0..kMaxTopLogprobs.
   int32_t logprobs = -1;

@@ -49,6 +49,7 @@ void AppendRoutes(const TokenRoutes& routes, std::span<const int32_t> tokens,
       pb::LayerRoute* layer = route->add_layers();
       for (int64_t k = 0; k < routes.top_k; ++k) {
         const size_t i = t * per_token + l * routes.top_k + k;
+        if (routes.experts[i] < 0) continue;  // fewer experts per token (experts_per_token)
         layer->add_experts(routes.experts[i]);
         layer->add_weights(routes.weights[i]);
       }
@@ -102,6 +103,7 @@ GenerationRequest FromProto(const pb::GenerateRequest& r, const Tokenizer& token
   out.params.trace_routing = r.trace_routing();
   if (r.has_logprobs()) out.params.logprobs = r.logprobs();
   if (r.has_prompt_logprobs()) out.params.prompt_logprobs = r.prompt_logprobs();
+  if (r.has_experts_per_token()) out.params.experts_per_token = r.experts_per_token();
   return out;
 }
 

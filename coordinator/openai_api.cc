@@ -75,8 +75,9 @@ ApiError FromStatus(const absl::Status& status, bool chat) {
       std::string word = message.substr(0, end);
       if (word == "prompt_logprobs") word = chat ? "top_logprobs" : "logprobs";
       if (word == "prompt" && chat) word = "messages";
-      for (const char* p : {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
-                            "logprobs", "top_logprobs", "stop", "repetition_penalty", "timeout"}) {
+      for (const char* p :
+           {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "logprobs",
+            "top_logprobs", "stop", "repetition_penalty", "timeout", "experts_per_token"}) {
         if (word == p) e.param = word;
       }
       break;
@@ -526,6 +527,10 @@ class OpenAiApi::Call {
     MOE_RETURN_IF_API_ERROR(f.Int("n", 1, kMaxN, &n_));
     MOE_RETURN_IF_API_ERROR(f.Bool("stream", &stream_));
     MOE_RETURN_IF_API_ERROR(f.Bool("ignore_eos", &params_.ignore_eos));
+    // Not OpenAI's (llama.cpp users know it as --override-kv ...expert_used_count): route this
+    // request's tokens to fewer experts than the server does.
+    MOE_RETURN_IF_API_ERROR(f.Int("experts_per_token", 0, deps_->config->routed_experts_per_token(),
+                                  &params_.experts_per_token));
     // Not OpenAI's (whose clients time out on their side): seconds after which the request
     // ends with 504 and its KV cache is freed, queued or running.
     if (const json* t = f.Find("timeout")) {

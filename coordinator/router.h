@@ -11,6 +11,8 @@ namespace moe {
 
 // Top-k routing of a batch of tokens: token t uses experts[t * top_k + j] with weight
 // weights[t * top_k + j], j < top_k, in descending weight order.
+// experts[t * top_k + j], weights[...]: token t's j-th expert and its weight. A token routed to
+// fewer experts (a request's experts_per_token) has expert -1, weight 0 in its unused slots.
 struct Routing {
   int64_t tokens = 0;
   int64_t top_k = 0;

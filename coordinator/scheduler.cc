@@ -294,7 +294,8 @@ size_t Scheduler::BuildBatch() {
       first_prefill = std::min(first_prefill, i);
       step_prompt_tokens_ += static_cast<int64_t>(tokens.size());
     }
-    inputs_.push_back({&s.state, tokens, prefill && s.decoder.wants_prompt_logits()});
+    inputs_.push_back({&s.state, tokens, prefill && s.decoder.wants_prompt_logits(),
+                       s.request.params.experts_per_token});
     rows += static_cast<int64_t>(tokens.size());
     if (s.request.params.trace_routing) {
       s.trace_row = rows - 1;

@@ -114,6 +114,7 @@ void DispatchPlan::Build(const Routing& routing, std::span<const int32_t> segmen
   for (int64_t t = 0; t < routing.tokens; ++t) {
     for (int64_t j = 0; j < routing.top_k; ++j) {
       const int32_t expert = routing.experts[t * routing.top_k + j];
+      if (expert < 0) continue;  // an unused slot (Routing)
       DispatchRows& s = segments_[segment_of_expert[expert]];
       // Open this token's row in the segment the first time one of its experts lands there.
       if (s.tokens.empty() || s.tokens.back() != t) {

@@ -210,6 +210,54 @@ TEST(ExpertsPerTokenTest, OverrideMatchesTransformersWithThatTopK) {
   }
 }
 
+// Per request: in one step, a sequence routed to 1 expert and one to the model's 3 get
+// transformers' logits for top-1 and for top-3 respectively; and Generate with
+// params.experts_per_token = 2 gives the top-2 greedy tokens, beside a default request.
+TEST(ExpertsPerTokenTest, PerRequestOverrideMixesWithTheModelsTopKInOneBatch) {
+  const std::string dir = std::string(kModels) + "mixtral_8e_top3_no_rope_theta";
+  for (int64_t workers : {1, 2}) {
+    LocalModelOptions options;
+    options.model_dir = dir;
+    options.in_process_workers = workers;
+    auto m = LocalModel::Create(options);
+    ASSERT_TRUE(m.ok()) << m.status();
+    const int64_t vocab = (*m)->config().vocab_size;
+    auto top1 = testing::LoadExpected(dir + "/top1.expected.json",
+                                      dir + "/top1.expected.safetensors", vocab);
+    auto top2 = testing::LoadExpected(dir + "/top2.expected.json",
+                                      dir + "/top2.expected.safetensors", vocab);
+    auto model = LoadExpected(dir);
+    ASSERT_TRUE(top1.ok() && top2.ok() && model.ok());
+    SequenceState a, b;
+    const StepInput inputs[] = {{&a, top1->prompt, true, 1}, {&b, model->prompt, true, 0}};
+    std::vector<float> logits;
+    ASSERT_TRUE((*m)->engine()->Step(inputs, &logits).ok());
+    const int64_t n = static_cast<int64_t>(top1->prompt.size());
+    for (int64_t p = 0; p < n; ++p) {
+      testing::ExpectLogitsNear(&logits[p * vocab], &top1->logits[p * vocab], vocab,
+                                "top-1 position " + std::to_string(p));
+      testing::ExpectLogitsNear(&logits[(n + p) * vocab], &model->logits[p * vocab], vocab,
+                                "top-3 position " + std::to_string(p));
+    }
+    GenerationRequest requests[2];
+    for (GenerationRequest& r : requests) {
+      r.prompt = model->prompt;
+      r.params.max_tokens = static_cast<int64_t>(model->greedy.size());
+      r.params.ignore_eos = true;
+    }
+    requests[0].params.experts_per_token = 2;
+    auto out = Generate((*m)->engine(), (*m)->tokenizer(), requests, nullptr);
+    ASSERT_TRUE(out.ok()) << out.status();
+    EXPECT_EQ((*out)[0].tokens, top2->greedy);
+    EXPECT_EQ((*out)[1].tokens, model->greedy);
+    requests[0].params.experts_per_token = 4;
+    auto bad = Generate((*m)->engine(), (*m)->tokenizer(), {&requests[0], 1}, nullptr);
+    ASSERT_FALSE(bad.ok());
+    EXPECT_THAT(std::string(bad.status().message()),
+                ::testing::HasSubstr("experts_per_token must be in [1, 3]"));
+  }
+}
+
 TEST(ExpertsPerTokenTest, OutOfRangeIsRefusedNamingTheBound) {
   for (int64_t k : {-1, 4}) {
     LocalModelOptions options;

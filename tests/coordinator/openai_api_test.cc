@@ -312,6 +312,32 @@ TEST_F(OpenAiApiTest, ModelsTokenizeDetokenizeInfoHealth) {
   EXPECT_EQ(ParseHttpReply(testing::HttpGet(server_->address(), "/health")).status, 200);
 }
 
+// "experts_per_token": 1 (our extension): the prompt's logprobs are transformers' with
+// num_experts_per_tok = 1 (tools/fixtures/gen_topk_override.py), not the model's top-2.
+TEST_F(OpenAiApiTest, ExpertsPerTokenRoutesTheRequestToFewerExperts) {
+  const int64_t vocab = model_->config().vocab_size;
+  auto top1 = testing::LoadExpected(std::string(kModel) + "/top1.expected.json",
+                                    std::string(kModel) + "/top1.expected.safetensors", vocab);
+  ASSERT_TRUE(top1.ok()) << top1.status();
+  const std::vector<int32_t>& prompt = top1->prompt;
+  const json r = PostJson("/v1/completions", {{"prompt", prompt},
+                                              {"max_tokens", 0},
+                                              {"echo", true},
+                                              {"logprobs", 0},
+                                              {"experts_per_token", 1}});
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  const json& lp = r["choices"][0]["logprobs"]["token_logprobs"];
+  ASSERT_EQ(lp.size(), prompt.size());
+  double moved = 0;  // how far the model's own (top-2) logprobs are
+  for (size_t i = 1; i < prompt.size(); ++i) {
+    const std::vector<double> ref = LogSoftmax(&top1->logits[(i - 1) * vocab], vocab);
+    EXPECT_NEAR(lp[i].get<double>(), ref[prompt[i]], 1e-3) << i;
+    const std::vector<double> top2 = LogSoftmax(&expected_->logits[(i - 1) * vocab], vocab);
+    moved = std::max(moved, std::fabs(top2[prompt[i]] - ref[prompt[i]]));
+  }
+  EXPECT_GT(moved, 0.1);  // the override changed the numbers
+}
+
 TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
   struct Bad {
     std::string path;
@@ -340,6 +366,9 @@ TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
       {"/v1/completions", R"({"prompt": "a", "presence_penalty": 1})", 400, "presence_penalty"},
       {"/v1/completions", R"({"prompt": "a", "model": "gpt-4"})", 404, "model"},
       {"/v1/completions", R"({"prompt": "a", "timeout": 0})", 400, "timeout"},
+      {"/v1/completions", R"({"prompt": "a", "experts_per_token": 3})", 400, "experts_per_token"},
+      {"/v1/completions", R"({"prompt": "a", "experts_per_token": "one"})", 400,
+       "experts_per_token"},
       {"/v1/completions", R"({"prompt": "a", "timeout": "1s"})", 400, "timeout"},
       {"/v1/completions", R"({"prompt": "a", "timeout": 1e9})", 400, "timeout"},
       // A deadline that has passed before the first step: 504, nothing generated.

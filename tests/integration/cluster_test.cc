@@ -486,6 +486,44 @@ TEST(ClusterExpertsPerTokenTest, CoordinatorOverrideReachesTransformersTopOneTok
   EXPECT_THAT((*cluster)->Logs(), HasSubstr("routing each token to 1 of its 8 experts"));
 }
 
+// Per request (GenerateRequest.experts_per_token) on a coordinator routing to the model's 3:
+// top-2 tokens for the request that asks, traced routes of 2 experts per layer, the model's
+// tokens for one that does not, and more than the server's refused naming the bound.
+TEST(ClusterExpertsPerTokenTest, PerRequestOverrideThroughWorkers) {
+  const std::string dir = ModelDir("mixtral_8e_top3_no_rope_theta");
+  auto top2 =
+      testing::LoadExpected(dir + "/top2.expected.json", dir + "/top2.expected.safetensors", 1000);
+  ASSERT_TRUE(top2.ok()) << top2.status();
+  auto cluster = Cluster::Start(dir, {"0-4", "3-7"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  pb::GenerateRequest asks = IdsRequest(top2->prompt, static_cast<int>(top2->greedy.size()));
+  asks.set_experts_per_token(2);
+  asks.set_trace_routing(true);
+  int traced = 0;
+  auto result = (*cluster)->client().Generate(asks, [&](const pb::TokenDelta& d) {
+    for (const pb::TokenRoute& route : d.routing()) {
+      for (const pb::LayerRoute& layer : route.layers()) {
+        EXPECT_EQ(layer.experts_size(), 2);
+        EXPECT_NEAR(layer.weights(0) + layer.weights(1), 1.0f, 1e-5f);
+      }
+      ++traced;
+    }
+  });
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+  EXPECT_EQ(result->tokens, top2->greedy);
+  EXPECT_GT(traced, 0);
+  const testing::GoldenExpected model = Expected(dir);
+  auto plain = (*cluster)->client().Generate(IdsRequest(model.prompt, 16));
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_EQ(plain->tokens, model.greedy);
+  asks.set_experts_per_token(4);
+  auto bad = (*cluster)->client().Generate(asks);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(bad.status().message()),
+              HasSubstr("experts_per_token must be in [1, 3]"));
+}
+
 // --- Concurrency: 8 different requests at once get what each gets alone. ---
 
 TEST(ClusterKvPressureTest, SixteenLongRequestsOnASmallCacheAllCompleteAsSolo) {

@@ -65,6 +65,24 @@ TEST(AllExpertsServedTest, CountsOnlyReadyWorkers) {
   EXPECT_FALSE(AllExpertsServed(workers, 9));  // expert 8 hosted by nobody
 }
 
+// A token routed to fewer experts than top_k (a request's experts_per_token) has -1 slots:
+// they go nowhere, and a token with only such slots in a segment has no row there.
+TEST(DispatchPlanTest, UnusedSlotsAreNotDispatched) {
+  Routing r;
+  r.Resize(2, 2);
+  r.experts = {3, -1, /*t1*/ 0, 2};
+  r.weights = {1.0f, 0.0f, 0.5f, 0.5f};
+  const Segmentation seg = Segmentation::Of(Placement::Contiguous(4, 2).workers, 4);
+  DispatchPlan plan;
+  plan.Build(r, seg.segment_of_expert, 2);
+  EXPECT_THAT(plan.segments()[0].tokens, ElementsAre(1));
+  EXPECT_THAT(plan.segments()[0].offsets, ElementsAre(0, 1));
+  EXPECT_THAT(plan.segments()[1].tokens, ElementsAre(0, 1));
+  EXPECT_THAT(plan.segments()[1].offsets, ElementsAre(0, 1, 2));
+  EXPECT_EQ(plan.segments()[1].assignments[0].expert, 3);
+  EXPECT_FLOAT_EQ(plan.segments()[1].assignments[0].weight, 1.0f);
+}
+
 TEST(DispatchPlanTest, EachTokenOncePerSegmentWithItsPairs) {
   // 3 tokens, top-2 over 4 experts in 2 segments ([0,2), [2,4)).
   Routing r;
