@@ -281,18 +281,22 @@ std::string Runner<T>::Forward(const GroupedBatch& b, float* out) {
   const std::vector<float> alpha(g, 1.0f), beta(g, 0.0f);
   const std::vector<int> ffn_v(g, static_cast<int>(ffn)), hidden_v(g, static_cast<int>(hidden));
   const std::vector<int> two(g, 2), one(g, 1);
-  MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
-      handle_, trans_a.data(), trans_b.data(), ffn_v.data(), group_rows.data(), hidden_v.data(),
-      alpha.data(), d_ptrs, type, hidden_v.data(), d_ptrs + 2 * g, type, hidden_v.data(),
-      beta.data(), const_cast<void* const*>(d_ptrs + 4 * g), type, ffn_v.data(),
-      static_cast<int>(g), two.data(), CUBLAS_COMPUTE_32F));
-  SiluMul<T><<<Blocks(b.slots * ffn), 256, 0, stream_>>>(gate_.as<T>(), up_.as<T>(), b.slots * ffn);
-  MOE_CUDA_TRY(cudaGetLastError());
-  MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
-      handle_, trans_a.data(), trans_b.data(), hidden_v.data(), group_rows.data(), ffn_v.data(),
-      alpha.data(), d_ptrs + 6 * g, type, ffn_v.data(), d_ptrs + 7 * g, type, ffn_v.data(),
-      beta.data(), const_cast<void* const*>(d_ptrs + 8 * g), type, hidden_v.data(),
-      static_cast<int>(g), one.data(), CUBLAS_COMPUTE_32F));
+  // No pairs for these experts (rows with none are answered with zeros): no GEMM to run.
+  if (g > 0) {
+    MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
+        handle_, trans_a.data(), trans_b.data(), ffn_v.data(), group_rows.data(), hidden_v.data(),
+        alpha.data(), d_ptrs, type, hidden_v.data(), d_ptrs + 2 * g, type, hidden_v.data(),
+        beta.data(), const_cast<void* const*>(d_ptrs + 4 * g), type, ffn_v.data(),
+        static_cast<int>(g), two.data(), CUBLAS_COMPUTE_32F));
+    SiluMul<T>
+        <<<Blocks(b.slots * ffn), 256, 0, stream_>>>(gate_.as<T>(), up_.as<T>(), b.slots * ffn);
+    MOE_CUDA_TRY(cudaGetLastError());
+    MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
+        handle_, trans_a.data(), trans_b.data(), hidden_v.data(), group_rows.data(), ffn_v.data(),
+        alpha.data(), d_ptrs + 6 * g, type, ffn_v.data(), d_ptrs + 7 * g, type, ffn_v.data(),
+        beta.data(), const_cast<void* const*>(d_ptrs + 8 * g), type, hidden_v.data(),
+        static_cast<int>(g), one.data(), CUBLAS_COMPUTE_32F));
+  }
   AddRows<T><<<Blocks(b.rows * hidden), 256, 0, stream_>>>(
       down_.as<T>(), d_offsets, d_row_slots, d_slot_weight, b.rows, hidden, out_.as<float>());
   MOE_CUDA_TRY(cudaGetLastError());

@@ -145,6 +145,28 @@ TEST_F(CudaBackendTest, RunnersOnSeveralThreadsAgree) {
   for (const auto& out : outs) EXPECT_EQ(out, outs[0]);  // same kernels, same order
 }
 
+// Rows routed to none of the hosted experts are zeros, also when no row has a pair (no GEMM).
+TEST_F(CudaBackendTest, RowsWithoutPairsAreZero) {
+  auto [weights, backend] = LoadOnCuda("tests/testdata/models/demo_mixtral");
+  ASSERT_NE(weights, nullptr);
+  ASSERT_TRUE(backend.ok()) << backend.status();
+  auto runner = (*backend)->NewRunner();
+  ASSERT_TRUE(runner.ok()) << runner.status();
+  const int64_t hidden = weights->config().hidden_size;
+  std::vector<float> x(3 * hidden, 0.5f), got(x.size(), NAN), want(x.size());
+  const std::vector<int32_t> none = {0, 0, 0, 0}, some = {0, 0, 1, 1};
+  const std::vector<ExpertAssignment> one = {{1, 1.0f}};
+  ExpertFfn cpu(weights.get());
+  for (const auto& [offsets, pairs] :
+       {std::pair{none, std::vector<ExpertAssignment>{}}, std::pair{some, one}}) {
+    const ExpertBatch batch{0, 3, x.data(), offsets, pairs};
+    ASSERT_TRUE((*runner)->Forward(batch, got.data()).ok());
+    cpu.Forward(batch, want.data());
+    ExpectClose(want, got, hidden, "pairs " + std::to_string(pairs.size()));
+    for (int64_t i = 0; i < hidden; ++i) EXPECT_EQ(got[i], 0.0f);  // row 0 has no pair
+  }
+}
+
 TEST_F(CudaBackendTest, QuantizedExpertsAreRefusedNamingTheType) {
   auto [weights, backend] =
       LoadOnCuda("tests/testdata/gguf/mixtral_4e_h256_kquant/mixtral_4e_h256_kquant-q4_k_m.gguf");
