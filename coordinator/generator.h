@@ -89,8 +89,19 @@ struct GenerationOutput {
 struct TokenRoutes {
   int64_t layers = 0;
   int64_t top_k = 0;
-  std::vector<int32_t> experts;  // [tokens, layers, top_k]
+  std::vector<int32_t> experts;  // [tokens, layers, top_k]; -1: an unused slot (experts_per_token)
   std::vector<float> weights;    // [tokens, layers, top_k]
+
+  // fn(layer, expert, weight) for token t's used slots, layer by layer.
+  template <typename Fn>
+  void ForEach(size_t t, const Fn& fn) const {
+    for (int64_t l = 0; l < layers; ++l) {
+      for (int64_t k = 0; k < top_k; ++k) {
+        const size_t i = static_cast<size_t>((static_cast<int64_t>(t) * layers + l) * top_k + k);
+        if (experts[i] >= 0) fn(l, experts[i], weights[i]);
+      }
+    }
+  }
 };
 
 // OK or INVALID_ARGUMENT naming the parameter (empty prompt, max_tokens < 1 (0 without

@@ -41,19 +41,15 @@ void ToProto(const TokenLogprobs& in, pb::TokenLogprob* out) {
 
 void AppendRoutes(const TokenRoutes& routes, std::span<const int32_t> tokens,
                   pb::TokenDelta* delta) {
-  const int64_t per_token = routes.layers * routes.top_k;
   for (size_t t = 0; t < tokens.size(); ++t) {
     pb::TokenRoute* route = delta->add_routing();
     route->set_token_id(tokens[t]);
-    for (int64_t l = 0; l < routes.layers; ++l) {
-      pb::LayerRoute* layer = route->add_layers();
-      for (int64_t k = 0; k < routes.top_k; ++k) {
-        const size_t i = t * per_token + l * routes.top_k + k;
-        if (routes.experts[i] < 0) continue;  // fewer experts per token (experts_per_token)
-        layer->add_experts(routes.experts[i]);
-        layer->add_weights(routes.weights[i]);
-      }
-    }
+    for (int64_t l = 0; l < routes.layers; ++l) route->add_layers();
+    routes.ForEach(t, [&](int64_t l, int32_t expert, float weight) {
+      pb::LayerRoute* layer = route->mutable_layers(static_cast<int>(l));
+      layer->add_experts(expert);
+      layer->add_weights(weight);
+    });
   }
 }
 

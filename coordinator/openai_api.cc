@@ -512,8 +512,28 @@ class OpenAiApi::Call {
   struct Choice {
     GenerationOutput output;
     std::optional<LegacyLogprobs> legacy;
-    bool started = false;  // stream: the first chunk was sent
+    bool started = false;          // stream: the first chunk was sent
+    json routing = json::array();  // with return_routing: every generated token's experts
   };
+
+  // With return_routing (ours): per generated token, its experts and weights in every layer,
+  // [{"token": id, "layers": [{"experts": [...], "weights": [...]}, ...]}, ...].
+  static json RoutingJson(const RequestBatch::Event& e) {
+    json out = json::array();
+    if (!e.routes.has_value()) return out;
+    for (size_t t = 0; t < e.tokens.size(); ++t) {
+      json layers = json::array();
+      for (int64_t l = 0; l < e.routes->layers; ++l) {
+        layers.push_back({{"experts", json::array()}, {"weights", json::array()}});
+      }
+      e.routes->ForEach(t, [&](int64_t l, int32_t expert, float weight) {
+        layers[l]["experts"].push_back(expert);
+        layers[l]["weights"].push_back(weight);
+      });
+      out.push_back({{"token", e.tokens[t]}, {"layers", std::move(layers)}});
+    }
+    return out;
+  }
 
   HttpResponse Refuse(const ApiError& e) {
     if (deps_->on_rejected && e.status == 429) deps_->on_rejected();
@@ -527,6 +547,9 @@ class OpenAiApi::Call {
     MOE_RETURN_IF_API_ERROR(f.Int("n", 1, kMaxN, &n_));
     MOE_RETURN_IF_API_ERROR(f.Bool("stream", &stream_));
     MOE_RETURN_IF_API_ERROR(f.Bool("ignore_eos", &params_.ignore_eos));
+    // Not OpenAI's: each choice (and each streamed chunk) gets "routing", the experts that
+    // produced every generated token (as gRPC's trace_routing).
+    MOE_RETURN_IF_API_ERROR(f.Bool("return_routing", &params_.trace_routing));
     // Not OpenAI's (llama.cpp users know it as --override-kv ...expert_used_count): route this
     // request's tokens to fewer experts than the server does.
     MOE_RETURN_IF_API_ERROR(f.Int("experts_per_token", 0, deps_->config->routed_experts_per_token(),
@@ -767,8 +790,9 @@ class OpenAiApi::Call {
   // Adds "degraded_tokens" (not in OpenAI's schema) to a choice that was routed around lost
   // experts (--on-expert-loss reroute), so a client can tell the output is not the exact
   // model's.
-  static json WithDegraded(const Choice& c, json choice) {
+  json WithDegraded(const Choice& c, json choice) const {
     if (c.output.degraded_tokens > 0) choice["degraded_tokens"] = c.output.degraded_tokens;
+    if (params_.trace_routing && !stream_) choice["routing"] = c.routing;
     return choice;
   }
 
@@ -798,6 +822,9 @@ class OpenAiApi::Call {
 
   HttpResponse Whole(const std::function<bool()>& client_gone) {
     const absl::Status s = Drain(client_gone, [&](RequestBatch::Event& e) {
+      if (params_.trace_routing) {
+        for (json& r : RoutingJson(e)) choices_[e.index].routing.push_back(std::move(r));
+      }
       if (e.finished) choices_[e.index].output = std::move(e.output);
       return true;
     });
@@ -859,6 +886,7 @@ class OpenAiApi::Call {
         }
         json choice = {
             {"index", e.index}, {"logprobs", std::move(logprobs)}, {"finish_reason", nullptr}};
+        if (params_.trace_routing) choice["routing"] = RoutingJson(e);
         if (chat_) {
           choice["delta"] = {{"content", e.text}};
         } else {

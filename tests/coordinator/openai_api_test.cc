@@ -9,6 +9,7 @@
 #include <cmath>
 #include <fstream>
 #include <memory>
+#include <set>
 #include <string>
 #include <thread>
 #include <tuple>
@@ -336,6 +337,64 @@ TEST_F(OpenAiApiTest, ExpertsPerTokenRoutesTheRequestToFewerExperts) {
     moved = std::max(moved, std::fabs(top2[prompt[i]] - ref[prompt[i]]));
   }
   EXPECT_GT(moved, 0.1);  // the override changed the numbers
+}
+
+// "return_routing": true (ours): every generated token with its experts per layer — the
+// transformers greedy tokens, top-2 (or experts_per_token) distinct hosted experts whose
+// weights sum to 1 — whole and streamed alike.
+TEST_F(OpenAiApiTest, ReturnRoutingListsEachTokensExperts) {
+  const int64_t layers = model_->config().num_hidden_layers;
+  const int64_t experts = model_->config().num_local_experts;
+  const auto check = [&](const json& routing, size_t k) {
+    ASSERT_EQ(routing.size(), 4u) << routing.dump();
+    for (size_t t = 0; t < routing.size(); ++t) {
+      EXPECT_EQ(routing[t]["token"], expected_->greedy[t]);
+      ASSERT_EQ(routing[t]["layers"].size(), static_cast<size_t>(layers));
+      for (const json& layer : routing[t]["layers"]) {
+        ASSERT_EQ(layer["experts"].size(), k) << layer.dump();
+        ASSERT_EQ(layer["weights"].size(), k);
+        double sum = 0;
+        std::set<int> seen;
+        for (size_t j = 0; j < k; ++j) {
+          const int e = layer["experts"][j].get<int>();
+          EXPECT_TRUE(e >= 0 && e < experts) << e;
+          seen.insert(e);
+          sum += layer["weights"][j].get<double>();
+        }
+        EXPECT_EQ(seen.size(), k);
+        EXPECT_NEAR(sum, 1.0, 1e-5);
+      }
+    }
+  };
+  const json body = {{"prompt", expected_->prompt},
+                     {"max_tokens", 4},
+                     {"temperature", 0},
+                     {"return_routing", true}};
+  json r = PostJson("/v1/completions", body);
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  check(r["choices"][0]["routing"], 2);
+  json one = body;
+  one["experts_per_token"] = 1;
+  r = PostJson("/v1/completions", one);
+  ASSERT_TRUE(r.contains("choices")) << r.dump();
+  EXPECT_EQ(r["choices"][0]["routing"].size(), 4u);
+  for (const json& t : r["choices"][0]["routing"]) {
+    for (const json& layer : t["layers"]) EXPECT_EQ(layer["experts"].size(), 1u);
+  }
+  json streamed = body;
+  streamed["stream"] = true;
+  const testing::HttpReply reply = Post("/v1/completions", streamed.dump());
+  ASSERT_EQ(reply.status, 200);
+  json all = json::array();
+  for (const std::string& event : Events(reply.body)) {
+    if (event == "[DONE]") continue;
+    const json chunk = json::parse(event);
+    for (const json& t : chunk["choices"][0].value("routing", json::array())) all.push_back(t);
+  }
+  check(all, 2);
+  // Without it, no routing key.
+  r = PostJson("/v1/completions", {{"prompt", expected_->prompt}, {"max_tokens", 1}});
+  EXPECT_FALSE(r["choices"][0].contains("routing"));
 }
 
 TEST_F(OpenAiApiTest, BadRequestsGetTheirStatusAndOpenAiErrors) {
