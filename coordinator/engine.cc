@@ -203,8 +203,7 @@ absl::Status Engine::Layer(int64_t layer, int64_t rows, std::span<const StepInpu
                               hidden};
     kernels::MatMul(router, xn_.data(), rows, router_logits_.data());
     RouteTokens(router_logits_.data(), rows, config_.num_local_experts, config_.num_experts_per_tok,
-                &routing_);
-    if (row_k_mixed_) RouteOwnTopK(rows);
+                &routing_, std::span<const int32_t>(row_k_.data(), rows));
   } else {
     RouteDense(rows, &routing_);
   }
@@ -243,20 +242,6 @@ absl::Status Engine::Experts(int64_t layer, int64_t rows) {
   return absl::OkStatus();
 }
 
-void Engine::RouteOwnTopK(int64_t rows) {
-  const int64_t experts = config_.num_local_experts;
-  const int64_t k = config_.num_experts_per_tok;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t own = row_k_[r];
-    if (own <= 0 || own >= k) continue;
-    // Top-own of the probabilities RouteTokens left in router_logits_, renormalized over them.
-    TopKRenormalized(&router_logits_[r * experts], experts, own, &routing_.experts[r * k],
-                     &routing_.weights[r * k]);
-    std::fill(&routing_.experts[r * k + own], &routing_.experts[(r + 1) * k], -1);
-    std::fill(&routing_.weights[r * k + own], &routing_.weights[(r + 1) * k], 0.0f);
-  }
-}
-
 absl::Status Engine::Reroute(int64_t rows) {
   const int64_t experts = config_.num_local_experts;
   const int64_t k = config_.num_experts_per_tok;
@@ -272,8 +257,7 @@ absl::Status Engine::Reroute(int64_t rows) {
   }
   live_probs_.resize(live);
   for (int64_t r = 0; r < rows; ++r) {
-    // This row's experts per token: its own (the rest of its slots are -1) or the engine's.
-    const int64_t own = row_k_[r] > 0 && row_k_[r] < k ? row_k_[r] : k;
+    const int64_t own = row_k_[r];  // the rest of the row's slots are -1
     bool lost = false;
     for (int64_t j = 0; j < own; ++j) lost = lost || !live_[routing_.experts[r * k + j]];
     if (!lost) continue;
@@ -308,13 +292,12 @@ absl::Status Engine::Forward(std::span<const StepInput> inputs, std::vector<floa
   const int64_t hidden = config_.hidden_size;
   // embeddings
   int64_t r = 0;
-  row_k_mixed_ = false;
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const int64_t k = inputs[i].experts_per_token;
-    row_k_mixed_ |= k > 0 && k < config_.num_experts_per_tok;
+    const int64_t own = inputs[i].experts_per_token;
+    const auto k = static_cast<int32_t>(own > 0 ? own : config_.num_experts_per_tok);
     for (size_t j = 0; j < inputs[i].tokens.size(); ++j, ++r) {
       row_input_[r] = static_cast<int32_t>(i);
-      row_k_[r] = static_cast<int32_t>(k);
+      row_k_[r] = k;
       row_position_[r] = inputs[i].seq->length + static_cast<int64_t>(j);
       const WeightMatrix& embed = weights_->embed_tokens();
       kernels::ConvertToF32(embed.Row(inputs[i].tokens[j]), embed.dtype, hidden, &x_[r * hidden]);

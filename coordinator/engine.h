@@ -118,9 +118,6 @@ class Engine {
   absl::Status Experts(int64_t layer, int64_t rows);
   // Reroutes the rows of routing_ that name an expert with live_[e] == 0, from the router's
   // probabilities.
-  // Rows with their own experts per token (row_k_): top-K of the router's probabilities, the
-  // remaining slots -1 / 0.
-  void RouteOwnTopK(int64_t rows);
   absl::Status Reroute(int64_t rows);
 
   // Constant after construction.
@@ -136,8 +133,7 @@ class Engine {
 
   // Per-step row bookkeeping and scratch, grown to the largest step seen.
   std::vector<int32_t> row_input_;     // input index of each row
-  std::vector<int32_t> row_k_;         // experts per token of each row (0: the engine's)
-  bool row_k_mixed_ = false;           // some row has its own experts per token this step
+  std::vector<int32_t> row_k_;         // experts per token of each row (its input's or ours)
   std::vector<int64_t> row_position_;  // position of each row
   std::vector<float> x_;               // [rows, hidden] residual stream
   std::vector<float> xn_;              // [rows, hidden] normed

@@ -1,18 +1,23 @@
 #include "coordinator/router.h"
 
+#include <algorithm>
+
 #include "common/kernels.h"
 
 namespace moe {
 
 void RouteTokens(float* logits, int64_t tokens, int64_t expert_count, int64_t top_k,
-                 Routing* routing) {
+                 Routing* routing, std::span<const int32_t> row_k) {
   routing->Resize(tokens, top_k);
   for (int64_t t = 0; t < tokens; ++t) {
     float* probs = logits + t * expert_count;
     int32_t* experts = &routing->experts[t * top_k];
     float* weights = &routing->weights[t * top_k];
+    const int64_t k = row_k.empty() ? top_k : row_k[t];
     kernels::Softmax(probs, expert_count);
-    TopKRenormalized(probs, expert_count, top_k, experts, weights);
+    TopKRenormalized(probs, expert_count, k, experts, weights);
+    std::fill(experts + k, experts + top_k, -1);
+    std::fill(weights + k, weights + top_k, 0.0f);
   }
 }
 

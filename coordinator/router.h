@@ -5,6 +5,7 @@
 #define MOE_COORDINATOR_ROUTER_H_
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace moe {
@@ -28,9 +29,11 @@ struct Routing {
 };
 
 // logits: [tokens, expert_count] router logits, overwritten with the probabilities.
-// REQUIRES: 1 <= top_k <= expert_count.
+// row_k (optional, [tokens]): token t takes only its top row_k[t] experts (renormalized over
+// them), its other slots expert -1, weight 0. REQUIRES: 1 <= top_k <= expert_count and
+// 1 <= row_k[t] <= top_k.
 void RouteTokens(float* logits, int64_t tokens, int64_t expert_count, int64_t top_k,
-                 Routing* routing);
+                 Routing* routing, std::span<const int32_t> row_k = {});
 
 // The k largest of probs[0, n) (descending) and their weights renormalized to sum to 1, as
 // Mixtral's router does after its softmax. REQUIRES: 1 <= k <= n.

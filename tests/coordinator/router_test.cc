@@ -39,6 +39,20 @@ TEST(RouterTest, SeveralTokensAndTopKEqualsExperts) {
   EXPECT_NEAR(sum, 1.0f, 1e-6);
 }
 
+// Per-row K (a request's experts_per_token): the row's own top-K renormalized over the K, the
+// other slots -1 with weight 0; other rows untouched.
+TEST(RouterTest, RowsWithTheirOwnKLeaveTheRestOfTheirSlotsUnused) {
+  std::vector<float> logits = {1.0f, 3.0f, 0.5f, 2.0f, /*token 1*/ 1.0f, 3.0f, 0.5f, 2.0f};
+  const std::vector<int32_t> row_k = {1, 2};
+  Routing r;
+  RouteTokens(logits.data(), 2, 4, 2, &r, row_k);
+  EXPECT_THAT(r.experts, ElementsAre(1, -1, 1, 3));
+  EXPECT_THAT(r.weights[0], 1.0f);
+  EXPECT_THAT(r.weights[1], 0.0f);
+  const double e1 = std::exp(3.0), e3 = std::exp(2.0);
+  EXPECT_NEAR(r.weights[2], e1 / (e1 + e3), 1e-6);
+}
+
 TEST(RouterTest, DenseIsExpertZeroWeightOne) {
   Routing r;
   RouteDense(3, &r);
