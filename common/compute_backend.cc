@@ -130,7 +130,8 @@ absl::StatusOr<const cuda::Api*> CudaApi() {
   return *loaded;
 }
 
-absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(int index, const ModelWeights* weights) {
+absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(const DeviceSpec& spec,
+                                                           const ModelWeights* weights) {
   const ModelConfig& c = weights->config();
   const ExpertRange& hosted = weights->hosted_experts();
   std::vector<cuda::HostExpert> experts;
@@ -145,7 +146,7 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(int index, const Mode
       experts.push_back(h);
     }
   }
-  const std::string device = absl::StrCat("cuda:", index);
+  const std::string device = spec.ToString();
   uint64_t last_logged = 0;
   const auto progress = [&](uint64_t done, uint64_t total) {
     if (done - last_logged < (uint64_t{1} << 30) && done != total) return;
@@ -156,8 +157,8 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(int index, const Mode
   std::string error;
   MOE_ASSIGN_OR_RETURN(const cuda::Api* api, CudaApi());
   std::unique_ptr<cuda::CudaExperts> uploaded =
-      api->create(index, c.num_hidden_layers, hosted.size(), c.hidden_size, c.intermediate_size,
-                  experts, progress, &error);
+      api->create(spec.index, c.num_hidden_layers, hosted.size(), c.hidden_size,
+                  c.intermediate_size, experts, progress, &error);
   if (uploaded == nullptr) return absl::FailedPreconditionError(error);
   return std::make_unique<CudaBackend>(weights, device, std::move(uploaded));
 }
@@ -201,7 +202,7 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateComputeBackend(const Devic
                                                                      const ModelWeights* weights) {
   if (device.kind == DeviceSpec::Kind::kCpu) return std::make_unique<CpuBackend>(weights);
 #ifdef MOE_HAVE_CUDA
-  return CreateCuda(device.index, weights);
+  return CreateCuda(device, weights);
 #else
   return absl::FailedPreconditionError(absl::StrCat(
       "--device ", device.ToString(),

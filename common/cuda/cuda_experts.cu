@@ -33,13 +33,6 @@ std::string GiB(uint64_t bytes) {
   return buf;
 }
 
-uint16_t F32ToBF16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 // Device memory (or, kPinned, page-locked host memory) that frees itself.
 template <bool kPinned>
 class Buffer {
@@ -158,7 +151,21 @@ class Runner : public CudaRunner {
   cublasHandle_t handle_ = nullptr;
   DeviceBuffer x_, xg_, gate_, up_, down_, out_, meta_;
   PinnedBuffer host_x_, host_out_, host_meta_;
+  // The grouped GEMMs' per-group arguments: the experts with rows this step and their rows;
+  // the rest are the same for every group, sized once for all hosted experts.
+  std::vector<int> groups_, group_rows_;
+  std::vector<cublasOperation_t> trans_a_, trans_b_;
+  std::vector<float> alpha_, beta_;
+  std::vector<int> ffn_v_, hidden_v_, two_, one_;
 };
+
+template <typename T>
+std::unique_ptr<CudaRunner> MakeRunner(const Experts* experts, std::string* error) {
+  auto runner = std::make_unique<Runner<T>>(experts);
+  *error = runner->Init();
+  if (!error->empty()) return nullptr;
+  return runner;
+}
 
 class Experts : public CudaExperts {
  public:
@@ -176,18 +183,7 @@ class Experts : public CudaExperts {
            " weights, " + GiB(bytes) + ")";
   }
   std::unique_ptr<CudaRunner> NewRunner(std::string* error) const override {
-    std::unique_ptr<CudaRunner> r;
-    if (half) {
-      auto runner = std::make_unique<Runner<__half>>(this);
-      *error = runner->Init();
-      r = std::move(runner);
-    } else {
-      auto runner = std::make_unique<Runner<__nv_bfloat16>>(this);
-      *error = runner->Init();
-      r = std::move(runner);
-    }
-    if (!error->empty()) return nullptr;
-    return r;
+    return half ? MakeRunner<__half>(this, error) : MakeRunner<__nv_bfloat16>(this, error);
   }
 };
 
@@ -197,6 +193,17 @@ std::string Runner<T>::Init() {
   MOE_CUDA_TRY(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   MOE_CUBLAS_TRY(cublasCreate(&handle_));
   MOE_CUBLAS_TRY(cublasSetStream(handle_, stream_));
+  const auto n = static_cast<size_t>(e_->hosted);
+  groups_.reserve(n);
+  group_rows_.reserve(n);
+  trans_a_.assign(n, CUBLAS_OP_T);
+  trans_b_.assign(n, CUBLAS_OP_N);
+  alpha_.assign(n, 1.0f);
+  beta_.assign(n, 0.0f);
+  ffn_v_.assign(n, static_cast<int>(e_->ffn));
+  hidden_v_.assign(n, static_cast<int>(e_->hidden));
+  two_.assign(n, 2);
+  one_.assign(n, 1);
   return "";
 }
 
@@ -206,15 +213,16 @@ std::string Runner<T>::Forward(const GroupedBatch& b, float* out) {
   if (b.rows == 0) return "";
   MOE_CUDA_TRY(cudaSetDevice(e_->device));
   // The experts with rows: one GEMM group each.
-  std::vector<int> groups, group_rows;
+  groups_.clear();
+  group_rows_.clear();
   for (int64_t j = 0; j < e_->hosted; ++j) {
     const int32_t n = b.expert_begin[j + 1] - b.expert_begin[j];
     if (n > 0) {
-      groups.push_back(static_cast<int>(j));
-      group_rows.push_back(n);
+      groups_.push_back(static_cast<int>(j));
+      group_rows_.push_back(n);
     }
   }
-  const size_t g = groups.size();
+  const size_t g = groups_.size();
   // Metadata, one copy: 5 pointer arrays (w1/w3 GEMM: A, B, C of 2 per group; w2 GEMM: A, B, C of
   // 1 per group = 9 g pointers), then offsets, slot_row, slot_weight, row_slots.
   const size_t ptr_bytes = 9 * g * sizeof(void*);
@@ -243,7 +251,7 @@ std::string Runner<T>::Forward(const GroupedBatch& b, float* out) {
   const void** b2 = a2 + g;
   const void** c2 = b2 + g;
   for (size_t i = 0; i < g; ++i) {
-    const int64_t j = groups[i], first = b.expert_begin[j];
+    const int64_t j = groups_[i], first = b.expert_begin[j];
     const int64_t we = b.layer * e_->hosted + j;
     a1[2 * i] = e_->w1[we];
     a1[2 * i + 1] = e_->w3[we];
@@ -277,25 +285,21 @@ std::string Runner<T>::Forward(const GroupedBatch& b, float* out) {
   // Row-major [n, k] activations and [m, k] weights are column-major [k, n] and [k, m]:
   // C^T (m x n, ld m) = W (op T of the [k, m] column-major weights) * X^T.
   const cudaDataType_t type = e_->half ? CUDA_R_16F : CUDA_R_16BF;
-  const std::vector<cublasOperation_t> trans_a(g, CUBLAS_OP_T), trans_b(g, CUBLAS_OP_N);
-  const std::vector<float> alpha(g, 1.0f), beta(g, 0.0f);
-  const std::vector<int> ffn_v(g, static_cast<int>(ffn)), hidden_v(g, static_cast<int>(hidden));
-  const std::vector<int> two(g, 2), one(g, 1);
   // No pairs for these experts (rows with none are answered with zeros): no GEMM to run.
   if (g > 0) {
     MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
-        handle_, trans_a.data(), trans_b.data(), ffn_v.data(), group_rows.data(), hidden_v.data(),
-        alpha.data(), d_ptrs, type, hidden_v.data(), d_ptrs + 2 * g, type, hidden_v.data(),
-        beta.data(), const_cast<void* const*>(d_ptrs + 4 * g), type, ffn_v.data(),
-        static_cast<int>(g), two.data(), CUBLAS_COMPUTE_32F));
+        handle_, trans_a_.data(), trans_b_.data(), ffn_v_.data(), group_rows_.data(),
+        hidden_v_.data(), alpha_.data(), d_ptrs, type, hidden_v_.data(), d_ptrs + 2 * g, type,
+        hidden_v_.data(), beta_.data(), const_cast<void* const*>(d_ptrs + 4 * g), type,
+        ffn_v_.data(), static_cast<int>(g), two_.data(), CUBLAS_COMPUTE_32F));
     SiluMul<T>
         <<<Blocks(b.slots * ffn), 256, 0, stream_>>>(gate_.as<T>(), up_.as<T>(), b.slots * ffn);
     MOE_CUDA_TRY(cudaGetLastError());
     MOE_CUBLAS_TRY(cublasGemmGroupedBatchedEx(
-        handle_, trans_a.data(), trans_b.data(), hidden_v.data(), group_rows.data(), ffn_v.data(),
-        alpha.data(), d_ptrs + 6 * g, type, ffn_v.data(), d_ptrs + 7 * g, type, ffn_v.data(),
-        beta.data(), const_cast<void* const*>(d_ptrs + 8 * g), type, hidden_v.data(),
-        static_cast<int>(g), one.data(), CUBLAS_COMPUTE_32F));
+        handle_, trans_a_.data(), trans_b_.data(), hidden_v_.data(), group_rows_.data(),
+        ffn_v_.data(), alpha_.data(), d_ptrs + 6 * g, type, ffn_v_.data(), d_ptrs + 7 * g, type,
+        ffn_v_.data(), beta_.data(), const_cast<void* const*>(d_ptrs + 8 * g), type,
+        hidden_v_.data(), static_cast<int>(g), one_.data(), CUBLAS_COMPUTE_32F));
   }
   AddRows<T><<<Blocks(b.rows * hidden), 256, 0, stream_>>>(
       down_.as<T>(), d_offsets, d_row_slots, d_slot_weight, b.rows, hidden, out_.as<float>());
@@ -307,21 +311,30 @@ std::string Runner<T>::Forward(const GroupedBatch& b, float* out) {
   return "";
 }
 
-// Uploads m (converted to BF16 when it is F32) to dst.
-std::string Upload(const HostMatrix& m, void* dst) {
-  const size_t row_bytes = m.cols * 2;
+// dst[i] = bf16(src[i]), rounded to nearest even.
+__global__ void F32ToBF16(const float* src, int64_t n, __nv_bfloat16* dst) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = FromFloat<__nv_bfloat16>(src[i]);
+  }
+}
+
+// Uploads m to dst; an F32 matrix goes through `staging` and is rounded to BF16 on the GPU.
+std::string Upload(const HostMatrix& m, void* dst, DeviceBuffer* staging) {
   if (m.type != HostType::kF32) {
+    const size_t row_bytes = m.cols * 2;
     MOE_CUDA_TRY(cudaMemcpy2D(dst, row_bytes, m.data, m.row_stride * 2, row_bytes, m.rows,
                               cudaMemcpyHostToDevice));
     return "";
   }
-  std::vector<uint16_t> converted(m.rows * m.cols);
-  const auto* src = static_cast<const float*>(m.data);
-  for (int64_t r = 0; r < m.rows; ++r) {
-    for (int64_t c = 0; c < m.cols; ++c)
-      converted[r * m.cols + c] = F32ToBF16(src[r * m.row_stride + c]);
-  }
-  MOE_CUDA_TRY(cudaMemcpy(dst, converted.data(), converted.size() * 2, cudaMemcpyHostToDevice));
+  const size_t row_bytes = m.cols * 4;
+  if (std::string e = staging->Reserve(m.rows * row_bytes); !e.empty()) return e;
+  MOE_CUDA_TRY(cudaMemcpy2D(staging->as<float>(), row_bytes, m.data, m.row_stride * 4, row_bytes,
+                            m.rows, cudaMemcpyHostToDevice));
+  F32ToBF16<<<Blocks(m.rows * m.cols), 256>>>(staging->as<float>(), m.rows * m.cols,
+                                              static_cast<__nv_bfloat16*>(dst));
+  MOE_CUDA_TRY(cudaGetLastError());
+  MOE_CUDA_TRY(cudaDeviceSynchronize());  // before the next matrix reuses `staging`
   return "";
 }
 
@@ -378,11 +391,14 @@ std::unique_ptr<CudaExperts> CudaExperts::Create(
     return fail("allocating " + GiB(out->bytes) + " for the experts: " + e);
   }
   uint64_t done = 0;
+  DeviceBuffer staging;  // F32 matrices before rounding
   for (const HostExpert& x : experts) {
     char* base = out->weights.as<char>() + done;
-    if (std::string e = Upload(x.w1, base); !e.empty()) return fail(e);
-    if (std::string e = Upload(x.w3, base + matrix_bytes); !e.empty()) return fail(e);
-    if (std::string e = Upload(x.w2, base + 2 * matrix_bytes); !e.empty()) return fail(e);
+    if (std::string e = Upload(x.w1, base, &staging); !e.empty()) return fail(e);
+    if (std::string e = Upload(x.w3, base + matrix_bytes, &staging); !e.empty()) return fail(e);
+    if (std::string e = Upload(x.w2, base + 2 * matrix_bytes, &staging); !e.empty()) {
+      return fail(e);
+    }
     out->w1.push_back(base);
     out->w3.push_back(base + matrix_bytes);
     out->w2.push_back(base + 2 * matrix_bytes);
