@@ -75,9 +75,8 @@ ApiError FromStatus(const absl::Status& status, bool chat) {
       std::string word = message.substr(0, end);
       if (word == "prompt_logprobs") word = chat ? "top_logprobs" : "logprobs";
       if (word == "prompt" && chat) word = "messages";
-      for (const char* p :
-           {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "logprobs",
-            "top_logprobs", "stop", "repetition_penalty", "timeout", "experts_per_token"}) {
+      for (const char* p : {"prompt", "messages", "max_tokens", "temperature", "top_p", "top_k",
+                            "logprobs", "top_logprobs", "stop", "repetition_penalty", "timeout"}) {
         if (word == p) e.param = word;
       }
       break;

@@ -66,10 +66,6 @@ void EncodeRowsTensor(const float* data, int64_t rows, int64_t cols, moecluster:
   }
 }
 
-void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out) {
-  EncodeRowsTensor(data, rows, cols, moecluster::v1::DTYPE_F32, out);
-}
-
 absl::Status CheckRowsTensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
                              const char* what) {
   uint64_t element = 4;
@@ -92,15 +88,6 @@ absl::Status CheckRowsTensor(const moecluster::v1::Tensor& t, int64_t rows, int6
                      moecluster::v1::DType_Name(t.dtype()).substr(6), ", expected ", expected));
   }
   return absl::OkStatus();
-}
-
-absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
-                            const char* what) {
-  if (t.dtype() != moecluster::v1::DTYPE_F32) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(what, ": dtype must be F32, got ", moecluster::v1::DType_Name(t.dtype())));
-  }
-  return CheckRowsTensor(t, rows, cols, what);
 }
 
 void DecodeRowsTensor(const moecluster::v1::Tensor& t, float* out) {

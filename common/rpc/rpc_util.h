@@ -25,16 +25,11 @@ moecluster::v1::DType ToProtoDType(DType dtype);
 // Fills `out` with the [rows, cols] f32 `data` as a tensor of `dtype` (DTYPE_F32 or DTYPE_BF16).
 void EncodeRowsTensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::DType dtype,
                       moecluster::v1::Tensor* out);
-void EncodeF32Tensor(const float* data, int64_t rows, int64_t cols, moecluster::v1::Tensor* out);
 
 // Checks that `t` is an F32 or BF16 tensor of shape [rows, cols] whose byte length is rows *
 // cols * its element size (every field untrusted); `what` names it in errors.
 absl::Status CheckRowsTensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
                              const char* what);
-// The same, F32 only. On OK, t.data() holds the rows * cols floats; protobuf does not promise
-// their alignment, so copy them out (memcpy) to read them.
-absl::Status CheckF32Tensor(const moecluster::v1::Tensor& t, int64_t rows, int64_t cols,
-                            const char* what);
 // The values of a tensor CheckRowsTensor accepted, as f32 (BF16 widens exactly) into `out`
 // (t's element count).
 void DecodeRowsTensor(const moecluster::v1::Tensor& t, float* out);

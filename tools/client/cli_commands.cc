@@ -359,20 +359,23 @@ absl::Status RunRecordExperts(const std::string& server, const std::string& api_
     absl::SleepFor(seconds);
   }
   MOE_ASSIGN_OR_RETURN(std::vector<std::vector<uint64_t>> after, counts());
+  if (before.empty()) {  // since the start: from zero
+    for (const auto& layer : after) before.emplace_back(layer.size(), 0);
+  }
+  bool restarted = before.size() != after.size();
+  for (size_t l = 0; !restarted && l < after.size(); ++l) {
+    restarted = before[l].size() != after[l].size();
+  }
   std::string csv = "layer,expert,tokens\n";
   uint64_t total = 0;
   for (size_t l = 0; l < after.size(); ++l) {
     for (size_t e = 0; e < after[l].size(); ++e) {
-      uint64_t n = after[l][e];
-      if (!before.empty()) {
-        if (before.size() != after.size() || before[l].size() != after[l].size() ||
-            before[l][e] > n) {
-          return absl::FailedPreconditionError(
-              "the coordinator's expert counts went down during the recording (it restarted): "
-              "record again");
-        }
-        n -= before[l][e];
+      if (restarted || before[l][e] > after[l][e]) {
+        return absl::FailedPreconditionError(
+            "the coordinator's expert counts went down during the recording (it restarted): "
+            "record again");
       }
+      const uint64_t n = after[l][e] - before[l][e];
       total += n;
       absl::StrAppend(&csv, l, ",", e, ",", n, "\n");
     }
