@@ -288,12 +288,13 @@ class GrpcTransportGarbageTest : public ::testing::TestWithParam<GarbageCase> {}
 
 TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItReconnects) {
   FakeWorker a({0, 4}), b({4, 8});
+  // Declared before the transport, so they outlive its threads (which call the callback).
+  absl::Mutex mu;
+  std::vector<bool> health;
   GrpcTransportOptions options = Options({&a, &b});
   options.step_timeout = absl::Milliseconds(300);
   auto t = GrpcTransport::Create(Config(), options);
   ASSERT_TRUE(t.ok()) << t.status();
-  absl::Mutex mu;
-  std::vector<bool> health;
   (*t)->set_on_health_change([&](bool served) {
     absl::MutexLock lock(&mu);
     health.push_back(served);
@@ -323,6 +324,11 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItRec
   ASSERT_TRUE(Eventually([&] { return (*t)->AllExpertsServed(); }));
   ASSERT_TRUE((*t)->Exchange(0, r, x.data(), out.data()).ok());
   EXPECT_EQ(out, Expected(r, x));
+  // The reconnect marks the worker ready, then tells the health callback: wait for it.
+  EXPECT_TRUE(Eventually([&] {
+    absl::MutexLock lock(&mu);
+    return health.size() >= 2;
+  }));
   absl::MutexLock lock(&mu);
   ASSERT_GE(health.size(), 2u);
   EXPECT_FALSE(health.front());
