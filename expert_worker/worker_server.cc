@@ -87,9 +87,13 @@ absl::StatusOr<std::unique_ptr<WorkerServer>> WorkerServer::Create(const WorkerO
   builder.AddListeningPort(options.listen, credentials, &w->port_);
   builder.SetMaxReceiveMessageSize(static_cast<int>(max_message));
   builder.SetMaxSendMessageSize(static_cast<int>(max_message));
-  // Threads: the streams, GetInfo/health probes and a few spare.
+  // Threads: the streams, GetInfo/health probes and a few spare. Memory: gRPC 1.51 checks the
+  // message size only once a message is assembled, but its HTTP/2 flow control shrinks the
+  // windows under memory-quota pressure, so an oversized message is refused before the worker
+  // has buffered more than the quota (room for a few legitimate messages in and out).
   grpc::ResourceQuota quota("moe-expert-worker");
   quota.SetMaxThreads(options.max_streams + 8);
+  quota.Resize(static_cast<size_t>(WorkerMemoryQuotaBytes(max_message)));
   builder.SetResourceQuota(quota);
   // The coordinator's keepalive pings (every 2 s, also between calls) are welcome.
   builder.AddChannelArgument(GRPC_ARG_KEEPALIVE_PERMIT_WITHOUT_CALLS, 1);

@@ -126,6 +126,8 @@ int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows) {
   return rows * (config.hidden_size * 4 + config.routed_experts_per_token() * 8 + 8) + (64 << 10);
 }
 
+int64_t WorkerMemoryQuotaBytes(int64_t max_message) { return 4 * max_message + (16 << 20); }
+
 void WarnIfExposed(const std::string& address, const char* flag, const char* advice) {
   if (address.empty() || IsLoopbackAddress(address)) return;
   LOG(WARNING) << "--" << flag << " " << address

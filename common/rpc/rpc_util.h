@@ -38,6 +38,9 @@ void DecodeRowsTensor(const moecluster::v1::Tensor& t, float* out);
 // rows in f32, up to routed_experts_per_token (expert, weight) pairs and an offset per row, and
 // 64 KiB of framing. The worker's and the coordinator's gRPC message caps, so they agree.
 int64_t MaxForwardMessageBytes(const ModelConfig& config, int64_t rows);
+// A worker's gRPC memory quota for Forward messages of at most max_message bytes: room for a
+// few of them in and out, and the most it buffers of one message however large it claims to be.
+int64_t WorkerMemoryQuotaBytes(int64_t max_message);
 
 // Parses "HOST:PORT" (PORT may be 0). INVALID_ARGUMENT naming the flag otherwise.
 absl::Status ValidateListenAddress(const std::string& address, const char* flag);
