@@ -15,6 +15,7 @@
 #include <dlfcn.h>
 
 #include "common/cuda/cuda_experts.h"
+#include "common/cuda_plugin.h"
 #include "common/plugin_loader.h"
 #endif
 
@@ -79,10 +80,13 @@ class CudaRunnerAdapter : public ExpertRunner {
 
 class CudaBackend : public ComputeBackend {
  public:
-  CudaBackend(const ModelWeights* weights, std::string device,
-              std::unique_ptr<cuda::CudaExperts> experts)
-      : weights_(weights), device_(std::move(device)), experts_(std::move(experts)) {}
+  CudaBackend(const ModelWeights* weights, int index, std::unique_ptr<cuda::CudaExperts> experts)
+      : weights_(weights),
+        index_(index),
+        device_(absl::StrCat("cuda:", index)),
+        experts_(std::move(experts)) {}
   std::string Describe() const override { return experts_->Describe(); }
+  int cuda_device() const override { return index_; }
   absl::StatusOr<std::unique_ptr<ExpertRunner>> NewRunner() const override {
     std::string error;
     std::unique_ptr<cuda::CudaRunner> r = experts_->NewRunner(&error);
@@ -92,6 +96,7 @@ class CudaBackend : public ComputeBackend {
 
  private:
   const ModelWeights* weights_;
+  const int index_;
   const std::string device_;
   std::unique_ptr<cuda::CudaExperts> experts_;
 };
@@ -114,20 +119,6 @@ absl::StatusOr<cuda::HostMatrix> HostMatrixOf(const WeightMatrix& m, const std::
           "--device cpu)"));
   }
   return h;
-}
-
-// libmoe_cuda.so's entry points, loaded once.
-absl::StatusOr<const cuda::Api*> CudaApi() {
-  static const auto* const loaded = [] {
-    std::string error;
-    using Entry = const cuda::Api* (*)();
-    auto entry = reinterpret_cast<Entry>(LoadPluginSymbol(
-        "libmoe_cuda.so", MOE_CUDA_BUILD_PATH, MOE_CUDA_API_SYMBOL, RTLD_NOW | RTLD_LOCAL, &error));
-    return new absl::StatusOr<const cuda::Api*>(
-        entry != nullptr ? absl::StatusOr<const cuda::Api*>(entry())
-                         : absl::FailedPreconditionError("--device cuda: " + error));
-  }();
-  return *loaded;
 }
 
 absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(const DeviceSpec& spec,
@@ -160,7 +151,7 @@ absl::StatusOr<std::unique_ptr<ComputeBackend>> CreateCuda(const DeviceSpec& spe
       api->create(spec.index, c.num_hidden_layers, hosted.size(), c.hidden_size,
                   c.intermediate_size, experts, progress, &error);
   if (uploaded == nullptr) return absl::FailedPreconditionError(error);
-  return std::make_unique<CudaBackend>(weights, device, std::move(uploaded));
+  return std::make_unique<CudaBackend>(weights, spec.index, std::move(uploaded));
 }
 
 #endif  // MOE_HAVE_CUDA
@@ -184,6 +175,22 @@ absl::StatusOr<DeviceSpec> ParseDevice(absl::string_view spelled) {
   return absl::InvalidArgumentError(
       absl::StrCat("--device: '", spelled, "' is not a device; use cpu, cuda or cuda:N"));
 }
+
+#ifdef MOE_HAVE_CUDA
+absl::StatusOr<const cuda::Api*> CudaApi() {
+  static const auto* const loaded = [] {
+    std::string error;
+    using Entry = const cuda::Api* (*)();
+    auto entry = reinterpret_cast<Entry>(LoadPluginSymbol(
+        "libmoe_cuda.so", MOE_CUDA_BUILD_PATH, MOE_CUDA_API_SYMBOL, RTLD_NOW | RTLD_LOCAL, &error));
+    return new absl::StatusOr<const cuda::Api*>(
+        entry != nullptr
+            ? absl::StatusOr<const cuda::Api*>(entry())
+            : absl::FailedPreconditionError("the CUDA backend (libmoe_cuda.so): " + error));
+  }();
+  return *loaded;
+}
+#endif  // MOE_HAVE_CUDA
 
 absl::StatusOr<int> CudaDeviceCount() {
 #ifdef MOE_HAVE_CUDA

@@ -47,6 +47,8 @@ class ComputeBackend {
   // E.g. "cpu" or "cuda:0 (NVIDIA H200, BF16 weights, 2.10 GiB)".
   virtual std::string Describe() const = 0;
   virtual absl::StatusOr<std::unique_ptr<ExpertRunner>> NewRunner() const = 0;
+  // The CUDA device the experts are on; -1 on the CPU.
+  virtual int cuda_device() const { return -1; }
 };
 
 // The CUDA devices visible to a build with the CUDA backend; FAILED_PRECONDITION with the CUDA

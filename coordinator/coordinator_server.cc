@@ -3,6 +3,8 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "common/compute_backend.h"
+#include "common/nccl_channel.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -10,6 +12,23 @@
 #include "grpcpp/health_check_service_interface.h"
 
 namespace moe {
+namespace {
+
+// --nccl-device: a CUDA device, in a build whose NCCL works (checked now, not at the first worker).
+absl::StatusOr<std::shared_ptr<ChannelFactory>> NcclFactoryFor(const std::string& spelled) {
+  absl::StatusOr<DeviceSpec> device = ParseDevice(spelled);
+  if (!device.ok() || device->kind != DeviceSpec::Kind::kCuda) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--nccl-device must be cuda or cuda:N, not '", spelled, "'"));
+  }
+  if (absl::StatusOr<std::string> id = NewNcclUniqueId(); !id.ok()) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("--nccl-device ", spelled, ": ", id.status().message()));
+  }
+  return std::shared_ptr<ChannelFactory>(NcclChannelFactory(device->index));
+}
+
+}  // namespace
 
 namespace {
 constexpr char kServiceName[] = "moecluster.v1.Inference";
@@ -49,6 +68,9 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
       t.health_check_timeout = options.health_check_timeout;
       t.on_expert_loss = options.engine.on_expert_loss;
       t.wire = options.wire_dtype;
+      if (!options.nccl_device.empty()) {
+        MOE_ASSIGN_OR_RETURN(t.channels, NcclFactoryFor(options.nccl_device));
+      }
       // A step holds up to --max-step-tokens rows, or one whole prompt when it is longer (up
       // to the context) beside the running decodes; each row goes to a worker at most once
       // per expert.

@@ -56,6 +56,9 @@ struct CoordinatorOptions {
   absl::Duration health_check_timeout = absl::Milliseconds(400);
   // --wire-dtype: f32 or bf16 rows to the workers; auto = bf16 to non-loopback workers.
   WireDType wire_dtype = WireDType::kAuto;
+  // --nccl-device cuda:N: GPU workers (those offering NCCL) are reached over NCCL, with the
+  // coordinator's rank on this device; "": every worker over gRPC.
+  std::string nccl_device;
   SchedulerOptions scheduler;
   EngineOptions engine;
 };

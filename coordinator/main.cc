@@ -84,6 +84,11 @@ ABSL_FLAG(std::string, wire_dtype, "auto",
           "How hidden rows and partial sums travel to and from the workers: f32 (exact, "
           "bit-identical to in-process experts), bf16 (half the bytes; values rounded to "
           "nearest even), or auto: bf16 to workers on other hosts, f32 to loopback ones.");
+ABSL_FLAG(std::string, nccl_device, "",
+          "cuda or cuda:N: reach GPU expert workers (those started with --device cuda in a "
+          "build with NCCL) over NCCL instead of gRPC, one two-rank communicator per worker "
+          "with the coordinator's rank on this GPU; CPU workers stay on gRPC. Rows go in bf16 "
+          "unless --wire-dtype f32. Empty: every worker over gRPC.");
 ABSL_FLAG(absl::Duration, health_check_timeout, absl::Milliseconds(400),
           "Each ready worker is probed every 200ms; two probes unanswered within this mark it "
           "down (its traffic goes to replicas) until it reconnects.");
@@ -184,6 +189,13 @@ int main(int argc, char** argv) {
     return 1;
   }
   options.engine.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
+  options.nccl_device = absl::GetFlag(FLAGS_nccl_device);
+  if (!options.nccl_device.empty() && options.workers.empty()) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --nccl-device reaches expert workers over NCCL: give "
+                 "--workers too (without workers the experts run in this process)\n");
+    return 1;
+  }
   if (!moe::ParseWireDType(absl::GetFlag(FLAGS_wire_dtype), &options.wire_dtype)) {
     std::fprintf(stderr,
                  "moe-coordinator: error: --wire-dtype must be auto, f32 or bf16, not '%s'\n",

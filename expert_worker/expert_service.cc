@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "common/nccl_channel.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
 #include "glog/logging.h"
@@ -210,6 +211,7 @@ grpc::Status ExpertService::GetInfo(grpc::ServerContext*, const pb::GetInfoReque
   info->set_draining(draining_);
   info->set_max_rows(max_rows_);
   info->set_device(backend_->Describe());
+  for (const std::string& kind : ChannelKinds()) info->add_channels(kind);
   return grpc::Status::OK;
 }
 
@@ -226,6 +228,57 @@ bool ExpertService::WaitUntilQuiet(absl::Duration quiet, absl::Time deadline) co
   }
 }
 
+// Where a Forward exchange's messages come from and go to: the gRPC stream or a frame channel.
+class ExpertService::ForwardIo {
+ public:
+  virtual ~ForwardIo() = default;
+  // False when the peer has finished (or the transport failed).
+  virtual bool Read(pb::ForwardRequest* request) = 0;
+  virtual bool Write(const pb::ForwardResponse& response) = 0;
+};
+
+namespace {
+
+class GrpcForwardIo final : public ExpertService::ForwardIo {
+ public:
+  explicit GrpcForwardIo(grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream)
+      : stream_(stream) {}
+  bool Read(pb::ForwardRequest* request) override { return stream_->Read(request); }
+  bool Write(const pb::ForwardResponse& response) override { return stream_->Write(response); }
+
+ private:
+  grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream_;
+};
+
+// Each message one frame. `error` keeps why the exchange ended.
+class ChannelForwardIo final : public ExpertService::ForwardIo {
+ public:
+  ChannelForwardIo(FrameChannel* channel, int64_t max_bytes)
+      : channel_(channel), max_bytes_(max_bytes) {}
+  bool Read(pb::ForwardRequest* request) override {
+    error = channel_->Receive(max_bytes_, &frame_);
+    if (!error.ok()) return false;
+    if (!request->ParseFromString(frame_)) {
+      error = absl::InvalidArgumentError("a frame that is not a ForwardRequest");
+      return false;
+    }
+    return true;
+  }
+  bool Write(const pb::ForwardResponse& response) override {
+    response.SerializeToString(&frame_);
+    error = channel_->Send(frame_);
+    return error.ok();
+  }
+  absl::Status error;
+
+ private:
+  FrameChannel* channel_;
+  const int64_t max_bytes_;
+  std::string frame_;
+};
+
+}  // namespace
+
 grpc::Status ExpertService::Forward(
     grpc::ServerContext*,
     grpc::ServerReaderWriter<pb::ForwardResponse, pb::ForwardRequest>* stream) {
@@ -236,37 +289,141 @@ grpc::Status ExpertService::Forward(
                         absl::StrCat("this worker serves at most ", max_streams_,
                                      " Forward streams at once (--max-streams)"));
   }
+  GrpcForwardIo io(stream);
+  return ToGrpcStatus(Serve(&io));
+}
+
+absl::Status ExpertService::Serve(ForwardIo* io) {
   // OpenMP's team size is a per-thread setting; this is the thread that computes the stream.
   if (threads_ > 0) omp_set_num_threads(threads_);
-  absl::StatusOr<std::unique_ptr<ExpertRunner>> runner = backend_->NewRunner();
-  if (!runner.ok()) return ToGrpcStatus(runner.status());
-  StreamState state(weights_, max_rows_, std::move(*runner));
+  MOE_ASSIGN_OR_RETURN(std::unique_ptr<ExpertRunner> runner, backend_->NewRunner());
+  StreamState state(weights_, max_rows_, std::move(runner));
   pb::ForwardRequest request;
   pb::ForwardResponse response;
-  while (stream->Read(&request)) {
+  while (io->Read(&request)) {
     const Counted computing(&in_request_);
     last_request_ns_ = absl::GetCurrentTimeNanos();
     const auto start = std::chrono::steady_clock::now();
     absl::Status s = state.Decode(request);
+    if (s.ok()) s = state.Run(request.step(), &response);
     if (!s.ok()) {
-      return ToGrpcStatus(absl::Status(
-          s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
-    }
-    if (s = state.Run(request.step(), &response); !s.ok()) {
-      LOG(ERROR) << "step " << request.step() << ": " << s;
-      return ToGrpcStatus(absl::Status(
-          s.code(), absl::StrCat("step ", request.step(), ": ", std::string(s.message()))));
+      if (s.code() != absl::StatusCode::kInvalidArgument) {
+        LOG(ERROR) << "step " << request.step() << ": " << s;
+      }
+      return absl::Status(s.code(),
+                          absl::StrCat("step ", request.step(), ": ", std::string(s.message())));
     }
     if (observer_ != nullptr) {
       observer_->OnForward(
           request.layer(), state.rows_per_expert(),
           std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
     }
-    if (!stream->Write(response)) {
-      return grpc::Status(grpc::StatusCode::CANCELLED, "the client closed the Forward stream");
+    if (!io->Write(response)) {
+      return absl::CancelledError("the client closed the Forward stream");
     }
   }
+  return absl::OkStatus();
+}
+
+std::vector<std::string> ExpertService::ChannelKinds() const {
+  if (backend_->cuda_device() >= 0) return {"nccl"};
+  return {};
+}
+
+grpc::Status ExpertService::OpenChannel(grpc::ServerContext*, const pb::OpenChannelRequest* request,
+                                        pb::OpenChannelResponse*) {
+  const std::string& kind = request->kind();
+  const int device = backend_->cuda_device();
+  if (kind == "nccl") {
+    if (device < 0) {
+      return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                          "this worker's experts are on the CPU (--device cpu): no NCCL channel");
+    }
+    if (request->nccl_unique_id().size() != kNcclUniqueIdBytes) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("nccl_unique_id must have ", kNcclUniqueIdBytes,
+                                       " bytes, got ", request->nccl_unique_id().size()));
+    }
+  } else if (kind != "memory") {
+    return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                        absl::StrCat("unknown channel kind '", kind, "' (nccl or memory)"));
+  }
+  std::unique_ptr<FrameChannel> memory_end;
+  if (kind == "memory") {
+    absl::StatusOr<std::unique_ptr<FrameChannel>> taken = TakeMemoryChannel(request->memory_name());
+    if (!taken.ok()) return ToGrpcStatus(taken.status());
+    memory_end = std::move(*taken);
+  }
+  absl::MutexLock lock(&channels_mu_);
+  if (channels_stopped_) {
+    return grpc::Status(grpc::StatusCode::UNAVAILABLE, "the worker is shutting down");
+  }
+  // Finished channels' threads end by themselves: join them here.
+  for (auto it = channels_.begin(); it != channels_.end();) {
+    if ((*it)->finished) {
+      (*it)->thread.join();
+      it = channels_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  // A channel holds a serving thread as a stream does.
+  if (streams_ >= max_streams_) {
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                        absl::StrCat("this worker serves at most ", max_streams_,
+                                     " Forward streams and channels at once (--max-streams)"));
+  }
+  ++streams_;
+  auto c = std::make_unique<Channel>();
+  Channel* raw = c.get();
+  const std::string id = request->nccl_unique_id();
+  raw->thread = std::thread([this, raw, id, device, memory = std::move(memory_end)]() mutable {
+    absl::StatusOr<std::unique_ptr<FrameChannel>> channel =
+        memory != nullptr ? absl::StatusOr<std::unique_ptr<FrameChannel>>(std::move(memory))
+                          : ConnectNcclChannel(id, /*rank=*/1, device, absl::Seconds(20));
+    absl::Status s = channel.status();
+    if (channel.ok()) {
+      if (raw->Attach(channel->get())) {
+        LOG(INFO) << "serving a " << (*channel)->kind() << " channel";
+        ChannelForwardIo io(channel->get(), MaxForwardMessageBytes(weights_->config(), max_rows_));
+        s = Serve(&io);
+        if (s.ok()) s = io.error;
+      }
+      raw->Attach(nullptr);
+    }
+    LOG(INFO) << "channel closed: " << s;
+    --streams_;
+    absl::MutexLock lock(&channels_mu_);
+    raw->finished = true;
+  });
+  channels_.push_back(std::move(c));
   return grpc::Status::OK;
 }
+
+bool ExpertService::Channel::Attach(FrameChannel* c) {
+  absl::MutexLock lock(&mu);
+  if (c != nullptr && aborted) return false;
+  channel = c;
+  return true;
+}
+
+void ExpertService::Channel::Abort() {
+  absl::MutexLock lock(&mu);
+  aborted = true;
+  if (channel != nullptr) channel->Abort();
+}
+
+void ExpertService::StopChannels() {
+  std::vector<std::unique_ptr<Channel>> channels;
+  {
+    absl::MutexLock lock(&channels_mu_);
+    channels_stopped_ = true;
+    channels.swap(channels_);
+  }
+  for (auto& c : channels) c->Abort();
+  for (auto& c : channels) c->thread.join();
+}
+
+ExpertService::~ExpertService() { StopChannels(); }
 
 }  // namespace moe

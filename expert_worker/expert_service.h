@@ -12,11 +12,17 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <span>
 #include <string>
+#include <thread>
+#include <vector>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "common/compute_backend.h"
+#include "common/frame_channel.h"
 #include "common/weights.h"
 #include "moecluster/v1/expert.grpc.pb.h"
 
@@ -68,7 +74,42 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
                        grpc::ServerReaderWriter<moecluster::v1::ForwardResponse,
                                                 moecluster::v1::ForwardRequest>* stream) override;
 
+  // Starts serving the Forward exchange over a frame channel (frame_channel.h) on a thread of
+  // its own: "nccl" joins the coordinator's communicator (rank 1) on this worker's GPU,
+  // "memory" takes the end a coordinator in this process offered. The channel counts against
+  // max_streams while it is open. INVALID_ARGUMENT for an unknown kind or a malformed id,
+  // FAILED_PRECONDITION for NCCL on a CPU worker, RESOURCE_EXHAUSTED beyond max_streams.
+  grpc::Status OpenChannel(grpc::ServerContext* context,
+                           const moecluster::v1::OpenChannelRequest* request,
+                           moecluster::v1::OpenChannelResponse* response) override;
+
+  // Aborts every open channel and joins their threads; OpenChannel refuses from then on.
+  void StopChannels() ABSL_LOCKS_EXCLUDED(channels_mu_);
+  ~ExpertService() override;
+
+  class ForwardIo;
+
  private:
+  // NCCL_UNIQUE_ID_BYTES (nccl.h, not included outside the CUDA plugin).
+  static constexpr size_t kNcclUniqueIdBytes = 128;
+
+  // An open channel's serving thread.
+  struct Channel {
+    std::thread thread;
+    bool finished = false;  // guarded by channels_mu_: the thread is about to end
+    absl::Mutex mu;
+    FrameChannel* channel ABSL_GUARDED_BY(mu) = nullptr;  // while serving
+    bool aborted ABSL_GUARDED_BY(mu) = false;
+    // Sets the channel being served (null: none); false when already aborted.
+    bool Attach(FrameChannel* c);
+    void Abort();
+  };
+
+  // The exchange over a gRPC stream or a channel: each request decoded, computed, answered.
+  absl::Status Serve(ForwardIo* io);
+  // The channel kinds this worker offers (WorkerInfo.channels).
+  std::vector<std::string> ChannelKinds() const;
+
   // Constant after construction.
   const ModelWeights* weights_;
   const ComputeBackend* backend_;
@@ -81,6 +122,10 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
   std::atomic<bool> draining_{false};
   std::atomic<int64_t> last_request_ns_{0};  // absl::GetCurrentTimeNanos of the last request
   std::atomic<int> in_request_{0};           // requests being computed now
+
+  absl::Mutex channels_mu_;
+  std::vector<std::unique_ptr<Channel>> channels_ ABSL_GUARDED_BY(channels_mu_);
+  bool channels_stopped_ ABSL_GUARDED_BY(channels_mu_) = false;
 };
 
 }  // namespace moe

@@ -144,6 +144,7 @@ void WorkerServer::Shutdown() {
   }
   server_->GetHealthCheckService()->SetServingStatus(false);
   server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
+  service_->StopChannels();
 }
 
 void WorkerServer::Wait() { server_->Wait(); }

@@ -410,7 +410,15 @@ std::unique_ptr<CudaExperts> CudaExperts::Create(
 
 }  // namespace moe::cuda
 
+namespace moe::cuda {
+// nccl_link.cc.
+std::string NcclUniqueId(std::string* id);
+std::unique_ptr<NcclLink> NcclConnect(const std::string& id, int rank, int device,
+                                      int64_t timeout_ms, std::string* error);
+}  // namespace moe::cuda
+
 extern "C" __attribute__((visibility("default"))) const moe::cuda::Api* moe_cuda_api() {
-  static const moe::cuda::Api api{&moe::cuda::DeviceCount, &moe::cuda::CudaExperts::Create};
+  static const moe::cuda::Api api{&moe::cuda::DeviceCount, &moe::cuda::CudaExperts::Create,
+                                  &moe::cuda::NcclUniqueId, &moe::cuda::NcclConnect};
   return &api;
 }

@@ -81,6 +81,23 @@ class CudaExperts {
   virtual std::unique_ptr<CudaRunner> NewRunner(std::string* error) const = 0;
 };
 
+// One end of a two-rank NCCL communicator carrying byte frames (common/nccl_channel.h wraps it
+// as a FrameChannel). A frame is an 8-byte length, then the bytes: each an ncclSend/ncclRecv
+// through a device staging buffer, completed before the next is posted. The communicator is
+// non-blocking; every wait polls the CUDA stream and ncclCommGetAsyncError, and Abort (from any
+// thread) makes the waiting call abort the communicator, so nothing blocks for ever.
+// Send and Receive: one thread at a time.
+class NcclLink {
+ public:
+  virtual ~NcclLink() = default;
+  // "" or why it failed (the link is then unusable).
+  virtual std::string Send(const std::string& frame) = 0;
+  // "" and the next frame, or why not; *too_large when the peer announced more than max_bytes
+  // (nothing of it is received).
+  virtual std::string Receive(int64_t max_bytes, std::string* frame, bool* too_large) = 0;
+  virtual void Abort() = 0;
+};
+
 // What libmoe_cuda.so offers (compute_backend.cc loads it with dlopen, see plugin_loader.h).
 struct Api {
   // "" and *count = the CUDA devices visible, or the CUDA runtime's error.
@@ -90,6 +107,12 @@ struct Api {
                                          int64_t ffn, const std::vector<HostExpert>& experts,
                                          const std::function<void(uint64_t, uint64_t)>& progress,
                                          std::string* error);
+  // "" and *id = a new ncclUniqueId's bytes, or NCCL's error (or that it was built without NCCL).
+  std::string (*nccl_unique_id)(std::string* id);
+  // Joins the two-rank communicator `id` as `rank` (0 or 1; the peer is the other) on `device`.
+  // Returns once both ranks have joined; null with *error after timeout_ms or on an error.
+  std::unique_ptr<NcclLink> (*nccl_connect)(const std::string& id, int rank, int device,
+                                            int64_t timeout_ms, std::string* error);
 };
 
 }  // namespace moe::cuda

@@ -92,7 +92,6 @@ struct GrpcTransport::Worker {
   // Constant after Create.
   int32_t index = 0;  // in options.worker_addresses
   std::string address;
-  pb::DType wire = pb::DTYPE_F32;  // of its rows and answers (GrpcTransportOptions::wire)
   std::shared_ptr<grpc::Channel> channel;
   std::unique_ptr<pb::ExpertWorker::Stub> stub;
   std::thread io_thread;
@@ -103,9 +102,10 @@ struct GrpcTransport::Worker {
   mutable absl::Mutex mu;
   bool ready ABSL_GUARDED_BY(mu) = false;
   ExpertRange experts ABSL_GUARDED_BY(mu);
-  bool registered ABSL_GUARDED_BY(mu) = false;  // `experts` is fixed from the first connect
-  bool draining ABSL_GUARDED_BY(mu) = false;    // its last GetInfo said so
-  std::string device ABSL_GUARDED_BY(mu);       // its GetInfo's device
+  bool registered ABSL_GUARDED_BY(mu) = false;         // `experts` is fixed from the first connect
+  bool draining ABSL_GUARDED_BY(mu) = false;           // its last GetInfo said so
+  std::string device ABSL_GUARDED_BY(mu);              // its GetInfo's device
+  std::string transport ABSL_GUARDED_BY(mu) = "grpc";  // of the data path: grpc, nccl, memory
   std::string message ABSL_GUARDED_BY(mu) = "not connected yet";
   bool job ABSL_GUARDED_BY(mu) = false;
   bool done ABSL_GUARDED_BY(mu) = false;
@@ -119,6 +119,12 @@ struct GrpcTransport::Worker {
   std::unique_ptr<grpc::ClientContext> context;
   std::unique_ptr<grpc::ClientReaderWriter<pb::ForwardRequest, pb::ForwardResponse>> stream;
   bool stream_finished = true;  // Finish() was called on `stream` (or there is none)
+  // The data path instead of `stream` when a frame channel is open (then `stream` is none).
+  std::unique_ptr<FrameChannel> frames;
+  std::string frame;  // a serialized request or answer
+  // Of its rows and answers (GrpcTransportOptions::wire), set at each connect; written with
+  // exchange_mu_ and mu held.
+  pb::DType wire = pb::DTYPE_F32;
   pb::ForwardRequest request;
   pb::ForwardResponse response;
   uint64_t request_step = 0;
@@ -145,6 +151,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   // A step's message to one worker: at most max_rows_per_step rows (as the worker's cap).
   const int64_t max_message = std::min<int64_t>(
       MaxForwardMessageBytes(config, options.max_rows_per_step), std::numeric_limits<int>::max());
+  t->max_message_ = max_message;
   args.SetMaxReceiveMessageSize(static_cast<int>(max_message));
   args.SetMaxSendMessageSize(static_cast<int>(max_message));
   // Keepalive pings notice a dead connection even while no call is running on it (the worker
@@ -157,10 +164,6 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
     auto w = std::make_unique<Worker>();
     w->index = static_cast<int32_t>(t->workers_.size());
     w->address = address;
-    w->wire = options.wire == WireDType::kBF16 ||
-                      (options.wire == WireDType::kAuto && !IsLoopbackAddress(address))
-                  ? pb::DTYPE_BF16
-                  : pb::DTYPE_F32;
     w->channel = grpc::CreateCustomChannel(
         address, options.credentials ? options.credentials : grpc::InsecureChannelCredentials(),
         args);
@@ -192,7 +195,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   }
   for (auto& w : t->workers_) {
     Worker* raw = w.get();
-    raw->io_thread = std::thread([raw] { IoLoop(raw); });
+    raw->io_thread = std::thread([t = t.get(), raw] { t->IoLoop(raw); });
     raw->watch_thread = std::thread([t = t.get(), raw] { t->WatchLoop(raw); });
   }
   return t;
@@ -217,6 +220,10 @@ GrpcTransport::~GrpcTransport() {
 }
 
 void GrpcTransport::CloseStream(Worker* w) {
+  if (w->frames != nullptr) {
+    w->frames->Abort();
+    w->frames.reset();
+  }
   if (w->stream == nullptr || w->stream_finished) return;
   w->context->TryCancel();
   w->stream->Finish().ok();  // CANCELLED; only to release the call
@@ -267,24 +274,60 @@ absl::Status GrpcTransport::Connect(Worker* w, absl::Duration timeout) {
           ", or restart the coordinator to change the placement"));
     }
   }
+  std::unique_ptr<FrameChannel> frames;
+  if (options_.channels != nullptr &&
+      options_.channels->Accepts({info.channels().begin(), info.channels().end()})) {
+    frames = OpenChannel(w, timeout);
+  }
+  const bool bf16 =
+      options_.wire == WireDType::kBF16 ||
+      (options_.wire == WireDType::kAuto &&
+       (frames != nullptr ? options_.channels->Bf16ByDefault() : !IsLoopbackAddress(w->address)));
   auto context = std::make_unique<grpc::ClientContext>();
   {
     absl::MutexLock exchange(&exchange_mu_);
     CloseStream(w);
-    w->stream = w->stub->Forward(context.get());
-    w->context = std::move(context);
-    w->stream_finished = false;
+    if (frames != nullptr) {
+      w->frames = std::move(frames);
+    } else {
+      w->stream = w->stub->Forward(context.get());
+      w->context = std::move(context);
+      w->stream_finished = false;
+    }
     absl::MutexLock lock(&w->mu);
+    w->wire = bf16 ? pb::DTYPE_BF16 : pb::DTYPE_F32;
     w->experts = experts;
     w->registered = true;
     w->draining = info.draining();
     w->device = info.device();
+    w->transport = w->frames != nullptr ? w->frames->kind() : "grpc";
     w->ready = true;
     w->message.clear();
   }
   LOG(INFO) << "connected to " << w->Name();
   NotifyHealth();
   return absl::OkStatus();
+}
+
+std::unique_ptr<FrameChannel> GrpcTransport::OpenChannel(Worker* w, absl::Duration timeout) {
+  auto ask_worker = [&](const ChannelRequest& r) {
+    pb::OpenChannelRequest request;
+    request.set_kind(r.kind);
+    request.set_nccl_unique_id(r.nccl_unique_id);
+    request.set_memory_name(r.memory_name);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
+    pb::OpenChannelResponse response;
+    grpc::Status s = w->stub->OpenChannel(&ctx, request, &response);
+    return s.ok() ? absl::OkStatus() : FromGrpcStatus(s);
+  };
+  absl::StatusOr<std::unique_ptr<FrameChannel>> frames = options_.channels->Open(ask_worker);
+  if (!frames.ok()) {
+    LOG(WARNING) << "expert worker " << w->address << ": no " << options_.channels->kind()
+                 << " channel (" << frames.status() << "); its rows go over gRPC";
+    return nullptr;
+  }
+  return std::move(*frames);
 }
 
 void GrpcTransport::MarkDown(int32_t index, const std::string& why) {
@@ -361,7 +404,16 @@ void GrpcTransport::IoLoop(Worker* w) {
     }
     absl::Status result;
     const auto start = std::chrono::steady_clock::now();
-    if (!w->stream->Write(w->request) || !w->stream->Read(&w->response)) {
+    if (w->frames != nullptr) {
+      // One frame each way; a failed channel stays failed (aborted) until the worker reconnects.
+      w->request.SerializeToString(&w->frame);
+      result = w->frames->Send(w->frame);
+      if (result.ok()) result = w->frames->Receive(max_message_, &w->frame);
+      if (result.ok() && !w->response.ParseFromString(w->frame)) {
+        result = absl::InternalError("answered a frame that is not a ForwardResponse");
+      }
+      if (!result.ok()) w->frames->Abort();
+    } else if (!w->stream->Write(w->request) || !w->stream->Read(&w->response)) {
       grpc::Status s = w->stream->Finish();
       w->stream_finished = true;
       result = s.ok() ? absl::UnavailableError("the worker closed its stream")
@@ -411,9 +463,13 @@ bool GrpcTransport::Links::Wait(int32_t index, absl::Time deadline) {
 
 void GrpcTransport::Links::Abandon(int32_t index) {
   Worker* w = t_->workers_[index].get();
-  // Cancelling unblocks the I/O thread's Read. A cancelled stream is unusable even if the
-  // answer slipped in: the worker reconnects with a new one.
-  w->context->TryCancel();
+  // Cancelling unblocks the I/O thread's Read (aborting, its channel's Receive). A cancelled
+  // stream is unusable even if the answer slipped in: the worker reconnects with a new one.
+  if (w->frames != nullptr) {
+    w->frames->Abort();
+  } else {
+    w->context->TryCancel();
+  }
   absl::MutexLock lock(&w->mu);
   w->mu.Await(absl::Condition(&w->done));
 }
@@ -455,7 +511,7 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
     absl::MutexLock lock(&w->mu);
     out.push_back({w->address, w->ready, w->experts, w->message, w->draining,
                    w->device.empty() ? "cpu" : w->device,
-                   w->wire == pb::DTYPE_BF16 ? "grpc/bf16" : "grpc/f32"});
+                   absl::StrCat(w->transport, w->wire == pb::DTYPE_BF16 ? "/bf16" : "/f32")});
   }
   return out;
 }

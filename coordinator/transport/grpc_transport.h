@@ -33,6 +33,7 @@
 #include "common/model_config.h"
 #include "coordinator/transport/dispatch.h"
 #include "coordinator/transport/expert_transport.h"
+#include "coordinator/transport/nccl_transport.h"
 #include "grpcpp/security/credentials.h"
 
 namespace moe {
@@ -65,6 +66,10 @@ struct GrpcTransportOptions {
   WireDType wire = WireDType::kAuto;
   // TLS to the workers (ChannelCredentials of common/rpc/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Where set, workers that offer its kind of frame channel are reached over one instead of
+  // their Forward stream (nccl_transport.h); a worker whose channel cannot be opened falls back
+  // to its stream, with a warning.
+  std::shared_ptr<ChannelFactory> channels;
 };
 
 class GrpcTransport : public ExpertTransport {
@@ -117,21 +122,26 @@ class GrpcTransport : public ExpertTransport {
   GrpcTransport(const ModelConfig& config, const GrpcTransportOptions& options);
 
   // Asks the worker who it is, checks it serves our model (and, once registered, the same
-  // experts as before), and opens its Forward stream.
+  // experts as before), and opens its frame channel (where options.channels and the worker
+  // agree) or else its Forward stream.
   absl::Status Connect(Worker* w, absl::Duration timeout) ABSL_LOCKS_EXCLUDED(exchange_mu_);
   void MarkDown(int32_t w, const std::string& why);
-  // Cancels and finishes w's Forward stream if it is open. REQUIRES: no I/O job running on it.
+  // Cancels and finishes w's Forward stream (or aborts its channel) if it is open. REQUIRES: no
+  // I/O job running on it.
   static void CloseStream(Worker* w);
+  // Opens a frame channel to w with options.channels; the stream stays the data path if not.
+  std::unique_ptr<FrameChannel> OpenChannel(Worker* w, absl::Duration timeout);
   // Probes w while it is ready, reconnects it while it is not, until shutdown.
   void WatchLoop(Worker* w) ABSL_LOCKS_EXCLUDED(mu_);
   // One probe: true when w answered GetInfo in time (and then its draining flag is updated).
   bool Probe(Worker* w);
-  static void IoLoop(Worker* w);
+  void IoLoop(Worker* w);
   void NotifyHealth() ABSL_LOCKS_EXCLUDED(mu_);
 
   // Constant after construction.
   const ModelConfig config_;
   const GrpcTransportOptions options_;
+  int64_t max_message_ = 0;                       // bytes of one request or answer
   std::vector<std::unique_ptr<Worker>> workers_;  // the vector; each Worker has its own lock
 
   // Held for a whole Exchange, and by Connect while it replaces a stream.

@@ -403,6 +403,29 @@ class ChartTest(unittest.TestCase):
             text = json.dumps(workload["spec"]["template"]["spec"]["containers"])
             self.assertNotIn("nvidia.com/gpu", text)
 
+    def test_nccl_gives_the_coordinator_a_gpu_the_flag_and_both_pods_the_nccl_env(self):
+        rendered = self.render(minimal_values(workers__gpu=1, nccl__enabled=True,
+                                              workers__runtimeClassName="nvidia"))
+        coordinator = rendered.coordinator()["spec"]["template"]["spec"]
+        container = coordinator["containers"][0]
+        self.assertEqual(flag(container["args"], "nccl-device"), "cuda")
+        self.assertEqual(container["resources"]["limits"]["nvidia.com/gpu"], 1)
+        self.assertEqual(container["resources"]["requests"]["nvidia.com/gpu"], 1)
+        self.assertEqual(coordinator["runtimeClassName"], "nvidia")
+        for workload in (rendered.coordinator(), rendered.statefulset()):
+            env = {e["name"]: e.get("value")
+                   for e in workload["spec"]["template"]["spec"]["containers"][0]["env"]}
+            self.assertEqual(env["NCCL_SOCKET_IFNAME"], "eth0")
+            self.assertEqual(env["NCCL_DEBUG"], "WARN")
+        # Off by default: no flag, no GPU for the coordinator, no NCCL environment.
+        for values in ("cpu-2-workers", "gpu-4-workers"):
+            coordinator = self.rendered[values].coordinator()["spec"]["template"]["spec"]
+            container = coordinator["containers"][0]
+            self.assertFalse([a for a in container["args"] if a.startswith("--nccl-device")])
+            self.assertNotIn("nvidia.com/gpu", json.dumps(container["resources"]))
+            self.assertNotIn("NCCL_", json.dumps(container["env"]))
+        self.assertRenderFails(minimal_values(nccl__enabled=True), "nccl.enabled", "workers.gpu")
+
     def test_model_volume_is_a_claim_or_a_host_path(self):
         volumes = self.rendered["cpu-2-workers"].statefulset()["spec"]["template"]["spec"]
         model = next(v for v in volumes["volumes"] if v["name"] == "model")

@@ -18,6 +18,7 @@
 #include "absl/time/time.h"
 #include "common/expert_ffn.h"
 #include "common/fingerprint.h"
+#include "common/frame_channel.h"
 #include "common/model_config.h"
 #include "common/rpc/rpc_util.h"
 #include "common/safetensors.h"
@@ -274,6 +275,114 @@ TEST_F(ExpertServiceTest, ConcurrentStreamsDoNotInterfere) {
   b->WritesDone();
   EXPECT_TRUE(a->Finish().ok());
   EXPECT_TRUE(b->Finish().ok());
+}
+
+// OpenChannel: the same exchange over a frame channel (a memory one: the worker is in this
+// process), answers bit-identical to the local FFN and to the stream's; a malformed request ends
+// the channel; an oversized frame is refused unread; bad kinds and NCCL on a CPU worker are
+// refused with the reason.
+class ChannelClient {
+ public:
+  ChannelClient(pb::ExpertWorker::Stub* stub, const std::string& name) {
+    auto [ours, theirs] = MemoryChannelPair();
+    OfferMemoryChannel(name, std::move(theirs));
+    channel_ = std::move(ours);
+    pb::OpenChannelRequest request;
+    request.set_kind("memory");
+    request.set_memory_name(name);
+    pb::OpenChannelResponse response;
+    auto context = ContextWithDeadline();
+    status_ = stub->OpenChannel(context.get(), request, &response);
+  }
+  const grpc::Status& status() const { return status_; }
+  FrameChannel* channel() { return channel_.get(); }
+  // Sends `req`; its answer, or why none came.
+  absl::StatusOr<pb::ForwardResponse> RoundTrip(const pb::ForwardRequest& req) {
+    std::string frame;
+    req.SerializeToString(&frame);
+    if (absl::Status s = channel_->Send(frame); !s.ok()) return s;
+    if (absl::Status s = channel_->Receive(1 << 30, &frame); !s.ok()) return s;
+    pb::ForwardResponse response;
+    if (!response.ParseFromString(frame)) return absl::InternalError("not a response");
+    return response;
+  }
+
+ private:
+  std::unique_ptr<FrameChannel> channel_;
+  grpc::Status status_;
+};
+
+TEST_F(ExpertServiceTest, ChannelsCarryTheSameExchangeBitForBit) {
+  ChannelClient client(stub_.get(), "expert-service-test-1");
+  ASSERT_TRUE(client.status().ok()) << client.status().error_message();
+  const std::vector<Step> steps = {MakeStep(0, 7, 1), MakeStep(1, 0, 3), MakeStep(1, 13, 5)};
+  for (size_t i = 0; i < steps.size(); ++i) {
+    auto response = client.RoundTrip(ToRequest(10 + i, steps[i]));
+    ASSERT_TRUE(response.ok()) << response.status();
+    EXPECT_EQ(response->step(), 10 + i);
+    const std::vector<float> expected = LocalForward(steps[i]);
+    EXPECT_EQ(response->output().data(),
+              std::string(reinterpret_cast<const char*>(expected.data()), expected.size() * 4))
+        << "step " << i;
+  }
+  // A malformed request ends the channel (the worker aborts it).
+  pb::ForwardRequest bad = ToRequest(20, steps[0]);
+  bad.set_layer(-1);
+  EXPECT_EQ(client.RoundTrip(bad).status().code(), absl::StatusCode::kUnavailable);
+
+  // A frame beyond the worker's message cap is refused before it is parsed.
+  ChannelClient big(stub_.get(), "expert-service-test-2");
+  ASSERT_TRUE(big.status().ok());
+  ASSERT_TRUE(big.channel()->Send(std::string(size_t{64} << 20, '\0')).ok());  // cap: ~3 MB
+  std::string frame;
+  EXPECT_EQ(big.channel()->Receive(1 << 20, &frame).code(), absl::StatusCode::kUnavailable);
+}
+
+TEST_F(ExpertServiceTest, OpenChannelRefusesWhatItCannotServe) {
+  auto open = [&](const std::string& kind, const std::string& id, const std::string& name) {
+    pb::OpenChannelRequest request;
+    request.set_kind(kind);
+    request.set_nccl_unique_id(id);
+    request.set_memory_name(name);
+    pb::OpenChannelResponse response;
+    auto context = ContextWithDeadline();
+    return stub_->OpenChannel(context.get(), request, &response);
+  };
+  grpc::Status s = open("rdma", "", "");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_THAT(s.error_message(), HasSubstr("unknown channel kind 'rdma' (nccl or memory)"));
+  s = open("nccl", std::string(128, 'x'), "");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_THAT(s.error_message(), HasSubstr("on the CPU (--device cpu): no NCCL channel"));
+  s = open("memory", "", "never-offered");
+  EXPECT_EQ(s.error_code(), grpc::StatusCode::NOT_FOUND);
+  // A CPU worker offers no channel kinds.
+  pb::WorkerInfo info;
+  auto context = ContextWithDeadline();
+  ASSERT_TRUE(stub_->GetInfo(context.get(), pb::GetInfoRequest(), &info).ok());
+  EXPECT_EQ(info.channels_size(), 0);
+}
+
+TEST(WorkerServerTest, ChannelsCountAgainstMaxStreamsAndEndAtShutdown) {
+  WorkerOptions options;
+  options.model_dir = kFixture;
+  options.experts = {kBegin, kEnd};
+  options.max_streams = 2;
+  auto server = WorkerServer::Create(options);
+  ASSERT_TRUE(server.ok()) << server.status();
+  auto stub = Connect((*server)->address());
+  ChannelClient one(stub.get(), "max-streams-1"), two(stub.get(), "max-streams-2");
+  ASSERT_TRUE(one.status().ok());
+  ASSERT_TRUE(two.status().ok());
+  ChannelClient three(stub.get(), "max-streams-3");
+  EXPECT_EQ(three.status().error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_THAT(three.status().error_message(), HasSubstr("--max-streams"));
+  ASSERT_TRUE(one.RoundTrip(ToRequest(1, MakeStep(0, 4, 1))).ok());
+  // Shutdown aborts the open channels (and joins their threads): the client sees it.
+  (*server)->Shutdown();
+  (*server)->Wait();
+  EXPECT_EQ(two.RoundTrip(ToRequest(2, MakeStep(0, 4, 1))).status().code(),
+            absl::StatusCode::kUnavailable);
 }
 
 // A valid base: 3 rows, row 1 has no expert.

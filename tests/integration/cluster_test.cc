@@ -1513,6 +1513,36 @@ TEST(ClusterStartupTest, RefusesWhenExpertsAreMissing) {
               HasSubstr("experts [16, 32) of every layer are hosted by no worker"));
 }
 
+// --nccl-device: a CUDA device and --workers, in a build with NCCL (this one, the CPU build,
+// has none); each refusal names what to change, before any worker is contacted.
+TEST(ClusterStartupTest, NcclDeviceFlagIsCheckedAtStart) {
+  const std::string dir = ModelDir("demo_mixtral");
+  struct Case {
+    std::vector<std::string> args;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {{"--nccl-device", "cuda:0"},
+       "--nccl-device reaches expert workers over NCCL: give --workers"},
+      {{"--nccl-device", "cpu", "--workers", "127.0.0.1:1"},
+       "--nccl-device must be cuda or cuda:N, not 'cpu'"},
+#ifndef MOE_HAVE_CUDA
+      {{"--nccl-device", "cuda:0", "--workers", "127.0.0.1:1"},
+       "--nccl-device cuda:0: this build has no NCCL channels: build with scripts/build.sh "
+       "-DMOE_ENABLE_CUDA=ON"},
+#endif
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    std::vector<std::string> args = {"--model", dir, "--listen", "127.0.0.1:0"};
+    args.insert(args.end(), cases[i].args.begin(), cases[i].args.end());
+    testing::Subprocess coordinator;
+    const std::string log = testing::TempDir("nccl_flag") + "/" + std::to_string(i) + ".log";
+    ASSERT_TRUE(coordinator.Start(MOE_COORDINATOR_PATH, args, log).ok());
+    EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1) << i;
+    EXPECT_THAT(testing::ReadLog(log), HasSubstr(cases[i].message)) << i;
+  }
+}
+
 TEST(ClusterStartupTest, RefusesAWorkerServingAnotherModel) {
   auto w = testing::StartWorker(ModelDir("mixtral_4e_tied_fused_sharded"), "all");
   ASSERT_TRUE(w.ok()) << w.status();

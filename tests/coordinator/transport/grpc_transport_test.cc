@@ -12,7 +12,9 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/frame_channel.h"
 #include "common/rpc/rpc_util.h"
+#include "coordinator/transport/nccl_transport.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -29,7 +31,18 @@ constexpr int64_t kExperts = 8;
 constexpr int64_t kHidden = 4;
 constexpr char kFingerprint[] = "fake-model";
 
-enum class Mode { kCorrect, kWrongStep, kWrongShape, kWrongDtype, kClose, kHang, kNaN, kHuge };
+enum class Mode {
+  kCorrect,
+  kWrongStep,
+  kWrongShape,
+  kWrongDtype,
+  kClose,
+  kHang,
+  kNaN,
+  kHuge,
+  kGarbageFrame,  // over a channel: a frame that is no ForwardResponse
+  kHugeFrame,     // over a channel: a frame beyond the message cap
+};
 
 // An ExpertWorker whose expert e computes (e + 1) * x, so every answer is exact in f32.
 class FakeWorker final : public pb::ExpertWorker::Service {
@@ -47,6 +60,10 @@ class FakeWorker final : public pb::ExpertWorker::Service {
     server_->Shutdown(std::chrono::system_clock::now() + std::chrono::milliseconds(100));
     server_->Wait();
     server_.reset();
+    absl::MutexLock lock(&mu_);
+    for (auto& c : channels_) c->Abort();
+    for (auto& t : channel_threads_) t.join();
+    channel_threads_.clear();
   }
 
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
@@ -54,6 +71,7 @@ class FakeWorker final : public pb::ExpertWorker::Service {
   int64_t forwards() const { return forwards_; }
   void set_hidden(int32_t hidden) { hidden_ = hidden; }
   pb::DType last_wire() const { return last_wire_; }
+  void set_refuse_channels(bool refuse) { refuse_channels_ = refuse; }
 
   grpc::Status GetInfo(grpc::ServerContext*, const pb::GetInfoRequest*,
                        pb::WorkerInfo* info) override {
@@ -78,42 +96,90 @@ class FakeWorker final : public pb::ExpertWorker::Service {
         while (!context->IsCancelled()) absl::SleepFor(absl::Milliseconds(5));
         return grpc::Status::CANCELLED;
       }
-      const int64_t rows = req.hidden().shape(0);
-      std::vector<float> x(rows * kHidden);
-      DecodeRowsTensor(req.hidden(), x.data());  // F32 or BF16, as the transport sent
-      last_wire_ = req.hidden().dtype();
-      std::vector<float> out(rows * kHidden, 0.0f);
-      for (int64_t r = 0; r < rows; ++r) {
-        for (int32_t i = req.row_offsets(r); i < req.row_offsets(r + 1); ++i) {
-          EXPECT_TRUE(experts_.Contains(req.experts(i))) << "sent a foreign expert";
-          const float scale = req.weights(i) * static_cast<float>(req.experts(i) + 1);
-          for (int64_t k = 0; k < kHidden; ++k) out[r * kHidden + k] += scale * x[r * kHidden + k];
-        }
-      }
-      if (mode == Mode::kNaN && rows > 0) out[kHidden + 1] = std::nanf("");
-      if (mode == Mode::kHuge && rows > 0) out[0] = 1e30f;
-      pb::ForwardResponse response;
-      response.set_step(mode == Mode::kWrongStep ? req.step() + 1 : req.step());
-      pb::DType wire = req.hidden().dtype();
-      if (mode == Mode::kWrongDtype) {
-        wire = wire == pb::DTYPE_F32 ? pb::DTYPE_BF16 : pb::DTYPE_F32;
-      }
-      EncodeRowsTensor(out.data(), mode == Mode::kWrongShape ? rows - 1 : rows, kHidden, wire,
-                       response.mutable_output());
-      if (!stream->Write(response)) return grpc::Status::CANCELLED;
+      if (!stream->Write(Answer(req, mode))) return grpc::Status::CANCELLED;
     }
     return grpc::Status::OK;
   }
 
+  // Memory channels only: the same answers, one frame each.
+  grpc::Status OpenChannel(grpc::ServerContext*, const pb::OpenChannelRequest* request,
+                           pb::OpenChannelResponse*) override {
+    if (refuse_channels_) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no channels");
+    auto taken = TakeMemoryChannel(request->memory_name());
+    if (!taken.ok()) return grpc::Status(grpc::StatusCode::NOT_FOUND, "no such channel");
+    std::shared_ptr<FrameChannel> channel = std::move(*taken);
+    absl::MutexLock lock(&mu_);
+    channels_.push_back(channel);
+    channel_threads_.emplace_back([this, channel] { ServeChannel(channel.get()); });
+    return grpc::Status::OK;
+  }
+
  private:
+  void ServeChannel(FrameChannel* channel) {
+    std::string frame;
+    pb::ForwardRequest req;
+    while (channel->Receive(1 << 30, &frame).ok()) {
+      EXPECT_TRUE(req.ParseFromString(frame));
+      ++forwards_;
+      const Mode mode = mode_;
+      if (mode == Mode::kClose) {
+        channel->Abort();
+        return;
+      }
+      if (mode == Mode::kHang) {
+        channel->Receive(1 << 30, &frame).IgnoreError();  // until the coordinator aborts
+        return;
+      }
+      if (mode == Mode::kGarbageFrame) {
+        frame = "\xff\xff\xff not a message";
+      } else if (mode == Mode::kHugeFrame) {
+        frame.assign(1 << 20, '\0');  // the cap here: ~230 KB
+      } else {
+        Answer(req, mode).SerializeToString(&frame);
+      }
+      if (!channel->Send(frame).ok()) return;
+    }
+  }
+
+  // (e + 1) * x summed over the request's pairs, spoiled as `mode` says.
+  pb::ForwardResponse Answer(const pb::ForwardRequest& req, Mode mode) {
+    const int64_t rows = req.hidden().shape(0);
+    std::vector<float> x(rows * kHidden);
+    DecodeRowsTensor(req.hidden(), x.data());  // F32 or BF16, as the transport sent
+    last_wire_ = req.hidden().dtype();
+    std::vector<float> out(rows * kHidden, 0.0f);
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int32_t i = req.row_offsets(r); i < req.row_offsets(r + 1); ++i) {
+        EXPECT_TRUE(experts_.Contains(req.experts(i))) << "sent a foreign expert";
+        const float scale = req.weights(i) * static_cast<float>(req.experts(i) + 1);
+        for (int64_t k = 0; k < kHidden; ++k) out[r * kHidden + k] += scale * x[r * kHidden + k];
+      }
+    }
+    if (mode == Mode::kNaN && rows > 0) out[kHidden + 1] = std::nanf("");
+    if (mode == Mode::kHuge && rows > 0) out[0] = 1e30f;
+    pb::ForwardResponse response;
+    response.set_step(mode == Mode::kWrongStep ? req.step() + 1 : req.step());
+    pb::DType wire = req.hidden().dtype();
+    if (mode == Mode::kWrongDtype) {
+      wire = wire == pb::DTYPE_F32 ? pb::DTYPE_BF16 : pb::DTYPE_F32;
+    }
+    EncodeRowsTensor(out.data(), mode == Mode::kWrongShape ? rows - 1 : rows, kHidden, wire,
+                     response.mutable_output());
+    return response;
+  }
+
   const ExpertRange experts_;
   const std::string fingerprint_;
   std::atomic<Mode> mode_{Mode::kCorrect};
   std::atomic<int64_t> forwards_{0};
   std::atomic<int32_t> hidden_{kHidden};
   std::atomic<pb::DType> last_wire_{pb::DTYPE_UNSPECIFIED};
+  std::atomic<bool> refuse_channels_{false};
   int port_ = 0;
   std::unique_ptr<grpc::Server> server_;
+  absl::Mutex mu_;
+  std::vector<std::shared_ptr<FrameChannel>> channels_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::thread> channel_threads_ ABSL_GUARDED_BY(mu_);
 };
 
 ModelConfig Config() {
@@ -250,6 +316,58 @@ TEST(GrpcTransportTest, Bf16WireHalvesTheBytesAndKeepsExactValuesExact) {
   EXPECT_FALSE(ParseWireDType("fp16", &parsed));
 }
 
+// Frame channels carry the same exchange: exact sums, the transport named, bf16 on request; a
+// worker that refuses a channel, or offers none of the factory's kind, stays on its stream.
+TEST(GrpcTransportChannelTest, WorkersOnChannelsAndStreamsMixInOneCluster) {
+  for (WireDType wire : {WireDType::kAuto, WireDType::kBF16}) {
+    FakeWorker a({0, 4}), b({4, 8});
+    b.set_refuse_channels(true);
+    GrpcTransportOptions options = Options({&a, &b});
+    options.channels = MemoryChannelFactory();
+    options.wire = wire;
+    auto t = GrpcTransport::Create(Config(), options);
+    ASSERT_TRUE(t.ok()) << t.status();
+    const Routing r = ThreeTokens();
+    const std::vector<float> x = Inputs(r.tokens);
+    std::vector<float> out(r.tokens * kHidden, 123.0f);
+    for (int step = 0; step < 3; ++step) {
+      ASSERT_TRUE((*t)->Exchange(step % kLayers, r, x.data(), out.data()).ok());
+      EXPECT_EQ(out, Expected(r, x));
+    }
+    EXPECT_EQ(a.forwards(), 3);
+    EXPECT_EQ(b.forwards(), 3);
+    const std::vector<WorkerSnapshot> workers = (*t)->Workers();
+    const std::string dtype = wire == WireDType::kBF16 ? "/bf16" : "/f32";
+    EXPECT_EQ(workers[0].transport, "memory" + dtype);
+    EXPECT_EQ(workers[1].transport, "grpc" + dtype);
+    EXPECT_EQ(a.last_wire(), wire == WireDType::kBF16 ? pb::DTYPE_BF16 : pb::DTYPE_F32);
+  }
+}
+
+TEST(GrpcTransportChannelTest, NcclIsOnlyForWorkersThatOfferItAndNeedsTheCudaBuild) {
+  std::unique_ptr<ChannelFactory> nccl = NcclChannelFactory(0);
+  EXPECT_FALSE(nccl->Accepts({}));
+  EXPECT_TRUE(nccl->Accepts({"nccl"}));
+  EXPECT_TRUE(nccl->Bf16ByDefault());
+  // The fakes offer no channel kinds: an NCCL coordinator reaches them over gRPC.
+  FakeWorker a({0, 8});
+  GrpcTransportOptions options = Options({&a});
+  options.channels = std::move(nccl);
+  auto t = GrpcTransport::Create(Config(), options);
+  ASSERT_TRUE(t.ok()) << t.status();
+  EXPECT_EQ((*t)->Workers()[0].transport, "grpc/f32");
+#ifndef MOE_HAVE_CUDA
+  bool asked = false;
+  auto opened = NcclChannelFactory(0)->Open([&](const ChannelRequest&) {
+    asked = true;
+    return absl::OkStatus();
+  });
+  EXPECT_EQ(opened.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(opened.status().message(), HasSubstr("-DMOE_ENABLE_CUDA=ON"));
+  EXPECT_FALSE(asked);  // no id, so the worker is never asked to join
+#endif
+}
+
 TEST(GrpcTransportTest, CreateRefusesBadClusters) {
   FakeWorker a({0, 4}), other({4, 8}, "other-model");
   auto missing = GrpcTransport::Create(Config(), Options({&a}));
@@ -282,6 +400,7 @@ TEST(GrpcTransportTest, CreateRefusesBadClusters) {
 struct GarbageCase {
   Mode mode;
   const char* message;
+  bool channel = false;  // over a memory frame channel instead of the Forward stream
 };
 
 class GrpcTransportGarbageTest : public ::testing::TestWithParam<GarbageCase> {};
@@ -293,6 +412,7 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItRec
   std::vector<bool> health;
   GrpcTransportOptions options = Options({&a, &b});
   options.step_timeout = absl::Milliseconds(300);
+  if (GetParam().channel) options.channels = MemoryChannelFactory();
   auto t = GrpcTransport::Create(Config(), options);
   ASSERT_TRUE(t.ok()) << t.status();
   (*t)->set_on_health_change([&](bool served) {
@@ -324,6 +444,8 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerFailsTheStepMarksTheWorkerDownAndItRec
   ASSERT_TRUE(Eventually([&] { return (*t)->AllExpertsServed(); }));
   ASSERT_TRUE((*t)->Exchange(0, r, x.data(), out.data()).ok());
   EXPECT_EQ(out, Expected(r, x));
+  // Back on a new channel where it had one.
+  EXPECT_EQ((*t)->Workers()[1].transport, GetParam().channel ? "memory/f32" : "grpc/f32");
   // The reconnect marks the worker ready, then tells the health callback: wait for it.
   EXPECT_TRUE(Eventually([&] {
     absl::MutexLock lock(&mu);
@@ -343,6 +465,7 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerWithAReplicaFailsOverWithinTheStep) {
   options.step_timeout = absl::Milliseconds(300);
   options.deadline_floor = absl::Milliseconds(100);
   options.reconnect_interval = absl::Seconds(60);  // stays down for the test
+  if (GetParam().channel) options.channels = MemoryChannelFactory();
   auto t = GrpcTransport::Create(Config(), options);
   ASSERT_TRUE(t.ok()) << t.status();
   const Routing r = ThreeTokens();
@@ -368,22 +491,34 @@ TEST_P(GrpcTransportGarbageTest, BadAnswerWithAReplicaFailsOverWithinTheStep) {
 
 std::string GarbageName(const ::testing::TestParamInfo<GarbageCase>& info) {
   static const char* const kNames[] = {"Correct", "WrongStep", "WrongShape", "WrongDtype",
-                                       "Close",   "Hang",      "NaN",        "Huge"};
-  return kNames[static_cast<int>(info.param.mode)];
+                                       "Close",   "Hang",      "NaN",        "Huge",
+                                       "Garbage", "HugeFrame"};
+  return std::string(kNames[static_cast<int>(info.param.mode)]) +
+         (info.param.channel ? "OverAChannel" : "");
 }
 
-INSTANTIATE_TEST_SUITE_P(Answers, GrpcTransportGarbageTest,
-                         ::testing::Values(GarbageCase{Mode::kWrongStep, "answered step"},
-                                           GarbageCase{Mode::kWrongShape,
-                                                       "output: expected shape [2, 4], got [1, 4]"},
-                                           GarbageCase{Mode::kWrongDtype,
-                                                       "answered in DTYPE_BF16 to a request in "
-                                                       "DTYPE_F32"},
-                                           GarbageCase{Mode::kClose, "fake closes"},
-                                           GarbageCase{Mode::kHang, "no answer within 300ms"},
-                                           GarbageCase{Mode::kNaN, "output row 1 holds nan"},
-                                           GarbageCase{Mode::kHuge, "output row 0 holds 1e+30"}),
-                         GarbageName);
+INSTANTIATE_TEST_SUITE_P(
+    Answers, GrpcTransportGarbageTest,
+    ::testing::Values(
+        GarbageCase{Mode::kWrongStep, "answered step"},
+        GarbageCase{Mode::kWrongShape, "output: expected shape [2, 4], got [1, 4]"},
+        GarbageCase{Mode::kWrongDtype,
+                    "answered in DTYPE_BF16 to a request in "
+                    "DTYPE_F32"},
+        GarbageCase{Mode::kClose, "fake closes"},
+        GarbageCase{Mode::kHang, "no answer within 300ms"},
+        GarbageCase{Mode::kNaN, "output row 1 holds nan"},
+        GarbageCase{Mode::kHuge, "output row 0 holds 1e+30"},
+        // The same over a frame channel, and what only a
+        // channel can carry.
+        GarbageCase{Mode::kWrongStep, "answered step", true},
+        GarbageCase{Mode::kWrongShape, "output: expected shape [2, 4], got [1, 4]", true},
+        GarbageCase{Mode::kClose, "the channel was aborted", true},
+        GarbageCase{Mode::kHang, "no answer within 300ms", true},
+        GarbageCase{Mode::kNaN, "output row 1 holds nan", true},
+        GarbageCase{Mode::kGarbageFrame, "a frame that is not a ForwardResponse", true},
+        GarbageCase{Mode::kHugeFrame, "exceeds the limit of", true}),
+    GarbageName);
 
 TEST(GrpcTransportTest, ReplicasShareStepsAndTakeOverWithinTheStep) {
   FakeWorker a({0, 8}), replica({0, 8});

@@ -192,6 +192,11 @@ Call with (dict "root" $ "container" "<container name>").
 {{- with .root.Values.env }}
 {{ toYaml . }}
 {{- end }}
+{{- if .root.Values.nccl.enabled }}
+{{- with .root.Values.nccl.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Prometheus scrape annotations of a pod. Call with (dict "root" $ "port" <metrics port>). */}}

@@ -1,0 +1,98 @@
+// The frame-channel data path end to end, on the CPU: a coordinator's GrpcTransport reaching real
+// expert workers (WorkerServer, in this process) over memory channels (the stand-in for NCCL that
+// needs no GPU) gives bit-identical sums to the in-process transport, step after step, also when
+// a worker shuts down mid-run and its rows go to a replica.
+#include <cstring>
+#include <memory>
+#include <random>
+#include <vector>
+
+#include "common/checkpoint.h"
+#include "coordinator/transport/grpc_transport.h"
+#include "coordinator/transport/in_process_transport.h"
+#include "coordinator/transport/nccl_transport.h"
+#include "expert_worker/worker_server.h"
+#include "gtest/gtest.h"
+
+namespace moe {
+namespace {
+
+constexpr char kModel[] = "tests/testdata/models/demo_mixtral";
+
+// `tokens` tokens, each to top-2 distinct experts of 8 with weights w, 1 - w.
+Routing RandomRouting(int64_t tokens, std::mt19937* rng) {
+  Routing r;
+  r.Resize(tokens, 2);
+  std::uniform_int_distribution<int32_t> expert(0, 7);
+  std::uniform_real_distribution<float> weight(0.05f, 0.95f);
+  for (int64_t t = 0; t < tokens; ++t) {
+    r.experts[2 * t] = expert(*rng);
+    do {
+      r.experts[2 * t + 1] = expert(*rng);
+    } while (r.experts[2 * t + 1] == r.experts[2 * t]);
+    r.weights[2 * t] = weight(*rng);
+    r.weights[2 * t + 1] = 1 - r.weights[2 * t];
+  }
+  return r;
+}
+
+std::unique_ptr<WorkerServer> StartWorker(ExpertRange experts) {
+  WorkerOptions options;
+  options.model_dir = kModel;
+  options.experts = experts;
+  options.threads = 1;
+  auto server = WorkerServer::Create(options);
+  EXPECT_TRUE(server.ok()) << server.status();
+  return server.ok() ? std::move(*server) : nullptr;
+}
+
+TEST(ChannelTransportTest, EqualsTheInProcessTransportBitForBitThroughFailover) {
+  auto checkpoint = Checkpoint::Open(kModel);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  const ModelConfig& config = (*checkpoint)->config();
+  ASSERT_EQ(config.num_local_experts, 8);
+  const int64_t hidden = config.hidden_size;
+  // Boundaries 0, 4, 8 in both: the same segments, so the same sums to the bit.
+  auto reference = InProcessTransport::Create(**checkpoint, Placement::Contiguous(8, 2));
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  std::unique_ptr<WorkerServer> low = StartWorker({0, 4}), high = StartWorker({4, 8}),
+                                replica = StartWorker({0, 8});
+  ASSERT_TRUE(low && high && replica);
+
+  GrpcTransportOptions options;
+  options.worker_addresses = {low->address(), high->address(), replica->address()};
+  options.model_fingerprint = (*checkpoint)->fingerprint();
+  options.connect_timeout = absl::Seconds(10);
+  options.wire = WireDType::kF32;
+  options.channels = MemoryChannelFactory();
+  auto cluster = GrpcTransport::Create(config, options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  for (const WorkerSnapshot& w : (*cluster)->Workers()) EXPECT_EQ(w.transport, "memory/f32");
+
+  std::mt19937 rng(7);
+  auto compare = [&](int step) {
+    const int64_t tokens = 1 + step * 5 % 23;
+    const Routing routing = RandomRouting(tokens, &rng);
+    std::vector<float> x(tokens * hidden);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& v : x) v = normal(rng);
+    std::vector<float> want(x.size(), -1.0f), got(x.size(), -2.0f);
+    const int64_t layer = step % config.num_hidden_layers;
+    ASSERT_TRUE((*reference)->Exchange(layer, routing, x.data(), want.data()).ok());
+    const absl::Status s = (*cluster)->Exchange(layer, routing, x.data(), got.data());
+    ASSERT_TRUE(s.ok()) << "step " << step << ": " << s;
+    EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
+        << "step " << step;
+  };
+  for (int step = 0; step < 12; ++step) compare(step);
+  // The low worker goes away (its channel is aborted as it shuts down): its rows go to the
+  // replica within the step, with the same bits.
+  low->Shutdown();
+  low->Wait();
+  for (int step = 12; step < 24; ++step) compare(step);
+  EXPECT_FALSE((*cluster)->Workers()[0].ready);
+  EXPECT_TRUE((*cluster)->AllExpertsServed());
+}
+
+}  // namespace
+}  // namespace moe
