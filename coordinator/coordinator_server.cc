@@ -7,6 +7,7 @@
 #include "common/nccl_channel.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
+#include "coordinator/placement.h"
 #include "glog/logging.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -55,11 +56,21 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   model_options.in_process_workers = options.in_process_workers;
   model_options.quantize = options.quantize;
   model_options.engine = options.engine;
-  if (!options.workers.empty()) {
+  if (!options.workers.empty() || !options.placement_file.empty()) {
     model_options.transport_factory =
         [&](const Checkpoint& checkpoint) -> absl::StatusOr<std::unique_ptr<ExpertTransport>> {
       GrpcTransportOptions t;
       t.worker_addresses = options.workers;
+      if (!options.placement_file.empty()) {
+        MOE_ASSIGN_OR_RETURN(PlacementFile file,
+                             LoadPlacementFile(options.placement_file, checkpoint.config()));
+        t.worker_addresses = file.addresses;
+        t.placement = std::move(file.placement);
+      }
+      if (!options.placement_record.empty()) {
+        MOE_ASSIGN_OR_RETURN(t.balance_tokens,
+                             LoadExpertRecord(options.placement_record, checkpoint.config()));
+      }
       t.model_fingerprint = checkpoint.fingerprint();
       t.connect_timeout = options.worker_connect_timeout;
       t.step_timeout = options.step_timeout;
@@ -107,7 +118,7 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   auto workers = [transport, experts]() {
     if (transport != nullptr) return transport->Workers();
     return std::vector<WorkerSnapshot>{
-        {"in-process", true, {0, experts}, "", false, "cpu", "in-process"}};
+        {"in-process", true, {0, experts}, "", false, "cpu", "in-process", {}}};
   };
   if (!options.metrics_listen.empty()) {
     Scheduler* scheduler = scheduler_.get();

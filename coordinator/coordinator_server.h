@@ -59,6 +59,11 @@ struct CoordinatorOptions {
   // --nccl-device cuda:N: GPU workers (those offering NCCL) are reached over NCCL, with the
   // coordinator's rank on this device; "": every worker over gRPC.
   std::string nccl_device;
+  // --placement FILE: the workers and which experts of each layer each serves (instead of
+  // `workers`); --placement-from-record FILE: with `workers`, a placement balancing a recorded
+  // load over what they loaded.
+  std::string placement_file;
+  std::string placement_record;
   SchedulerOptions scheduler;
   EngineOptions engine;
 };

@@ -218,13 +218,13 @@ absl::Status Engine::Experts(int64_t layer, int64_t rows) {
   if (reroute) layer_degraded_.assign(rows, 0);
   // Each failed attempt lost at least one more worker, so this ends.
   for (int64_t attempt = 0;; ++attempt) {
-    if (reroute && !transport_->LiveExperts(&live_)) MOE_RETURN_IF_ERROR(Reroute(rows));
+    if (reroute && !transport_->LiveExperts(layer, &live_)) MOE_RETURN_IF_ERROR(Reroute(rows));
     const absl::Status s = transport_->Exchange(layer, routing_, xn_.data(), proj_.data());
     if (s.ok()) break;
     // Only a lost worker (UNAVAILABLE) can be routed around, and only if it took experts
     // with it.
     if (!reroute || !absl::IsUnavailable(s) || attempt >= config_.num_local_experts ||
-        transport_->LiveExperts(&live_)) {
+        transport_->LiveExperts(layer, &live_)) {
       return s;
     }
   }

@@ -24,6 +24,14 @@ ABSL_FLAG(std::string, model, "",
 ABSL_FLAG(std::vector<std::string>, workers, {},
           "Comma-separated expert workers HOST:PORT. Empty: run the experts in this process.");
 ABSL_FLAG(int64_t, in_process_workers, 1, "Without --workers: in-process expert slices.");
+ABSL_FLAG(std::string, placement, "",
+          "A placement file (JSON: docs/placement.md) naming the expert workers and which "
+          "experts of each layer each one serves; instead of --workers. Each worker must have "
+          "loaded (--experts) what it serves.");
+ABSL_FLAG(std::string, placement_from_record, "",
+          "With --workers: a CSV of tokens per layer and expert (moe-cli record-experts) to "
+          "balance: each layer's experts are spread over the workers that loaded them so that "
+          "each worker gets about the same share of the recorded tokens.");
 ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's matrices while loading: q8_0, q4_k or q6_k "
           "(empty: keep the stored types).");
@@ -190,7 +198,22 @@ int main(int argc, char** argv) {
   }
   options.engine.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
   options.nccl_device = absl::GetFlag(FLAGS_nccl_device);
-  if (!options.nccl_device.empty() && options.workers.empty()) {
+  options.placement_file = absl::GetFlag(FLAGS_placement);
+  options.placement_record = absl::GetFlag(FLAGS_placement_from_record);
+  if (!options.placement_file.empty() &&
+      (!options.workers.empty() || !options.placement_record.empty())) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --placement names the workers and what they serve: "
+                 "give it without --workers and --placement-from-record\n");
+    return 1;
+  }
+  if (!options.placement_record.empty() && options.workers.empty()) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --placement-from-record balances over the experts the "
+                 "--workers loaded: give --workers too\n");
+    return 1;
+  }
+  if (!options.nccl_device.empty() && options.workers.empty() && options.placement_file.empty()) {
     std::fprintf(stderr,
                  "moe-coordinator: error: --nccl-device reaches expert workers over NCCL: give "
                  "--workers too (without workers the experts run in this process)\n");

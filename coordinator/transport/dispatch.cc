@@ -17,6 +17,60 @@ Placement Placement::Contiguous(int64_t expert_count, int64_t worker_count) {
   return p;
 }
 
+std::vector<ExpertRange> Placement::Served(int64_t layer, int32_t w) const {
+  if (layers.empty()) return {workers[w]};
+  return layers[layer][w];
+}
+
+ExpertRange Placement::Span(int32_t w, int64_t layer_count) const {
+  if (layers.empty()) return workers[w];
+  ExpertRange span{0, 0};
+  for (int64_t l = 0; l < layer_count && l < static_cast<int64_t>(layers.size()); ++l) {
+    for (const ExpertRange& r : layers[l][w]) {
+      if (r.empty()) continue;
+      span =
+          span.empty() ? r : ExpertRange{std::min(span.begin, r.begin), std::max(span.end, r.end)};
+    }
+  }
+  return span;
+}
+
+absl::Status Placement::CheckCoverage(int64_t layer_count, int64_t expert_count) const {
+  if (!layers.empty() && static_cast<int64_t>(layers.size()) != layer_count) {
+    return absl::InvalidArgumentError(absl::StrCat("the placement lists ", layers.size(),
+                                                   " layers; the model has ", layer_count));
+  }
+  const int64_t checked = layers.empty() ? 1 : layer_count;
+  for (int64_t l = 0; l < checked; ++l) {
+    std::vector<ExpertRange> hosted;
+    for (int32_t w = 0; w < worker_count(); ++w) {
+      if (!layers.empty() && static_cast<int64_t>(layers[l].size()) != worker_count()) {
+        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " of the placement lists ",
+                                                       layers[l].size(), " workers, not ",
+                                                       worker_count()));
+      }
+      for (const ExpertRange& r : Served(l, w)) {
+        if (r.begin < 0 || r.end > expert_count || r.begin > r.end) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("worker ", w, " serves experts ", r.ToString(), " in layer ", l,
+                           ", outside the model's [0, ", expert_count, ")"));
+        }
+        hosted.push_back(r);
+      }
+    }
+    const std::vector<ExpertRange> missing = UncoveredExperts(hosted, expert_count);
+    if (!missing.empty()) {
+      const bool one = missing.front().size() == 1;
+      return absl::InvalidArgumentError(
+          absl::StrCat(one ? absl::StrCat("expert ", missing.front().begin)
+                           : absl::StrCat("experts ", missing.front().ToString()),
+                       layers.empty() ? " of every layer" : absl::StrCat(" of layer ", l),
+                       one ? " is" : " are", " served by no worker"));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
                                           int64_t expert_count) {
   std::vector<char> covered(expert_count, 0);
@@ -42,11 +96,24 @@ bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_co
 }
 
 int64_t LiveExpertCount(std::span<const WorkerSnapshot> workers, int64_t expert_count) {
-  std::vector<ExpertRange> ready;
-  for (const WorkerSnapshot& w : workers) ready.push_back(w.ready ? w.experts : ExpertRange{});
-  int64_t missing = 0;
-  for (const ExpertRange& r : UncoveredExperts(ready, expert_count)) missing += r.size();
-  return expert_count - missing;
+  size_t layer_count = 1;
+  for (const WorkerSnapshot& w : workers) layer_count = std::max(layer_count, w.layers.size());
+  int64_t live = expert_count;
+  for (size_t l = 0; l < layer_count; ++l) {
+    std::vector<ExpertRange> ready;
+    for (const WorkerSnapshot& w : workers) {
+      if (!w.ready) continue;
+      if (w.layers.empty()) {
+        ready.push_back(w.experts);
+      } else if (l < w.layers.size()) {
+        ready.insert(ready.end(), w.layers[l].begin(), w.layers[l].end());
+      }
+    }
+    int64_t missing = 0;
+    for (const ExpertRange& r : UncoveredExperts(ready, expert_count)) missing += r.size();
+    live = std::min(live, expert_count - missing);
+  }
+  return live;
 }
 
 bool ParseExpertLossPolicy(std::string_view text, ExpertLossPolicy* policy) {
@@ -67,10 +134,19 @@ bool ClusterServing(std::span<const WorkerSnapshot> workers, int64_t expert_coun
 }
 
 Segmentation Segmentation::Of(std::span<const ExpertRange> hosted, int64_t expert_count) {
+  std::vector<std::vector<ExpertRange>> served;
+  for (const ExpertRange& r : hosted) served.push_back({r});
+  return Of(served, expert_count);
+}
+
+Segmentation Segmentation::Of(std::span<const std::vector<ExpertRange>> served,
+                              int64_t expert_count) {
   std::vector<int64_t> cuts = {0, expert_count};
-  for (const ExpertRange& r : hosted) {
-    for (int64_t c : {r.begin, r.end}) {
-      if (c > 0 && c < expert_count) cuts.push_back(c);
+  for (const std::vector<ExpertRange>& ranges : served) {
+    for (const ExpertRange& r : ranges) {
+      for (int64_t c : {r.begin, r.end}) {
+        if (c > 0 && c < expert_count) cuts.push_back(c);
+      }
     }
   }
   std::sort(cuts.begin(), cuts.end());
@@ -80,9 +156,12 @@ Segmentation Segmentation::Of(std::span<const ExpertRange> hosted, int64_t exper
   for (size_t i = 0; i + 1 < cuts.size(); ++i) {
     const ExpertRange segment{cuts[i], cuts[i + 1]};
     std::vector<int32_t> hosts;
-    for (size_t w = 0; w < hosted.size(); ++w) {
-      if (hosted[w].begin <= segment.begin && segment.end <= hosted[w].end) {
-        hosts.push_back(static_cast<int32_t>(w));
+    for (size_t w = 0; w < served.size(); ++w) {
+      for (const ExpertRange& r : served[w]) {
+        if (!segment.empty() && r.begin <= segment.begin && segment.end <= r.end) {
+          hosts.push_back(static_cast<int32_t>(w));
+          break;
+        }
       }
     }
     for (int64_t e = segment.begin; e < segment.end; ++e) {
@@ -161,10 +240,30 @@ absl::Status CopyPartialSums(const void* src, int64_t values, int64_t hidden, fl
   return absl::OkStatus();
 }
 
-Dispatcher::Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count, int64_t hidden,
-                       const DispatchOptions& options)
-    : segmentation_(Segmentation::Of(hosted, expert_count)), hidden_(hidden), options_(options) {
-  const size_t workers = hosted.size();
+namespace {
+
+std::vector<Segmentation> Segmentations(const Placement& placement, int64_t layer_count,
+                                        int64_t expert_count) {
+  std::vector<Segmentation> out;
+  const int64_t cut = placement.layers.empty() ? 1 : layer_count;
+  for (int64_t l = 0; l < cut; ++l) {
+    std::vector<std::vector<ExpertRange>> served;
+    for (int32_t w = 0; w < placement.worker_count(); ++w) {
+      served.push_back(placement.Served(l, w));
+    }
+    out.push_back(Segmentation::Of(served, expert_count));
+  }
+  return out;
+}
+
+}  // namespace
+
+Dispatcher::Dispatcher(const Placement& placement, int64_t layer_count, int64_t expert_count,
+                       int64_t hidden, const DispatchOptions& options)
+    : segmentations_(Segmentations(placement, layer_count, expert_count)),
+      hidden_(hidden),
+      options_(options) {
+  const size_t workers = static_cast<size_t>(placement.worker_count());
   excluded_.resize(workers);
   draining_.resize(workers);
   assigned_.resize(workers);
@@ -172,15 +271,16 @@ Dispatcher::Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count
   worker_rows_.resize(workers);
 }
 
-bool Dispatcher::LiveExperts(WorkerLinks* links, std::vector<char>* live) const {
+bool Dispatcher::LiveExperts(int64_t layer, WorkerLinks* links, std::vector<char>* live) const {
+  const Segmentation& seg = segmentation(layer);
   bool all = true;
-  for (size_t s = 0; s < segmentation_.segments.size(); ++s) {
+  for (size_t s = 0; s < seg.segments.size(); ++s) {
     bool up = false;
-    for (int32_t h : segmentation_.hosts[s]) up = up || links->Ready(h);
+    for (int32_t h : seg.hosts[s]) up = up || links->Ready(h);
     if (up == all) continue;  // nothing to write while all are live, or for a live one after
-    if (all) live->assign(segmentation_.segment_of_expert.size(), 1);
+    if (all) live->assign(seg.segment_of_expert.size(), 1);
     all = false;
-    const ExpertRange& r = segmentation_.segments[s];
+    const ExpertRange& r = seg.segments[s];
     std::fill(live->begin() + r.begin, live->begin() + r.end, 0);
   }
   return all;
@@ -196,7 +296,7 @@ absl::Duration Dispatcher::SoftDeadline(int64_t rows) const {
 bool Dispatcher::Replaceable(int32_t w) const {
   for (int32_t s : assigned_[w]) {
     bool elsewhere = false;
-    for (int32_t h : segmentation_.hosts[s]) elsewhere |= h != w && !excluded_[h];
+    for (int32_t h : seg_->hosts[s]) elsewhere |= h != w && !excluded_[h];
     if (!elsewhere) return false;
   }
   return true;
@@ -227,7 +327,7 @@ absl::Status Dispatcher::Choose(WorkerLinks* links) {
   });
   for (size_t w = 0; w < workers; ++w) draining_[w] = links->Draining(static_cast<int32_t>(w));
   for (int32_t s : pending_) {
-    const std::vector<int32_t>& hosts = segmentation_.hosts[s];
+    const std::vector<int32_t>& hosts = seg_->hosts[s];
     int32_t best = -1;
     for (size_t i = 0; i < hosts.size(); ++i) {
       const int32_t h = hosts[(i + exchanges_) % hosts.size()];
@@ -239,7 +339,7 @@ absl::Status Dispatcher::Choose(WorkerLinks* links) {
       }
     }
     if (best < 0) {
-      const ExpertRange& experts = segmentation_.segments[s];
+      const ExpertRange& experts = seg_->segments[s];
       std::string down;
       for (int32_t h : hosts) {
         const std::string reason = links->DownReason(h);
@@ -307,8 +407,9 @@ void Dispatcher::Store(int32_t w, int64_t layer, WorkerLinks* links) {
 absl::Status Dispatcher::Exchange(int64_t layer, const Routing& routing, const float* x, float* out,
                                   WorkerLinks* links) {
   ++exchanges_;
-  const int64_t segments = static_cast<int64_t>(segmentation_.segments.size());
-  plan_.Build(routing, segmentation_.segment_of_expert, segments);
+  seg_ = &segmentation(layer);
+  const int64_t segments = static_cast<int64_t>(seg_->segments.size());
+  plan_.Build(routing, seg_->segment_of_expert, segments);
   segment_start_.assign(1, 0);
   pending_.clear();
   for (int64_t s = 0; s < segments; ++s) {

@@ -2,8 +2,8 @@
 // sending tokens to experts and adding the answers back, so that "the distributed path equals
 // the in-process one bit for bit" and "a failed worker's rows go to a replica" rest on one
 // implementation:
-//   - Placement: which worker hosts which experts (the same slice in every layer); ranges may
-//     overlap (replicas);
+//   - Placement: which worker serves which experts of each layer (the same in every layer, or
+//     layer by layer); workers may overlap (replicas);
 //   - Segmentation: the placement cut at every range boundary. A segment is the unit of replica
 //     choice and of combining: all its rows of a step go to one worker, and each token's
 //     partial sums are added in segment order;
@@ -38,13 +38,26 @@
 
 namespace moe {
 
-// Worker w hosts experts `workers[w]` of every layer. Ranges may overlap (replicas) or be empty.
+// Worker w serves experts `workers[w]` of every layer, unless `layers` is set: then in layer l
+// it serves the experts in layers[l][w] (ranges, increasing and disjoint). Workers may overlap
+// (replicas) or serve nothing.
 struct Placement {
   std::vector<ExpertRange> workers;
+  std::vector<std::vector<std::vector<ExpertRange>>> layers;  // [layer][worker]: empty = uniform
 
   // Contiguous, as even as possible: 3 experts over 2 workers -> [0, 1), [1, 3). With more
   // workers than experts some ranges are empty (those workers host nothing).
   static Placement Contiguous(int64_t expert_count, int64_t worker_count);
+
+  int64_t worker_count() const { return static_cast<int64_t>(workers.size()); }
+  // What worker w serves in `layer`.
+  std::vector<ExpertRange> Served(int64_t layer, int32_t w) const;
+  // The smallest range holding every expert w serves in any of `layer_count` layers: what it
+  // must have loaded. For a uniform placement, workers[w].
+  ExpertRange Span(int32_t w, int64_t layer_count) const;
+  // OK, or INVALID_ARGUMENT naming the first layer and experts no worker serves (or a range
+  // outside [0, expert_count), or a layers table of the wrong shape).
+  absl::Status CheckCoverage(int64_t layer_count, int64_t expert_count) const;
 };
 
 // A worker as the status API and the metrics show it.
@@ -56,6 +69,8 @@ struct WorkerSnapshot {
   bool draining = false;           // ready, but shutting down: used only where no replica is live
   std::string device = "cpu";      // where its experts run (the worker's --device)
   std::string transport = "grpc";  // how rows reach it: grpc or in-process
+  // Under a per-layer placement, what it serves in each layer (else `experts` in every layer).
+  std::vector<std::vector<ExpertRange>> layers = {};
 };
 
 // The maximal runs of experts in [0, expert_count) that no range of `hosted` contains, in
@@ -63,10 +78,10 @@ struct WorkerSnapshot {
 std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
                                           int64_t expert_count);
 
-// True when every expert in [0, expert_count) has a ready worker.
+// True when every expert in [0, expert_count) has a ready worker (in every layer).
 bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_count);
 
-// How many experts in [0, expert_count) have a ready worker.
+// How many experts in [0, expert_count) have a ready worker (in the layer with the fewest).
 int64_t LiveExpertCount(std::span<const WorkerSnapshot> workers, int64_t expert_count);
 
 // What happens to a token routed to an expert that no ready worker hosts.
@@ -89,6 +104,8 @@ struct Segmentation {
   std::vector<std::vector<int32_t>> hosts;  // [segments]: workers, in worker order
 
   static Segmentation Of(std::span<const ExpertRange> hosted, int64_t expert_count);
+  // The same for workers serving several ranges each: served[w] (clipped to the model).
+  static Segmentation Of(std::span<const std::vector<ExpertRange>> served, int64_t expert_count);
 };
 
 // Rows for one segment or one worker for one layer: the rows of the tokens routed there (in
@@ -185,7 +202,9 @@ struct DispatchOptions {
 // Runs layer exchanges for one placement. Not thread-safe: one Exchange at a time.
 class Dispatcher {
  public:
-  Dispatcher(std::span<const ExpertRange> hosted, int64_t expert_count, int64_t hidden,
+  // `placement` over `layer_count` layers of `expert_count` experts (a uniform one is cut once,
+  // a per-layer one per layer).
+  Dispatcher(const Placement& placement, int64_t layer_count, int64_t expert_count, int64_t hidden,
              const DispatchOptions& options);
 
   // out[t] = sum over token t's (expert, weight) of weight * FFN_expert(x[t]), see
@@ -195,9 +214,12 @@ class Dispatcher {
                         WorkerLinks* links);
 
   // ExpertTransport::LiveExperts for these links.
-  bool LiveExperts(WorkerLinks* links, std::vector<char>* live) const;
+  bool LiveExperts(int64_t layer, WorkerLinks* links, std::vector<char>* live) const;
 
-  const Segmentation& segmentation() const { return segmentation_; }
+  // The segments of `layer`.
+  const Segmentation& segmentation(int64_t layer) const {
+    return segmentations_[segmentations_.size() == 1 ? 0 : layer];
+  }
   // Not owned; may be null.
   void set_observer(DispatchObserver* observer) { observer_ = observer; }
   // Workers marked down by Exchange (for tests and metrics).
@@ -215,7 +237,8 @@ class Dispatcher {
   bool Replaceable(int32_t w) const;
   void Fail(int32_t w, int64_t layer, const std::string& why, WorkerLinks* links);
 
-  const Segmentation segmentation_;
+  const std::vector<Segmentation> segmentations_;  // one (uniform) or one per layer
+  const Segmentation* seg_ = nullptr;              // the current exchange's layer's
   const int64_t hidden_;
   const DispatchOptions options_;
   DispatchObserver* observer_ = nullptr;

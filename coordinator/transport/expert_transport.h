@@ -43,11 +43,12 @@ class ExpertTransport {
   virtual absl::Status Exchange(int64_t layer, const Routing& routing, const float* x,
                                 float* out) = 0;
 
-  // Which experts a worker could serve now: true when all can (then `live` is untouched),
-  // else false with live[e] = 1 for each expert e with a ready worker (resized to the expert
-  // count). For routing around lost experts (--on-expert-loss reroute); called on the thread
-  // calling Exchange.
-  virtual bool LiveExperts(std::vector<char>* live) {
+  // Which experts of `layer` a worker could serve now: true when all can (then `live` is
+  // untouched), else false with live[e] = 1 for each expert e with a ready worker (resized to
+  // the expert count). For routing around lost experts (--on-expert-loss reroute); called on
+  // the thread calling Exchange.
+  virtual bool LiveExperts(int64_t layer, std::vector<char>* live) {
+    (void)layer;
     (void)live;
     return true;
   }

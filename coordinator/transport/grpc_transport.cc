@@ -8,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/rpc/rpc_util.h"
 #include "common/status_macros.h"
+#include "coordinator/placement.h"
 #include "glog/logging.h"
 #include "grpcpp/grpcpp.h"
 #include "moecluster/v1/expert.grpc.pb.h"
@@ -71,6 +72,34 @@ absl::StatusOr<const void*> CheckResponse(const pb::ForwardResponse& response, u
   scratch->resize(static_cast<size_t>(rows * hidden));
   DecodeRowsTensor(out, scratch->data());
   return static_cast<const void*>(scratch->data());
+}
+
+// A placement given at start, against what the workers loaded: its coverage, and each worker's
+// loaded range holding everything it is to serve.
+absl::Status CheckPlacement(const Placement& placement, std::span<const ExpertRange> loaded,
+                            const ModelConfig& config, const GrpcTransportOptions& options) {
+  if (placement.worker_count() != static_cast<int64_t>(loaded.size())) {
+    return absl::InvalidArgumentError(absl::StrCat("the placement names ", placement.worker_count(),
+                                                   " workers but ", loaded.size(),
+                                                   " are connected"));
+  }
+  if (absl::Status s = placement.CheckCoverage(config.num_hidden_layers, config.num_local_experts);
+      !s.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat("the placement: ", s.message()));
+  }
+  for (int32_t w = 0; w < placement.worker_count(); ++w) {
+    for (int64_t l = 0; l < config.num_hidden_layers; ++l) {
+      for (const ExpertRange& r : placement.Served(l, w)) {
+        if (r.empty() || (loaded[w].begin <= r.begin && r.end <= loaded[w].end)) continue;
+        return absl::FailedPreconditionError(
+            absl::StrCat("the placement has ", WorkerName(options.worker_addresses[w], loaded[w]),
+                         " serve experts ", r.ToString(), " in layer ", l,
+                         ", which it has not loaded: start it with --experts covering ",
+                         placement.Span(w, config.num_hidden_layers).InclusiveSpelling()));
+      }
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -175,14 +204,34 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   }
   std::vector<ExpertRange> hosted;
   for (const WorkerSnapshot& w : t->Workers()) hosted.push_back(w.experts);
-  const std::vector<ExpertRange> missing = UncoveredExperts(hosted, config.num_local_experts);
-  if (!missing.empty()) {
-    const ExpertRange& m = missing.front();
-    return absl::FailedPreconditionError(
-        absl::StrCat("experts ", m.ToString(),
-                     " of every layer are hosted by no worker; start a worker "
-                     "with --experts ",
-                     m.InclusiveSpelling(), " or widen an existing worker's range"));
+  if (!options.placement.has_value() && !options.balance_tokens.empty()) {
+    absl::StatusOr<Placement> balanced = BalancedPlacement(options.balance_tokens, hosted);
+    if (!balanced.ok()) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("--placement-from-record: ", balanced.status().message()));
+    }
+    Placement loaded;
+    loaded.workers = hosted;
+    LOG(INFO) << "placement from the record: the busiest worker of a layer gets "
+              << MeanImbalance(loaded, options.balance_tokens)
+              << "x the mean of the recorded tokens with the workers' own ranges, "
+              << MeanImbalance(*balanced, options.balance_tokens) << "x with the new placement";
+    MOE_RETURN_IF_ERROR(CheckPlacement(*balanced, hosted, config, options));
+    t->placement_ = *std::move(balanced);
+  } else if (options.placement.has_value()) {
+    MOE_RETURN_IF_ERROR(CheckPlacement(*options.placement, hosted, config, options));
+    t->placement_ = *options.placement;
+  } else {
+    const std::vector<ExpertRange> missing = UncoveredExperts(hosted, config.num_local_experts);
+    if (!missing.empty()) {
+      const ExpertRange& m = missing.front();
+      return absl::FailedPreconditionError(
+          absl::StrCat("experts ", m.ToString(),
+                       " of every layer are hosted by no worker; start a worker "
+                       "with --experts ",
+                       m.InclusiveSpelling(), " or widen an existing worker's range"));
+    }
+    t->placement_.workers = hosted;
   }
   DispatchOptions dispatch;
   dispatch.step_timeout = options.step_timeout;
@@ -190,8 +239,9 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   dispatch.deadline_factor = options.deadline_factor;
   {
     absl::MutexLock lock(&t->exchange_mu_);
-    t->dispatcher_ = std::make_unique<Dispatcher>(hosted, config.num_local_experts,
-                                                  config.hidden_size, dispatch);
+    t->dispatcher_ =
+        std::make_unique<Dispatcher>(t->placement_, config.num_hidden_layers,
+                                     config.num_local_experts, config.hidden_size, dispatch);
   }
   for (auto& w : t->workers_) {
     Worker* raw = w.get();
@@ -509,9 +559,17 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
   std::vector<WorkerSnapshot> out;
   for (const auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
-    out.push_back({w->address, w->ready, w->experts, w->message, w->draining,
+    out.push_back({w->address,
+                   w->ready,
+                   w->experts,
+                   w->message,
+                   w->draining,
                    w->device.empty() ? "cpu" : w->device,
-                   absl::StrCat(w->transport, w->wire == pb::DTYPE_BF16 ? "/bf16" : "/f32")});
+                   absl::StrCat(w->transport, w->wire == pb::DTYPE_BF16 ? "/bf16" : "/f32"),
+                   {}});
+    if (!placement_.layers.empty()) {
+      for (const auto& layer : placement_.layers) out.back().layers.push_back(layer[w->index]);
+    }
   }
   return out;
 }
@@ -525,9 +583,9 @@ bool GrpcTransport::Serving() const {
                         options_.on_expert_loss);
 }
 
-bool GrpcTransport::LiveExperts(std::vector<char>* live) {
+bool GrpcTransport::LiveExperts(int64_t layer, std::vector<char>* live) {
   absl::MutexLock exchange(&exchange_mu_);
-  return dispatcher_->LiveExperts(&links_, live);
+  return dispatcher_->LiveExperts(layer, &links_, live);
 }
 
 void GrpcTransport::set_on_health_change(std::function<void(bool)> callback) {

@@ -22,6 +22,7 @@
 
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -66,6 +67,13 @@ struct GrpcTransportOptions {
   WireDType wire = WireDType::kAuto;
   // TLS to the workers (ChannelCredentials of common/rpc/tls.h); null: plaintext.
   std::shared_ptr<grpc::ChannelCredentials> credentials;
+  // Which experts each worker serves, layer by layer (--placement; workers in
+  // worker_addresses order). Each worker must have loaded (--experts) a range holding
+  // everything it serves. Unset: each worker serves what it loaded, in every layer.
+  std::optional<Placement> placement;
+  // Without a placement: tokens[layer][expert] of a recorded load (--placement-from-record) to
+  // balance over what the workers loaded (BalancedPlacement). Empty: not used.
+  std::vector<std::vector<int64_t>> balance_tokens;
   // Where set, workers that offer its kind of frame channel are reached over one instead of
   // their Forward stream (nccl_transport.h); a worker whose channel cannot be opened falls back
   // to its stream, with a warning.
@@ -86,7 +94,8 @@ class GrpcTransport : public ExpertTransport {
       ABSL_LOCKS_EXCLUDED(exchange_mu_);
 
   // The workers in options.worker_addresses order.
-  bool LiveExperts(std::vector<char>* live) override ABSL_LOCKS_EXCLUDED(exchange_mu_);
+  bool LiveExperts(int64_t layer, std::vector<char>* live) override
+      ABSL_LOCKS_EXCLUDED(exchange_mu_);
 
   std::vector<WorkerSnapshot> Workers() const;
   bool AllExpertsServed() const;
@@ -142,6 +151,7 @@ class GrpcTransport : public ExpertTransport {
   const ModelConfig config_;
   const GrpcTransportOptions options_;
   int64_t max_message_ = 0;                       // bytes of one request or answer
+  Placement placement_;                           // set in Create
   std::vector<std::unique_ptr<Worker>> workers_;  // the vector; each Worker has its own lock
 
   // Held for a whole Exchange, and by Connect while it replaces a stream.

@@ -10,15 +10,12 @@ namespace moe {
 absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
     const Checkpoint& checkpoint, const Placement& placement, std::optional<DType> quantize) {
   const ModelConfig& config = checkpoint.config();
-  const std::vector<ExpertRange> missing =
-      UncoveredExperts(placement.workers, config.num_local_experts);
-  if (!missing.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("the placement hosts experts ", missing.front().ToString(), " on no worker"));
-  }
-  std::unique_ptr<InProcessTransport> t(
-      new InProcessTransport(placement, config.num_local_experts, config.hidden_size));
-  for (const ExpertRange& experts : placement.workers) {
+  MOE_RETURN_IF_ERROR(placement.CheckCoverage(config.num_hidden_layers, config.num_local_experts));
+  std::unique_ptr<InProcessTransport> t(new InProcessTransport(
+      placement, config.num_hidden_layers, config.num_local_experts, config.hidden_size));
+  for (int32_t i = 0; i < placement.worker_count(); ++i) {
+    // Each slice loads the experts it serves in any layer.
+    const ExpertRange experts = placement.Span(i, config.num_hidden_layers);
     WeightsOptions options;
     options.load_shared = false;
     options.experts = experts;
@@ -32,9 +29,10 @@ absl::StatusOr<std::unique_ptr<InProcessTransport>> InProcessTransport::Create(
   return t;
 }
 
-InProcessTransport::InProcessTransport(const Placement& placement, int64_t expert_count,
-                                       int64_t hidden)
-    : hidden_(hidden), dispatcher_(placement.workers, expert_count, hidden, DispatchOptions{}) {}
+InProcessTransport::InProcessTransport(const Placement& placement, int64_t layer_count,
+                                       int64_t expert_count, int64_t hidden)
+    : hidden_(hidden),
+      dispatcher_(placement, layer_count, expert_count, hidden, DispatchOptions{}) {}
 
 absl::Status InProcessTransport::Exchange(int64_t layer, const Routing& routing, const float* x,
                                           float* out) {

@@ -56,7 +56,8 @@ class InProcessTransport : public ExpertTransport {
     InProcessTransport* t_;
     std::vector<float> rows_;  // [rows, hidden] gathered input rows of one worker
   };
-  InProcessTransport(const Placement& placement, int64_t expert_count, int64_t hidden);
+  InProcessTransport(const Placement& placement, int64_t layer_count, int64_t expert_count,
+                     int64_t hidden);
 
   // Constant after Create.
   int64_t hidden_ = 0;

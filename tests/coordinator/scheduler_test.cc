@@ -396,7 +396,7 @@ class LossyTransport : public ExpertTransport {
     }
     return inner_->Exchange(layer, routing, x, out);
   }
-  bool LiveExperts(std::vector<char>* live) override {
+  bool LiveExperts(int64_t, std::vector<char>* live) override {
     if (std::find(live_.begin(), live_.end(), 0) == live_.end()) return true;
     *live = live_;
     return false;

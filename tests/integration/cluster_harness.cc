@@ -74,6 +74,35 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(
     const std::string& model_dir, const std::vector<std::string>& ranges,
     const std::vector<std::string>& coordinator_args, const std::vector<std::string>& listens,
     const std::vector<std::string>& worker_args) {
+  return Launch(
+      model_dir, ranges, listens, worker_args,
+      [](const std::vector<std::string>& addresses) {
+        return addresses.empty()
+                   ? std::vector<std::string>{}
+                   : std::vector<std::string>{"--workers", absl::StrJoin(addresses, ",")};
+      },
+      coordinator_args);
+}
+
+absl::StatusOr<std::unique_ptr<Cluster>> Cluster::StartWithPlacement(
+    const std::string& model_dir, const std::vector<std::string>& ranges,
+    const std::function<std::string(const std::vector<std::string>&)>& placement_json,
+    const std::vector<std::string>& coordinator_args, const std::vector<std::string>& worker_args) {
+  const std::string path = NewLogPath("placement") + ".json";
+  return Launch(
+      model_dir, ranges, {}, worker_args,
+      [&](const std::vector<std::string>& addresses) {
+        std::ofstream(path) << placement_json(addresses);
+        return std::vector<std::string>{"--placement", path};
+      },
+      coordinator_args);
+}
+
+absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Launch(
+    const std::string& model_dir, const std::vector<std::string>& ranges,
+    const std::vector<std::string>& listens, const std::vector<std::string>& worker_args,
+    const std::function<std::vector<std::string>(const std::vector<std::string>&)>& worker_flags,
+    const std::vector<std::string>& coordinator_args) {
   std::unique_ptr<Cluster> c(new Cluster());
   std::vector<std::string> addresses;
   for (size_t i = 0; i < ranges.size(); ++i) {
@@ -84,10 +113,8 @@ absl::StatusOr<std::unique_ptr<Cluster>> Cluster::Start(
     c->workers_.push_back(std::move(w));
   }
   std::vector<std::string> args = {"--model", model_dir, "--listen", "127.0.0.1:0"};
-  if (!addresses.empty()) {
-    args.push_back("--workers");
-    args.push_back(absl::StrJoin(addresses, ","));
-  }
+  const std::vector<std::string> flags = worker_flags(addresses);
+  args.insert(args.end(), flags.begin(), flags.end());
   args.insert(args.end(), coordinator_args.begin(), coordinator_args.end());
   c->coordinator_ = std::make_unique<Subprocess>();
   c->coordinator_log_ = NewLogPath("coordinator");

@@ -2,6 +2,7 @@
 #ifndef MOE_TESTS_INTEGRATION_CLUSTER_HARNESS_H_
 #define MOE_TESTS_INTEGRATION_CLUSTER_HARNESS_H_
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -39,6 +40,13 @@ class Cluster {
       const std::vector<std::string>& coordinator_args = {},
       const std::vector<std::string>& listens = {},
       const std::vector<std::string>& worker_args = {});
+  // The same with the coordinator given `--placement FILE` instead of --workers: the file is
+  // placement_json(the workers' addresses).
+  static absl::StatusOr<std::unique_ptr<Cluster>> StartWithPlacement(
+      const std::string& model_dir, const std::vector<std::string>& ranges,
+      const std::function<std::string(const std::vector<std::string>&)>& placement_json,
+      const std::vector<std::string>& coordinator_args = {},
+      const std::vector<std::string>& worker_args = {});
   ~Cluster();
 
   InferenceClient& client() { return *client_; }
@@ -51,6 +59,12 @@ class Cluster {
   std::string Logs() const;
 
  private:
+  // Starts the workers, then the coordinator with worker_flags(addresses) and coordinator_args.
+  static absl::StatusOr<std::unique_ptr<Cluster>> Launch(
+      const std::string& model_dir, const std::vector<std::string>& ranges,
+      const std::vector<std::string>& listens, const std::vector<std::string>& worker_args,
+      const std::function<std::vector<std::string>(const std::vector<std::string>&)>& worker_flags,
+      const std::vector<std::string>& coordinator_args);
   std::vector<WorkerProcess> workers_;
   std::unique_ptr<Subprocess> coordinator_;
   std::string coordinator_log_;

@@ -9,6 +9,7 @@
 #include <fstream>
 #include <functional>
 #include <random>
+#include <regex>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -1511,6 +1512,121 @@ TEST(ClusterStartupTest, RefusesWhenExpertsAreMissing) {
   EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1);
   EXPECT_THAT(testing::ReadLog(log),
               HasSubstr("experts [16, 32) of every layer are hosted by no worker"));
+}
+
+// --- Per-layer placement (--placement FILE, --placement-from-record FILE). ---
+
+// Rows worker `w` computed for (layer, expert), from its metrics.
+double ComputedRows(testing::WorkerProcess& w, int layer, int expert) {
+  const auto metrics =
+      testing::ParseMetricsText(testing::HttpGet(w.process->Announced("METRICS"), "/metrics"));
+  const auto it = metrics.find(
+      absl::StrCat("moe_worker_rows_total{expert=\"", expert, "\",layer=\"", layer, "\"}"));
+  return it == metrics.end() ? 0 : it->second;
+}
+
+// Two workers that loaded every expert serve different halves in each layer (and share one
+// expert of layer 0): transformers' greedy tokens, and each worker computed only what the file
+// gives it.
+TEST(ClusterPlacementTest, APerLayerPlacementFileIsServedAsWritten) {
+  const std::string dir = ModelDir("mixtral_32e_gqa_fp16");
+  auto cluster = Cluster::StartWithPlacement(
+      dir, {"all", "all"},
+      [](const std::vector<std::string>& a) {
+        return absl::StrCat(R"({"workers": [
+          {"address": ")",
+                            a[0], R"(", "experts": "0-15", "layers": {"1": "16-31"}},
+          {"address": ")",
+                            a[1], R"(", "layers": {"0": "3,16-31", "1": "0-15"}}]})");
+      },
+      {}, {"--metrics-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const testing::GoldenExpected expected = Expected(dir);
+  auto result = (*cluster)->client().Generate(IdsRequest(expected.prompt, 16));
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+  EXPECT_EQ(result->tokens, expected.greedy);
+  auto& workers = (*cluster)->workers();
+  double layer0_low = 0, layer1_high = 0;
+  for (int e = 0; e < 32; ++e) {
+    const bool low = e < 16;
+    // Worker 0: 0-15 of layer 0, 16-31 of layer 1; worker 1 the rest (and a copy of 3).
+    EXPECT_EQ(ComputedRows(workers[0], 0, e) > 0 && !low, false) << "layer 0 expert " << e;
+    EXPECT_EQ(ComputedRows(workers[0], 1, e) > 0 && low, false) << "layer 1 expert " << e;
+    EXPECT_EQ(ComputedRows(workers[1], 0, e) > 0 && low && e != 3, false) << "layer 0 " << e;
+    EXPECT_EQ(ComputedRows(workers[1], 1, e) > 0 && !low, false) << "layer 1 expert " << e;
+    layer0_low += ComputedRows(workers[0], 0, e);
+    layer1_high += ComputedRows(workers[0], 1, e);
+  }
+  EXPECT_GT(layer0_low, 0);
+  EXPECT_GT(layer1_high, 0);
+}
+
+TEST(ClusterPlacementTest, BadPlacementsAreRefusedAtStartNamingTheProblem) {
+  const std::string dir = ModelDir("mixtral_32e_gqa_fp16");
+  auto half = testing::StartWorker(dir, "0-15");
+  ASSERT_TRUE(half.ok()) << half.status();
+  auto all = testing::StartWorker(dir, "all");
+  ASSERT_TRUE(all.ok()) << all.status();
+  struct Case {
+    std::string json;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {absl::StrCat(R"({"workers": [{"address": ")", all->address, R"(", "experts": "0-31",
+          "layers": {"1": "0-7"}}]})"),
+       "experts [8, 32) of layer 1 are served by no worker"},
+      {absl::StrCat(R"({"workers": [{"address": ")", half->address, R"(", "experts": "0-15",
+          "layers": {"1": "0-31"}}, {"address": ")",
+                    all->address, R"(", "experts": "16-31"}]})"),
+       "serve experts [0, 32) in layer 1, which it has not loaded: start it with --experts "
+       "covering 0-31"},
+      {R"({"workers": [{"address": "127.0.0.1:1", "experts": "0-40"}]})",
+       "\"0-40\" is not an expert E or inclusive range A-B of the model's experts 0-31"},
+      {R"({"workers": [{"address": "127.0.0.1:1", "experts": "all", "layer": {}}]})",
+       "unknown key \"layer\""},
+      {"[1, 2]", "not a JSON object"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string path = testing::TempDir("bad_placement") + "/" + std::to_string(i) + ".json";
+    std::ofstream(path) << cases[i].json;
+    testing::Subprocess coordinator;
+    const std::string log = path + ".log";
+    ASSERT_TRUE(coordinator
+                    .Start(MOE_COORDINATOR_PATH,
+                           {"--model", dir, "--listen", "127.0.0.1:0", "--placement", path}, log)
+                    .ok());
+    EXPECT_EQ(coordinator.WaitForExit(absl::Seconds(60)), 1) << i;
+    EXPECT_THAT(testing::ReadLog(log), HasSubstr(cases[i].message)) << i;
+  }
+}
+
+// A recorded load whose hot experts (8-15) both workers loaded (0-23 and 8-31) but which, with
+// the workers' own ranges, go to one of them per step: the placement from the record spreads
+// them; the tokens stay transformers'; the log gives the busiest worker's share before and after.
+TEST(ClusterPlacementTest, PlacementFromARecordBalancesItsLoad) {
+  const std::string dir = ModelDir("mixtral_32e_gqa_fp16");
+  const std::string record = testing::TempDir("record") + "/load.csv";
+  {
+    std::ofstream out(record);
+    out << "layer,expert,tokens\n";
+    for (int l = 0; l < 2; ++l) {
+      for (int e = 0; e < 32; ++e)
+        out << l << "," << e << "," << (e >= 8 && e < 16 ? 1000 : 10) << "\n";
+    }
+  }
+  auto cluster = Cluster::Start(dir, {"0-23", "8-31"}, {"--placement-from-record", record});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  const testing::GoldenExpected expected = Expected(dir);
+  auto result = (*cluster)->client().Generate(IdsRequest(expected.prompt, 16));
+  ASSERT_TRUE(result.ok()) << result.status() << (*cluster)->Logs();
+  EXPECT_EQ(result->tokens, expected.greedy);
+  const std::string logs = (*cluster)->Logs();
+  const std::regex line(R"(gets ([0-9.]+)x the mean .* ([0-9.]+)x with the new placement)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(logs, m, line)) << logs;
+  const double before = std::stod(m[1]), after = std::stod(m[2]);
+  EXPECT_GT(before, 1.9);  // 8080 of 8240 tokens per layer on one worker
+  EXPECT_LT(after, 1.05);
 }
 
 // --nccl-device: a CUDA device and --workers, in a build with NCCL (this one, the CPU build,

@@ -12,6 +12,7 @@
 #include "coordinator/transport/in_process_transport.h"
 #include "coordinator/transport/nccl_transport.h"
 #include "expert_worker/worker_server.h"
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace moe {
@@ -92,6 +93,56 @@ TEST(ChannelTransportTest, EqualsTheInProcessTransportBitForBitThroughFailover) 
   for (int step = 12; step < 24; ++step) compare(step);
   EXPECT_FALSE((*cluster)->Workers()[0].ready);
   EXPECT_TRUE((*cluster)->AllExpertsServed());
+}
+
+// A per-layer placement (both workers loaded every expert; layer 0 split one way, layer 1 the
+// other, expert 2 of layer 0 on both) over channels equals the in-process transport under the
+// same placement, bit for bit.
+TEST(ChannelTransportTest, PerLayerPlacementEqualsInProcessUnderTheSamePlacement) {
+  auto checkpoint = Checkpoint::Open(kModel);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  const ModelConfig& config = (*checkpoint)->config();
+  ASSERT_EQ(config.num_hidden_layers, 2);
+  Placement placement;
+  placement.workers = {{0, 8}, {0, 8}};
+  placement.layers = {{{{0, 3}, {6, 8}}, {{2, 6}}}, {{{4, 8}}, {{0, 4}}}};
+  ASSERT_TRUE(placement.CheckCoverage(2, 8).ok());
+  auto reference = InProcessTransport::Create(**checkpoint, placement);
+  ASSERT_TRUE(reference.ok()) << reference.status();
+  std::unique_ptr<WorkerServer> a = StartWorker({0, 8}), b = StartWorker({0, 8});
+  ASSERT_TRUE(a && b);
+  GrpcTransportOptions options;
+  options.worker_addresses = {a->address(), b->address()};
+  options.model_fingerprint = (*checkpoint)->fingerprint();
+  options.wire = WireDType::kF32;
+  options.channels = MemoryChannelFactory();
+  options.placement = placement;
+  auto cluster = GrpcTransport::Create(config, options);
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  // Its snapshot lists what it serves per layer (for health and the status API).
+  EXPECT_EQ((*cluster)->Workers()[1].layers,
+            (std::vector<std::vector<ExpertRange>>{{{2, 6}}, {{0, 4}}}));
+  std::mt19937 rng(11);
+  for (int step = 0; step < 16; ++step) {
+    const int64_t tokens = 1 + step * 3 % 17;
+    const Routing routing = RandomRouting(tokens, &rng);
+    std::vector<float> x(tokens * config.hidden_size);
+    std::normal_distribution<float> normal(0.0f, 1.0f);
+    for (float& v : x) v = normal(rng);
+    std::vector<float> want(x.size(), -1.0f), got(x.size(), -2.0f);
+    const int64_t layer = step % 2;
+    ASSERT_TRUE((*reference)->Exchange(layer, routing, x.data(), want.data()).ok());
+    ASSERT_TRUE((*cluster)->Exchange(layer, routing, x.data(), got.data()).ok());
+    EXPECT_EQ(std::memcmp(want.data(), got.data(), want.size() * sizeof(float)), 0)
+        << "step " << step;
+  }
+  // A worker that lacks what the placement gives it is refused, naming it.
+  std::unique_ptr<WorkerServer> narrow = StartWorker({0, 4});
+  options.worker_addresses = {a->address(), narrow->address()};
+  auto refused = GrpcTransport::Create(config, options);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(std::string(refused.status().message()),
+              ::testing::HasSubstr("serve experts [2, 6) in layer 0, which it has not loaded"));
 }
 
 }  // namespace

@@ -55,8 +55,9 @@ TEST(UncoveredExpertsTest, ReportsMaximalRunsInOrder) {
 }
 
 TEST(AllExpertsServedTest, CountsOnlyReadyWorkers) {
-  std::vector<WorkerSnapshot> workers = {
-      {"a", true, {0, 4}, ""}, {"b", true, {4, 8}, ""}, {"c", false, {4, 8}, "down"}};
+  std::vector<WorkerSnapshot> workers = {{"a", true, {0, 4}, "", false, "cpu", "grpc", {}},
+                                         {"b", true, {4, 8}, "", false, "cpu", "grpc", {}},
+                                         {"c", false, {4, 8}, "down", false, "cpu", "grpc", {}}};
   EXPECT_TRUE(AllExpertsServed(workers, 8));
   workers[1].ready = false;  // b down, c (its replica) down too
   EXPECT_FALSE(AllExpertsServed(workers, 8));
@@ -243,7 +244,7 @@ std::vector<float> Inputs16() {
 
 std::vector<float> ExchangeOnce(const std::vector<ExpertRange>& hosted, FakeLinks* links,
                                 absl::Status* status = nullptr, DispatchOptions options = {}) {
-  Dispatcher d(hosted, 8, kHidden, options);
+  Dispatcher d(Placement{hosted, {}}, 1, 8, kHidden, options);
   const Routing r = Routed16();
   const std::vector<float> x = Inputs16();
   std::vector<float> out(16 * kHidden, -1.0f);
@@ -289,7 +290,7 @@ TEST(DispatcherTest, FailedWorkersRowsGoToTheReplicaInTheSameStep) {
   for (const Fault fault : {Fault::kError, Fault::kNaN, Fault::kHang}) {
     for (int32_t faulty : {0, 1}) {
       FakeLinks l(hosted);
-      Dispatcher d(hosted, 8, kHidden, DispatchOptions{});
+      Dispatcher d(Placement{hosted, {}}, 1, 8, kHidden, DispatchOptions{});
       const Routing r = Routed16();
       const std::vector<float> x = Inputs16();
       std::vector<float> out(16 * kHidden);
@@ -322,7 +323,7 @@ TEST(DispatcherTest, FailedWorkersRowsGoToTheReplicaInTheSameStep) {
 TEST(DispatcherTest, ReplicasShareTheRows) {
   const std::vector<ExpertRange> hosted = {{0, 4}, {4, 8}, {0, 4}, {4, 8}};
   FakeLinks links(hosted);
-  Dispatcher d(hosted, 8, kHidden, DispatchOptions{});
+  Dispatcher d(Placement{hosted, {}}, 1, 8, kHidden, DispatchOptions{});
   const Routing r = Routed16();
   const std::vector<float> x = Inputs16();
   std::vector<float> out(16 * kHidden);
@@ -369,7 +370,7 @@ TEST(DispatcherTest, SoftDeadlineFollowsTheMeasuredAnswerTime) {
   const std::vector<ExpertRange> hosted = {{0, 8}, {0, 8}};
   DispatchOptions options;
   options.deadline_floor = absl::Milliseconds(250);
-  Dispatcher d(hosted, 8, kHidden, options);
+  Dispatcher d(Placement{hosted, {}}, 1, 8, kHidden, options);
   FakeLinks links(hosted);
   const Routing r = Routed16();
   const std::vector<float> x = Inputs16();
