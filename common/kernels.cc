@@ -469,10 +469,11 @@ void AxpyImpl(float a, const float* HWY_RESTRICT x, float* HWY_RESTRICT y, int64
   const auto va = hn::Set(df, a);
   size_t i = 0;
   for (; i + hn::Lanes(df) <= n; i += hn::Lanes(df)) {
-    hn::StoreU(hn::MulAdd(va, hn::LoadU(df, x + i), hn::LoadU(df, y + i)), df, y + i);
+    hn::StoreU(hn::Add(hn::Mul(va, hn::LoadU(df, x + i)), hn::LoadU(df, y + i)), df, y + i);
   }
   for (; i < n; ++i) {
-    hn::StoreU(hn::MulAdd(hn::Set(d1, a), hn::LoadU(d1, x + i), hn::LoadU(d1, y + i)), d1, y + i);
+    hn::StoreU(hn::Add(hn::Mul(hn::Set(d1, a), hn::LoadU(d1, x + i)), hn::LoadU(d1, y + i)), d1,
+               y + i);
   }
 }
 

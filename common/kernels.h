@@ -73,7 +73,9 @@ void ConvertToF32(const void* src, DType dtype, int64_t n, float* out);
 // Dot product of two f32 vectors.
 float Dot(const float* a, const float* b, int64_t n);
 
-// y[i] += a * x[i].
+// y[i] += a * x[i], the product rounded to f32 before the add (never fused, on every target):
+// so that a sum of weighted expert outputs has the same bits whether its terms were added on
+// one worker or as partial sums from two (dispatch.h).
 void Axpy(float a, const float* x, float* y, int64_t n);
 
 // Attention scores of nq queries (q: [nq, d], contiguous) against nk keys k_j = k + j * k_stride:

@@ -172,6 +172,15 @@ CoordinatorMetrics::CoordinatorMetrics(const ModelConfig& config, Sources source
                        "Token-to-expert assignments sent to a worker (equals the sum of its "
                        "moe_worker_rows_total)")
                    .Register(r);
+  busiest_rows_ = &prometheus::BuildCounter()
+                       .Name("moe_dispatch_busiest_worker_rows_total")
+                       .Help(
+                           "Summed over layer exchanges: the assignments of the worker that got "
+                           "the most in that exchange. Divided by the increase of "
+                           "sum(moe_dispatch_rows_total) / workers, the busiest worker's share of "
+                           "a step's expert work (1 = even)")
+                       .Register(r)
+                       .Add({});
   auto& up = prometheus::BuildGauge()
                  .Name("moe_worker_up")
                  .Help("1 while the expert worker is connected and serving, else 0")
@@ -247,6 +256,8 @@ void CoordinatorMetrics::OnStepEnd(bool ok, std::span<const uint64_t> expert_cou
     if (w->pending_rows > 0) w->rows->Increment(w->pending_rows);
     w->pending_sent = w->pending_received = w->pending_rows = 0;
   }
+  if (pending_busiest_ > 0) busiest_rows_->Increment(pending_busiest_);
+  pending_busiest_ = 0;
 }
 
 void CoordinatorMetrics::OnRejected() { rejected_->Increment(); }
@@ -270,6 +281,9 @@ void CoordinatorMetrics::OnRequestFinished(RequestOutcome outcome, double second
 }
 
 void CoordinatorMetrics::OnDispatch(std::span<const DispatchReport> reports) {
+  int64_t busiest = 0;
+  for (const DispatchReport& d : reports) busiest = std::max(busiest, d.assignments);
+  pending_busiest_ += static_cast<double>(busiest);
   for (const DispatchReport& d : reports) {
     if (d.worker < 0 || static_cast<size_t>(d.worker) >= workers_.size()) continue;
     WorkerSeries& w = *workers_[d.worker];

@@ -118,6 +118,10 @@ class CoordinatorMetrics : public SchedulerObserver, public DispatchObserver {
   prometheus::Histogram* itl_;
   prometheus::Histogram* duration_;
   std::vector<std::unique_ptr<WorkerSeries>> workers_;  // by transport index
+  // Per exchange, the rows of the worker that got the most (stepping thread; published per
+  // step): with moe_dispatch_rows_total, how even a step's work is over the workers.
+  prometheus::Counter* busiest_rows_;
+  double pending_busiest_ = 0;
 
   // Stepping thread only: this step's observations.
   HistogramBatch ttft_batch_{TimeToFirstTokenBuckets()};

@@ -111,6 +111,10 @@ absl::Status CoordinatorServer::Start(const CoordinatorOptions& options) {
   const ModelConfig& c = model_->config();
   expert_load_ = std::make_unique<ExpertLoadCounter>(c.num_hidden_layers, c.num_local_experts);
   model_->engine()->AddRoutingObserver(expert_load_.get());
+  if (grpc_transport_ != nullptr && options.rebalance.interval > absl::ZeroDuration()) {
+    rebalancer_ =
+        std::make_unique<Rebalancer>(grpc_transport_, expert_load_.get(), options.rebalance);
+  }
   scheduler_ =
       std::make_unique<Scheduler>(model_->engine(), model_->tokenizer(), options.scheduler);
   const int64_t experts = c.num_local_experts;
@@ -285,6 +289,7 @@ void CoordinatorServer::Shutdown() {
   shut_down_ = true;
   draining_ = true;
   http_server_.reset();  // cancels its requests: the scheduler is still running
+  rebalancer_.reset();
   if (grpc_transport_ != nullptr) grpc_transport_->set_on_health_change(nullptr);
   server_->GetHealthCheckService()->Shutdown();
   // The scheduler keeps running while the server stops: calls still open at the deadline are

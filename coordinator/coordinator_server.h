@@ -21,6 +21,7 @@
 #include "coordinator/inference_service.h"
 #include "coordinator/local_model.h"
 #include "coordinator/openai_api.h"
+#include "coordinator/rebalancer.h"
 #include "coordinator/scheduler.h"
 #include "coordinator/transport/grpc_transport.h"
 #include "grpcpp/grpcpp.h"
@@ -64,6 +65,8 @@ struct CoordinatorOptions {
   // load over what they loaded.
   std::string placement_file;
   std::string placement_record;
+  // --rebalance-*: live rebalancing over a window of the router's load (interval 0: off).
+  RebalanceOptions rebalance;
   SchedulerOptions scheduler;
   EngineOptions engine;
 };
@@ -103,6 +106,7 @@ class CoordinatorServer {
   std::unique_ptr<LocalModel> model_;
   GrpcTransport* grpc_transport_ = nullptr;  // owned by model_; null when in-process
   std::unique_ptr<ExpertLoadCounter> expert_load_;
+  std::unique_ptr<Rebalancer> rebalancer_;       // after expert_load_ and model_: it reads both
   std::unique_ptr<CoordinatorMetrics> metrics_;  // before scheduler_: it reports into it
   std::unique_ptr<Scheduler> scheduler_;
   std::unique_ptr<InferenceService> service_;

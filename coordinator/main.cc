@@ -32,6 +32,16 @@ ABSL_FLAG(std::string, placement_from_record, "",
           "With --workers: a CSV of tokens per layer and expert (moe-cli record-experts) to "
           "balance: each layer's experts are spread over the workers that loaded them so that "
           "each worker gets about the same share of the recorded tokens.");
+ABSL_FLAG(absl::Duration, rebalance_interval, absl::ZeroDuration(),
+          "With workers: every this long (e.g. 30s), balance the router's load of the last "
+          "--rebalance-window over the experts the workers loaded, and switch to that placement "
+          "between two steps when it lowers the busiest worker's share by --rebalance-min-gain "
+          "or more. 0: off (the placement stays as started).");
+ABSL_FLAG(absl::Duration, rebalance_window, absl::Seconds(60),
+          "The recent load each rebalance balances.");
+ABSL_FLAG(double, rebalance_min_gain, 0.1,
+          "Rebalance only when the busiest worker's share of the tokens falls by at least this "
+          "fraction (0.1: 10 %).");
 ABSL_FLAG(moe::QuantizeOption, quantize, {},
           "Quantize a safetensors checkpoint's matrices while loading: q8_0, q4_k or q6_k "
           "(empty: keep the stored types).");
@@ -199,6 +209,16 @@ int main(int argc, char** argv) {
   options.engine.experts_per_token = absl::GetFlag(FLAGS_experts_per_token);
   options.nccl_device = absl::GetFlag(FLAGS_nccl_device);
   options.placement_file = absl::GetFlag(FLAGS_placement);
+  options.rebalance.interval = absl::GetFlag(FLAGS_rebalance_interval);
+  options.rebalance.window = absl::GetFlag(FLAGS_rebalance_window);
+  options.rebalance.min_gain = absl::GetFlag(FLAGS_rebalance_min_gain);
+  if (options.rebalance.interval < absl::ZeroDuration() ||
+      options.rebalance.window <= absl::ZeroDuration() || options.rebalance.min_gain < 0) {
+    std::fprintf(stderr,
+                 "moe-coordinator: error: --rebalance-interval must be >= 0, --rebalance-window "
+                 "> 0 and --rebalance-min-gain >= 0\n");
+    return 1;
+  }
   options.placement_record = absl::GetFlag(FLAGS_placement_from_record);
   if (!options.placement_file.empty() &&
       (!options.workers.empty() || !options.placement_record.empty())) {

@@ -204,6 +204,7 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
   }
   std::vector<ExpertRange> hosted;
   for (const WorkerSnapshot& w : t->Workers()) hosted.push_back(w.experts);
+  Placement placement;
   if (!options.placement.has_value() && !options.balance_tokens.empty()) {
     absl::StatusOr<Placement> balanced = BalancedPlacement(options.balance_tokens, hosted);
     if (!balanced.ok()) {
@@ -216,11 +217,9 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
               << MeanImbalance(loaded, options.balance_tokens)
               << "x the mean of the recorded tokens with the workers' own ranges, "
               << MeanImbalance(*balanced, options.balance_tokens) << "x with the new placement";
-    MOE_RETURN_IF_ERROR(CheckPlacement(*balanced, hosted, config, options));
-    t->placement_ = *std::move(balanced);
+    placement = *std::move(balanced);
   } else if (options.placement.has_value()) {
-    MOE_RETURN_IF_ERROR(CheckPlacement(*options.placement, hosted, config, options));
-    t->placement_ = *options.placement;
+    placement = *options.placement;
   } else {
     const std::vector<ExpertRange> missing = UncoveredExperts(hosted, config.num_local_experts);
     if (!missing.empty()) {
@@ -231,18 +230,12 @@ absl::StatusOr<std::unique_ptr<GrpcTransport>> GrpcTransport::Create(
                        "with --experts ",
                        m.InclusiveSpelling(), " or widen an existing worker's range"));
     }
-    t->placement_.workers = hosted;
+    placement.workers = hosted;
   }
-  DispatchOptions dispatch;
-  dispatch.step_timeout = options.step_timeout;
-  dispatch.deadline_floor = options.deadline_floor;
-  dispatch.deadline_factor = options.deadline_factor;
-  {
-    absl::MutexLock lock(&t->exchange_mu_);
-    t->dispatcher_ =
-        std::make_unique<Dispatcher>(t->placement_, config.num_hidden_layers,
-                                     config.num_local_experts, config.hidden_size, dispatch);
-  }
+  t->dispatch_options_.step_timeout = options.step_timeout;
+  t->dispatch_options_.deadline_floor = options.deadline_floor;
+  t->dispatch_options_.deadline_factor = options.deadline_factor;
+  MOE_RETURN_IF_ERROR(t->SetPlacement(placement));
   for (auto& w : t->workers_) {
     Worker* raw = w.get();
     raw->io_thread = std::thread([t = t.get(), raw] { t->IoLoop(raw); });
@@ -556,6 +549,11 @@ std::string GrpcTransport::Links::DownReason(int32_t index) {
 }
 
 std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
+  std::vector<std::vector<std::vector<ExpertRange>>> layers;
+  {
+    absl::MutexLock lock(&placement_mu_);
+    layers = placement_.layers;
+  }
   std::vector<WorkerSnapshot> out;
   for (const auto& w : workers_) {
     absl::MutexLock lock(&w->mu);
@@ -567,11 +565,35 @@ std::vector<WorkerSnapshot> GrpcTransport::Workers() const {
                    w->device.empty() ? "cpu" : w->device,
                    absl::StrCat(w->transport, w->wire == pb::DTYPE_BF16 ? "/bf16" : "/f32"),
                    {}});
-    if (!placement_.layers.empty()) {
-      for (const auto& layer : placement_.layers) out.back().layers.push_back(layer[w->index]);
-    }
+    for (const auto& layer : layers) out.back().layers.push_back(layer[w->index]);
   }
   return out;
+}
+
+Placement GrpcTransport::placement() const {
+  absl::MutexLock lock(&placement_mu_);
+  return placement_;
+}
+
+absl::Status GrpcTransport::SetPlacement(const Placement& placement) {
+  std::vector<ExpertRange> loaded;
+  for (const auto& w : workers_) {
+    absl::MutexLock lock(&w->mu);
+    loaded.push_back(w->experts);
+  }
+  MOE_RETURN_IF_ERROR(CheckPlacement(placement, loaded, config_, options_));
+  auto dispatcher =
+      std::make_unique<Dispatcher>(placement, config_.num_hidden_layers, config_.num_local_experts,
+                                   config_.hidden_size, dispatch_options_);
+  {
+    absl::MutexLock exchange(&exchange_mu_);  // between two exchanges
+    dispatcher->set_observer(observer_);
+    dispatcher_ = std::move(dispatcher);
+    absl::MutexLock lock(&placement_mu_);
+    placement_ = placement;
+  }
+  NotifyHealth();
+  return absl::OkStatus();
 }
 
 bool GrpcTransport::AllExpertsServed() const {
@@ -595,6 +617,7 @@ void GrpcTransport::set_on_health_change(std::function<void(bool)> callback) {
 
 void GrpcTransport::set_dispatch_observer(DispatchObserver* observer) {
   absl::MutexLock lock(&exchange_mu_);
+  observer_ = observer;
   dispatcher_->set_observer(observer);
 }
 

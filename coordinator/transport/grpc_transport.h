@@ -98,6 +98,11 @@ class GrpcTransport : public ExpertTransport {
       ABSL_LOCKS_EXCLUDED(exchange_mu_);
 
   std::vector<WorkerSnapshot> Workers() const;
+  // The placement the exchanges follow.
+  Placement placement() const;
+  // Switches to `placement` between two exchanges (checked against what the workers loaded
+  // first: FAILED_PRECONDITION naming the worker otherwise).
+  absl::Status SetPlacement(const Placement& placement) ABSL_LOCKS_EXCLUDED(exchange_mu_);
   bool AllExpertsServed() const;
   // ClusterServing() under options.on_expert_loss: all experts served, or with reroute at
   // least top-k.
@@ -150,8 +155,12 @@ class GrpcTransport : public ExpertTransport {
   // Constant after construction.
   const ModelConfig config_;
   const GrpcTransportOptions options_;
-  int64_t max_message_ = 0;                       // bytes of one request or answer
-  Placement placement_;                           // set in Create
+  int64_t max_message_ = 0;           // bytes of one request or answer
+  DispatchOptions dispatch_options_;  // constant after Create
+  // Set in Create, replaced by SetPlacement; a leaf lock.
+  mutable absl::Mutex placement_mu_;
+  Placement placement_ ABSL_GUARDED_BY(placement_mu_);
+  DispatchObserver* observer_ ABSL_GUARDED_BY(exchange_mu_) = nullptr;
   std::vector<std::unique_ptr<Worker>> workers_;  // the vector; each Worker has its own lock
 
   // Held for a whole Exchange, and by Connect while it replaces a stream.

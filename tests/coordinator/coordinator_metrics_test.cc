@@ -336,6 +336,8 @@ TEST_F(CoordinatorMetricsTest, DispatchReportsArePublishedPerWorkerAtTheStepEnd)
   m = Scrape(*metrics.collectable());
   EXPECT_EQ(m.at("moe_dispatch_rows_total{worker=\"w0:1\"}"), 4);
   EXPECT_EQ(m.at("moe_dispatch_rows_total{worker=\"w1:1\"}"), 5);
+  // The busiest worker of each exchange: 5 (layer 0), then 1 (layer 1).
+  EXPECT_EQ(m.at("moe_dispatch_busiest_worker_rows_total"), 6);
   EXPECT_EQ(m.at("moe_dispatch_bytes_total{direction=\"sent\",worker=\"w0:1\"}"), 110);
   EXPECT_EQ(m.at("moe_dispatch_bytes_total{direction=\"received\",worker=\"w0:1\"}"), 55);
   EXPECT_EQ(m.at("moe_dispatch_bytes_total{direction=\"sent\",worker=\"w1:1\"}"), 200);

@@ -28,7 +28,8 @@ EXPORTED = {
     "moe_degraded_tokens_total",
     "moe_time_to_first_token_seconds", "moe_inter_token_latency_seconds",
     "moe_request_duration_seconds", "moe_kv_cache_usage_ratio", "moe_dispatch_duration_seconds",
-    "moe_dispatch_bytes_total", "moe_dispatch_rows_total", "moe_worker_up",
+    "moe_dispatch_bytes_total", "moe_dispatch_rows_total", "moe_dispatch_busiest_worker_rows_total",
+    "moe_worker_up",
     "moe_worker_rows_total", "moe_worker_forward_duration_seconds",
 }
 HISTOGRAMS = {"moe_time_to_first_token_seconds", "moe_inter_token_latency_seconds",

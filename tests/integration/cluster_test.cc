@@ -1629,6 +1629,56 @@ TEST(ClusterPlacementTest, PlacementFromARecordBalancesItsLoad) {
   EXPECT_LT(after, 1.05);
 }
 
+// Live rebalancing under continuous load: workers 0-5 and 2-7 of the demo model (its router
+// sends a third of a layer's tokens to one expert); with their own ranges the shared experts
+// 2-5 go to one of them per step. The rebalancer switches placements between steps: no request
+// fails or changes a token, and the rows the workers get become more even.
+TEST(ClusterRebalanceTest, LiveRebalanceUnderLoadLosesNothingAndEvensTheRows) {
+  const std::string dir = ModelDir("demo_mixtral");
+  const FailoverLoad load(dir, 40);
+  auto cluster =
+      Cluster::Start(dir, {"0-5", "2-7"},
+                     {"--rebalance-interval", "500ms", "--rebalance-window", "60s",
+                      "--rebalance-min-gain", "0.05", "--metrics-listen", "127.0.0.1:0"});
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  Cluster& c = **cluster;
+  // The busiest worker's rows per exchange over the mean rows per worker, from the metrics.
+  auto counters = [&c] {
+    const auto m = testing::ParseMetricsText(
+        testing::HttpGet(c.coordinator().Announced("METRICS"), "/metrics"));
+    double rows = 0;
+    for (const auto& [name, value] : m) {
+      if (name.rfind("moe_dispatch_rows_total{", 0) == 0) rows += value;
+    }
+    return std::make_pair(m.at("moe_dispatch_busiest_worker_rows_total"), rows);
+  };
+  ContinuousLoad traffic(c, load);
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  while (c.Logs().find("rebalanced (placement generation 1)") == std::string::npos &&
+         absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  const auto [busiest_a, rows_a] = counters();
+  // Serve a while under the new placement (later checks find nothing better to do).
+  absl::SleepFor(absl::Seconds(3));
+  const auto [busiest_b, rows_b] = counters();
+  traffic.Stop();
+  traffic.ExpectNoLoss("live rebalance");
+  const std::string logs = c.Logs();
+  const std::regex line(
+      R"(rebalanced \(placement generation 1\).* gets ([0-9.]+)x .* ([0-9.]+)x with)");
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(logs, m, line)) << logs;
+  EXPECT_LT(std::stod(m[2]), std::stod(m[1]));
+  ASSERT_GT(rows_a, 0);
+  ASSERT_GT(rows_b - rows_a, 0);
+  const double before = busiest_a / (rows_a / 2);
+  const double after = (busiest_b - busiest_a) / ((rows_b - rows_a) / 2);
+  std::printf("busiest worker's rows per exchange / mean: %.3f before the rebalance, %.3f after\n",
+              before, after);
+  EXPECT_LT(after, before);
+}
+
 // --nccl-device: a CUDA device and --workers, in a build with NCCL (this one, the CPU build,
 // has none); each refusal names what to change, before any worker is contacted.
 TEST(ClusterStartupTest, NcclDeviceFlagIsCheckedAtStart) {

@@ -222,7 +222,10 @@ def build():
             "1 = every worker gets the same number of token-to-expert assignments; higher = the "
             "busiest worker is the bottleneck of every step.",
             [t(f"max(sum by (worker) (rate(moe_dispatch_rows_total[{RI}]))) / "
-               f"avg(sum by (worker) (rate(moe_dispatch_rows_total[{RI}])))", "imbalance")],
+               f"avg(sum by (worker) (rate(moe_dispatch_rows_total[{RI}])))", "imbalance"),
+             t(f"sum(rate(moe_dispatch_busiest_worker_rows_total[{RI}])) / "
+               f"(sum(rate(moe_dispatch_rows_total[{RI}])) / count(moe_worker_up))",
+               "per step (what rebalancing lowers)")],
             unit="short", defaults={"min": 0})
     L.panel("timeseries", "Dispatch bytes/s per worker", "Serialized Forward traffic between the "
             "coordinator and each worker, sent and received.",

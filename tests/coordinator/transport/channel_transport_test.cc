@@ -37,6 +37,14 @@ Routing RandomRouting(int64_t tokens, std::mt19937* rng) {
   return r;
 }
 
+// [tokens, hidden] standard normal values.
+std::vector<float> RandomRows(int64_t tokens, int64_t hidden, std::mt19937* rng) {
+  std::vector<float> x(tokens * hidden);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (float& v : x) v = normal(*rng);
+  return x;
+}
+
 std::unique_ptr<WorkerServer> StartWorker(ExpertRange experts) {
   WorkerOptions options;
   options.model_dir = kModel;
@@ -74,9 +82,7 @@ TEST(ChannelTransportTest, EqualsTheInProcessTransportBitForBitThroughFailover) 
   auto compare = [&](int step) {
     const int64_t tokens = 1 + step * 5 % 23;
     const Routing routing = RandomRouting(tokens, &rng);
-    std::vector<float> x(tokens * hidden);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (float& v : x) v = normal(rng);
+    const std::vector<float> x = RandomRows(tokens, hidden, &rng);
     std::vector<float> want(x.size(), -1.0f), got(x.size(), -2.0f);
     const int64_t layer = step % config.num_hidden_layers;
     ASSERT_TRUE((*reference)->Exchange(layer, routing, x.data(), want.data()).ok());
@@ -126,9 +132,7 @@ TEST(ChannelTransportTest, PerLayerPlacementEqualsInProcessUnderTheSamePlacement
   for (int step = 0; step < 16; ++step) {
     const int64_t tokens = 1 + step * 3 % 17;
     const Routing routing = RandomRouting(tokens, &rng);
-    std::vector<float> x(tokens * config.hidden_size);
-    std::normal_distribution<float> normal(0.0f, 1.0f);
-    for (float& v : x) v = normal(rng);
+    const std::vector<float> x = RandomRows(tokens, config.hidden_size, &rng);
     std::vector<float> want(x.size(), -1.0f), got(x.size(), -2.0f);
     const int64_t layer = step % 2;
     ASSERT_TRUE((*reference)->Exchange(layer, routing, x.data(), want.data()).ok());
@@ -143,6 +147,41 @@ TEST(ChannelTransportTest, PerLayerPlacementEqualsInProcessUnderTheSamePlacement
   EXPECT_EQ(refused.status().code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(std::string(refused.status().message()),
               ::testing::HasSubstr("serve experts [2, 6) in layer 0, which it has not loaded"));
+}
+
+// With two experts per token, the sums have the same bits under every placement: a token's two
+// weighted outputs are added once, as rounded products, on one worker or on the coordinator
+// (kernels::Axpy never fuses). So a new placement (a rebalance) changes no output.
+TEST(ChannelTransportTest, TopTwoSumsAreTheSameUnderEveryPlacement) {
+  auto checkpoint = Checkpoint::Open(kModel);
+  ASSERT_TRUE(checkpoint.ok()) << checkpoint.status();
+  const ModelConfig& config = (*checkpoint)->config();
+  Placement per_layer;
+  per_layer.workers = {{0, 8}, {0, 8}, {0, 8}};
+  per_layer.layers = {{{{0, 1}, {5, 7}}, {{1, 5}}, {{7, 8}, {2, 3}}}, {{{3, 8}}, {{0, 3}}, {}}};
+  Placement replicas;
+  replicas.workers = {{0, 5}, {3, 8}, {2, 6}};
+  std::vector<std::unique_ptr<InProcessTransport>> transports;
+  for (const Placement& p : {Placement::Contiguous(8, 1), Placement::Contiguous(8, 2),
+                             Placement::Contiguous(8, 3), per_layer, replicas}) {
+    auto t = InProcessTransport::Create(**checkpoint, p);
+    ASSERT_TRUE(t.ok()) << t.status();
+    transports.push_back(std::move(*t));
+  }
+  std::mt19937 rng(5);
+  for (int step = 0; step < 20; ++step) {
+    const int64_t tokens = 1 + step * 7 % 29;
+    const Routing routing = RandomRouting(tokens, &rng);
+    const std::vector<float> x = RandomRows(tokens, config.hidden_size, &rng);
+    std::vector<float> first(x.size());
+    ASSERT_TRUE(transports[0]->Exchange(step % 2, routing, x.data(), first.data()).ok());
+    for (size_t i = 1; i < transports.size(); ++i) {
+      std::vector<float> got(x.size(), -1.0f);
+      ASSERT_TRUE(transports[i]->Exchange(step % 2, routing, x.data(), got.data()).ok());
+      EXPECT_EQ(std::memcmp(first.data(), got.data(), got.size() * sizeof(float)), 0)
+          << "step " << step << ", placement " << i;
+    }
+  }
 }
 
 }  // namespace
