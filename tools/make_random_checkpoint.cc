@@ -29,6 +29,10 @@ ABSL_FLAG(int64_t, vocab, 32000, "vocab_size");
 ABSL_FLAG(int64_t, max_position, 2048, "max_position_embeddings");
 ABSL_FLAG(std::string, dtype, "BF16", "F32, F16 or BF16");
 ABSL_FLAG(uint64_t, seed, 1, "Random seed.");
+ABSL_FLAG(double, router_skew, 1.0,
+          "Scale of expert 0's router row against the others': above 1 the router picks expert 0 "
+          "more often (a skewed load, as untrained frankenMoE routers have; 3 gives it about 40 "
+          "% of a layer's tokens with 8 experts top-2).");
 ABSL_FLAG(std::string, tokenizer, "", "Optional tokenizer.model to copy in (vocab must match).");
 
 namespace moe {
@@ -39,10 +43,12 @@ struct Tensor {
   std::vector<int64_t> shape;
   float scale;  // 0: all ones (norms); else uniform in [-scale, scale]
   uint64_t bytes = 0;
+  int64_t first_row = 0;  // elements of the first row, scaled by first_row_factor
+  float first_row_factor = 1;
 };
 
 std::vector<Tensor> Layout(int64_t hidden, int64_t ffn, int64_t layers, int64_t heads,
-                           int64_t kv_heads, int64_t experts, int64_t vocab) {
+                           int64_t kv_heads, int64_t experts, int64_t vocab, float router_skew) {
   const int64_t head_dim = hidden / heads;
   const float s_in = std::sqrt(3.0f / hidden), s_ffn = std::sqrt(3.0f / ffn);
   std::vector<Tensor> t;
@@ -61,7 +67,8 @@ std::vector<Tensor> Layout(int64_t hidden, int64_t ffn, int64_t layers, int64_t 
       t.push_back({p + "mlp.down_proj.weight", {hidden, ffn}, s_ffn});
       continue;
     }
-    t.push_back({p + "block_sparse_moe.gate.weight", {experts, hidden}, s_in * 4});
+    t.push_back(
+        {p + "block_sparse_moe.gate.weight", {experts, hidden}, s_in * 4, 0, hidden, router_skew});
     for (int64_t e = 0; e < experts; ++e) {
       const std::string q = absl::StrCat(p, "block_sparse_moe.experts.", e, ".");
       t.push_back({q + "w1.weight", {ffn, hidden}, s_in});
@@ -90,9 +97,9 @@ int Run() {
     return 2;
   }
   std::filesystem::create_directories(out);
-  std::vector<Tensor> tensors =
-      Layout(hidden, absl::GetFlag(FLAGS_ffn), absl::GetFlag(FLAGS_layers), heads, kv_heads,
-             experts, absl::GetFlag(FLAGS_vocab));
+  std::vector<Tensor> tensors = Layout(
+      hidden, absl::GetFlag(FLAGS_ffn), absl::GetFlag(FLAGS_layers), heads, kv_heads, experts,
+      absl::GetFlag(FLAGS_vocab), static_cast<float>(absl::GetFlag(FLAGS_router_skew)));
   nlohmann::json header;
   header["__metadata__"] = {{"format", "pt"}};
   uint64_t offset = 0;
@@ -120,7 +127,9 @@ int Run() {
       for (uint64_t i = 0; i < chunk; i += DTypeSize(*dtype)) {
         state ^= state << 13, state ^= state >> 7, state ^= state << 17;  // xorshift64
         const float u = static_cast<float>(state >> 40) / static_cast<float>(1 << 24);
-        const float v = t.scale == 0 ? 1.0f : (2 * u - 1) * t.scale;
+        const bool first_row = (done + i) / DTypeSize(*dtype) < static_cast<uint64_t>(t.first_row);
+        const float v =
+            t.scale == 0 ? 1.0f : (2 * u - 1) * t.scale * (first_row ? t.first_row_factor : 1);
         if (*dtype == DType::kF32) std::memcpy(&buf[i], &v, 4);
         const uint16_t h = *dtype == DType::kF16 ? F32ToF16(v) : F32ToBF16(v);
         if (*dtype != DType::kF32) std::memcpy(&buf[i], &h, 2);
