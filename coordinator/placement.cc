@@ -1,10 +1,8 @@
 #include "coordinator/placement.h"
 
 #include <algorithm>
-#include <fstream>
 #include <numeric>
 #include <set>
-#include <sstream>
 #include <utility>
 
 #include "absl/strings/numbers.h"
@@ -18,28 +16,6 @@ namespace moe {
 namespace {
 
 using json = nlohmann::json;
-
-// Maximal ranges of the experts with mask[e] set.
-std::vector<ExpertRange> RangesOf(const std::vector<char>& mask) {
-  std::vector<ExpertRange> out;
-  for (int64_t e = 0; e < static_cast<int64_t>(mask.size()); ++e) {
-    if (!mask[e]) continue;
-    if (!out.empty() && out.back().end == e) {
-      ++out.back().end;
-    } else {
-      out.push_back({e, e + 1});
-    }
-  }
-  return out;
-}
-
-absl::StatusOr<std::string> ReadFile(const std::string& path, const char* what) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", what, " ", path));
-  std::stringstream text;
-  text << in.rdbuf();
-  return text.str();
-}
 
 // A layer key of "layers": "N" or the inclusive "A-B", within the model.
 absl::StatusOr<ExpertRange> ParseLayers(const std::string& key, int64_t layer_count) {
@@ -148,8 +124,7 @@ absl::StatusOr<PlacementFile> ParsePlacement(std::string_view text, const ModelC
     }
     for (int64_t l = 0; l < layers; ++l) out.placement.layers[l].push_back(served[l]);
     out.addresses.push_back(address);
-    out.placement.workers.push_back({0, 0});
-    out.placement.workers.back() = out.placement.Span(static_cast<int32_t>(i), layers);
+    out.placement.workers.push_back(out.placement.Span(static_cast<int32_t>(i), layers));
   }
   if (absl::Status s = out.placement.CheckCoverage(layers, experts); !s.ok()) {
     return bad(absl::StrCat(s.message(), " (every expert of every layer needs a worker)"));
@@ -159,13 +134,13 @@ absl::StatusOr<PlacementFile> ParsePlacement(std::string_view text, const ModelC
 
 absl::StatusOr<PlacementFile> LoadPlacementFile(const std::string& path,
                                                 const ModelConfig& config) {
-  MOE_ASSIGN_OR_RETURN(std::string text, ReadFile(path, "--placement"));
+  MOE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   return ParsePlacement(text, config, path);
 }
 
 absl::StatusOr<std::vector<std::vector<int64_t>>> LoadExpertRecord(const std::string& path,
                                                                    const ModelConfig& config) {
-  MOE_ASSIGN_OR_RETURN(std::string text, ReadFile(path, "--placement-from-record"));
+  MOE_ASSIGN_OR_RETURN(std::string text, ReadFileToString(path));
   const int64_t layers = config.num_hidden_layers;
   const int64_t experts = config.num_local_experts;
   std::vector<std::vector<int64_t>> tokens(layers, std::vector<int64_t>(experts, 0));

@@ -285,9 +285,7 @@ grpc::Status ExpertService::Forward(
   // Each open stream holds a server thread: beyond max_streams_, refuse.
   const Counted open_stream(&streams_);
   if (streams_ > max_streams_) {
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("this worker serves at most ", max_streams_,
-                                     " Forward streams at once (--max-streams)"));
+    return StreamLimit();
   }
   GrpcForwardIo io(stream);
   return ToGrpcStatus(Serve(&io));
@@ -323,6 +321,12 @@ absl::Status ExpertService::Serve(ForwardIo* io) {
     }
   }
   return absl::OkStatus();
+}
+
+grpc::Status ExpertService::StreamLimit() const {
+  return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                      absl::StrCat("this worker serves at most ", max_streams_,
+                                   " Forward streams and channels at once (--max-streams)"));
 }
 
 std::vector<std::string> ExpertService::ChannelKinds() const {
@@ -369,9 +373,7 @@ grpc::Status ExpertService::OpenChannel(grpc::ServerContext*, const pb::OpenChan
   }
   // A channel holds a serving thread as a stream does.
   if (streams_ >= max_streams_) {
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                        absl::StrCat("this worker serves at most ", max_streams_,
-                                     " Forward streams and channels at once (--max-streams)"));
+    return StreamLimit();
   }
   ++streams_;
   auto c = std::make_unique<Channel>();

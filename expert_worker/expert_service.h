@@ -107,6 +107,8 @@ class ExpertService final : public moecluster::v1::ExpertWorker::Service {
 
   // The exchange over a gRPC stream or a channel: each request decoded, computed, answered.
   absl::Status Serve(ForwardIo* io);
+  // RESOURCE_EXHAUSTED: a stream or channel beyond max_streams.
+  grpc::Status StreamLimit() const;
   // The channel kinds this worker offers (WorkerInfo.channels).
   std::vector<std::string> ChannelKinds() const;
 

@@ -108,16 +108,16 @@ class Link final : public NcclLink {
   std::string Send(const std::string& frame) override {
     if (std::string e = Usable(); !e.empty()) return e;
     const int64_t n = static_cast<int64_t>(frame.size());
-    if (std::string e = Transfer(&header_, &n, sizeof n, /*send=*/true); !e.empty()) return e;
+    if (std::string e = Transfer(&header_, &n, nullptr, sizeof n); !e.empty()) return e;
     if (n == 0) return "";
-    return Transfer(&payload_, frame.data(), frame.size(), /*send=*/true);
+    return Transfer(&payload_, frame.data(), nullptr, frame.size());
   }
 
   std::string Receive(int64_t max_bytes, std::string* frame, bool* too_large) override {
     *too_large = false;
     if (std::string e = Usable(); !e.empty()) return e;
     int64_t n = 0;
-    if (std::string e = Transfer(&header_, &n, sizeof n, /*send=*/false); !e.empty()) return e;
+    if (std::string e = Transfer(&header_, nullptr, &n, sizeof n); !e.empty()) return e;
     if (n < 0 || n > max_bytes) {
       *too_large = true;
       AbortComm();  // the peer's Send then fails instead of waiting for a receive
@@ -126,7 +126,7 @@ class Link final : public NcclLink {
     }
     frame->resize(static_cast<size_t>(n));
     if (n == 0) return "";
-    return Transfer(&payload_, frame->data(), frame->size(), /*send=*/false);
+    return Transfer(&payload_, nullptr, frame->data(), frame->size());
   }
 
   void Abort() override { abort_requested_ = true; }
@@ -139,12 +139,10 @@ class Link final : public NcclLink {
     return comm_ == nullptr ? "the NCCL channel was aborted" : "";
   }
 
-  // One send (host bytes -> staging -> ncclSend) or receive (ncclRecv -> staging -> host bytes),
-  // waited for.
-  std::string Transfer(Staging* staging, const void* send_bytes, size_t bytes, bool send) {
-    return Transfer(staging, const_cast<void*>(send_bytes), bytes, send);
-  }
-  std::string Transfer(Staging* staging, void* bytes, size_t n, bool send) {
+  // One send of n bytes from `src` (host -> staging -> ncclSend) when it is set, else one
+  // receive into `dst` (ncclRecv -> staging -> host); waited for.
+  std::string Transfer(Staging* staging, const void* src, void* dst, size_t n) {
+    const bool send = src != nullptr;
     if (std::string e = staging->Reserve(n); !e.empty()) return Fail(e);
     ncclComm_t comm;
     {
@@ -153,7 +151,7 @@ class Link final : public NcclLink {
     }
     if (comm == nullptr) return "the NCCL channel was aborted";
     if (send) {
-      std::memcpy(staging->host(), bytes, n);
+      std::memcpy(staging->host(), src, n);
       if (cudaError_t e = cudaMemcpyAsync(staging->device(), staging->host(), n,
                                           cudaMemcpyHostToDevice, stream_);
           e != cudaSuccess) {
@@ -174,7 +172,7 @@ class Link final : public NcclLink {
       }
     }
     if (std::string e = Wait(comm); !e.empty()) return e;
-    if (!send) std::memcpy(bytes, staging->host(), n);
+    if (!send) std::memcpy(dst, staging->host(), n);
     return "";
   }
 

@@ -42,13 +42,13 @@ absl::Status Placement::CheckCoverage(int64_t layer_count, int64_t expert_count)
   }
   const int64_t checked = layers.empty() ? 1 : layer_count;
   for (int64_t l = 0; l < checked; ++l) {
+    if (!layers.empty() && static_cast<int64_t>(layers[l].size()) != worker_count()) {
+      return absl::InvalidArgumentError(absl::StrCat("layer ", l, " of the placement lists ",
+                                                     layers[l].size(), " workers, not ",
+                                                     worker_count()));
+    }
     std::vector<ExpertRange> hosted;
     for (int32_t w = 0; w < worker_count(); ++w) {
-      if (!layers.empty() && static_cast<int64_t>(layers[l].size()) != worker_count()) {
-        return absl::InvalidArgumentError(absl::StrCat("layer ", l, " of the placement lists ",
-                                                       layers[l].size(), " workers, not ",
-                                                       worker_count()));
-      }
       for (const ExpertRange& r : Served(l, w)) {
         if (r.begin < 0 || r.end > expert_count || r.begin > r.end) {
           return absl::InvalidArgumentError(
@@ -71,17 +71,10 @@ absl::Status Placement::CheckCoverage(int64_t layer_count, int64_t expert_count)
   return absl::OkStatus();
 }
 
-std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
-                                          int64_t expert_count) {
-  std::vector<char> covered(expert_count, 0);
-  for (const ExpertRange& r : hosted) {
-    for (int64_t e = std::max<int64_t>(r.begin, 0); e < std::min(r.end, expert_count); ++e) {
-      covered[e] = 1;
-    }
-  }
+std::vector<ExpertRange> RangesOf(std::span<const char> mask) {
   std::vector<ExpertRange> runs;
-  for (int64_t e = 0; e < expert_count; ++e) {
-    if (covered[e]) continue;
+  for (int64_t e = 0; e < static_cast<int64_t>(mask.size()); ++e) {
+    if (!mask[e]) continue;
     if (!runs.empty() && runs.back().end == e) {
       ++runs.back().end;
     } else {
@@ -89,6 +82,17 @@ std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
     }
   }
   return runs;
+}
+
+std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
+                                          int64_t expert_count) {
+  std::vector<char> uncovered(expert_count, 1);
+  for (const ExpertRange& r : hosted) {
+    for (int64_t e = std::max<int64_t>(r.begin, 0); e < std::min(r.end, expert_count); ++e) {
+      uncovered[e] = 0;
+    }
+  }
+  return RangesOf(uncovered);
 }
 
 bool AllExpertsServed(std::span<const WorkerSnapshot> workers, int64_t expert_count) {

@@ -73,6 +73,9 @@ struct WorkerSnapshot {
   std::vector<std::vector<ExpertRange>> layers = {};
 };
 
+// The maximal runs of experts e with mask[e] set, in increasing order.
+std::vector<ExpertRange> RangesOf(std::span<const char> mask);
+
 // The maximal runs of experts in [0, expert_count) that no range of `hosted` contains, in
 // increasing order; empty when every expert is covered.
 std::vector<ExpertRange> UncoveredExperts(std::span<const ExpertRange> hosted,
